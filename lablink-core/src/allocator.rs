@@ -1,0 +1,154 @@
+//! The [`Allocator`] trait: everything a host app or the HTTP layer asks of LabLink.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use crate::{
+    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Pin, Result,
+    Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
+};
+
+/// A participant asking for a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRequest {
+    /// Who asks.
+    pub email: Email,
+    /// Their Chrome Remote Desktop command.
+    pub crd_command: CrdCommand,
+}
+
+/// The VM a participant got.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Granted {
+    /// The VM.
+    pub hostname: Hostname,
+    /// The PIN for its remote desktop.
+    pub pin: Pin,
+    /// `false` when the email already held this VM.
+    pub newly_assigned: bool,
+}
+
+/// How many VMs to launch. `Default` is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchOptions {
+    /// Number of VMs (at least 1, at most the configured maximum).
+    pub count: usize,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        Self { count: 1 }
+    }
+}
+
+/// Which VMs to destroy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DestroyTarget {
+    /// Every VM of the deployment.
+    All,
+    /// These VMs (one or some).
+    Hostnames(Vec<Hostname>),
+}
+
+/// The operations of LabLink, as a host app or the HTTP layer calls them. The HTTP layer
+/// takes an `Arc<dyn Allocator>`, so a host app can wrap the default implementation
+/// ([`LabLink`](crate::LabLink)) to add quotas or its own auth.
+///
+/// # Contract
+///
+/// - `request_vm` is idempotent per email: the same email gets the same VM and PIN back. No
+///   VM goes to two emails. Without a free VM it fails with
+///   [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity).
+/// - `wait_for_assignment` subscribes before it reads, so an assignment made at any moment is
+///   seen; it answers at once when the VM is already assigned and `Ok(None)` when `timeout`
+///   (capped by the configured maximum) passes first.
+/// - `launch` writes every VM record (state `Requested`) *before* the provisioner is called,
+///   so an agent can never register before its record exists; it returns the running
+///   [`Operation`], which the provisioning finishes in the background. Only one launch or
+///   destroy runs at a time (a second gets [`ErrorKind::Conflict`](crate::ErrorKind::Conflict)).
+/// - Agent reports are idempotent; retries are safe.
+/// - Bad input gives [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) and changes
+///   nothing.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait Allocator: Send + Sync + Debug {
+    /// Gives the participant a VM (theirs if they have one).
+    async fn request_vm(&self, request: &VmRequest) -> Result<Granted>;
+
+    /// Agent side: waits until `hostname` is assigned, at most `timeout`.
+    async fn wait_for_assignment(
+        &self,
+        hostname: &Hostname,
+        timeout: Duration,
+    ) -> Result<Option<Assignment>>;
+
+    /// The hostname a token belongs to, or
+    /// [`ErrorKind::Unauthenticated`](crate::ErrorKind::Unauthenticated).
+    async fn authenticate_agent(&self, token: &AgentToken) -> Result<Hostname>;
+
+    /// Applies an agent's report batch (health, in-use, status, heartbeat, timings, logs).
+    async fn report(&self, hostname: &Hostname, telemetry: Telemetry) -> Result<VmRecord>;
+
+    /// Starts launching VMs.
+    async fn launch(&self, options: &LaunchOptions) -> Result<Operation>;
+
+    /// Starts destroying VMs.
+    async fn destroy(&self, target: &DestroyTarget) -> Result<Operation>;
+
+    /// Starts rebooting a VM.
+    async fn reboot(&self, hostname: &Hostname) -> Result<Operation>;
+
+    /// Ends the assignment of a VM; it becomes free again.
+    async fn release(&self, hostname: &Hostname) -> Result<VmRecord>;
+
+    /// One VM.
+    async fn vm(&self, hostname: &Hostname) -> Result<VmRecord>;
+
+    /// VMs matching `filter`.
+    async fn vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>>;
+
+    /// A VM's logs.
+    async fn logs(&self, hostname: &Hostname) -> Result<VmLogs>;
+
+    /// Counts by state.
+    async fn counts(&self) -> Result<VmCounts>;
+
+    /// One operation.
+    async fn operation(&self, id: Uuid) -> Result<Operation>;
+
+    /// The newest operations, newest first.
+    async fn operations(&self, limit: usize) -> Result<Vec<Operation>>;
+}
+
+/// Conveniences on top of any [`Allocator`].
+#[async_trait]
+pub trait AllocatorExt: Allocator {
+    /// Waits until operation `id` finishes, polling every 10 ms, at most `timeout`.
+    async fn wait_for_operation(&self, id: Uuid, timeout: Duration) -> Result<Operation> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let op = self.operation(id).await?;
+            if !op.is_running() {
+                return Ok(op);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(
+                    Error::new(ErrorKind::Timeout, "the operation is still running")
+                        .with_context("operation", id),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Launches `count` VMs and waits for the operation to finish (at most `timeout`).
+    async fn launch_and_wait(&self, count: usize, timeout: Duration) -> Result<Operation> {
+        let op = self.launch(&LaunchOptions { count }).await?;
+        self.wait_for_operation(op.id, timeout).await
+    }
+}
+
+impl<T: Allocator + ?Sized> AllocatorExt for T {}

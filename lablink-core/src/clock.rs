@@ -1,0 +1,53 @@
+//! Time as the allocator sees it, injectable so that time-based logic is tested with
+//! `tokio::time::pause()`.
+
+use std::fmt::Debug;
+
+use chrono::{DateTime, Utc};
+
+/// A source of the current time.
+pub trait Clock: Send + Sync + Debug {
+    /// Now.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that advances with tokio's clock, so `tokio::time::pause()` and
+/// `tokio::time::advance()` move it too. It starts at the wall time of its creation.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    wall: DateTime<Utc>,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        Self {
+            wall: Utc::now(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> DateTime<Utc> {
+        let elapsed = tokio::time::Instant::now() - self.start;
+        self.wall + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX)
+    }
+}

@@ -1,0 +1,425 @@
+//! [`LabLink`]: the default [`Allocator`], composed from a store, a provisioner, a notifier
+//! and a clock by [`LabLinkBuilder`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::{
+    clean_lines, AgentStatus, AgentToken, Allocator, Assignment, ClaimRequest, Clock,
+    DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
+    MemoryNotifier, MemoryVmStore, Notifier, Operation, Pin, Provisioner, Result, SystemClock,
+    Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState, VmStore,
+    DEFAULT_LOG_CAP_BYTES,
+};
+
+/// Settings of the default allocator. `Default` gives sensible workshop values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AllocatorConfig {
+    /// Launched VMs are named `<prefix>-<n>`.
+    pub hostname_prefix: String,
+    /// Digits in a generated PIN (6–32).
+    pub pin_length: usize,
+    /// Longest an agent's wait for its assignment is held before it must ask again.
+    #[serde(with = "seconds")]
+    pub max_wait: Duration,
+    /// Cap of each log stream of a VM, in bytes.
+    pub log_cap_bytes: usize,
+    /// Most VMs one launch may create.
+    pub max_launch: usize,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        Self {
+            hostname_prefix: "lablink-vm".into(),
+            pin_length: 6,
+            max_wait: Duration::from_secs(120),
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+            max_launch: 1000,
+        }
+    }
+}
+
+mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+impl AllocatorConfig {
+    /// Every problem with these settings, one message each (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if format!("{}-1", self.hostname_prefix)
+            .parse::<Hostname>()
+            .is_err()
+        {
+            problems.push(format!(
+                "hostname_prefix {:?} does not make valid hostnames",
+                self.hostname_prefix
+            ));
+        }
+        if !(Pin::MIN_LEN..=Pin::MAX_LEN).contains(&self.pin_length) {
+            problems.push(format!(
+                "pin_length must be {}–{}",
+                Pin::MIN_LEN,
+                Pin::MAX_LEN
+            ));
+        }
+        if self.max_wait.is_zero() {
+            problems.push("max_wait must be positive".into());
+        }
+        if self.log_cap_bytes < 1024 {
+            problems.push("log_cap_bytes must be at least 1024".into());
+        }
+        if self.max_launch == 0 {
+            problems.push("max_launch must be at least 1".into());
+        }
+        problems
+    }
+}
+
+/// Builds a [`LabLink`]. Every part has an in-memory default, so
+/// `LabLinkBuilder::new().build()` gives a working allocator with a fake provisioner.
+#[derive(Debug, Default)]
+pub struct LabLinkBuilder {
+    store: Option<Arc<dyn VmStore>>,
+    provisioner: Option<Arc<dyn Provisioner>>,
+    notifier: Option<Arc<dyn Notifier>>,
+    clock: Option<Arc<dyn Clock>>,
+    config: AllocatorConfig,
+}
+
+impl LabLinkBuilder {
+    /// A builder with every default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Where VM records live (default: [`MemoryVmStore`]).
+    pub fn with_store(mut self, store: Arc<dyn VmStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// What creates machines (default: [`FakeProvisioner`]).
+    pub fn with_provisioner(mut self, provisioner: Arc<dyn Provisioner>) -> Self {
+        self.provisioner = Some(provisioner);
+        self
+    }
+
+    /// What wakes waiting agents (default: [`MemoryNotifier`]).
+    pub fn with_notifier(mut self, notifier: Arc<dyn Notifier>) -> Self {
+        self.notifier = Some(notifier);
+        self
+    }
+
+    /// The clock (default: [`SystemClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The settings.
+    pub fn with_config(mut self, config: AllocatorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The allocator, or an [`ErrorKind::InvalidConfig`] error listing every problem.
+    pub fn build(self) -> Result<LabLink> {
+        let problems = self.config.problems();
+        if !problems.is_empty() {
+            return Err(Error::new(ErrorKind::InvalidConfig, problems.join("; ")));
+        }
+        Ok(LabLink {
+            inner: Arc::new(Inner {
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryVmStore::default())),
+                provisioner: self
+                    .provisioner
+                    .unwrap_or_else(|| Arc::new(FakeProvisioner::default())),
+                notifier: self
+                    .notifier
+                    .unwrap_or_else(|| Arc::new(MemoryNotifier::default())),
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                config: self.config,
+            }),
+        })
+    }
+}
+
+/// The default [`Allocator`]. Cheap to clone (clones share everything).
+#[derive(Debug, Clone)]
+pub struct LabLink {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn VmStore>,
+    pub(crate) provisioner: Arc<dyn Provisioner>,
+    pub(crate) notifier: Arc<dyn Notifier>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: AllocatorConfig,
+}
+
+/// How often a state reaction is retried when another writer changed the record first.
+const APPLY_ATTEMPTS: usize = 8;
+
+impl LabLink {
+    /// A builder.
+    pub fn builder() -> LabLinkBuilder {
+        LabLinkBuilder::new()
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn VmStore> {
+        &self.inner.store
+    }
+
+    /// The provisioner.
+    pub fn provisioner(&self) -> &Arc<dyn Provisioner> {
+        &self.inner.provisioner
+    }
+
+    /// The notifier.
+    pub fn notifier(&self) -> &Arc<dyn Notifier> {
+        &self.inner.notifier
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AllocatorConfig {
+        &self.inner.config
+    }
+
+    /// Applies the event `decide` picks for the current record, if any, with an optimistic
+    /// generation check, re-reading and deciding again when another writer got there first.
+    pub(crate) async fn apply_if(
+        &self,
+        hostname: &Hostname,
+        decide: impl Fn(&VmRecord) -> Option<VmEvent> + Send + Sync,
+    ) -> Result<VmRecord> {
+        let store = &self.inner.store;
+        let mut record = store.get(hostname).await?;
+        for _ in 0..APPLY_ATTEMPTS {
+            let Some(event) = decide(&record) else {
+                return Ok(record);
+            };
+            let now = self.inner.clock.now();
+            match store
+                .apply(hostname, &event, Some(record.generation), now)
+                .await
+            {
+                Ok(updated) => return Ok(updated),
+                Err(e) if e.is_conflict() => record = store.get(hostname).await?,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::conflict("the VM kept changing; try again")
+            .with_context("hostname", hostname)
+            .temporary())
+    }
+
+    /// Wakes waiters of `hostname`. A failed publish only costs latency (waiters re-read on
+    /// their timeout), so it is logged, not returned.
+    pub(crate) async fn publish(&self, hostname: &Hostname) {
+        if let Err(e) = self.inner.notifier.publish(hostname).await {
+            tracing::warn!(hostname = %hostname, error = %e, "notify failed; waiters will re-read later");
+        }
+    }
+
+    /// Looks up a VM for an agent operation, checking it is not being torn down.
+    async fn live_vm(&self, hostname: &Hostname) -> Result<VmRecord> {
+        let record = self.inner.store.get(hostname).await?;
+        if matches!(record.state, VmState::Terminating | VmState::Terminated) {
+            return Err(
+                Error::not_found("VM is being destroyed").with_context("hostname", hostname)
+            );
+        }
+        Ok(record)
+    }
+}
+
+/// The state change an agent report calls for, if any.
+fn reaction(record: &VmRecord) -> Option<VmEvent> {
+    let live = matches!(
+        record.state,
+        VmState::Booting | VmState::Available | VmState::Assigned
+    );
+    let sick = record.gpu_health == GpuHealth::Unhealthy
+        || record.agent_status == Some(AgentStatus::Error);
+    match record.state {
+        _ if live && sick => Some(VmEvent::MarkUnhealthy {
+            reason: if record.gpu_health == GpuHealth::Unhealthy {
+                "GPU reported unhealthy".into()
+            } else {
+                "agent reported an error".into()
+            },
+        }),
+        VmState::Unhealthy { .. } if !sick => Some(VmEvent::Recovered),
+        VmState::Booting | VmState::Rebooting { .. }
+            if record.agent_status == Some(AgentStatus::Running) =>
+        {
+            Some(VmEvent::AgentReady)
+        }
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl Allocator for LabLink {
+    async fn request_vm(&self, request: &VmRequest) -> Result<Granted> {
+        let span = tracing::info_span!("request_vm", email = %request.email, hostname = tracing::field::Empty);
+        async {
+            let claim = ClaimRequest {
+                email: request.email.clone(),
+                crd_command: request.crd_command.clone(),
+                pin: Pin::generate(self.inner.config.pin_length, &mut rand::thread_rng()),
+            };
+            let claimed = self
+                .inner
+                .store
+                .claim(&claim, self.inner.clock.now())
+                .await?;
+            let hostname = claimed.record.hostname.clone();
+            tracing::Span::current().record("hostname", tracing::field::display(&hostname));
+            if claimed.newly_assigned {
+                self.publish(&hostname).await;
+            }
+            let pin = claimed
+                .record
+                .assignment
+                .map(|a| a.pin)
+                .ok_or_else(|| Error::internal("a claimed VM has no assignment"))?;
+            Ok(Granted {
+                hostname,
+                pin,
+                newly_assigned: claimed.newly_assigned,
+            })
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn wait_for_assignment(
+        &self,
+        hostname: &Hostname,
+        timeout: Duration,
+    ) -> Result<Option<Assignment>> {
+        let deadline = tokio::time::Instant::now() + timeout.min(self.inner.config.max_wait);
+        // Subscribe before reading, so an assignment in between is not missed.
+        let mut wakes = self.inner.notifier.subscribe(hostname).await?;
+        loop {
+            if let Some(assignment) = self.live_vm(hostname).await?.assignment {
+                return Ok(Some(assignment));
+            }
+            match tokio::time::timeout_at(deadline, wakes.next()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Err(Error::new(ErrorKind::Unavailable, "the notifier stopped")
+                        .with_context("hostname", hostname))
+                }
+                Err(_elapsed) => return Ok(None),
+            }
+        }
+    }
+
+    async fn authenticate_agent(&self, token: &AgentToken) -> Result<Hostname> {
+        let digest = token.digest();
+        match self.inner.store.get_by_token(&digest).await {
+            Ok(record) if record.token_digest.is_some_and(|d| d.verify(token)) => {
+                Ok(record.hostname)
+            }
+            Ok(_) => Err(Error::new(ErrorKind::Unauthenticated, "invalid token")),
+            Err(e) if e.is_not_found() => {
+                Err(Error::new(ErrorKind::Unauthenticated, "invalid token"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn report(&self, hostname: &Hostname, mut telemetry: Telemetry) -> Result<VmRecord> {
+        self.live_vm(hostname).await?;
+        telemetry.log_cap_bytes = self.inner.config.log_cap_bytes;
+        for append in &mut telemetry.logs {
+            append.lines = clean_lines(append.lines.iter().map(String::as_str));
+        }
+        telemetry.logs.retain(|a| !a.lines.is_empty());
+        let now = self.inner.clock.now();
+        let record = self
+            .inner
+            .store
+            .record_telemetry(hostname, &telemetry, now)
+            .await?;
+        if reaction(&record).is_none() {
+            return Ok(record);
+        }
+        self.apply_if(hostname, reaction).await
+    }
+
+    async fn launch(&self, options: &LaunchOptions) -> Result<Operation> {
+        self.start_launch(options).await
+    }
+
+    async fn destroy(&self, target: &DestroyTarget) -> Result<Operation> {
+        self.start_destroy(target).await
+    }
+
+    async fn reboot(&self, hostname: &Hostname) -> Result<Operation> {
+        self.start_reboot(hostname).await
+    }
+
+    async fn release(&self, hostname: &Hostname) -> Result<VmRecord> {
+        let record = self
+            .apply_if(hostname, |_| Some(VmEvent::Release))
+            .instrument(tracing::info_span!("release", hostname = %hostname))
+            .await?;
+        self.publish(hostname).await;
+        Ok(record)
+    }
+
+    async fn vm(&self, hostname: &Hostname) -> Result<VmRecord> {
+        self.inner.store.get(hostname).await
+    }
+
+    async fn vms(&self, filter: &VmFilter) -> Result<Vec<VmRecord>> {
+        self.inner.store.list(filter).await
+    }
+
+    async fn logs(&self, hostname: &Hostname) -> Result<VmLogs> {
+        self.inner.store.logs(hostname).await
+    }
+
+    async fn counts(&self) -> Result<VmCounts> {
+        self.inner.store.counts().await
+    }
+
+    async fn operation(&self, id: Uuid) -> Result<Operation> {
+        self.inner.store.get_operation(id).await
+    }
+
+    async fn operations(&self, limit: usize) -> Result<Vec<Operation>> {
+        self.inner.store.list_operations(limit).await
+    }
+}

@@ -1,0 +1,49 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+mod allocator;
+mod clock;
+mod error;
+mod fake;
+mod ids;
+mod lablink;
+mod logs;
+mod memory;
+mod notifier;
+mod operation;
+mod provisioner;
+mod provisioning;
+mod record;
+mod retry;
+mod secret;
+mod state;
+mod store;
+
+pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use error::{Error, ErrorKind, ErrorStatus, Result};
+pub use fake::FakeProvisioner;
+pub use ids::{Email, Hostname, InstanceId};
+pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
+pub use logs::{clean_lines, BoundedLog, LogAppend, LogStream, VmLogs};
+pub use memory::MemoryVmStore;
+pub use notifier::{MemoryNotifier, Notifier, Subscription, Wake};
+pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINES};
+pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
+pub use record::{
+    AgentStatus, Assignment, GpuHealth, StartupTimings, Telemetry, VmRecord, DEFAULT_LOG_CAP_BYTES,
+    MAX_BOOT_ID,
+};
+pub use retry::{RetryPolicy, RetryProvisioner};
+pub use secret::{AgentToken, CrdCommand, Pin, TokenDigest};
+pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
+pub use store::{ClaimRequest, Claimed, ProvisioningLock, VmCounts, VmFilter, VmStore};
+
+#[cfg(feature = "mock")]
+pub use allocator::MockAllocator;
+#[cfg(feature = "mock")]
+pub use notifier::MockNotifier;
+#[cfg(feature = "mock")]
+pub use provisioner::MockProvisioner;
+#[cfg(feature = "mock")]
+pub use store::MockVmStore;

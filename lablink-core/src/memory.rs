@@ -1,0 +1,334 @@
+//! [`MemoryVmStore`]: the always-available in-process [`VmStore`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::logs::BoundedLog;
+use crate::{
+    Assignment, ClaimRequest, Claimed, Email, Error, ErrorKind, Hostname, LogStream, Operation,
+    ProvisioningLock, Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs,
+    VmRecord, VmStore,
+};
+
+/// An in-process [`VmStore`]: a map of records behind one mutex, with indexes that make
+/// claims O(log n). `Clone` shares the state, so several allocators in one process can share
+/// a store. Good enough to run a workshop on one machine (state is lost on restart).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryVmStore {
+    inner: Arc<Mutex<Inner>>,
+    provisioning: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    vms: BTreeMap<Hostname, Entry>,
+    assignable: BTreeSet<Hostname>,
+    by_email: HashMap<Email, Hostname>,
+    by_token: HashMap<TokenDigest, Hostname>,
+    operations: HashMap<Uuid, Operation>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: VmRecord,
+    logs: [BoundedLog; 3],
+}
+
+/// The index keys of a record, to update the indexes after a change.
+struct Keys {
+    assignable: bool,
+    owner: Option<Email>,
+    token: Option<TokenDigest>,
+}
+
+impl Keys {
+    fn of(r: &VmRecord) -> Self {
+        Self {
+            assignable: r.is_assignable(),
+            owner: r.owner().cloned(),
+            token: r.token_digest,
+        }
+    }
+}
+
+impl MemoryVmStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn not_found(hostname: &Hostname) -> Error {
+    Error::not_found("VM not found").with_context("hostname", hostname)
+}
+
+fn log_index(stream: LogStream) -> usize {
+    match stream {
+        LogStream::CloudInit => 0,
+        LogStream::Container => 1,
+        LogStream::Agent => 2,
+    }
+}
+
+impl Inner {
+    fn reindex(&mut self, hostname: &Hostname, old: Option<Keys>, new: Option<Keys>) {
+        if let Some(old) = old {
+            if old.assignable {
+                self.assignable.remove(hostname);
+            }
+            if let Some(email) = old.owner {
+                self.by_email.remove(&email);
+            }
+            if let Some(token) = old.token {
+                self.by_token.remove(&token);
+            }
+        }
+        if let Some(new) = new {
+            if new.assignable {
+                self.assignable.insert(hostname.clone());
+            }
+            if let Some(email) = new.owner {
+                self.by_email.insert(email, hostname.clone());
+            }
+            if let Some(token) = new.token {
+                self.by_token.insert(token, hostname.clone());
+            }
+        }
+    }
+
+    /// Runs `change` on a copy of the record; commits it (and reindexes) only on success.
+    fn update(
+        &mut self,
+        hostname: &Hostname,
+        change: impl FnOnce(&mut VmRecord) -> Result<bool>,
+    ) -> Result<VmRecord> {
+        let entry = self
+            .vms
+            .get_mut(hostname)
+            .ok_or_else(|| not_found(hostname))?;
+        let mut record = entry.record.clone();
+        if !change(&mut record)? {
+            return Ok(record);
+        }
+        let old = Keys::of(&entry.record);
+        let new = Keys::of(&record);
+        entry.record = record.clone();
+        self.reindex(hostname, Some(old), Some(new));
+        Ok(record)
+    }
+
+    fn check_email_free(&self, assignment: &Assignment) -> Result<()> {
+        match self.by_email.get(&assignment.email) {
+            Some(owner) => Err(Error::conflict("this email already holds a VM")
+                .with_context("email", &assignment.email)
+                .with_context("hostname", owner)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl VmStore for MemoryVmStore {
+    async fn insert(&self, records: &[VmRecord]) -> Result<Vec<VmRecord>> {
+        let mut inner = self.lock();
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            if let Some(existing) = inner.vms.get(&record.hostname) {
+                out.push(existing.record.clone());
+                continue;
+            }
+            if let Some(assignment) = &record.assignment {
+                inner.check_email_free(assignment)?;
+            }
+            inner.reindex(&record.hostname, None, Some(Keys::of(record)));
+            inner.vms.insert(
+                record.hostname.clone(),
+                Entry {
+                    record: record.clone(),
+                    logs: Default::default(),
+                },
+            );
+            out.push(record.clone());
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, hostname: &Hostname) -> Result<VmRecord> {
+        self.lock()
+            .vms
+            .get(hostname)
+            .map(|e| e.record.clone())
+            .ok_or_else(|| not_found(hostname))
+    }
+
+    async fn get_by_token(&self, digest: &TokenDigest) -> Result<VmRecord> {
+        let inner = self.lock();
+        inner
+            .by_token
+            .get(digest)
+            .and_then(|h| inner.vms.get(h))
+            .map(|e| e.record.clone())
+            .ok_or_else(|| Error::not_found("no VM has this token"))
+    }
+
+    async fn list(&self, filter: &VmFilter) -> Result<Vec<VmRecord>> {
+        let inner = self.lock();
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        if let Some(email) = &filter.email {
+            return Ok(inner
+                .by_email
+                .get(email)
+                .and_then(|h| inner.vms.get(h))
+                .map(|e| e.record.clone())
+                .filter(|r| filter.matches(r) && limit > 0)
+                .into_iter()
+                .collect());
+        }
+        Ok(inner
+            .vms
+            .values()
+            .map(|e| &e.record)
+            .filter(|r| filter.matches(r))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn counts(&self) -> Result<VmCounts> {
+        let mut counts = VmCounts::default();
+        for entry in self.lock().vms.values() {
+            counts.add(&entry.record);
+        }
+        Ok(counts)
+    }
+
+    async fn apply(
+        &self,
+        hostname: &Hostname,
+        event: &VmEvent,
+        expected_generation: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord> {
+        let mut inner = self.lock();
+        if let VmEvent::Claim(assignment) = event {
+            inner.check_email_free(assignment)?;
+        }
+        inner.update(hostname, |record| {
+            if let Some(expected) = expected_generation {
+                if record.generation != expected {
+                    return Err(Error::conflict("the VM changed since it was read")
+                        .with_context("hostname", hostname)
+                        .with_context("expected_generation", expected)
+                        .with_context("generation", record.generation));
+                }
+            }
+            record.apply(event, now)
+        })
+    }
+
+    async fn claim(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed> {
+        let mut inner = self.lock();
+        if let Some(hostname) = inner.by_email.get(&request.email) {
+            let record = inner.vms[hostname].record.clone();
+            return Ok(Claimed {
+                record,
+                newly_assigned: false,
+            });
+        }
+        let Some(hostname) = inner.assignable.first().cloned() else {
+            return Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
+                .with_operation("claim")
+                .temporary());
+        };
+        let event = VmEvent::Claim(Assignment {
+            email: request.email.clone(),
+            crd_command: request.crd_command.clone(),
+            pin: request.pin.clone(),
+            assigned_at: now,
+        });
+        let record = inner.update(&hostname, |r| r.apply(&event, now))?;
+        Ok(Claimed {
+            record,
+            newly_assigned: true,
+        })
+    }
+
+    async fn record_telemetry(
+        &self,
+        hostname: &Hostname,
+        telemetry: &Telemetry,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord> {
+        let mut inner = self.lock();
+        let record = inner.update(hostname, |r| r.apply_telemetry(telemetry, now))?;
+        if let Some(entry) = inner.vms.get_mut(hostname) {
+            for append in &telemetry.logs {
+                entry.logs[log_index(append.stream)].append(&append.lines, telemetry.log_cap_bytes);
+            }
+        }
+        Ok(record)
+    }
+
+    async fn logs(&self, hostname: &Hostname) -> Result<VmLogs> {
+        let inner = self.lock();
+        let entry = inner.vms.get(hostname).ok_or_else(|| not_found(hostname))?;
+        Ok(VmLogs {
+            cloud_init: entry.logs[0].text(),
+            container: entry.logs[1].text(),
+            agent: entry.logs[2].text(),
+        })
+    }
+
+    async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
+        let mut inner = self.lock();
+        let mut removed = 0;
+        for hostname in hostnames {
+            if let Some(entry) = inner.vms.remove(hostname) {
+                inner.reindex(hostname, Some(Keys::of(&entry.record)), None);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn put_operation(&self, operation: &Operation) -> Result<()> {
+        self.lock()
+            .operations
+            .insert(operation.id, operation.clone());
+        Ok(())
+    }
+
+    async fn get_operation(&self, id: Uuid) -> Result<Operation> {
+        self.lock()
+            .operations
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("operation not found").with_context("id", id))
+    }
+
+    async fn list_operations(&self, limit: usize) -> Result<Vec<Operation>> {
+        let mut ops: Vec<Operation> = self.lock().operations.values().cloned().collect();
+        ops.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(b.id.cmp(&a.id)));
+        ops.truncate(limit);
+        Ok(ops)
+    }
+
+    async fn lock_provisioning(&self) -> Result<ProvisioningLock> {
+        self.provisioning
+            .clone()
+            .try_lock_owned()
+            .map(ProvisioningLock::new)
+            .map_err(|_| {
+                Error::conflict("another provisioning operation is running")
+                    .with_operation("lock provisioning")
+            })
+    }
+}

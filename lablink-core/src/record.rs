@@ -1,0 +1,366 @@
+//! [`VmRecord`], what a store keeps about one VM, and the agent's [`Telemetry`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{transition, VmEvent, VmState};
+use crate::{CrdCommand, Email, Error, Hostname, InstanceId, LogAppend, Pin, Result, TokenDigest};
+
+/// A participant's claim on a VM. Holds secrets: its `Debug` shows only the email.
+#[derive(Clone, PartialEq)]
+pub struct Assignment {
+    /// Who holds the VM.
+    pub email: Email,
+    /// The participant's Chrome Remote Desktop command (a credential).
+    pub crd_command: CrdCommand,
+    /// The PIN generated for this assignment.
+    pub pin: Pin,
+    /// When the VM was assigned.
+    pub assigned_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Assignment")
+            .field("email", &self.email)
+            .field("crd_command", &self.crd_command)
+            .field("pin", &self.pin)
+            .field("assigned_at", &self.assigned_at)
+            .finish()
+    }
+}
+
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $wire)] $variant),+
+        }
+
+        impl $name {
+            /// The value as it appears on the wire and in stores.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $wire),+ }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                match s {
+                    $($wire => Ok(Self::$variant),)+
+                    other => Err(Error::invalid_input(format!(
+                        concat!("unknown ", stringify!($name), " {:?}; expected one of: {}"),
+                        other,
+                        [$($wire),+].join(", ")
+                    ))),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum!(
+    /// GPU health as the agent reports it.
+    GpuHealth {
+        /// `nvidia-smi` works and reports the GPU.
+        Healthy = "Healthy",
+        /// `nvidia-smi` fails.
+        Unhealthy = "Unhealthy",
+        /// No `nvidia-smi` on the machine.
+        NotAvailable = "N/A",
+        /// Nothing reported yet.
+        Unknown = "unknown",
+    }
+);
+
+wire_enum!(
+    /// The status the agent reports about itself (PROTOCOL.md `/api/vm-status`).
+    AgentStatus {
+        /// Booting, installing, starting the container.
+        Initializing = "initializing",
+        /// Up and waiting or serving.
+        Running = "running",
+        /// Something failed inside the VM.
+        Error = "error",
+        /// The VM is rebooting.
+        Rebooting = "rebooting",
+        /// The agent does not know.
+        Unknown = "unknown",
+    }
+);
+
+impl Default for GpuHealth {
+    fn default() -> Self {
+        Self::Unknown
+    }
+}
+
+/// Start-up timings of a VM: provisioning (from the provisioner) and cloud-init / container
+/// (from the VM). Every field is optional; a report overwrites only the fields it carries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StartupTimings {
+    /// When the provisioner was asked for the machine.
+    pub provision_start: Option<DateTime<Utc>>,
+    /// When the provisioner returned it.
+    pub provision_end: Option<DateTime<Utc>>,
+    /// cloud-init start on the VM.
+    pub cloud_init_start: Option<DateTime<Utc>>,
+    /// cloud-init end on the VM.
+    pub cloud_init_end: Option<DateTime<Utc>>,
+    /// Research-software container start.
+    pub container_start: Option<DateTime<Utc>>,
+    /// Research-software container ready.
+    pub container_end: Option<DateTime<Utc>>,
+    /// cloud-init duration as measured on the VM.
+    pub cloud_init_duration_seconds: Option<f64>,
+    /// Container start-up duration as measured on the VM.
+    pub container_startup_duration_seconds: Option<f64>,
+}
+
+impl StartupTimings {
+    /// Overwrites every field that `other` carries; returns whether anything changed.
+    pub fn merge(&mut self, other: &StartupTimings) -> bool {
+        let before = self.clone();
+        macro_rules! take {
+            ($($field:ident),*) => { $( if other.$field.is_some() { self.$field = other.$field; } )* };
+        }
+        take!(
+            provision_start,
+            provision_end,
+            cloud_init_start,
+            cloud_init_end,
+            container_start,
+            container_end,
+            cloud_init_duration_seconds,
+            container_startup_duration_seconds
+        );
+        *self != before
+    }
+
+    /// Provisioning time, when both ends are known.
+    pub fn provision_seconds(&self) -> Option<f64> {
+        seconds_between(self.provision_start, self.provision_end)
+    }
+
+    /// Total start-up time: from the provisioning request to the last thing the VM reported
+    /// finishing (container, else cloud-init), when both ends are known.
+    pub fn total_startup_seconds(&self) -> Option<f64> {
+        let end = self.container_end.or(self.cloud_init_end)?;
+        seconds_between(self.provision_start, Some(end))
+    }
+}
+
+fn seconds_between(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> Option<f64> {
+    Some((b? - a?).num_milliseconds() as f64 / 1000.0)
+}
+
+/// Default cap on each log stream of a VM: 1 MiB.
+pub const DEFAULT_LOG_CAP_BYTES: usize = 1024 * 1024;
+
+/// One batch of agent reports, applied together. Every field is optional; `Default` reports
+/// nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    /// GPU health, if it changed or is reported at start.
+    pub gpu_health: Option<GpuHealth>,
+    /// Whether the research software is in use.
+    pub in_use: Option<bool>,
+    /// The agent's own status.
+    pub status: Option<AgentStatus>,
+    /// A heartbeat carrying the boot id; a changed boot id counts as a restart.
+    pub heartbeat: Option<String>,
+    /// Start-up timings to merge.
+    pub timings: Option<StartupTimings>,
+    /// Log lines to append.
+    pub logs: Vec<LogAppend>,
+    /// Cap in bytes for each log stream; the oldest lines are dropped beyond it.
+    pub log_cap_bytes: usize,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            gpu_health: None,
+            in_use: None,
+            status: None,
+            heartbeat: None,
+            timings: None,
+            logs: Vec::new(),
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+        }
+    }
+}
+
+/// Longest boot id accepted in a heartbeat.
+pub const MAX_BOOT_ID: usize = 128;
+
+/// Everything a store keeps about one VM, except its logs (see
+/// [`VmStore::logs`](crate::VmStore::logs)).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmRecord {
+    /// The VM's name; unique per deployment.
+    pub hostname: Hostname,
+    /// The provider's id, once provisioned.
+    pub instance_id: Option<InstanceId>,
+    /// Address (IP or DNS name), when known.
+    pub address: Option<String>,
+    /// Where the VM is in its life.
+    pub state: VmState,
+    /// The participant holding it, if any. Present exactly when `state.is_owned()`.
+    pub assignment: Option<Assignment>,
+    /// Last reported GPU health.
+    pub gpu_health: GpuHealth,
+    /// Whether the research software is in use.
+    pub in_use: bool,
+    /// Last status the agent reported.
+    pub agent_status: Option<AgentStatus>,
+    /// Last heartbeat.
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Boot id of the last heartbeat.
+    pub boot_id: Option<String>,
+    /// How many times the boot id changed.
+    pub restarts: u32,
+    /// Start-up timings.
+    pub timings: StartupTimings,
+    /// Why it failed or became unhealthy, when it did.
+    pub last_error: Option<String>,
+    /// Digest of the VM's agent token.
+    pub token_digest: Option<TokenDigest>,
+    /// Incremented on every change; used for optimistic checks and fencing.
+    pub generation: u64,
+    /// When the record was created.
+    pub created_at: DateTime<Utc>,
+    /// When the record last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When `state` last changed (boot timeouts count from here, not from creation).
+    pub state_changed_at: DateTime<Utc>,
+}
+
+impl VmRecord {
+    /// A fresh `Requested` record, generation 1.
+    pub fn new(hostname: Hostname, token_digest: Option<TokenDigest>, now: DateTime<Utc>) -> Self {
+        Self {
+            hostname,
+            instance_id: None,
+            address: None,
+            state: VmState::Requested,
+            assignment: None,
+            gpu_health: GpuHealth::Unknown,
+            in_use: false,
+            agent_status: None,
+            last_heartbeat: None,
+            boot_id: None,
+            restarts: 0,
+            timings: StartupTimings::default(),
+            last_error: None,
+            token_digest,
+            generation: 1,
+            created_at: now,
+            updated_at: now,
+            state_changed_at: now,
+        }
+    }
+
+    /// Whether a claim may take this VM: `Available` and its GPU not reported unhealthy.
+    pub fn is_assignable(&self) -> bool {
+        self.state.is_assignable() && self.gpu_health != GpuHealth::Unhealthy
+    }
+
+    /// The email holding this VM, if any.
+    pub fn owner(&self) -> Option<&Email> {
+        self.assignment.as_ref().map(|a| &a.email)
+    }
+
+    /// Applies `event` through [`transition`] and its payload to the fields. Returns whether
+    /// anything changed (idempotent repeats change nothing); on change `generation` is
+    /// incremented. An illegal event returns an error and leaves the record untouched.
+    pub fn apply(&mut self, event: &VmEvent, now: DateTime<Utc>) -> Result<bool> {
+        let to = transition(&self.state, event).map_err(|e| {
+            Error::from(e)
+                .with_operation("apply")
+                .with_context("hostname", &self.hostname)
+        })?;
+        if to == self.state {
+            return Ok(false);
+        }
+        match event {
+            VmEvent::Provisioned {
+                instance_id,
+                address,
+            } => {
+                self.instance_id = Some(instance_id.clone());
+                self.address.clone_from(address);
+            }
+            VmEvent::ProvisionFailed { reason } | VmEvent::MarkUnhealthy { reason } => {
+                self.last_error = Some(reason.clone());
+            }
+            VmEvent::Claim(assignment) => {
+                self.assignment = Some(assignment.clone());
+                self.in_use = false;
+            }
+            VmEvent::Recovered => self.last_error = None,
+            _ => {}
+        }
+        if !to.is_owned() {
+            self.assignment = None;
+        }
+        tracing::info!(hostname = %self.hostname, from = %self.state, to = %to, event = event.name(), "vm state changed");
+        self.state = to;
+        self.state_changed_at = now;
+        self.touch(now);
+        Ok(true)
+    }
+
+    /// Applies the non-log fields of `telemetry`. Returns whether anything changed; on change
+    /// `generation` is incremented. Rejects an oversized boot id before changing anything.
+    pub fn apply_telemetry(&mut self, telemetry: &Telemetry, now: DateTime<Utc>) -> Result<bool> {
+        if let Some(boot_id) = &telemetry.heartbeat {
+            if boot_id.is_empty() || boot_id.len() > MAX_BOOT_ID {
+                return Err(Error::invalid_input(format!(
+                    "boot id must be 1–{MAX_BOOT_ID} characters"
+                )));
+            }
+        }
+        let mut changed = false;
+        if let Some(h) = telemetry.gpu_health {
+            changed |= std::mem::replace(&mut self.gpu_health, h) != h;
+        }
+        if let Some(u) = telemetry.in_use {
+            changed |= std::mem::replace(&mut self.in_use, u) != u;
+        }
+        if let Some(s) = telemetry.status {
+            changed |= self.agent_status.replace(s) != Some(s);
+        }
+        if let Some(boot_id) = &telemetry.heartbeat {
+            if self.boot_id.as_ref().is_some_and(|old| old != boot_id) {
+                self.restarts += 1;
+            }
+            self.boot_id = Some(boot_id.clone());
+            self.last_heartbeat = Some(now);
+            changed = true;
+        }
+        if let Some(t) = &telemetry.timings {
+            changed |= self.timings.merge(t);
+        }
+        if changed {
+            self.touch(now);
+        }
+        Ok(changed)
+    }
+
+    fn touch(&mut self, now: DateTime<Utc>) {
+        self.generation += 1;
+        self.updated_at = now;
+    }
+}

@@ -1,0 +1,209 @@
+//! The [`VmStore`] trait: durable VM records, the atomic claim, telemetry, operations.
+
+use std::any::Any;
+use std::fmt;
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{
+    CrdCommand, Email, Hostname, Operation, Pin, Result, Telemetry, TokenDigest, VmEvent, VmLogs,
+    VmRecord, VmState,
+};
+
+/// Which records [`VmStore::list`] returns. `Default` lists every record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmFilter {
+    /// Only records in one of these state kinds (the `resume` phase of `Unhealthy` /
+    /// `Rebooting` is ignored when matching). Empty: any state.
+    pub states: Vec<VmState>,
+    /// Only the record assigned to this email.
+    pub email: Option<Email>,
+    /// At most this many records, in hostname order.
+    pub limit: Option<usize>,
+}
+
+impl VmFilter {
+    /// Whether `record` passes the filter (ignoring `limit`).
+    pub fn matches(&self, record: &VmRecord) -> bool {
+        (self.states.is_empty()
+            || self
+                .states
+                .iter()
+                .any(|s| s.as_str() == record.state.as_str()))
+            && self
+                .email
+                .as_ref()
+                .is_none_or(|e| record.owner() == Some(e))
+    }
+}
+
+/// A participant asking for a VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimRequest {
+    /// Who asks.
+    pub email: Email,
+    /// Their Chrome Remote Desktop command.
+    pub crd_command: CrdCommand,
+    /// The PIN to record if a new VM is assigned (ignored when the email already has one).
+    pub pin: Pin,
+}
+
+/// The result of a successful [`VmStore::claim`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    /// The VM, now owned by the email.
+    pub record: VmRecord,
+    /// `false` when the email already held this VM (idempotent rejoin).
+    pub newly_assigned: bool,
+}
+
+/// How many VMs are in each state kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCounts {
+    /// Every record.
+    pub total: usize,
+    /// `Requested`.
+    pub requested: usize,
+    /// `Booting`.
+    pub booting: usize,
+    /// `Available` (includes ones whose GPU is unhealthy; see `assignable`).
+    pub available: usize,
+    /// Assignable right now: available, GPU not unhealthy, unassigned.
+    pub assignable: usize,
+    /// Owned by a participant (`Assigned`, or unhealthy/rebooting resuming assigned).
+    pub assigned: usize,
+    /// `Unhealthy`.
+    pub unhealthy: usize,
+    /// `Rebooting`.
+    pub rebooting: usize,
+    /// `Failed`.
+    pub failed: usize,
+    /// `Terminating` or `Terminated`.
+    pub terminating: usize,
+}
+
+impl VmCounts {
+    /// Adds one record to the counts.
+    pub fn add(&mut self, r: &VmRecord) {
+        self.total += 1;
+        match r.state {
+            VmState::Requested => self.requested += 1,
+            VmState::Booting => self.booting += 1,
+            VmState::Available => self.available += 1,
+            VmState::Assigned => {}
+            VmState::Unhealthy { .. } => self.unhealthy += 1,
+            VmState::Rebooting { .. } => self.rebooting += 1,
+            VmState::Failed => self.failed += 1,
+            VmState::Terminating | VmState::Terminated => self.terminating += 1,
+        }
+        self.assignable += usize::from(r.is_assignable());
+        self.assigned += usize::from(r.state.is_owned());
+    }
+}
+
+/// Held while a provisioning operation runs; dropping it lets the next one start.
+pub struct ProvisioningLock {
+    _guard: Box<dyn Any + Send + Sync>,
+}
+
+impl ProvisioningLock {
+    /// Wraps whatever keeps the lock held (a mutex guard, a database connection...).
+    pub fn new(guard: impl Any + Send + Sync) -> Self {
+        Self {
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+impl fmt::Debug for ProvisioningLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProvisioningLock")
+    }
+}
+
+/// Durable VM records.
+///
+/// # Contract
+///
+/// The conformance suite [`testing::store`](crate::testing) checks every point.
+///
+/// - `insert` is idempotent by hostname: an existing record is left unchanged and returned.
+/// - `get`, `apply`, `record_telemetry`, `logs` on an unknown hostname return
+///   [`ErrorKind::NotFound`](crate::ErrorKind::NotFound).
+/// - Every state change goes through [`VmRecord::apply`] (and so through
+///   [`transition`](crate::transition)); an illegal event returns
+///   [`ErrorKind::InvalidTransition`](crate::ErrorKind::InvalidTransition) and changes
+///   nothing. With `expected_generation`, a record whose generation differs is not changed
+///   and the call returns [`ErrorKind::Conflict`](crate::ErrorKind::Conflict).
+/// - `generation` strictly increases on every change to a record and never otherwise.
+/// - `claim` is atomic and exactly-once under any concurrency (across processes for durable
+///   stores): an email that owns a VM gets that VM back (`newly_assigned: false`); otherwise
+///   one [assignable](VmRecord::is_assignable) VM becomes `Assigned` to it; otherwise
+///   [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity). No VM ever has two owners and
+///   no email ever owns two VMs.
+/// - `record_telemetry` applies [`VmRecord::apply_telemetry`] and appends logs; each log
+///   stream keeps at most `log_cap_bytes`, dropping the oldest lines.
+/// - `lock_provisioning` gives at most one holder at a time (across processes for durable
+///   stores); a second caller gets [`ErrorKind::Conflict`](crate::ErrorKind::Conflict).
+/// - Stores never read a clock: callers pass `now`.
+#[cfg_attr(feature = "mock", mockall::automock)]
+#[async_trait]
+pub trait VmStore: Send + Sync + Debug {
+    /// Inserts records whose hostname is new; returns the stored record for every input, in
+    /// input order.
+    async fn insert(&self, records: &[VmRecord]) -> Result<Vec<VmRecord>>;
+
+    /// The record of `hostname`.
+    async fn get(&self, hostname: &Hostname) -> Result<VmRecord>;
+
+    /// The record whose token digest is `digest`.
+    async fn get_by_token(&self, digest: &TokenDigest) -> Result<VmRecord>;
+
+    /// Records matching `filter`, in hostname order.
+    async fn list(&self, filter: &VmFilter) -> Result<Vec<VmRecord>>;
+
+    /// Counts by state.
+    async fn counts(&self) -> Result<VmCounts>;
+
+    /// Applies `event` to `hostname` through the state machine.
+    async fn apply(
+        &self,
+        hostname: &Hostname,
+        event: &VmEvent,
+        expected_generation: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord>;
+
+    /// Gives `request.email` its VM, or one assignable VM, or `NoCapacity`.
+    async fn claim(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed>;
+
+    /// Applies an agent's telemetry batch.
+    async fn record_telemetry(
+        &self,
+        hostname: &Hostname,
+        telemetry: &Telemetry,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord>;
+
+    /// The VM's logs.
+    async fn logs(&self, hostname: &Hostname) -> Result<VmLogs>;
+
+    /// Removes records (and their logs); unknown hostnames are ignored. Returns how many went.
+    async fn remove(&self, hostnames: &[Hostname]) -> Result<usize>;
+
+    /// Inserts or replaces an operation (by id).
+    async fn put_operation(&self, operation: &Operation) -> Result<()>;
+
+    /// The operation `id`.
+    async fn get_operation(&self, id: Uuid) -> Result<Operation>;
+
+    /// The newest `limit` operations, newest first.
+    async fn list_operations(&self, limit: usize) -> Result<Vec<Operation>>;
+
+    /// Takes the deployment-wide provisioning lock, or fails with `Conflict` if it is held.
+    async fn lock_provisioning(&self) -> Result<ProvisioningLock>;
+}
