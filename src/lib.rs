@@ -4,3 +4,11 @@
 /// The domain, the traits, the default allocator and the in-memory backends.
 pub use lablink_core as core;
 pub use lablink_core::*;
+
+/// PostgreSQL store and notifier.
+#[cfg(feature = "postgres")]
+pub use lablink_postgres as postgres;
+
+/// Terraform provisioner.
+#[cfg(feature = "terraform")]
+pub use lablink_terraform as terraform;

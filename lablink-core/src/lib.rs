@@ -19,6 +19,9 @@ mod secret;
 mod state;
 mod store;
 
+#[cfg(feature = "testing")]
+pub mod testing;
+
 pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, ErrorStatus, Result};

@@ -1,0 +1,2 @@
+//! Embedding LabLink (being written).
+fn main() {}

@@ -1,0 +1,1 @@
+//! lablink-postgres (in progress)

@@ -1,0 +1,1 @@
+//! lablink-terraform (in progress)
