@@ -372,10 +372,16 @@ impl Allocator for LabLink {
             .store
             .record_telemetry(hostname, &telemetry, now)
             .await?;
-        if reaction(&record).is_none() {
-            return Ok(record);
+        // A report can call for a chain of reactions (recovered, then ready); each step is
+        // one transition, so the chain is at most a few long.
+        let mut record = record;
+        for _ in 0..4 {
+            if reaction(&record).is_none() {
+                break;
+            }
+            record = self.apply_if(hostname, reaction).await?;
         }
-        self.apply_if(hostname, reaction).await
+        Ok(record)
     }
 
     async fn launch(&self, options: &LaunchOptions) -> Result<Operation> {

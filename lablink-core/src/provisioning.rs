@@ -29,8 +29,7 @@ impl LabLink {
         }
         let lock = self.inner.store.lock_provisioning().await?;
         let now = self.inner.clock.now();
-        let existing = self.inner.store.list(&VmFilter::default()).await?;
-        let specs = self.new_specs(&existing, options.count)?;
+        let specs = self.new_specs(options.count).await?;
         let records: Vec<VmRecord> = specs
             .iter()
             .map(|spec| {
@@ -69,19 +68,19 @@ impl LabLink {
         Ok(operation)
     }
 
-    /// `count` new hostnames (`<prefix>-<n>`, numbered after the highest existing one) with
-    /// fresh tokens.
-    fn new_specs(&self, existing: &[VmRecord], count: usize) -> Result<Vec<VmSpec>> {
+    /// `count` new hostnames with fresh tokens, `<prefix>-<n>` numbered after the highest
+    /// name in use or ever launched (recorded operations), so a destroyed VM's name is not
+    /// reused while its machine may still be shutting down.
+    async fn new_specs(&self, count: usize) -> Result<Vec<VmSpec>> {
+        let store = &self.inner.store;
+        let records = store.list(&VmFilter::default()).await?;
+        let operations = store.list_operations(usize::MAX).await?;
         let prefix = format!("{}-", self.inner.config.hostname_prefix);
-        let highest = existing
+        let highest = records
             .iter()
-            .filter_map(|r| {
-                r.hostname
-                    .as_str()
-                    .strip_prefix(&prefix)?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .map(|r| &r.hostname)
+            .chain(operations.iter().flat_map(|op| &op.hostnames))
+            .filter_map(|h| h.as_str().strip_prefix(&prefix)?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);
         (1..=count as u64)
