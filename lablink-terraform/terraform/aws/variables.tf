@@ -1,0 +1,129 @@
+# LabLink client-VM module for AWS. The provisioner (lablink-terraform) sets `vms` and
+# `deployment`; everything else comes from the allocator's configuration.
+
+variable "vms" {
+  description = "The client VMs: hostname => { token }. The token is that VM's agent token (API_TOKEN)."
+  type = map(object({
+    token = string
+  }))
+  sensitive = true
+  default   = {}
+
+  validation {
+    condition     = alltrue([for h in keys(var.vms) : can(regex("^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$", h))])
+    error_message = "Every hostname must be 1-253 characters of [A-Za-z0-9._-], starting with a letter or digit."
+  }
+}
+
+variable "deployment" {
+  description = "The deployment these VMs belong to: a tag on every resource, and part of shared resource names."
+  type        = string
+  default     = "lablink"
+}
+
+variable "resource_prefix" {
+  description = "Prefix of the names of shared resources (security group, key pair, IAM role). Empty: <deployment>-lablink-client."
+  type        = string
+  default     = ""
+}
+
+variable "allocator_url" {
+  description = "URL at which the agents reach the allocator (ALLOCATOR_URL)."
+  type        = string
+  sensitive   = true
+}
+
+variable "region" {
+  description = "AWS region."
+  type        = string
+  default     = "us-west-2"
+}
+
+variable "machine_type" {
+  description = "EC2 instance type of the client VMs."
+  type        = string
+  default     = "t3.large"
+}
+
+variable "gpu_support" {
+  description = "Client VMs have GPUs: picks the Deep Learning GPU AMI when client_ami_id is empty, and starts the container with --gpus all."
+  type        = bool
+  default     = false
+}
+
+variable "client_ami_id" {
+  description = "AMI of the client VMs. Empty: the newest Ubuntu 22.04 AMI, or the newest Deep Learning OSS Nvidia Driver GPU AMI with gpu_support."
+  type        = string
+  default     = ""
+}
+
+variable "root_volume_gb" {
+  description = "Size of the root volume (gp3), in GB."
+  type        = number
+  default     = 80
+}
+
+variable "subnet_id" {
+  description = "Subnet of the client VMs. Empty: the default subnet of the default VPC."
+  type        = string
+  default     = ""
+}
+
+variable "vpc_id" {
+  description = "VPC of the security group. Empty: the default VPC."
+  type        = string
+  default     = ""
+}
+
+variable "ssh_cidr_blocks" {
+  description = "Networks allowed to reach the client VMs over SSH. Empty: no SSH ingress."
+  type        = list(string)
+  default     = []
+}
+
+variable "agent_download_url" {
+  description = "Where user data downloads the lablink-agent binary from. Empty: the AMI already has it at /usr/local/bin/lablink-agent."
+  type        = string
+  default     = ""
+}
+
+variable "agent_sha256" {
+  description = "Expected SHA-256 of the downloaded agent binary. Empty: not checked."
+  type        = string
+  default     = ""
+}
+
+variable "image_name" {
+  description = "Client Docker image the agent runs (SUBJECT_IMAGE). Empty: none."
+  type        = string
+  default     = ""
+}
+
+variable "repository" {
+  description = "Tutorial repository to clone in the client (TUTORIAL_REPO_TO_CLONE). Empty: none."
+  type        = string
+  default     = ""
+}
+
+variable "subject_software" {
+  description = "The research software of the workshop (SUBJECT_SOFTWARE)."
+  type        = string
+  default     = "sleap"
+}
+
+variable "startup_on_error" {
+  description = "What the client does when its start-up script fails: continue or fail (STARTUP_ON_ERROR)."
+  type        = string
+  default     = "continue"
+
+  validation {
+    condition     = contains(["continue", "fail"], var.startup_on_error)
+    error_message = "startup_on_error must be \"continue\" or \"fail\"."
+  }
+}
+
+variable "extra_tags" {
+  description = "More tags for every resource."
+  type        = map(string)
+  default     = {}
+}
