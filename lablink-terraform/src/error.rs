@@ -205,12 +205,16 @@ struct LockInfo {
 
 impl LockInfo {
     fn parse(message: &str) -> Self {
+        // The message may be Terraform's lines or the one-line excerpt joined with " | ".
         let field = |name: &str| {
-            message.lines().find_map(|line| {
-                let line = line.trim_start_matches(['│', ' ']).trim();
-                let value = line.strip_prefix(name)?.strip_prefix(':')?.trim();
-                (!value.is_empty()).then(|| value.to_owned())
-            })
+            message
+                .lines()
+                .flat_map(|l| l.split(" | "))
+                .find_map(|line| {
+                    let line = line.trim_start_matches(['│', ' ']).trim();
+                    let value = line.strip_prefix(name)?.strip_prefix(':')?.trim();
+                    (!value.is_empty()).then(|| value.to_owned())
+                })
         };
         let created = field("Created").and_then(|c| {
             // Terraform prints Go's time format: "2026-11-22 10:27:46.730855773 +0000 UTC".

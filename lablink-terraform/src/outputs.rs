@@ -33,11 +33,12 @@ pub(crate) struct Machine {
 pub(crate) type Inventory = BTreeMap<Hostname, Machine>;
 
 /// Parses the JSON printed by `terraform output -json`. No outputs at all (a fresh working
-/// directory) is an empty inventory.
-pub(crate) fn parse(json: &str) -> Result<Inventory, TfFailure> {
+/// directory) is an empty inventory. `None` means the outputs are stale: there are outputs
+/// but no `vm_instance_ids`, which is what a failed apply leaves when the ids were unknown.
+pub(crate) fn parse(json: &str) -> Result<Option<Inventory>, TfFailure> {
     let json = json.trim();
     if json.is_empty() {
-        return Ok(Inventory::new());
+        return Ok(Some(Inventory::new()));
     }
     let outputs: serde_json::Map<String, Value> = serde_json::from_str(json)
         .map_err(|e| TfFailure::Outputs(format!("`terraform output -json` is not JSON: {e}")))?;
@@ -56,9 +57,7 @@ pub(crate) fn parse(json: &str) -> Result<Inventory, TfFailure> {
         }
     };
     if !outputs.is_empty() && value(INSTANCE_IDS).is_none() {
-        return Err(TfFailure::Outputs(format!(
-            "the module has no `{INSTANCE_IDS}` output (hostname => instance id)"
-        )));
+        return Ok(None);
     }
     let ids = strings(INSTANCE_IDS)?;
     let public = strings(PUBLIC_IPS)?;
@@ -89,7 +88,7 @@ pub(crate) fn parse(json: &str) -> Result<Inventory, TfFailure> {
             },
         );
     }
-    Ok(inventory)
+    Ok(Some(inventory))
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -116,7 +115,7 @@ mod tests {
           "vm_private_ips": {"sensitive": false, "value": {"a": "10.0.0.1", "b": "10.0.0.2"}},
           "vm_tokens": {"sensitive": true, "value": {"a": "tok-a"}}
         }"#;
-        let inv = parse(json).unwrap();
+        let inv = parse(json).unwrap().unwrap();
         assert_eq!(inv.len(), 2, "only machines with an id exist");
         let a = &inv[&"a".parse::<Hostname>().unwrap()];
         assert_eq!(a.vm.instance_id.as_str(), "i-1");
@@ -128,10 +127,13 @@ mod tests {
     }
 
     #[test]
-    fn no_outputs_is_an_empty_inventory_and_a_broken_contract_is_an_error() {
-        assert!(parse("").unwrap().is_empty());
-        assert!(parse("{}").unwrap().is_empty());
-        assert!(parse(r#"{"other": {"value": 1}}"#).is_err());
+    fn no_outputs_is_empty_missing_ids_are_stale_and_wrong_types_are_errors() {
+        assert!(parse("").unwrap().unwrap().is_empty());
+        assert!(parse("{}").unwrap().unwrap().is_empty());
+        assert!(
+            parse(r#"{"other": {"value": 1}}"#).unwrap().is_none(),
+            "stale"
+        );
         assert!(parse(r#"{"vm_instance_ids": {"value": ["i-1"]}}"#).is_err());
         assert!(parse("not json").is_err());
     }

@@ -150,8 +150,22 @@ impl TerraformProvisioner {
         Ok(())
     }
 
-    /// The machines in Terraform's state.
+    /// The machines in Terraform's state. Stale outputs (left by a failed apply) are
+    /// recomputed from the state first.
     async fn inventory(&self) -> Result<Inventory, TfFailure> {
+        if let Some(inventory) = self.read_outputs().await? {
+            return Ok(inventory);
+        }
+        self.refresh(&Progress::default(), &[]).await?;
+        self.read_outputs().await?.ok_or_else(|| {
+            TfFailure::Outputs(format!(
+                "the module has no `{}` output (hostname => instance id)",
+                outputs::INSTANCE_IDS
+            ))
+        })
+    }
+
+    async fn read_outputs(&self) -> Result<Option<Inventory>, TfFailure> {
         let args = self.runner.args("output", &["-json"]);
         let out = self
             .runner
@@ -163,6 +177,24 @@ impl TerraformProvisioner {
             })
             .await?;
         outputs::parse(&out.stdout)
+    }
+
+    /// Recomputes the outputs from the state (`apply -refresh-only`): after a failed apply,
+    /// outputs may name machines that were planned but never created.
+    async fn refresh(&self, progress: &Progress, secrets: &[String]) -> Result<(), TfFailure> {
+        let args = self.runner.args(
+            "apply",
+            &["-refresh-only", "-auto-approve", &self.lock_arg()],
+        );
+        self.runner
+            .run(Invocation {
+                command: "apply -refresh-only",
+                args,
+                progress: Some(progress),
+                secrets,
+            })
+            .await
+            .map(drop)
     }
 
     /// The `vms` map that keeps exactly the machines in `inventory`, each with its own token
@@ -228,6 +260,12 @@ impl TerraformProvisioner {
             })
             .await
             .err();
+        if let Some(failure) = &outcome {
+            progress.report(&format!("{failure}; reading back what exists"));
+            if let Err(e) = self.refresh(progress, &secrets).await {
+                tracing::warn!(error = %e, "could not refresh the outputs after a failed apply");
+            }
+        }
         let after = match self.inventory().await {
             Ok(after) => after,
             Err(read) => {
