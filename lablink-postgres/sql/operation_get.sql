@@ -1,0 +1,1 @@
+SELECT * FROM lablink_operations WHERE id = $1

@@ -1,0 +1,1 @@
+SELECT * FROM lablink_vms WHERE token_digest = $1

@@ -1,0 +1,1 @@
+DELETE FROM lablink_vms WHERE hostname = ANY ($1::text[])

@@ -1,0 +1,454 @@
+//! [`PgVmStore`]: the durable [`VmStore`] on PostgreSQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use lablink_core::{
+    Assignment, ClaimRequest, Claimed, Error, ErrorKind, Hostname, Operation, ProvisioningLock,
+    Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState,
+    VmStore,
+};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::error::{classify, PgError};
+use crate::row::{bind_operation, bind_record, operation_from_row, record_from_row, to_i64};
+use crate::{lock, logs};
+
+/// How often a claim starts over after losing a race on the email's uniqueness.
+const CLAIM_ATTEMPTS: usize = 4;
+
+/// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
+///
+/// Every state change reads the row under `FOR UPDATE`, applies the event in Rust through
+/// [`VmRecord::apply`] (so through the core state machine) and writes it back with
+/// `WHERE generation = <the generation it was computed from>`. A claim is one transaction:
+/// `SELECT ... FOR UPDATE SKIP LOCKED` on the partial index of assignable VMs, the `Claim`
+/// event applied in Rust, one `UPDATE`; a unique index on the owner's email makes "one email,
+/// one VM" hold across processes.
+///
+/// The constructor does not touch the database; run [`setup`](crate::setup) (or
+/// [`PgVmStore::setup`]) once to create the tables.
+#[derive(Debug, Clone)]
+pub struct PgVmStore {
+    pool: PgPool,
+    lock_key: i64,
+}
+
+impl PgVmStore {
+    /// A store over `pool`. Does not migrate: call [`setup`](Self::setup) first.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            lock_key: lock::DEFAULT_LOCK_KEY,
+        }
+    }
+
+    /// Uses another advisory-lock key for [`VmStore::lock_provisioning`] (for two LabLink
+    /// deployments sharing one database).
+    pub fn with_lock_key(mut self, key: i64) -> Self {
+        self.lock_key = key;
+        self
+    }
+
+    /// Runs the migrations in [`MIGRATOR`](crate::MIGRATOR).
+    pub async fn setup(&self) -> Result<()> {
+        crate::setup(&self.pool).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+fn not_found(hostname: &Hostname) -> Error {
+    Error::not_found("VM not found").with_context("hostname", hostname)
+}
+
+async fn fetch_record(
+    conn: &mut PgConnection,
+    sql: &'static str,
+    hostname: &Hostname,
+) -> Result<Option<VmRecord>, PgError> {
+    let row = sqlx::query(sql)
+        .bind(hostname.as_str())
+        .fetch_optional(conn)
+        .await?;
+    row.as_ref().map(record_from_row).transpose()
+}
+
+/// Writes `record`, computed from a row whose generation was `from_generation`. Returns
+/// whether the row still had that generation (and so was written).
+async fn write_record(
+    conn: &mut PgConnection,
+    record: &VmRecord,
+    from_generation: u64,
+) -> Result<bool, PgError> {
+    let query = bind_record(sqlx::query(include_str!("../sql/vm_update.sql")), record)?
+        .bind(to_i64("generation", from_generation)?);
+    Ok(query.execute(conn).await?.rows_affected() == 1)
+}
+
+/// A unique violation on the owner's email, as a LabLink conflict.
+fn email_taken(error: PgError, assignment: Option<&Assignment>, operation: &'static str) -> Error {
+    let is_email = matches!(&error, PgError::Sqlx(sqlx::Error::Database(db))
+        if db.is_unique_violation() && db.constraint() == Some("lablink_vms_email_key"));
+    match (is_email, assignment) {
+        (true, Some(a)) => Error::conflict("this email already holds a VM")
+            .with_operation(operation)
+            .with_context("email", &a.email),
+        _ => classify(operation, error),
+    }
+}
+
+fn rows_to_records(rows: Vec<PgRow>) -> Result<Vec<VmRecord>, PgError> {
+    rows.iter().map(record_from_row).collect()
+}
+
+impl PgVmStore {
+    /// One claim attempt; `None` when another transaction gave this email a VM first (the
+    /// caller starts over and finds it).
+    async fn try_claim(
+        &self,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Claimed>> {
+        let op = "claim";
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let existing = sqlx::query(include_str!("../sql/vm_get_by_email.sql"))
+            .bind(request.email.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| classify(op, e))?;
+        if let Some(row) = existing {
+            let record = record_from_row(&row).map_err(|e| classify(op, e))?;
+            tx.commit().await.map_err(|e| classify(op, e))?;
+            return Ok(Some(Claimed {
+                record,
+                newly_assigned: false,
+            }));
+        }
+        let mut picked = sqlx::query(include_str!("../sql/vm_claim_pick.sql"))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| classify(op, e))?;
+        if picked.is_none() {
+            // Every assignable row is locked by someone (other claims, telemetry...). Wait
+            // for them rather than report a capacity that may exist.
+            picked = sqlx::query(include_str!("../sql/vm_claim_pick_wait.sql"))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| classify(op, e))?;
+        }
+        let Some(row) = picked else {
+            return Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
+                .with_operation(op)
+                .temporary());
+        };
+        let mut record = record_from_row(&row).map_err(|e| classify(op, e))?;
+        let from = record.generation;
+        let event = VmEvent::Claim(Assignment {
+            email: request.email.clone(),
+            crd_command: request.crd_command.clone(),
+            pin: request.pin.clone(),
+            assigned_at: now,
+        });
+        record.apply(&event, now)?;
+        match write_record(&mut tx, &record, from).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(Error::conflict("the VM changed while it was locked")
+                    .with_operation(op)
+                    .with_context("hostname", &record.hostname)
+                    .temporary())
+            }
+            Err(PgError::Sqlx(sqlx::Error::Database(db)))
+                if db.is_unique_violation() && db.constraint() == Some("lablink_vms_email_key") =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(classify(op, e)),
+        }
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(Some(Claimed {
+            record,
+            newly_assigned: true,
+        }))
+    }
+}
+
+#[async_trait]
+impl VmStore for PgVmStore {
+    async fn insert(&self, records: &[VmRecord]) -> Result<Vec<VmRecord>> {
+        let op = "insert";
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            let query = bind_record(sqlx::query(include_str!("../sql/vm_insert.sql")), record)
+                .map_err(|e| classify(op, e))?;
+            let inserted = query
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| email_taken(e.into(), record.assignment.as_ref(), op))?;
+            if inserted.is_some() {
+                out.push(record.clone());
+                continue;
+            }
+            let existing =
+                fetch_record(&mut tx, include_str!("../sql/vm_get.sql"), &record.hostname)
+                    .await
+                    .map_err(|e| classify(op, e))?
+                    .ok_or_else(|| not_found(&record.hostname).with_operation(op))?;
+            out.push(existing);
+        }
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(out)
+    }
+
+    async fn get(&self, hostname: &Hostname) -> Result<VmRecord> {
+        let mut conn = self.pool.acquire().await.map_err(|e| classify("get", e))?;
+        fetch_record(&mut conn, include_str!("../sql/vm_get.sql"), hostname)
+            .await
+            .map_err(|e| classify("get", e))?
+            .ok_or_else(|| not_found(hostname))
+    }
+
+    async fn get_by_token(&self, digest: &TokenDigest) -> Result<VmRecord> {
+        let op = "get by token";
+        let row = sqlx::query(include_str!("../sql/vm_get_by_token.sql"))
+            .bind(digest.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        match row {
+            Some(row) => record_from_row(&row).map_err(|e| classify(op, e)),
+            None => Err(Error::not_found("no VM has this token")),
+        }
+    }
+
+    async fn list(&self, filter: &VmFilter) -> Result<Vec<VmRecord>> {
+        let op = "list";
+        let mut states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+        states.dedup();
+        let limit = filter
+            .limit
+            .map(|l| to_i64("limit", l as u64))
+            .transpose()
+            .map_err(|e| classify(op, e))?;
+        let rows = sqlx::query(include_str!("../sql/vm_list.sql"))
+            .bind(states)
+            .bind(filter.email.as_ref().map(|e| e.as_str()))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        rows_to_records(rows).map_err(|e| classify(op, e))
+    }
+
+    async fn counts(&self) -> Result<VmCounts> {
+        let op = "counts";
+        let rows = sqlx::query(include_str!("../sql/vm_counts.sql"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        let mut counts = VmCounts::default();
+        for row in rows {
+            let (state, gpu_unhealthy, n) = count_row(&row).map_err(|e| classify(op, e))?;
+            counts.total += n;
+            match state {
+                VmState::Requested => counts.requested += n,
+                VmState::Booting => counts.booting += n,
+                VmState::Available => counts.available += n,
+                VmState::Assigned => {}
+                VmState::Unhealthy { .. } => counts.unhealthy += n,
+                VmState::Rebooting { .. } => counts.rebooting += n,
+                VmState::Failed => counts.failed += n,
+                VmState::Terminating | VmState::Terminated => counts.terminating += n,
+            }
+            if state.is_assignable() && !gpu_unhealthy {
+                counts.assignable += n;
+            }
+            if state.is_owned() {
+                counts.assigned += n;
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn apply(
+        &self,
+        hostname: &Hostname,
+        event: &VmEvent,
+        expected_generation: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord> {
+        let op = "apply";
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let mut record = fetch_record(
+            &mut tx,
+            include_str!("../sql/vm_get_for_update.sql"),
+            hostname,
+        )
+        .await
+        .map_err(|e| classify(op, e))?
+        .ok_or_else(|| not_found(hostname).with_operation(op))?;
+        let from = record.generation;
+        if let Some(expected) = expected_generation {
+            if from != expected {
+                return Err(Error::conflict("the VM changed since it was read")
+                    .with_operation(op)
+                    .with_context("hostname", hostname)
+                    .with_context("expected_generation", expected)
+                    .with_context("generation", from));
+            }
+        }
+        if !record.apply(event, now)? {
+            return Ok(record);
+        }
+        let assignment = record.assignment.clone();
+        let written = write_record(&mut tx, &record, from)
+            .await
+            .map_err(|e| email_taken(e, assignment.as_ref(), op))?;
+        if !written {
+            return Err(Error::conflict("the VM changed while it was locked")
+                .with_operation(op)
+                .with_context("hostname", hostname)
+                .temporary());
+        }
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(record)
+    }
+
+    async fn claim(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            if let Some(claimed) = self.try_claim(request, now).await? {
+                return Ok(claimed);
+            }
+        }
+        Err(
+            Error::conflict("the email's assignment kept changing; try again")
+                .with_operation("claim")
+                .with_context("email", &request.email)
+                .temporary(),
+        )
+    }
+
+    async fn record_telemetry(
+        &self,
+        hostname: &Hostname,
+        telemetry: &Telemetry,
+        now: DateTime<Utc>,
+    ) -> Result<VmRecord> {
+        let op = "record telemetry";
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let mut record = fetch_record(
+            &mut tx,
+            include_str!("../sql/vm_get_for_update.sql"),
+            hostname,
+        )
+        .await
+        .map_err(|e| classify(op, e))?
+        .ok_or_else(|| not_found(hostname).with_operation(op))?;
+        let from = record.generation;
+        if record.apply_telemetry(telemetry, now)?
+            && !write_record(&mut tx, &record, from)
+                .await
+                .map_err(|e| classify(op, e))?
+        {
+            return Err(Error::conflict("the VM changed while it was locked")
+                .with_operation(op)
+                .with_context("hostname", hostname)
+                .temporary());
+        }
+        for append in &telemetry.logs {
+            logs::append(&mut tx, hostname, append, telemetry.log_cap_bytes)
+                .await
+                .map_err(|e| classify(op, e).with_context("hostname", hostname))?;
+        }
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(record)
+    }
+
+    async fn logs(&self, hostname: &Hostname) -> Result<VmLogs> {
+        let op = "logs";
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let exists: bool = sqlx::query_scalar(include_str!("../sql/vm_exists.sql"))
+            .bind(hostname.as_str())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| classify(op, e))?;
+        if !exists {
+            return Err(not_found(hostname).with_operation(op));
+        }
+        let logs = logs::read(&mut tx, hostname)
+            .await
+            .map_err(|e| classify(op, e))?;
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(logs)
+    }
+
+    async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
+        let names: Vec<&str> = hostnames.iter().map(Hostname::as_str).collect();
+        let done = sqlx::query(include_str!("../sql/vm_remove.sql"))
+            .bind(names)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify("remove", e))?;
+        Ok(done.rows_affected() as usize)
+    }
+
+    async fn put_operation(&self, operation: &Operation) -> Result<()> {
+        let op = "put operation";
+        bind_operation(
+            sqlx::query(include_str!("../sql/operation_put.sql")),
+            operation,
+        )
+        .map_err(|e| classify(op, e))?
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify(op, e))?;
+        Ok(())
+    }
+
+    async fn get_operation(&self, id: Uuid) -> Result<Operation> {
+        let op = "get operation";
+        let row = sqlx::query(include_str!("../sql/operation_get.sql"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?
+            .ok_or_else(|| Error::not_found("operation not found").with_context("id", id))?;
+        operation_from_row(&row).map_err(|e| classify(op, e))
+    }
+
+    async fn list_operations(&self, limit: usize) -> Result<Vec<Operation>> {
+        let op = "list operations";
+        let limit = to_i64("limit", limit as u64).map_err(|e| classify(op, e))?;
+        let rows = sqlx::query(include_str!("../sql/operation_list.sql"))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        rows.iter()
+            .map(operation_from_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| classify(op, e))
+    }
+
+    async fn lock_provisioning(&self) -> Result<ProvisioningLock> {
+        lock::try_lock(&self.pool, self.lock_key).await
+    }
+}
+
+fn count_row(row: &PgRow) -> Result<(VmState, bool, usize), PgError> {
+    let state: String = row.try_get("state")?;
+    let resume = crate::row::phase("resume", row.try_get("resume")?)?;
+    let state = VmState::from_parts(&state, resume).map_err(|e| PgError::Corrupt {
+        column: "state",
+        reason: e.to_string(),
+    })?;
+    let gpu_unhealthy: bool = row.try_get("gpu_unhealthy")?;
+    let n: i64 = row.try_get("n")?;
+    Ok((state, gpu_unhealthy, usize::try_from(n).unwrap_or(0)))
+}
