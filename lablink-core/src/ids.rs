@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,7 +17,7 @@ macro_rules! string_newtype {
         $(#[$meta])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// The value as a string slice.
@@ -28,7 +29,7 @@ macro_rules! string_newtype {
         impl FromStr for $name {
             type Err = Error;
             fn from_str(s: &str) -> Result<Self> {
-                $validate(s).map(Self)
+                $validate(s).map(|v| Self(v.into()))
             }
         }
 
@@ -41,7 +42,7 @@ macro_rules! string_newtype {
 
         impl From<$name> for String {
             fn from(v: $name) -> String {
-                v.0
+                v.0.to_string()
             }
         }
 
@@ -66,6 +67,8 @@ macro_rules! string_newtype {
 }
 
 string_newtype!(
+    /// Cheap to clone (shared, immutable).
+    ///
     /// A VM's hostname: 1–253 characters of `[A-Za-z0-9._-]`, starting with a letter or digit.
     ///
     /// ```

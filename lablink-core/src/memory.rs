@@ -39,6 +39,7 @@ struct Entry {
 }
 
 /// The index keys of a record, to update the indexes after a change.
+#[derive(PartialEq)]
 struct Keys {
     assignable: bool,
     owner: Option<Email>,
@@ -104,7 +105,9 @@ impl Inner {
         }
     }
 
-    /// Runs `change` on a copy of the record; commits it (and reindexes) only on success.
+    /// Runs `change` on the record and reindexes it if it changed. `change` must leave the
+    /// record untouched when it fails (as [`VmRecord::apply`] and
+    /// [`VmRecord::apply_telemetry`] do), so no copy is needed to roll back.
     fn update(
         &mut self,
         hostname: &Hostname,
@@ -114,14 +117,15 @@ impl Inner {
             .vms
             .get_mut(hostname)
             .ok_or_else(|| not_found(hostname))?;
-        let mut record = entry.record.clone();
-        if !change(&mut record)? {
-            return Ok(record);
-        }
         let old = Keys::of(&entry.record);
+        if !change(&mut entry.record)? {
+            return Ok(entry.record.clone());
+        }
+        let record = entry.record.clone();
         let new = Keys::of(&record);
-        entry.record = record.clone();
-        self.reindex(hostname, Some(old), Some(new));
+        if old != new {
+            self.reindex(hostname, Some(old), Some(new));
+        }
         Ok(record)
     }
 

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rand::{Rng, RngCore};
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,7 @@ macro_rules! redacted {
 /// and builds its own argument vector, so nothing else in the command can reach a shell.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct CrdCommand(String);
+pub struct CrdCommand(Arc<str>);
 redacted!(CrdCommand);
 
 const MAX_COMMAND: usize = 4096;
@@ -105,7 +106,7 @@ impl FromStr for CrdCommand {
             )));
         }
         extract_code(s)?;
-        Ok(Self(s.to_owned()))
+        Ok(Self(s.into()))
     }
 }
 
@@ -118,7 +119,7 @@ impl TryFrom<String> for CrdCommand {
 
 impl From<CrdCommand> for String {
     fn from(c: CrdCommand) -> String {
-        c.0
+        c.0.to_string()
     }
 }
 
