@@ -12,3 +12,12 @@ pub use lablink_postgres as postgres;
 /// Terraform provisioner.
 #[cfg(feature = "terraform")]
 pub use lablink_terraform as terraform;
+
+/// The allocator's HTTP layer: an axum router with the compatibility routes, `/api/v1`, the
+/// participant page and the admin UI.
+#[cfg(feature = "server")]
+pub mod http;
+
+/// The allocator server's configuration (file + `LABLINK_*` environment variables).
+#[cfg(feature = "server")]
+pub mod config;

@@ -1,0 +1,508 @@
+//! The allocator server's one typed configuration: a TOML or YAML file plus `LABLINK_*`
+//! environment variables, checked as a whole so every problem is reported at once.
+//!
+//! Environment variables name a setting by its path with `__` between levels:
+//! `LABLINK_SERVER__LISTEN=0.0.0.0:8080`, `LABLINK_ADMIN__PASSWORD_HASH=$argon2id$...`,
+//! `LABLINK_ALLOCATOR__MAX_WAIT=60`, `LABLINK_DATABASE__URL=postgres://...`. A value is read
+//! with the type of the setting it names. Without any file or variable, [`Config::default`]
+//! is the embedded default: in-memory store and notifier, fake provisioner, a generated
+//! admin password.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use lablink_core::AllocatorConfig;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::http::{AgentAuthMode, HttpOptions};
+
+/// Prefix of the environment variables read.
+pub const ENV_PREFIX: &str = "LABLINK_";
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where and how the HTTP server listens.
+    pub server: ServerConfig,
+    /// The admin account.
+    pub admin: AdminConfig,
+    /// How agents authenticate.
+    pub agents: AgentsConfig,
+    /// The allocator's own settings.
+    pub allocator: AllocatorConfig,
+    /// PostgreSQL (store + notifier) instead of memory.
+    pub database: DatabaseConfig,
+    /// What creates machines.
+    pub provisioner: ProvisionerConfig,
+    /// Log output.
+    pub log: LogConfig,
+}
+
+/// Where and how the HTTP server listens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to bind (`host:port`).
+    pub listen: String,
+    /// Longest a `/vm_startup` or v1 wait is held, seconds.
+    pub max_wait_seconds: u64,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Longest an ordinary request may take, seconds.
+    pub request_timeout_seconds: u64,
+    /// Mark cookies `Secure` (set when behind HTTPS).
+    pub secure_cookies: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            max_wait_seconds: 120,
+            max_body_bytes: 2 * 1024 * 1024,
+            request_timeout_seconds: 30,
+            secure_cookies: false,
+        }
+    }
+}
+
+/// The admin account. Give `password_hash` (argon2 PHC string, see `server hash-password`);
+/// with neither it nor `password`, a password is generated and printed once at start.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// User name.
+    pub user: String,
+    /// argon2 hash of the password.
+    pub password_hash: String,
+    /// The password in plain text (hashed at start; prefer `password_hash`).
+    pub password: String,
+    /// Failed sign-ins allowed per client address per minute.
+    pub sign_in_failures_per_minute: u32,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            user: "admin".into(),
+            password_hash: String::new(),
+            password: String::new(),
+            sign_in_failures_per_minute: 5,
+        }
+    }
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("user", &self.user)
+            .field("password_hash", &"***")
+            .field("password", &"***")
+            .field(
+                "sign_in_failures_per_minute",
+                &self.sign_in_failures_per_minute,
+            )
+            .finish()
+    }
+}
+
+/// How agents authenticate.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentsConfig {
+    /// `tokens` (default) or `open` (local demos only).
+    pub auth: AgentAuthMode,
+}
+
+/// PostgreSQL settings; empty `url` means the in-memory store.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host/db`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            max_connections: 10,
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &if self.url.is_empty() { "" } else { "***" })
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// What creates machines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvisionerConfig {
+    /// `fake` (in-memory, needs no cloud).
+    pub kind: String,
+    /// Latency of each fake launch, seconds.
+    pub fake_latency_seconds: f64,
+    /// Probability that a fake VM fails to launch.
+    pub fake_failure_rate: f64,
+}
+
+impl Default for ProvisionerConfig {
+    fn default() -> Self {
+        Self {
+            kind: "fake".into(),
+            fake_latency_seconds: 0.5,
+            fake_failure_rate: 0.0,
+        }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter (`info`, `lablink=debug,info`...).
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Reads a file as a JSON value tree (TOML by default, YAML for `.yaml`/`.yml`).
+fn read_file(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml")
+    );
+    let value: Value = if yaml {
+        serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    } else {
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    match value {
+        Value::Null => Ok(Value::Object(Map::new())),
+        v @ Value::Object(_) => Ok(v),
+        _ => Err(format!("{}: the top level must be a table", path.display())),
+    }
+}
+
+/// Sets `path` in `tree` from an environment value, typed like the default at that path.
+fn overlay(
+    tree: &mut Value,
+    defaults: &Value,
+    var: &str,
+    path: &[String],
+    raw: &str,
+) -> Result<(), String> {
+    let mut default = defaults;
+    for key in path {
+        default = default
+            .get(key)
+            .ok_or_else(|| format!("{var}: there is no setting {}", path.join(".")))?;
+    }
+    let value = match default {
+        Value::Bool(_) => Value::Bool(
+            raw.parse()
+                .map_err(|_| format!("{var}: expected true or false"))?,
+        ),
+        Value::Number(_) => {
+            let n: f64 = raw
+                .parse()
+                .map_err(|_| format!("{var}: expected a number"))?;
+            serde_json::from_str(raw.trim())
+                .ok()
+                .filter(Value::is_number)
+                .unwrap_or_else(|| serde_json::json!(n))
+        }
+        Value::Object(_) | Value::Array(_) => {
+            return Err(format!(
+                "{var}: {} is a section, not a value",
+                path.join(".")
+            ))
+        }
+        _ => Value::String(raw.to_owned()),
+    };
+    let mut node = tree;
+    for key in &path[..path.len() - 1] {
+        let map = node
+            .as_object_mut()
+            .ok_or_else(|| format!("{var}: {key} is not a section in the file"))?;
+        node = map
+            .entry(key.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+    node.as_object_mut()
+        .ok_or_else(|| format!("{var}: its parent is not a section in the file"))?
+        .insert(path[path.len() - 1].clone(), value);
+    Ok(())
+}
+
+fn section<T: DeserializeOwned + Default>(
+    tree: &Value,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> T {
+    match tree.get(name) {
+        None => T::default(),
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_else(|e| {
+            problems.push(format!("[{name}] {e}"));
+            T::default()
+        }),
+    }
+}
+
+impl Config {
+    /// Loads the file at `path` (if any) and then the `LABLINK_*` variables of `env`.
+    /// Returns every problem found, including those of [`Config::problems`].
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let mut tree = match path.map(read_file) {
+            None => Value::Object(Map::new()),
+            Some(Ok(tree)) => tree,
+            Some(Err(e)) => {
+                problems.push(e);
+                Value::Object(Map::new())
+            }
+        };
+        let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "LABLINK_CONFIG")
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_lowercase)
+                .collect();
+            if let Err(e) = overlay(&mut tree, &defaults, &var, &path, &raw) {
+                problems.push(e);
+            }
+        }
+        let known = [
+            "server",
+            "admin",
+            "agents",
+            "allocator",
+            "database",
+            "provisioner",
+            "log",
+        ];
+        if let Some(map) = tree.as_object() {
+            for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
+                problems.push(format!(
+                    "unknown section [{key}]; known: {}",
+                    known.join(", ")
+                ));
+            }
+        }
+        let config = Config {
+            server: section(&tree, "server", &mut problems),
+            admin: section(&tree, "admin", &mut problems),
+            agents: section(&tree, "agents", &mut problems),
+            allocator: section(&tree, "allocator", &mut problems),
+            database: section(&tree, "database", &mut problems),
+            provisioner: section(&tree, "provisioner", &mut problems),
+            log: section(&tree, "log", &mut problems),
+        };
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Every semantic problem, one message each (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .allocator
+            .problems()
+            .into_iter()
+            .map(|p| format!("[allocator] {p}"))
+            .collect();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            problems.push(format!(
+                "[server] listen {:?} is not host:port",
+                self.server.listen
+            ));
+        }
+        if self.server.max_wait_seconds == 0 {
+            problems.push("[server] max_wait_seconds must be positive".into());
+        }
+        if self.server.request_timeout_seconds == 0 {
+            problems.push("[server] request_timeout_seconds must be positive".into());
+        }
+        if self.server.max_body_bytes < 1024 {
+            problems.push("[server] max_body_bytes must be at least 1024".into());
+        }
+        if self.admin.user.trim().is_empty() {
+            problems.push("[admin] user must not be empty".into());
+        }
+        if !self.admin.password_hash.is_empty() && !self.admin.password.is_empty() {
+            problems.push("[admin] give password_hash or password, not both".into());
+        }
+        if !self.admin.password_hash.is_empty()
+            && argon2::PasswordHash::new(&self.admin.password_hash).is_err()
+        {
+            problems
+                .push("[admin] password_hash is not an argon2 PHC string ($argon2id$...)".into());
+        }
+        if !self.admin.password.is_empty() && self.admin.password.len() < 12 {
+            problems.push("[admin] password must be at least 12 characters".into());
+        }
+        if !self.database.url.is_empty() && !self.database.url.starts_with("postgres") {
+            problems.push("[database] url must start with postgres:// or postgresql://".into());
+        }
+        if !self.database.url.is_empty() && !cfg!(feature = "postgres") {
+            problems.push("[database] url is set but this build has no `postgres` feature".into());
+        }
+        if self.provisioner.kind != "fake" {
+            problems.push(format!(
+                "[provisioner] kind {:?} is not available; known: fake",
+                self.provisioner.kind
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.provisioner.fake_failure_rate) {
+            problems.push("[provisioner] fake_failure_rate must be between 0 and 1".into());
+        }
+        if !(0.0..=3600.0).contains(&self.provisioner.fake_latency_seconds) {
+            problems.push("[provisioner] fake_latency_seconds must be between 0 and 3600".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            problems.push("[log] format must be text or json".into());
+        }
+        problems
+    }
+
+    /// Whether an admin password or hash was configured (else one is generated).
+    pub fn has_admin_password(&self) -> bool {
+        !self.admin.password_hash.is_empty() || !self.admin.password.is_empty()
+    }
+
+    /// The HTTP options for this config, with the admin password hash to use.
+    pub fn http_options(&self, password_hash: String) -> HttpOptions {
+        let mut options = HttpOptions::new(self.admin.user.clone(), password_hash);
+        options.agent_auth = self.agents.auth;
+        options.max_wait = Duration::from_secs(self.server.max_wait_seconds);
+        options.max_body_bytes = self.server.max_body_bytes;
+        options.request_timeout = Duration::from_secs(self.server.request_timeout_seconds);
+        options.secure_cookies = self.server.secure_cookies;
+        options.sign_in_failures_per_minute = self.admin.sign_in_failures_per_minute;
+        options
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn no_file_and_no_variables_is_the_embedded_default() {
+        assert_eq!(Config::load(None, env(&[])).unwrap(), Config::default());
+        assert!(!Config::default().has_admin_password());
+    }
+
+    #[test]
+    fn variables_override_the_file_with_the_settings_types() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lablink.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"0.0.0.0:9000\"\n[allocator]\npin_length = 8\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            env(&[
+                ("LABLINK_SERVER__MAX_WAIT_SECONDS", "30"),
+                ("LABLINK_SERVER__SECURE_COOKIES", "true"),
+                ("LABLINK_ADMIN__USER", "12345"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.server.listen, "0.0.0.0:9000");
+        assert_eq!(config.server.max_wait_seconds, 30);
+        assert!(config.server.secure_cookies);
+        assert_eq!(config.allocator.pin_length, 8);
+        assert_eq!(config.admin.user, "12345");
+    }
+
+    #[test]
+    fn yaml_files_work_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lablink.yaml");
+        std::fs::write(
+            &path,
+            "agents:\n  auth: open\nallocator:\n  hostname_prefix: ws\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+        assert_eq!(config.agents.auth, AgentAuthMode::Open);
+        assert_eq!(config.allocator.hostname_prefix, "ws");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"nowhere\"\nbogus = 1\n[allocator]\npin_length = 2\n[nonsense]\n",
+        )
+        .unwrap();
+        let problems = Config::load(
+            Some(&path),
+            env(&[
+                ("LABLINK_SERVER__MAX_WAIT_SECONDS", "soon"),
+                ("LABLINK_NOPE", "1"),
+                ("LABLINK_ADMIN__PASSWORD_HASH", "plain"),
+            ]),
+        )
+        .unwrap_err();
+        let all = problems.join("\n");
+        for expected in [
+            "bogus",
+            "pin_length",
+            "nonsense",
+            "LABLINK_SERVER__MAX_WAIT_SECONDS",
+            "LABLINK_NOPE",
+            "password_hash",
+        ] {
+            assert!(all.contains(expected), "{expected} missing from:\n{all}");
+        }
+        assert!(problems.len() >= 5, "{all}");
+    }
+}

@@ -1,0 +1,377 @@
+//! Admin authentication: argon2 password, sessions with an HttpOnly SameSite cookie and a
+//! CSRF token, HTTP Basic for scripts, and a per-address limit on failed sign-ins.
+//!
+//! Every admin handler takes [`Admin`] (reads) or [`AdminForm`] (writes: checks the CSRF
+//! token of a session, or that a Basic caller is a script, not a browser form).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
+use argon2::{Argon2, PasswordVerifier};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
+use base64::Engine as _;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use super::error::ApiError;
+use super::extract::{content_type_is, wants_json, FormOrJson};
+use super::{HttpOptions, HttpState};
+
+/// Name of the admin session cookie.
+pub const SESSION_COOKIE: &str = "lablink_admin";
+/// Name of the cookie holding the sign-in form's CSRF token.
+pub const LOGIN_COOKIE: &str = "lablink_login";
+/// How long a successful Basic credential is remembered (so argon2 runs once, not per call).
+const BASIC_CACHE_TTL: Duration = Duration::from_secs(600);
+/// Concurrent argon2 verifications; more wait, so sign-ins cannot burn every core.
+const VERIFY_PERMITS: usize = 2;
+
+/// Hashes a human password with argon2id (PHC string).
+pub fn hash_password(password: &str) -> lablink_core::Result<String> {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| lablink_core::Error::internal(format!("could not hash the password: {e}")))
+}
+
+/// A random URL-safe token of 256 bits.
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Constant-time string comparison.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[derive(Debug)]
+struct Session {
+    csrf: String,
+    expires: Instant,
+}
+
+/// The admin credential, the live sessions and the sign-in failure counters.
+#[derive(Debug)]
+pub struct AdminAuth {
+    user: String,
+    hash: String,
+    ttl: Duration,
+    secure: bool,
+    per_minute: u32,
+    sessions: Mutex<HashMap<String, Session>>,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    basic_ok: Mutex<HashMap<[u8; 32], Instant>>,
+    verify_gate: Semaphore,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AdminAuth {
+    /// The auth state for `options`.
+    pub fn new(options: &HttpOptions) -> Self {
+        if PasswordHash::new(&options.admin_password_hash).is_err() {
+            tracing::error!(
+                "the admin password hash is not a valid PHC string; no admin can sign in"
+            );
+        }
+        Self {
+            user: options.admin_user.clone(),
+            hash: options.admin_password_hash.clone(),
+            ttl: options.session_ttl,
+            secure: options.secure_cookies,
+            per_minute: options.sign_in_failures_per_minute.max(1),
+            sessions: Mutex::default(),
+            failures: Mutex::default(),
+            basic_ok: Mutex::default(),
+            verify_gate: Semaphore::new(VERIFY_PERMITS),
+        }
+    }
+
+    /// 429 when `addr` has used up its failed sign-ins for this minute.
+    fn check_rate(&self, addr: IpAddr) -> Result<(), ApiError> {
+        let failures = lock(&self.failures);
+        match failures.get(&addr) {
+            Some((since, n))
+                if since.elapsed() < Duration::from_secs(60) && *n >= self.per_minute =>
+            {
+                Err(ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed sign-ins; wait a minute",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn record_failure(&self, addr: IpAddr) {
+        let mut failures = lock(&self.failures);
+        if failures.len() > 10_000 {
+            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
+        }
+        let entry = failures.entry(addr).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+        tracing::warn!(client = %addr, failures = entry.1, "failed admin sign-in");
+    }
+
+    /// Checks a user name and password (rate-limited per address; argon2 off the runtime).
+    pub async fn verify(&self, addr: IpAddr, user: &str, password: &str) -> Result<(), ApiError> {
+        self.check_rate(addr)?;
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(user.as_bytes())
+            .chain_update([0])
+            .chain_update(password.as_bytes())
+            .finalize()
+            .into();
+        if lock(&self.basic_ok)
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < BASIC_CACHE_TTL)
+        {
+            return Ok(());
+        }
+        let ok = {
+            let _permit = self
+                .verify_gate
+                .acquire()
+                .await
+                .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+            let hash = self.hash.clone();
+            let password = password.to_owned();
+            let user_ok = same(user, &self.user);
+            tokio::task::spawn_blocking(move || {
+                let Ok(parsed) = PasswordHash::new(&hash) else {
+                    return false;
+                };
+                let password_ok = Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok();
+                user_ok && password_ok
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if ok {
+            let mut cache = lock(&self.basic_ok);
+            cache.retain(|_, t| t.elapsed() < BASIC_CACHE_TTL);
+            cache.insert(key, Instant::now());
+            Ok(())
+        } else {
+            self.record_failure(addr);
+            Err(ApiError::unauthorized("wrong user name or password"))
+        }
+    }
+
+    /// Starts a session; returns its cookie value and CSRF token.
+    pub fn start_session(&self) -> (String, String) {
+        let id = random_token();
+        let csrf = random_token();
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, s| s.expires > Instant::now());
+        sessions.insert(
+            id.clone(),
+            Session {
+                csrf: csrf.clone(),
+                expires: Instant::now() + self.ttl,
+            },
+        );
+        (id, csrf)
+    }
+
+    /// Ends a session.
+    pub fn end_session(&self, id: &str) {
+        lock(&self.sessions).remove(id);
+    }
+
+    fn session_csrf(&self, id: &str) -> Option<String> {
+        lock(&self.sessions)
+            .get(id)
+            .filter(|s| s.expires > Instant::now())
+            .map(|s| s.csrf.clone())
+    }
+
+    /// `Set-Cookie` value for `name=value` with the session attributes.
+    pub fn cookie(&self, name: &str, value: &str, max_age: Duration) -> String {
+        format!(
+            "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+            max_age.as_secs(),
+            if self.secure { "; Secure" } else { "" }
+        )
+    }
+
+    /// `Set-Cookie` for a new session.
+    pub fn session_cookie(&self, id: &str) -> String {
+        self.cookie(SESSION_COOKIE, id, self.ttl)
+    }
+}
+
+/// The value of cookie `name`, if sent.
+pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// The client's address (from `ConnectInfo`), or unspecified when the router is served
+/// without it.
+pub fn client_addr(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// A signed-in admin.
+#[derive(Debug, Clone)]
+pub enum Admin {
+    /// A browser session; its forms must carry this CSRF token.
+    Session {
+        /// The session's CSRF token.
+        csrf: String,
+    },
+    /// HTTP Basic (scripts).
+    Basic,
+}
+
+impl Admin {
+    /// The CSRF token to put into forms (empty for Basic callers).
+    pub fn csrf(&self) -> &str {
+        match self {
+            Self::Session { csrf } => csrf,
+            Self::Basic => "",
+        }
+    }
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+/// The refusal for an anonymous caller: browsers asking for a page go to the sign-in page,
+/// everyone else gets a JSON 401.
+fn refuse(parts: &Parts, error: ApiError) -> Response {
+    let browser_page = parts.method == Method::GET
+        && !wants_json(&parts.headers)
+        && error.status() == StatusCode::UNAUTHORIZED
+        && parts.uri.path().starts_with("/admin");
+    if browser_page {
+        Redirect::to("/admin/login").into_response()
+    } else {
+        error.into_response()
+    }
+}
+
+impl Admin {
+    /// The admin identity of a request, if any: a live session cookie, or Basic credentials
+    /// (`Ok(None)` when the request carries neither).
+    pub async fn identify(parts: &Parts, state: &HttpState) -> Result<Option<Self>, ApiError> {
+        let auth = &state.inner.admin;
+        if let Some(id) = cookie_value(&parts.headers, SESSION_COOKIE) {
+            if let Some(csrf) = auth.session_csrf(&id) {
+                return Ok(Some(Self::Session { csrf }));
+            }
+        }
+        if let Some((user, password)) = basic_credentials(&parts.headers) {
+            let addr = client_addr(&parts.extensions);
+            auth.verify(addr, &user, &password).await?;
+            return Ok(Some(Self::Basic));
+        }
+        Ok(None)
+    }
+}
+
+impl FromRequestParts<HttpState> for Admin {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, Response> {
+        match Self::identify(parts, state).await {
+            Ok(Some(admin)) => Ok(admin),
+            Ok(None) => Err(refuse(
+                parts,
+                ApiError::unauthorized("admin sign-in required"),
+            )),
+            Err(e) => Err(refuse(parts, e)),
+        }
+    }
+}
+
+/// An admin's write request: the body fields and whether JSON was asked for.
+/// A session must send its CSRF token (form field `csrf` or header `X-CSRF-Token`); a Basic
+/// caller must be a script (`Accept: application/json` or a JSON body), never a browser form.
+#[derive(Debug)]
+pub struct AdminForm {
+    /// The body.
+    pub form: FormOrJson,
+    /// `Accept: application/json`.
+    pub wants_json: bool,
+}
+
+impl FromRequest<HttpState> for AdminForm {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &HttpState) -> Result<Self, Response> {
+        let (mut parts, body) = req.into_parts();
+        let admin = Admin::from_request_parts(&mut parts, state).await?;
+        let json = wants_json(&parts.headers);
+        let header_csrf = parts
+            .headers
+            .get("x-csrf-token")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let json_body = content_type_is(&parts.headers, "application/json");
+        let form = FormOrJson::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match &admin {
+            Admin::Session { csrf } => {
+                let sent = header_csrf.as_deref().or_else(|| form.text("csrf"));
+                if !sent.is_some_and(|s| same(s, csrf)) {
+                    return Err(ApiError::forbidden("missing or wrong CSRF token").into_response());
+                }
+            }
+            Admin::Basic if !(json || json_body) => {
+                return Err(ApiError::forbidden(
+                    "HTTP Basic callers must send Accept: application/json",
+                )
+                .into_response());
+            }
+            Admin::Basic => {}
+        }
+        Ok(Self {
+            form,
+            wants_json: json,
+        })
+    }
+}

@@ -1,0 +1,315 @@
+//! The admin UI: sign-in, the VM table with live updates (server-sent events), a VM's logs,
+//! launch, destroy (with confirmation), reboot, release and operation progress. Every page
+//! also answers JSON to `Accept: application/json`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream, StreamExt};
+use lablink_core::{DestroyTarget, LaunchOptions, VmFilter};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::admin_api::{answer, form_hostname, parse_count, started};
+use super::admin_auth::{
+    client_addr, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
+};
+use super::error::{ApiError, ApiResult};
+use super::extract::{wants_json, ApiQuery, FormOrJson, PathText};
+use super::views::{CountsView, LogsView, OperationView, VmView};
+use super::HttpState;
+
+/// How many operations the dashboard shows.
+const DASHBOARD_OPERATIONS: usize = 10;
+
+/// The admin UI routes (`/admin/events` is routed as a held request).
+pub fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/admin", get(dashboard))
+        .route("/admin/login", get(login_page).post(login))
+        .route("/admin/logout", post(logout))
+        .route("/admin/vms/{hostname}", get(vm_page))
+        .route("/admin/launch", post(launch))
+        .route("/admin/destroy", get(confirm_destroy).post(destroy))
+        .route("/admin/reboot", post(reboot))
+        .route("/admin/release", post(release))
+}
+
+/// The dashboard data: VMs, counts, recent operations.
+async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
+    let allocator = state.allocator();
+    let vms: Vec<VmView> = allocator
+        .vms(&VmFilter::default())
+        .await?
+        .iter()
+        .map(VmView::from)
+        .collect();
+    let counts = CountsView::from(allocator.counts().await?);
+    let operations: Vec<OperationView> = allocator
+        .operations(DASHBOARD_OPERATIONS)
+        .await?
+        .iter()
+        .map(OperationView::from)
+        .collect();
+    Ok(json!({ "vms": vms, "counts": counts, "operations": operations }))
+}
+
+async fn dashboard(
+    State(state): State<HttpState>,
+    admin: Admin,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let data = dashboard_data(&state).await?;
+    if wants_json(&headers) {
+        return Ok(Json(data).into_response());
+    }
+    let mut context = data;
+    context["csrf"] = json!(admin.csrf());
+    Ok(state
+        .inner
+        .templates
+        .page(StatusCode::OK, "admin.html", context))
+}
+
+async fn vm_page(
+    State(state): State<HttpState>,
+    admin: Admin,
+    headers: HeaderMap,
+    PathText(name): PathText,
+) -> ApiResult<Response> {
+    let hostname = name
+        .parse()
+        .map_err(|_| ApiError::not_found("VM not found."))?;
+    let record = state.allocator().vm(&hostname).await?;
+    let logs = state.allocator().logs(&hostname).await?;
+    let data = json!({
+        "vm": VmView::from(&record),
+        "logs": LogsView {
+            hostname: hostname.to_string(),
+            cloud_init: logs.cloud_init,
+            container: logs.container,
+            agent: logs.agent,
+        },
+    });
+    if wants_json(&headers) {
+        return Ok(Json(data).into_response());
+    }
+    let mut context = data;
+    context["csrf"] = json!(admin.csrf());
+    Ok(state
+        .inner
+        .templates
+        .page(StatusCode::OK, "vm.html", context))
+}
+
+/// `GET /admin/events`: server-sent events with re-rendered fragments of the VM table,
+/// the operations and the summary, sent whenever they change. Lives only in the response
+/// stream; ends on disconnect or shutdown.
+pub async fn events(
+    State(state): State<HttpState>,
+    _admin: Admin,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let every = state.options().admin_refresh;
+    let stop = {
+        let state = state.clone();
+        async move { state.shutting_down().await }
+    };
+    let updates = stream::unfold(
+        (state, [String::new(), String::new(), String::new()], true),
+        move |(state, mut last, first)| async move {
+            if !first {
+                tokio::time::sleep(every).await;
+            }
+            let mut out = Vec::new();
+            if let Ok(data) = dashboard_data(&state).await {
+                let c = &data["counts"];
+                let fragments = [
+                    ("vms", state.inner.templates.render("vm_rows.html", &data)),
+                    (
+                        "operations",
+                        state.inner.templates.render("operations.html", &data),
+                    ),
+                    (
+                        "summary",
+                        Ok(format!(
+                            "{} total, {} free, {} assigned",
+                            c["total"], c["assignable"], c["assigned"]
+                        )),
+                    ),
+                ];
+                for (i, (name, html)) in fragments.into_iter().enumerate() {
+                    match html {
+                        Ok(html) if html != last[i] => {
+                            out.push(Ok(Event::default().event(name).data(html.clone())));
+                            last[i] = html;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "admin fragment failed"),
+                    }
+                }
+            }
+            Some((stream::iter(out), (state, last, false)))
+        },
+    )
+    .flatten()
+    .take_until(stop);
+    Sse::new(updates).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+async fn login_page(State(state): State<HttpState>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    if matches!(
+        Admin::identify(&parts, &state).await,
+        Ok(Some(Admin::Session { .. }))
+    ) {
+        return Redirect::to("/admin").into_response();
+    }
+    login_form(&state, StatusCode::OK, None)
+}
+
+fn login_form(state: &HttpState, status: StatusCode, error: Option<&str>) -> Response {
+    let csrf = random_token();
+    let cookie = state
+        .inner
+        .admin
+        .cookie(LOGIN_COOKIE, &csrf, Duration::from_secs(3600));
+    let page = state.inner.templates.page(
+        status,
+        "login.html",
+        json!({ "csrf": csrf, "error": error }),
+    );
+    ([(header::SET_COOKIE, cookie)], page).into_response()
+}
+
+async fn login(State(state): State<HttpState>, req: Request) -> Response {
+    let addr = client_addr(req.extensions());
+    let sent_cookie = cookie_value(req.headers(), LOGIN_COOKIE);
+    let form = match <FormOrJson as FromRequest<HttpState>>::from_request(req, &state).await {
+        Ok(form) => form,
+        Err(e) => return e.into_response(),
+    };
+    let csrf_ok =
+        matches!((sent_cookie.as_deref(), form.text("csrf")), (Some(a), Some(b)) if a == b);
+    if !csrf_ok {
+        return login_form(
+            &state,
+            StatusCode::FORBIDDEN,
+            Some("The sign-in form expired; please try again."),
+        );
+    }
+    let (user, password) = (
+        form.text("username").unwrap_or(""),
+        form.text("password").unwrap_or(""),
+    );
+    match state.inner.admin.verify(addr, user, password).await {
+        Ok(()) => {
+            let (session, _csrf) = state.inner.admin.start_session();
+            tracing::info!(client = %addr, "admin signed in");
+            let clear = state.inner.admin.cookie(LOGIN_COOKIE, "", Duration::ZERO);
+            (
+                [
+                    (
+                        header::SET_COOKIE,
+                        state.inner.admin.session_cookie(&session),
+                    ),
+                    (header::SET_COOKIE, clear),
+                ],
+                Redirect::to("/admin"),
+            )
+                .into_response()
+        }
+        Err(e) => login_form(&state, e.status(), Some(e.message())),
+    }
+}
+
+async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminForm) -> Response {
+    if let Some(id) = cookie_value(&headers, SESSION_COOKIE) {
+        state.inner.admin.end_session(&id);
+    }
+    let clear = state.inner.admin.cookie(SESSION_COOKIE, "", Duration::ZERO);
+    ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
+}
+
+async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
+    let outcome = async {
+        let count = parse_count(req.form.get("num_vms"))?;
+        let op = state.allocator().launch(&LaunchOptions { count }).await?;
+        Ok(started(&op))
+    }
+    .await;
+    answer(&state, req.wants_json, outcome)
+}
+
+#[derive(Debug, Deserialize)]
+struct DestroyQuery {
+    hostname: Option<String>,
+}
+
+async fn confirm_destroy(
+    State(state): State<HttpState>,
+    admin: Admin,
+    ApiQuery(query): ApiQuery<DestroyQuery>,
+) -> ApiResult<Response> {
+    let (hostname, count, assigned) = match query.hostname.filter(|h| !h.is_empty()) {
+        Some(name) => {
+            let hostname = form_hostname(Some(&Value::String(name)))?;
+            let record = state.allocator().vm(&hostname).await?;
+            (
+                Some(hostname.to_string()),
+                1,
+                usize::from(record.assignment.is_some()),
+            )
+        }
+        None => {
+            let counts = state.allocator().counts().await?;
+            (None, counts.total, counts.assigned)
+        }
+    };
+    Ok(state.inner.templates.page(
+        StatusCode::OK,
+        "confirm.html",
+        json!({ "csrf": admin.csrf(), "hostname": hostname, "count": count, "assigned": assigned }),
+    ))
+}
+
+async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response {
+    let outcome = async {
+        if req.form.text("confirm") != Some("yes") {
+            return Err(ApiError::bad_request("destroying needs confirm=yes"));
+        }
+        let target = match req.form.text("hostname") {
+            Some(_) => DestroyTarget::Hostnames(vec![form_hostname(req.form.get("hostname"))?]),
+            None => DestroyTarget::All,
+        };
+        let op = state.allocator().destroy(&target).await?;
+        Ok(started(&op))
+    }
+    .await;
+    answer(&state, req.wants_json, outcome)
+}
+
+async fn reboot(State(state): State<HttpState>, req: AdminForm) -> Response {
+    let outcome = async {
+        let hostname = form_hostname(req.form.get("hostname"))?;
+        let op = state.allocator().reboot(&hostname).await?;
+        Ok(started(&op))
+    }
+    .await;
+    answer(&state, req.wants_json, outcome)
+}
+
+async fn release(State(state): State<HttpState>, req: AdminForm) -> Response {
+    let outcome = async {
+        let hostname = form_hostname(req.form.get("hostname"))?;
+        let record = state.allocator().release(&hostname).await?;
+        Ok((StatusCode::OK, json!({ "vm": VmView::from(&record) })))
+    }
+    .await;
+    answer(&state, req.wants_json, outcome)
+}

@@ -1,0 +1,217 @@
+//! Prometheus metrics: request and claim counters, the waiter gauge, and at scrape time the
+//! VM states and provisioning / start-up durations read from the allocator.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use lablink_core::{VmFilter, VmRecord};
+
+use super::error::ApiResult;
+use super::HttpState;
+
+/// Upper bounds (seconds) of the duration histogram buckets.
+const DURATION_BUCKETS: [f64; 10] = [
+    5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+];
+
+/// Counters and gauges the HTTP layer keeps. Cheap to update from any handler.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
+    claims_assigned: AtomicU64,
+    claims_rejoined: AtomicU64,
+    claims_no_capacity: AtomicU64,
+    claims_rejected: AtomicU64,
+    waiters: AtomicI64,
+    waits_answered: AtomicU64,
+    waits_timed_out: AtomicU64,
+}
+
+/// How a participant's request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// A VM was newly assigned.
+    Assigned,
+    /// The email already held a VM.
+    Rejoined,
+    /// No VM was free.
+    NoCapacity,
+    /// The request was invalid.
+    Rejected,
+}
+
+/// Counts one waiting agent while alive (the handler future holds it; dropping the future on
+/// disconnect drops the guard).
+#[derive(Debug)]
+pub struct WaiterGuard(Arc<Metrics>);
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Records one answered request.
+    pub fn request(&self, route: &str, method: &'static str, status: u16) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&(route.to_owned(), method, status)) {
+            *n += 1;
+        } else {
+            map.insert((route.to_owned(), method, status), 1);
+        }
+    }
+
+    /// Records one participant request.
+    pub fn claim(&self, outcome: ClaimOutcome) {
+        let counter = match outcome {
+            ClaimOutcome::Assigned => &self.claims_assigned,
+            ClaimOutcome::Rejoined => &self.claims_rejoined,
+            ClaimOutcome::NoCapacity => &self.claims_no_capacity,
+            ClaimOutcome::Rejected => &self.claims_rejected,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a waiter until the guard drops.
+    pub fn waiter(self: &Arc<Self>) -> WaiterGuard {
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        WaiterGuard(self.clone())
+    }
+
+    /// Records how a wait ended.
+    pub fn wait_ended(&self, assigned: bool) {
+        if assigned {
+            self.waits_answered.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.waits_timed_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Agents waiting right now.
+    pub fn waiters(&self) -> i64 {
+        self.waiters.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, vms: &[VmRecord]) -> String {
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP lablink_http_requests_total HTTP requests answered, by route, method and status.\n# TYPE lablink_http_requests_total counter\n");
+        for ((route, method, status), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "lablink_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
+                escape_label(route)
+            );
+        }
+        out.push_str("# HELP lablink_claims_total Participant VM requests, by outcome.\n# TYPE lablink_claims_total counter\n");
+        for (outcome, counter) in [
+            ("assigned", &self.claims_assigned),
+            ("rejoined", &self.claims_rejoined),
+            ("no_capacity", &self.claims_no_capacity),
+            ("rejected", &self.claims_rejected),
+        ] {
+            let _ = writeln!(
+                out,
+                "lablink_claims_total{{outcome=\"{outcome}\"}} {}",
+                counter.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP lablink_waiters Agents holding a wait-for-assignment request.\n# TYPE lablink_waiters gauge\nlablink_waiters {}", self.waiters());
+        let _ = writeln!(out, "# HELP lablink_waits_total Finished waits, by outcome.\n# TYPE lablink_waits_total counter\nlablink_waits_total{{outcome=\"assigned\"}} {}\nlablink_waits_total{{outcome=\"timed_out\"}} {}",
+            self.waits_answered.load(Ordering::Relaxed), self.waits_timed_out.load(Ordering::Relaxed));
+        let mut states: BTreeMap<&'static str, usize> = lablink_core::VmState::NAMES
+            .iter()
+            .map(|n| (*n, 0))
+            .collect();
+        for vm in vms {
+            *states.entry(vm.state.as_str()).or_default() += 1;
+        }
+        out.push_str("# HELP lablink_vms VMs by state.\n# TYPE lablink_vms gauge\n");
+        for (state, n) in states {
+            let _ = writeln!(out, "lablink_vms{{state=\"{state}\"}} {n}");
+        }
+        let assignable = vms.iter().filter(|v| v.is_assignable()).count();
+        let _ = writeln!(out, "# HELP lablink_vms_assignable VMs a participant can get right now.\n# TYPE lablink_vms_assignable gauge\nlablink_vms_assignable {assignable}");
+        histogram(
+            &mut out,
+            "lablink_vm_provision_seconds",
+            "Provisioning time of current VMs.",
+            vms.iter().filter_map(|v| v.timings.provision_seconds()),
+        );
+        histogram(
+            &mut out,
+            "lablink_vm_startup_seconds",
+            "Total start-up time (provisioning request to software ready) of current VMs.",
+            vms.iter().filter_map(|v| v.timings.total_startup_seconds()),
+        );
+        out
+    }
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, values: impl Iterator<Item = f64>) {
+    let values: Vec<f64> = values.collect();
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for bound in DURATION_BUCKETS {
+        let n = values.iter().filter(|v| **v <= bound).count();
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", values.len());
+    let _ = writeln!(out, "{name}_sum {}", values.iter().sum::<f64>());
+    let _ = writeln!(out, "{name}_count {}", values.len());
+}
+
+fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Middleware counting every request by its route template (never the raw path, so
+/// hostnames do not explode the label set).
+pub async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = match *req.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        axum::http::Method::PUT => "PUT",
+        axum::http::Method::DELETE => "DELETE",
+        axum::http::Method::HEAD => "HEAD",
+        _ => "OTHER",
+    };
+    let response = next.run(req).await;
+    state
+        .inner
+        .metrics
+        .request(&route, method, response.status().as_u16());
+    response
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<HttpState>) -> ApiResult<Response> {
+    let vms = state.allocator().vms(&VmFilter::default()).await?;
+    let body = state.inner.metrics.render(&vms);
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
+}

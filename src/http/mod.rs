@@ -1,0 +1,165 @@
+//! The allocator's HTTP layer: an axum [`Router`] any host app can mount.
+//!
+//! It serves the compatibility routes of PROTOCOL.md part A (so VMs built for the Python
+//! client work unchanged), the versioned `/api/v1` surface with its OpenAPI document, the
+//! participant page (`/`), the admin UI (`/admin`), `/healthz` and `/metrics`.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use lablink::http::{HttpOptions, HttpState};
+//!
+//! let allocator = Arc::new(lablink::LabLink::builder().build()?);
+//! let options = HttpOptions::with_admin_password("admin", "correct horse battery")?;
+//! let state = HttpState::new(allocator, options);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(
+//!     listener,
+//!     state
+//!         .router()
+//!         .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+//! )
+//! .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Long-held requests (`/vm_startup`, the v1 wait, the admin event stream) live only in
+//! their handler future: nothing is spawned per waiter, and a client that disconnects frees
+//! its waiter when axum drops the future. [`HttpState::shutdown`] ends them all at once for a
+//! graceful shutdown.
+
+mod admin_api;
+mod admin_auth;
+mod admin_ui;
+mod agent_auth;
+mod compat;
+mod error;
+mod extract;
+mod metrics;
+mod ops;
+mod options;
+mod public;
+mod templates;
+mod v1;
+mod views;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use lablink_core::Allocator;
+use tokio::sync::watch;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+pub use admin_auth::hash_password;
+pub use error::{status_for, ApiError, ApiResult};
+pub use metrics::Metrics;
+pub use options::{AgentAuthMode, HttpOptions};
+pub use v1::ApiDoc;
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    allocator: Arc<dyn Allocator>,
+    options: HttpOptions,
+    metrics: Arc<Metrics>,
+    admin: admin_auth::AdminAuth,
+    templates: templates::Templates,
+    shutdown: watch::Sender<bool>,
+}
+
+impl HttpState {
+    /// The state for `allocator` with `options`.
+    pub fn new(allocator: Arc<dyn Allocator>, options: HttpOptions) -> Self {
+        if options.agent_auth == AgentAuthMode::Open {
+            tracing::warn!(
+                "agent auth is OPEN: VM routes accept requests without a token; use only for local demos"
+            );
+        }
+        let admin = admin_auth::AdminAuth::new(&options);
+        Self {
+            inner: Arc::new(Inner {
+                allocator,
+                metrics: Arc::new(Metrics::default()),
+                admin,
+                templates: templates::Templates::new(),
+                shutdown: watch::channel(false).0,
+                options,
+            }),
+        }
+    }
+
+    /// The allocator behind the routes.
+    pub fn allocator(&self) -> &Arc<dyn Allocator> {
+        &self.inner.allocator
+    }
+
+    /// The options.
+    pub fn options(&self) -> &HttpOptions {
+        &self.inner.options
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Ends every held request (waiters answer "not assigned yet", event streams close), so
+    /// a graceful shutdown does not wait for them.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Resolves once [`shutdown`](Self::shutdown) was called.
+    pub(crate) async fn shutting_down(&self) {
+        let mut rx = self.inner.shutdown.subscribe();
+        // An error means the sender is gone, which cannot happen while `self` lives.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// The complete router: every route, with body limit, timeouts, request ids, tracing and
+    /// metrics. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so failed
+    /// admin sign-ins are rate-limited per client address.
+    pub fn router(&self) -> Router {
+        let held = Router::new()
+            .route("/vm_startup", post(compat::vm_startup))
+            .route(
+                "/api/v1/vms/{hostname}/assignment",
+                get(v1::wait_assignment),
+            )
+            .route("/admin/events", get(admin_ui::events));
+        let quick = Router::new()
+            .merge(compat::routes())
+            .merge(public::routes())
+            .merge(admin_api::routes())
+            .merge(admin_ui::routes())
+            .merge(v1::routes())
+            .route("/healthz", get(ops::healthz))
+            .route("/metrics", get(metrics::metrics))
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                ops::timeout,
+            ));
+        held.merge(quick)
+            .fallback(error::not_found_fallback)
+            .method_not_allowed_fallback(error::method_not_allowed_fallback)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                metrics::count_requests,
+            ))
+            .layer(DefaultBodyLimit::max(self.inner.options.max_body_bytes))
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(TraceLayer::new_for_http().make_span_with(ops::make_span))
+            .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(CatchPanicLayer::custom(ops::panic_response))
+            .with_state(self.clone())
+    }
+}

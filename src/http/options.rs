@@ -1,0 +1,88 @@
+//! [`HttpOptions`]: the settings of the HTTP layer.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How VM routes authenticate agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentAuthMode {
+    /// Every VM route needs the VM's own bearer token (the default).
+    #[default]
+    Tokens,
+    /// VM routes accept requests without a token. Only for local demos; logs a warning.
+    Open,
+}
+
+/// Settings of the HTTP layer. `Debug` hides the password hash.
+#[derive(Clone)]
+pub struct HttpOptions {
+    /// How agents authenticate.
+    pub agent_auth: AgentAuthMode,
+    /// The admin's user name.
+    pub admin_user: String,
+    /// The admin's password as an argon2 PHC string (see [`hash_password`](super::hash_password)).
+    pub admin_password_hash: String,
+    /// Longest a `/vm_startup` or v1 wait is held before "not assigned yet".
+    pub max_wait: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest an ordinary (not held) request may take.
+    pub request_timeout: Duration,
+    /// Mark cookies `Secure` (set when served over HTTPS).
+    pub secure_cookies: bool,
+    /// How long an admin session lasts.
+    pub session_ttl: Duration,
+    /// Failed admin sign-ins allowed per client address per minute.
+    pub sign_in_failures_per_minute: u32,
+    /// How often the admin event stream looks for changes.
+    pub admin_refresh: Duration,
+}
+
+impl fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("agent_auth", &self.agent_auth)
+            .field("admin_user", &self.admin_user)
+            .field("admin_password_hash", &"***")
+            .field("max_wait", &self.max_wait)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("secure_cookies", &self.secure_cookies)
+            .field("session_ttl", &self.session_ttl)
+            .field(
+                "sign_in_failures_per_minute",
+                &self.sign_in_failures_per_minute,
+            )
+            .field("admin_refresh", &self.admin_refresh)
+            .finish()
+    }
+}
+
+impl HttpOptions {
+    /// Default settings with the admin `user` whose argon2 hash is `password_hash`.
+    pub fn new(user: impl Into<String>, password_hash: impl Into<String>) -> Self {
+        Self {
+            agent_auth: AgentAuthMode::Tokens,
+            admin_user: user.into(),
+            admin_password_hash: password_hash.into(),
+            max_wait: Duration::from_secs(120),
+            max_body_bytes: 2 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            secure_cookies: false,
+            session_ttl: Duration::from_secs(12 * 3600),
+            sign_in_failures_per_minute: 5,
+            admin_refresh: Duration::from_secs(1),
+        }
+    }
+
+    /// Default settings with the admin `user` and a plain `password`, hashed here with argon2.
+    pub fn with_admin_password(
+        user: impl Into<String>,
+        password: &str,
+    ) -> lablink_core::Result<Self> {
+        Ok(Self::new(user, super::hash_password(password)?))
+    }
+}

@@ -1,0 +1,269 @@
+//! `/api/v1` participant and admin routes: request a VM, list/read VMs and logs, launch,
+//! destroy, reboot, release, operations with progress, pool settings.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use lablink_core::{DestroyTarget, Hostname, LaunchOptions, VmFilter};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::{typed, ErrorBody};
+use crate::http::admin_auth::{Admin, AdminForm};
+use crate::http::agent_auth::AdminOrAgent;
+use crate::http::error::{ApiError, ApiResult};
+use crate::http::extract::{ApiQuery, FormOrJson, PathText};
+use crate::http::public::{claim, parse_request};
+use crate::http::views::{CountsView, LogsView, OperationView, VmView};
+use crate::http::{AgentAuthMode, HttpState};
+
+fn path_hostname(name: &str) -> ApiResult<Hostname> {
+    name.parse()
+        .map_err(|_| ApiError::not_found("VM not found."))
+}
+
+/// Body of a participant request (the schema of what [`parse_request`] reads).
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub struct RequestBody {
+    /// The participant's email.
+    pub email: String,
+    /// Their Chrome Remote Desktop command (must contain `--code`).
+    pub crd_command: String,
+}
+
+/// The VM a participant got.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantedBody {
+    /// The VM.
+    pub hostname: String,
+    /// The PIN for its remote desktop (a string of digits).
+    pub pin: String,
+    /// `false` when this email already held the VM.
+    pub newly_assigned: bool,
+}
+
+/// Gives the participant a VM (the same one again for the same email).
+#[utoipa::path(post, path = "/api/v1/requests", tag = "participant", request_body = RequestBody,
+    responses((status = 200, body = GrantedBody), (status = 400, body = ErrorBody), (status = 503, description = "No VM free", body = ErrorBody)))]
+pub async fn request_vm(
+    State(state): State<HttpState>,
+    form: FormOrJson,
+) -> ApiResult<Json<GrantedBody>> {
+    let request = parse_request(&form)?;
+    let granted = claim(&state, &request).await?;
+    Ok(Json(GrantedBody {
+        hostname: granted.hostname.to_string(),
+        pin: granted.pin.expose().to_owned(),
+        newly_assigned: granted.newly_assigned,
+    }))
+}
+
+/// Every VM.
+#[utoipa::path(get, path = "/api/v1/vms", tag = "admin",
+    responses((status = 200, body = [VmView]), (status = 401, body = ErrorBody)), security(("admin_basic" = [])))]
+pub async fn list_vms(
+    State(state): State<HttpState>,
+    _admin: Admin,
+) -> ApiResult<Json<Vec<VmView>>> {
+    let vms = state.allocator().vms(&VmFilter::default()).await?;
+    Ok(Json(vms.iter().map(VmView::from).collect()))
+}
+
+/// One VM (admins, or the VM's own agent).
+#[utoipa::path(get, path = "/api/v1/vms/{hostname}", tag = "admin",
+    params(("hostname" = String, Path, description = "The VM")),
+    responses((status = 200, body = VmView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_basic" = []), ("agent_token" = [])))]
+pub async fn get_vm(
+    State(state): State<HttpState>,
+    caller: AdminOrAgent,
+    PathText(name): PathText,
+) -> ApiResult<Json<VmView>> {
+    caller.authorize_text(&name)?;
+    let record = state.allocator().vm(&path_hostname(&name)?).await?;
+    Ok(Json(VmView::from(&record)))
+}
+
+/// A VM's logs (admins, or the VM's own agent).
+#[utoipa::path(get, path = "/api/v1/vms/{hostname}/logs", tag = "admin",
+    params(("hostname" = String, Path, description = "The VM")),
+    responses((status = 200, body = LogsView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_basic" = []), ("agent_token" = [])))]
+pub async fn vm_logs(
+    State(state): State<HttpState>,
+    caller: AdminOrAgent,
+    PathText(name): PathText,
+) -> ApiResult<Json<LogsView>> {
+    caller.authorize_text(&name)?;
+    let hostname = path_hostname(&name)?;
+    let logs = state.allocator().logs(&hostname).await?;
+    Ok(Json(LogsView {
+        hostname: hostname.to_string(),
+        cloud_init: logs.cloud_init,
+        container: logs.container,
+        agent: logs.agent,
+    }))
+}
+
+/// Body of `launch`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LaunchBody {
+    /// How many VMs (at least 1).
+    pub count: usize,
+}
+
+/// Starts launching VMs; the operation runs in the background.
+#[utoipa::path(post, path = "/api/v1/launch", tag = "admin", request_body = LaunchBody,
+    responses((status = 202, body = OperationView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, description = "Another operation is running", body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn launch(
+    State(state): State<HttpState>,
+    req: AdminForm,
+) -> ApiResult<(StatusCode, Json<OperationView>)> {
+    let body: LaunchBody = typed(req.form)?;
+    let op = state
+        .allocator()
+        .launch(&LaunchOptions { count: body.count })
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+}
+
+/// Body of `destroy`: either `all: true` or a list of hostnames.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct DestroyBody {
+    /// Destroy every VM.
+    #[serde(default)]
+    pub all: bool,
+    /// Destroy these VMs.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+}
+
+/// Starts destroying VMs.
+#[utoipa::path(post, path = "/api/v1/destroy", tag = "admin", request_body = DestroyBody,
+    responses((status = 202, body = OperationView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn destroy(
+    State(state): State<HttpState>,
+    req: AdminForm,
+) -> ApiResult<(StatusCode, Json<OperationView>)> {
+    let body: DestroyBody = typed(req.form)?;
+    let target = match (body.all, body.hostnames.is_empty()) {
+        (true, true) => DestroyTarget::All,
+        (false, false) => DestroyTarget::Hostnames(
+            body.hostnames
+                .iter()
+                .map(|h| {
+                    h.parse().map_err(|e: lablink_core::Error| {
+                        ApiError::bad_request(e.message().to_owned())
+                    })
+                })
+                .collect::<ApiResult<_>>()?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(
+                "give either \"all\": true or a non-empty \"hostnames\" list",
+            ))
+        }
+    };
+    let op = state.allocator().destroy(&target).await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+}
+
+/// Starts rebooting a VM.
+#[utoipa::path(post, path = "/api/v1/vms/{hostname}/reboot", tag = "admin",
+    params(("hostname" = String, Path, description = "The VM")),
+    responses((status = 202, body = OperationView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn reboot(
+    State(state): State<HttpState>,
+    PathText(name): PathText,
+    _req: AdminForm,
+) -> ApiResult<(StatusCode, Json<OperationView>)> {
+    let op = state.allocator().reboot(&path_hostname(&name)?).await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+}
+
+/// Ends a VM's assignment; it becomes free again.
+#[utoipa::path(post, path = "/api/v1/vms/{hostname}/release", tag = "admin",
+    params(("hostname" = String, Path, description = "The VM")),
+    responses((status = 200, body = VmView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn release(
+    State(state): State<HttpState>,
+    PathText(name): PathText,
+    _req: AdminForm,
+) -> ApiResult<Json<VmView>> {
+    let record = state.allocator().release(&path_hostname(&name)?).await?;
+    Ok(Json(VmView::from(&record)))
+}
+
+/// Query of `operations`.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct OperationsQuery {
+    /// How many (newest first; default 20, at most 200).
+    pub limit: Option<usize>,
+}
+
+/// The newest operations with their progress.
+#[utoipa::path(get, path = "/api/v1/operations", tag = "admin", params(OperationsQuery),
+    responses((status = 200, body = [OperationView]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn operations(
+    State(state): State<HttpState>,
+    _admin: Admin,
+    ApiQuery(q): ApiQuery<OperationsQuery>,
+) -> ApiResult<Json<Vec<OperationView>>> {
+    let ops = state
+        .allocator()
+        .operations(q.limit.unwrap_or(20).min(200))
+        .await?;
+    Ok(Json(ops.iter().map(OperationView::from).collect()))
+}
+
+/// One operation.
+#[utoipa::path(get, path = "/api/v1/operations/{id}", tag = "admin",
+    params(("id" = Uuid, Path, description = "The operation")),
+    responses((status = 200, body = OperationView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn operation(
+    State(state): State<HttpState>,
+    _admin: Admin,
+    PathText(id): PathText,
+) -> ApiResult<Json<OperationView>> {
+    let id: Uuid = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("the operation id must be a UUID"))?;
+    let op = state.allocator().operation(id).await?;
+    Ok(Json(OperationView::from(&op)))
+}
+
+/// The pool: counts and the serving settings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PoolView {
+    /// VMs by state.
+    pub counts: CountsView,
+    /// Longest a wait is held, in seconds.
+    pub max_wait_seconds: f64,
+    /// Whether VM routes need tokens (`tokens`) or not (`open`).
+    pub agent_auth: String,
+}
+
+/// Pool counts and settings.
+#[utoipa::path(get, path = "/api/v1/pool", tag = "admin",
+    responses((status = 200, body = PoolView), (status = 401, body = ErrorBody)), security(("admin_basic" = [])))]
+pub async fn pool(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<PoolView>> {
+    let counts = state.allocator().counts().await?;
+    Ok(Json(PoolView {
+        counts: counts.into(),
+        max_wait_seconds: state.options().max_wait.as_secs_f64(),
+        agent_auth: match state.options().agent_auth {
+            AgentAuthMode::Tokens => "tokens".into(),
+            AgentAuthMode::Open => "open".into(),
+        },
+    }))
+}
