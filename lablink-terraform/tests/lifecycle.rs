@@ -272,3 +272,27 @@ fn lablink_with_prefix(store: &MemoryVmStore, p: TerraformProvisioner, prefix: &
         .build()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_launches_on_one_working_directory_are_serialized() {
+    // Two provisioners on one directory, in one process: without the in-process lock the
+    // second apply would meet the first one's state lock and fail with a Conflict.
+    let dir = tempfile::tempdir().unwrap();
+    let slow = || {
+        builder(dir.path())
+            .with_variables(vars(&[("apply_delay_seconds", json!(1))]))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (slow(), slow());
+    let (req_a, req_b) = (request(&["a-1"]), request(&["b-1"]));
+    let (ra, rb) = tokio::join!(a.launch(&req_a), b.launch(&req_b));
+    ra.unwrap();
+    rb.unwrap();
+    let all = state_ids(dir.path());
+    assert_eq!(
+        all.keys().collect::<Vec<_>>(),
+        ["a-1", "b-1"],
+        "neither launch lost the other's VM"
+    );
+}
