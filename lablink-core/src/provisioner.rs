@@ -17,9 +17,11 @@ pub struct VmSpec {
     pub token: AgentToken,
 }
 
+type ProgressSink = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// A sink for human-readable progress lines (provider output), recorded on the operation.
 #[derive(Clone, Default)]
-pub struct Progress(Option<Arc<dyn Fn(&str) + Send + Sync>>);
+pub struct Progress(Option<ProgressSink>);
 
 impl Progress {
     /// Progress lines go to `sink`.

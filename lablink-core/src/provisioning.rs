@@ -69,17 +69,23 @@ impl LabLink {
     }
 
     /// `count` new hostnames with fresh tokens, `<prefix>-<n>` numbered after the highest
-    /// name in use or ever launched (recorded operations), so a destroyed VM's name is not
-    /// reused while its machine may still be shutting down.
+    /// name in use, ever launched (recorded operations) or known to the provider, so a
+    /// destroyed VM's name is not reused while its machine may still be shutting down, and a
+    /// wiped store does not hand out names of machines that still run.
     async fn new_specs(&self, count: usize) -> Result<Vec<VmSpec>> {
         let store = &self.inner.store;
         let records = store.list(&VmFilter::default()).await?;
         let operations = store.list_operations(usize::MAX).await?;
+        let machines = match self.inner.provisioner.capabilities().list {
+            true => self.inner.provisioner.list().await?,
+            false => Vec::new(),
+        };
         let prefix = format!("{}-", self.inner.config.hostname_prefix);
         let highest = records
             .iter()
             .map(|r| &r.hostname)
             .chain(operations.iter().flat_map(|op| &op.hostnames))
+            .chain(machines.iter().map(|m| &m.hostname))
             .filter_map(|h| h.as_str().strip_prefix(&prefix)?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);

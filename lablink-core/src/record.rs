@@ -36,7 +36,7 @@ impl fmt::Debug for Assignment {
 macro_rules! wire_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
         pub enum $name {
             $($(#[$vmeta])* #[serde(rename = $wire)] $variant),+
         }
@@ -71,7 +71,7 @@ macro_rules! wire_enum {
 }
 
 wire_enum!(
-    /// GPU health as the agent reports it.
+    /// GPU health as the agent reports it (`Default`: `Unknown`).
     GpuHealth {
         /// `nvidia-smi` works and reports the GPU.
         Healthy = "Healthy",
@@ -80,12 +80,14 @@ wire_enum!(
         /// No `nvidia-smi` on the machine.
         NotAvailable = "N/A",
         /// Nothing reported yet.
+        #[default]
         Unknown = "unknown",
     }
 );
 
 wire_enum!(
-    /// The status the agent reports about itself (PROTOCOL.md `/api/vm-status`).
+    /// The status the agent reports about itself (PROTOCOL.md `/api/vm-status`;
+    /// `Default`: `Unknown`).
     AgentStatus {
         /// Booting, installing, starting the container.
         Initializing = "initializing",
@@ -96,15 +98,10 @@ wire_enum!(
         /// The VM is rebooting.
         Rebooting = "rebooting",
         /// The agent does not know.
+        #[default]
         Unknown = "unknown",
     }
 );
-
-impl Default for GpuHealth {
-    fn default() -> Self {
-        Self::Unknown
-    }
-}
 
 /// Start-up timings of a VM: provisioning (from the provisioner) and cloud-init / container
 /// (from the VM). Every field is optional; a report overwrites only the fields it carries.

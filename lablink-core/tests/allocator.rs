@@ -281,6 +281,23 @@ async fn hostnames_continue_after_the_highest_existing_one() {
 }
 
 #[tokio::test]
+async fn a_wiped_store_does_not_reuse_names_of_running_machines() {
+    let provisioner = FakeProvisioner::new();
+    let first = LabLink::builder()
+        .with_provisioner(Arc::new(provisioner.clone()))
+        .build()
+        .unwrap();
+    first.launch_and_wait(3, LONG).await.unwrap();
+    // A new allocator with an empty store, same cloud account.
+    let second = LabLink::builder()
+        .with_provisioner(Arc::new(provisioner.clone()))
+        .build()
+        .unwrap();
+    let op = second.launch_and_wait(1, LONG).await.unwrap();
+    assert_eq!(op.hostnames[0].as_str(), "lablink-vm-4");
+}
+
+#[tokio::test]
 async fn destroy_one_some_or_all_removes_records_and_machines() {
     let provisioner = FakeProvisioner::new();
     let lablink = LabLink::builder()
