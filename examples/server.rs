@@ -152,19 +152,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let addr = listener.local_addr()?;
     print_banner(addr, &config, generated.as_deref());
-    let shutdown_state = state.clone();
-    axum::serve(
-        listener,
-        state
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: ending held requests, finishing the others");
-        shutdown_state.shutdown();
-    })
-    .await?;
+    state.serve(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Redirect, Response};
+use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
@@ -213,13 +213,13 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
             tracing::info!(client = %addr, "admin signed in");
             let clear = state.inner.admin.cookie(LOGIN_COOKIE, "", Duration::ZERO);
             (
-                [
+                AppendHeaders([
                     (
                         header::SET_COOKIE,
                         state.inner.admin.session_cookie(&session),
                     ),
                     (header::SET_COOKIE, clear),
-                ],
+                ]),
                 Redirect::to("/admin"),
             )
                 .into_response()

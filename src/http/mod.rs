@@ -13,13 +13,8 @@
 //! let options = HttpOptions::with_admin_password("admin", "correct horse battery")?;
 //! let state = HttpState::new(allocator, options);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! axum::serve(
-//!     listener,
-//!     state
-//!         .router()
-//!         .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-//! )
-//! .await?;
+//! // Or mount `state.router()` into your own axum app.
+//! state.serve(listener, async { let _ = tokio::signal::ctrl_c().await; }).await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -123,6 +118,28 @@ impl HttpState {
         let mut rx = self.inner.shutdown.subscribe();
         // An error means the sender is gone, which cannot happen while `self` lives.
         let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Serves [`router`](Self::router) on `listener` (with client addresses) until `stop`
+    /// resolves; then ends held requests ([`shutdown`](Self::shutdown)) and lets the others
+    /// finish.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let state = self.clone();
+        axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            stop.await;
+            tracing::info!("shutting down: ending held requests, finishing the others");
+            state.shutdown();
+        })
+        .await
     }
 
     /// The complete router: every route, with body limit, timeouts, request ids, tracing and
