@@ -1,7 +1,7 @@
 //! [`PgVmStore`]: the durable [`VmStore`] on PostgreSQL.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{
     Assignment, ClaimRequest, Claimed, Error, ErrorKind, Hostname, Operation, ProvisioningLock,
     Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState,
@@ -60,6 +60,35 @@ impl PgVmStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+}
+
+/// PostgreSQL keeps timestamps to the microsecond: every timestamp a store hands back is cut
+/// to that precision first, so what a write returns is exactly what a later read returns.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+/// `record` with every timestamp cut to microseconds (see [`micros`]).
+fn normalized(mut r: VmRecord) -> VmRecord {
+    let t = &mut r.timings;
+    for field in [
+        &mut t.provision_start,
+        &mut t.provision_end,
+        &mut t.cloud_init_start,
+        &mut t.cloud_init_end,
+        &mut t.container_start,
+        &mut t.container_end,
+        &mut r.last_heartbeat,
+    ] {
+        *field = field.map(micros);
+    }
+    if let Some(a) = &mut r.assignment {
+        a.assigned_at = micros(a.assigned_at);
+    }
+    r.created_at = micros(r.created_at);
+    r.updated_at = micros(r.updated_at);
+    r.state_changed_at = micros(r.state_changed_at);
+    r
 }
 
 fn not_found(hostname: &Hostname) -> Error {
@@ -155,6 +184,7 @@ impl PgVmStore {
             assigned_at: now,
         });
         record.apply(&event, now)?;
+        let record = normalized(record);
         match write_record(&mut tx, &record, from).await {
             Ok(true) => {}
             Ok(false) => {
@@ -185,6 +215,7 @@ impl VmStore for PgVmStore {
         let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
         let mut out = Vec::with_capacity(records.len());
         for record in records {
+            let record = &normalized(record.clone());
             let query = bind_record(sqlx::query(include_str!("../sql/vm_insert.sql")), record)
                 .map_err(|e| classify(op, e))?;
             let inserted = query
@@ -306,6 +337,7 @@ impl VmStore for PgVmStore {
         if !record.apply(event, now)? {
             return Ok(record);
         }
+        let record = normalized(record);
         let assignment = record.assignment.clone();
         let written = write_record(&mut tx, &record, from)
             .await
@@ -351,7 +383,9 @@ impl VmStore for PgVmStore {
         .map_err(|e| classify(op, e))?
         .ok_or_else(|| not_found(hostname).with_operation(op))?;
         let from = record.generation;
-        if record.apply_telemetry(telemetry, now)?
+        let changed = record.apply_telemetry(telemetry, now)?;
+        let record = normalized(record);
+        if changed
             && !write_record(&mut tx, &record, from)
                 .await
                 .map_err(|e| classify(op, e))?
