@@ -1,0 +1,391 @@
+//! The admin UI in a real headless Chromium, driven through chromedriver's WebDriver HTTP
+//! API: sign in, launch, watch the VM table change without a reload, open a VM's logs,
+//! destroy; requests without the session or the CSRF token are refused. Screenshots of each
+//! page go to `docs/screenshots/` for the README.
+//!
+//! Needs `chromium` and `chromedriver` (`apt-get install -y chromium chromium-driver`); the
+//! test fails, naming them, when they are missing.
+
+mod http_support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http_support::{TestServer, ADMIN_PASSWORD, ADMIN_USER};
+use lablink::{FakeProvisioner, LabLink};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+fn find_binary(names: &[&str]) -> PathBuf {
+    for name in names {
+        for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+            let path = PathBuf::from(dir).join(name);
+            if path.is_file() {
+                return path;
+            }
+        }
+    }
+    panic!(
+        "the browser test needs {} on PATH (Debian: apt-get install -y chromium chromium-driver)",
+        names.join(" or ")
+    );
+}
+
+/// chromedriver, killed on drop.
+struct Driver {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let chromium = find_binary(&["chromium", "chromium-browser", "google-chrome"]);
+        let chromedriver = find_binary(&["chromedriver"]);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let mut ready = false;
+        for _ in 0..100 {
+            if let Ok(r) = http.get(format!("{base}/status")).send().await {
+                if r.json::<Value>()
+                    .await
+                    .map(|v| v["value"]["ready"] == true)
+                    .unwrap_or(false)
+                {
+                    ready = true;
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not become ready");
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                     format!("--user-data-dir={}", profile.path().display()), "--window-size=1280,900"],
+        }}}});
+        let mut driver = Self {
+            child,
+            base,
+            http,
+            session: String::new(),
+            _profile: profile,
+        };
+        let created = driver.call(reqwest::Method::POST, "/session", caps).await;
+        driver.session = created["sessionId"]
+            .as_str()
+            .expect("a WebDriver session")
+            .to_owned();
+        driver
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = if path == "/session" {
+            format!("{}{path}", self.base)
+        } else {
+            format!("{}/session/{}{path}", self.base, self.session)
+        };
+        let mut req = self.http.request(method.clone(), url);
+        if method != reqwest::Method::GET {
+            req = req.json(&body);
+        }
+        let response: Value = req.send().await.unwrap().json().await.unwrap();
+        assert!(
+            response["value"]["error"].is_null(),
+            "WebDriver {path}: {response}"
+        );
+        response["value"].clone()
+    }
+
+    async fn go(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/click"),
+            json!({}),
+        )
+        .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/clear"),
+            json!({}),
+        )
+        .await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn async_script(&self, script: &str) -> Value {
+        self.call(
+            reqwest::Method::POST,
+            "/execute/async",
+            json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn url(&self) -> String {
+        self.call(reqwest::Method::GET, "/url", json!({}))
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Polls `script` until it returns true; fails after 20 s.
+    async fn wait_for(&self, what: &str, script: &str) {
+        for _ in 0..200 {
+            if self.script(script).await == json!(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the page never showed: {what}");
+    }
+
+    async fn screenshot(&self, name: &str) {
+        let png = self
+            .call(reqwest::Method::GET, "/screenshot", json!({}))
+            .await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), bytes).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() {
+    let driver = Driver::start().await;
+    let fake = FakeProvisioner::new().with_latency(Duration::from_millis(1500));
+    let s = TestServer::start_full(LabLink::builder(), fake, |o| {
+        o.admin_refresh = Duration::from_millis(300)
+    })
+    .await;
+
+    // The participant page.
+    driver.go(&s.url("/")).await;
+    driver
+        .wait_for(
+            "the participant form",
+            "return !!document.querySelector('#crd_command')",
+        )
+        .await;
+    driver.screenshot("participant").await;
+
+    // Sign in.
+    driver.go(&s.url("/admin")).await;
+    assert!(
+        driver.url().await.ends_with("/admin/login"),
+        "anonymous browsers go to the sign-in page"
+    );
+    driver.type_into("#username", ADMIN_USER).await;
+    driver.type_into("#password", ADMIN_PASSWORD).await;
+    driver.screenshot("sign-in").await;
+    driver.click("#sign-in").await;
+    driver
+        .wait_for(
+            "the dashboard",
+            "return location.pathname === '/admin' && !!document.querySelector('#launch')",
+        )
+        .await;
+
+    // Launch 3; the table changes without a reload.
+    driver
+        .script("window.notReloaded = true; return true")
+        .await;
+    driver.type_into("#num_vms", "3").await;
+    driver.click("#launch").await;
+    driver
+        .wait_for(
+            "the launched VMs",
+            "return document.querySelectorAll('#vms tr[data-hostname]').length === 3",
+        )
+        .await;
+    driver
+        .script("window.notReloaded = true; return true")
+        .await;
+    driver
+        .wait_for(
+            "booted VMs",
+            "return document.querySelectorAll('#vms tr[data-state=booting]').length === 3",
+        )
+        .await;
+    let hosts: Vec<String> = (1..=3).map(|i| format!("lablink-vm-{i}")).collect();
+    for h in &hosts {
+        let r = s
+            .vm_post(
+                h,
+                "/api/vm-status",
+                json!({"hostname": h, "status": "running"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let logs = json!({"log_group": "lablink-cloud-init", "log_stream": h, "messages": [format!("{h}: cloud-init done")]});
+        assert_eq!(
+            s.vm_post(h, "/api/vm-logs", logs)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            StatusCode::OK
+        );
+    }
+    driver
+        .wait_for(
+            "available VMs",
+            "return document.querySelectorAll('#vms tr[data-state=available]').length === 3",
+        )
+        .await;
+    assert_eq!(
+        s.request_vm("ada@lab.org", "4/browser").await.status(),
+        StatusCode::OK
+    );
+    let r = s
+        .vm_post(
+            &hosts[0],
+            "/api/update_inuse_status",
+            json!({"hostname": hosts[0], "status": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    driver
+        .wait_for(
+            "the assignment",
+            "return document.querySelectorAll('#vms tr[data-state=assigned]').length === 1",
+        )
+        .await;
+    driver
+        .wait_for(
+            "the operation",
+            "return !!document.querySelector('#operations tr[data-status=succeeded]')",
+        )
+        .await;
+    assert_eq!(
+        driver.script("return window.notReloaded === true").await,
+        json!(true),
+        "the table changed without a reload"
+    );
+    driver.screenshot("admin-vms").await;
+
+    // Without the CSRF token the browser's own session cannot launch.
+    let status = driver.async_script("const done = arguments[0]; fetch('/admin/launch', {method: 'POST', headers: {'Accept': 'application/json'}, body: new URLSearchParams({num_vms: '1'})}).then(r => done(r.status));").await;
+    assert_eq!(status, json!(403));
+    // Without the session nothing happens either.
+    let r = s
+        .client
+        .post(s.url("/admin/launch"))
+        .form(&[("num_vms", "1"), ("csrf", "x")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(s.allocator.counts().await.unwrap().total, 3);
+
+    // A VM's logs.
+    driver
+        .click("#vms tr[data-hostname='lablink-vm-1'] a")
+        .await;
+    driver
+        .wait_for(
+            "the VM page",
+            "return !!document.querySelector('#log-cloud-init')",
+        )
+        .await;
+    let log = driver
+        .script("return document.querySelector('#log-cloud-init').textContent")
+        .await;
+    assert_eq!(log, json!("lablink-vm-1: cloud-init done"));
+    driver.screenshot("vm-logs").await;
+
+    // Destroy one VM, with confirmation.
+    driver.click("#destroy").await;
+    driver
+        .wait_for(
+            "the confirmation",
+            "return !!document.querySelector('#confirm-destroy')",
+        )
+        .await;
+    driver.screenshot("confirm-destroy").await;
+    driver.click("#confirm-destroy").await;
+    driver
+        .wait_for("the dashboard", "return location.pathname === '/admin'")
+        .await;
+    driver
+        .wait_for(
+            "the VM gone",
+            "return document.querySelectorAll('#vms tr[data-hostname]').length === 2",
+        )
+        .await;
+    let destroyed = s.allocator.vm(&"lablink-vm-1".parse().unwrap()).await;
+    assert!(destroyed.is_err(), "lablink-vm-1 was destroyed");
+    driver.call(reqwest::Method::DELETE, "", json!({})).await;
+}
