@@ -67,7 +67,9 @@ fn claims(c: &mut Criterion) {
         .unwrap();
     group.bench_function("1 task", |b| {
         b.iter_custom(|iters| {
-            let Pool { lablink, requests, .. } = pool(&single, iters as usize);
+            let Pool {
+                lablink, requests, ..
+            } = pool(&single, iters as usize);
             single.block_on(async {
                 let start = Instant::now();
                 for r in &requests {
@@ -85,7 +87,9 @@ fn claims(c: &mut Criterion) {
     const TASKS: usize = 64;
     group.bench_function("64 tasks", |b| {
         b.iter_custom(|iters| {
-            let Pool { lablink, requests, .. } = pool(&multi, iters as usize);
+            let Pool {
+                lablink, requests, ..
+            } = pool(&multi, iters as usize);
             let requests = Arc::new(requests);
             multi.block_on(async {
                 let start = Instant::now();

@@ -25,7 +25,9 @@ async fn main() -> lablink::Result<()> {
     let allocator: Arc<dyn Allocator> = Arc::new(lablink.clone());
 
     // 2. Launch three VMs; the records exist before the provider is even called.
-    let launch = allocator.launch_and_wait(3, Duration::from_secs(10)).await?;
+    let launch = allocator
+        .launch_and_wait(3, Duration::from_secs(10))
+        .await?;
     println!(
         "launch {}: {} ({:?})",
         launch.status,
