@@ -131,6 +131,7 @@ fn pgbench(url: &str, db: &str, concurrency: usize) -> Result<f64, Box<dyn std::
         .arg(&target)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let _ = std::fs::remove_file(&script);
     let text = String::from_utf8_lossy(&out.stdout);
     let tps = text
         .lines()
