@@ -128,9 +128,22 @@ async fn allocator(config: &Config) -> Result<Arc<dyn Allocator>, Box<dyn std::e
             config.provisioner.fake_latency_seconds,
         ))
         .with_failure_rate(config.provisioner.fake_failure_rate);
-    let builder = LabLink::builder()
+    #[allow(unused_mut)]
+    let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
         .with_provisioner(Arc::new(provisioner));
+    #[cfg(feature = "postgres")]
+    if !config.database.url.is_empty() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .connect(&config.database.url)
+            .await?;
+        lablink::postgres::setup(&pool).await?;
+        let notifier = lablink::postgres::PgNotifier::connect(pool.clone()).await?;
+        builder = builder
+            .with_store(Arc::new(lablink::postgres::PgVmStore::new(pool)))
+            .with_notifier(Arc::new(notifier));
+    }
     tracing::info!(
         store = if config.database.url.is_empty() { "memory" } else { "postgres" },
         provisioner = %config.provisioner.kind,

