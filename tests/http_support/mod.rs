@@ -112,9 +112,11 @@ impl TestServer {
                 .await
                 .unwrap();
         });
+        // No pooled connections: the server closes a connection after refusing a request
+        // whose body it did not read (401/403/413), and reusing it would fail the next one.
         let client = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(0)
             .build()
             .unwrap();
         Self {
