@@ -18,6 +18,10 @@ use crate::{
     StartupTimings, Telemetry, VmEvent, VmFilter, VmRecord, VmSpec, VmState,
 };
 
+/// How many recent operations are scanned for hostnames already used (a bound every store
+/// can serve; far more than a deployment launches).
+const OPERATIONS_SCANNED_FOR_NAMES: usize = 100_000;
+
 impl LabLink {
     pub(crate) async fn start_launch(&self, options: &LaunchOptions) -> Result<Operation> {
         let max = self.inner.config.max_launch;
@@ -75,7 +79,7 @@ impl LabLink {
     async fn new_specs(&self, count: usize) -> Result<Vec<VmSpec>> {
         let store = &self.inner.store;
         let records = store.list(&VmFilter::default()).await?;
-        let operations = store.list_operations(usize::MAX).await?;
+        let operations = store.list_operations(OPERATIONS_SCANNED_FOR_NAMES).await?;
         let machines = match self.inner.provisioner.capabilities().list {
             true => self.inner.provisioner.list().await?,
             false => Vec::new(),
