@@ -80,8 +80,13 @@ impl LabLink {
         let store = &self.inner.store;
         let records = store.list(&VmFilter::default()).await?;
         let operations = store.list_operations(OPERATIONS_SCANNED_FOR_NAMES).await?;
+        // The inventory only guards names; if it cannot be read, the launch goes ahead and
+        // the provisioner's own failure is recorded on the VMs.
         let machines = match self.inner.provisioner.capabilities().list {
-            true => self.inner.provisioner.list().await?,
+            true => self.inner.provisioner.list().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not read the provider's inventory");
+                Vec::new()
+            }),
             false => Vec::new(),
         };
         let prefix = format!("{}-", self.inner.config.hostname_prefix);
