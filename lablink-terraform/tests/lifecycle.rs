@@ -141,14 +141,20 @@ async fn a_wiped_store_does_not_shrink_the_fleet() {
     }
     assert!(after.contains_key("wave2-1") && after.contains_key("wave2-2"));
 
-    // Even a launch that reuses existing names neither shrinks nor replaces anything.
+    // A third allocator with an empty store and the default names numbers its VM after the
+    // machines Terraform already has: nothing is reused, shrunk or replaced.
     let third = lablink(
         &MemoryVmStore::default(),
         Arc::new(builder(dir.path()).build().unwrap()),
     );
     let op = third.launch_and_wait(1, PATIENCE).await.unwrap();
     assert_eq!(op.status, OperationStatus::Succeeded, "{op:?}");
-    assert_eq!(state_ids(dir.path()), after);
+    assert_eq!(op.hostnames[0].as_str(), "lablink-vm-4");
+    let last = state_ids(dir.path());
+    assert_eq!(last.len(), after.len() + 1, "{last:?}");
+    for (name, id) in &after {
+        assert_eq!(last.get(name), Some(id), "{name} was destroyed or replaced");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
