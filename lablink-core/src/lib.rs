@@ -28,7 +28,7 @@ pub use error::{Error, ErrorKind, ErrorStatus, Result};
 pub use fake::FakeProvisioner;
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
-pub use logs::{clean_lines, BoundedLog, LogAppend, LogStream, VmLogs};
+pub use logs::{clean_lines, fit_lines, BoundedLog, LogAppend, LogStream, VmLogs};
 pub use memory::MemoryVmStore;
 pub use notifier::{MemoryNotifier, Notifier, Subscription, Wake};
 pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINES};

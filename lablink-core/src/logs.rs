@@ -129,13 +129,10 @@ pub struct BoundedLog {
 }
 
 impl BoundedLog {
-    /// Appends `lines`, then drops oldest lines until the total is at most `cap` bytes.
+    /// Appends the lines of `lines` that [`fit_lines`] keeps, then drops oldest lines until
+    /// the total is at most `cap` bytes.
     pub fn append(&mut self, lines: &[String], cap: usize) {
-        for line in lines {
-            let line = tail_within(line, cap.saturating_sub(1));
-            if line.is_empty() {
-                continue;
-            }
+        for line in fit_lines(lines, cap) {
             self.bytes += line.len() + 1;
             self.lines.push_back(line.to_owned());
         }
@@ -163,6 +160,29 @@ impl BoundedLog {
         }
         out
     }
+}
+
+/// The lines of one batch that survive a cap of `cap` bytes, oldest first: each line cut
+/// to its last `cap - 1` bytes (on a character boundary), empty ones skipped, and only the
+/// newest that fit together (each counts its length plus one for its newline). Every store
+/// keeps logs by this rule.
+pub fn fit_lines(lines: &[String], cap: usize) -> Vec<&str> {
+    let max_line = cap.saturating_sub(1);
+    let mut kept = Vec::new();
+    let mut bytes = 0;
+    for line in lines.iter().rev() {
+        let line = tail_within(line, max_line);
+        if line.is_empty() {
+            continue;
+        }
+        if bytes + line.len() + 1 > cap {
+            break;
+        }
+        bytes += line.len() + 1;
+        kept.push(line);
+    }
+    kept.reverse();
+    kept
 }
 
 /// The last at most `max` bytes of `s`, cut on a character boundary.
@@ -205,6 +225,31 @@ mod tests {
         log.append(&["x".repeat(500)], 100);
         assert!(log.bytes() <= 100);
         assert_eq!(log.text(), "x".repeat(99));
+    }
+
+    #[test]
+    fn a_batch_keeps_its_newest_lines_within_the_cap() {
+        let batches: Vec<Vec<String>> = vec![
+            (0..100).map(|i| format!("line {i:03}")).collect(),
+            vec!["x".repeat(500), "short".into()],
+            vec!["é".repeat(80)],
+            vec![String::new(), "a".into()],
+        ];
+        for cap in [0, 1, 2, 10, 64, 100, 1000] {
+            for lines in &batches {
+                let fitted = fit_lines(lines, cap);
+                assert!(fitted.iter().map(|l| l.len() + 1).sum::<usize>() <= cap);
+                if let (Some(last), Some(newest)) = (fitted.last(), lines.last()) {
+                    assert!(
+                        newest.ends_with(last),
+                        "cap {cap}: the newest line was not kept"
+                    );
+                }
+            }
+        }
+        let lines: Vec<String> = (0..100).map(|i| format!("line {i:03}")).collect();
+        assert_eq!(fit_lines(&lines, 20), ["line 098", "line 099"]);
+        assert_eq!(fit_lines(&["é".repeat(3)], 4), ["é"]);
     }
 
     #[test]

@@ -1,11 +1,10 @@
 //! Bounded log storage: one row per line, per-stream byte accounting, trimmed in the same
 //! transaction as the append so the cap always holds.
 //!
-//! Semantics match [`lablink_core::BoundedLog`]: each line counts its length plus one byte
-//! (its newline); a line longer than the cap keeps only its last `cap - 1` bytes; beyond the
+//! Semantics are core's: a batch keeps what [`lablink_core::fit_lines`] keeps, and beyond the
 //! cap the oldest lines are dropped, never the new ones.
 
-use lablink_core::{Hostname, LogAppend, LogStream, VmLogs};
+use lablink_core::{fit_lines, Hostname, LogAppend, LogStream, VmLogs};
 use sqlx::{PgConnection, Row};
 
 use crate::error::PgError;
@@ -19,7 +18,7 @@ pub(crate) async fn append(
     append: &LogAppend,
     cap: usize,
 ) -> Result<(), PgError> {
-    let lines = fit(&append.lines, cap);
+    let lines = fit_lines(&append.lines, cap);
     if lines.is_empty() {
         return Ok(());
     }
@@ -57,38 +56,6 @@ pub(crate) async fn append(
     Ok(())
 }
 
-/// The lines of one batch that can survive a cap of `cap` bytes: each cut to its last
-/// `cap - 1` bytes, empty ones skipped, and only the newest that fit together.
-fn fit(lines: &[String], cap: usize) -> Vec<String> {
-    let max_line = cap.saturating_sub(1);
-    let mut kept: Vec<&str> = Vec::new();
-    let mut bytes = 0;
-    for line in lines.iter().rev() {
-        let line = tail_within(line, max_line);
-        if line.is_empty() {
-            continue;
-        }
-        if bytes + line.len() + 1 > cap {
-            break;
-        }
-        bytes += line.len() + 1;
-        kept.push(line);
-    }
-    kept.into_iter().rev().map(str::to_owned).collect()
-}
-
-/// The last at most `max` bytes of `s`, cut on a character boundary.
-fn tail_within(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut start = s.len() - max;
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 /// Every stream of `hostname`, lines joined by `\n`, oldest first.
 pub(crate) async fn read(conn: &mut PgConnection, hostname: &Hostname) -> Result<VmLogs, PgError> {
     let rows = sqlx::query(include_str!("../sql/log_read.sql"))
@@ -112,30 +79,4 @@ pub(crate) async fn read(conn: &mut PgConnection, hostname: &Hostname) -> Result
         }
     }
     Ok(logs)
-}
-
-#[cfg(test)]
-mod tests {
-    use lablink_core::BoundedLog;
-
-    use super::*;
-
-    #[test]
-    fn a_batch_is_fitted_exactly_like_the_core_bounded_log() {
-        let batches: Vec<Vec<String>> = vec![
-            (0..100).map(|i| format!("line {i:03}")).collect(),
-            vec!["x".repeat(500), "short".into()],
-            vec!["é".repeat(80)],
-            vec![String::new(), "a".into()],
-        ];
-        for cap in [0, 1, 2, 10, 64, 100, 1000] {
-            for lines in &batches {
-                let mut reference = BoundedLog::default();
-                reference.append(lines, cap);
-                let fitted = fit(lines, cap);
-                assert_eq!(fitted.join("\n"), reference.text(), "cap {cap}");
-                assert!(fitted.iter().map(|l| l.len() + 1).sum::<usize>() <= cap);
-            }
-        }
-    }
 }
