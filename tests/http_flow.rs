@@ -226,7 +226,7 @@ async fn two_hundred_waiters_each_get_their_own_participant_on_postgres() {
         .await
         .unwrap();
     let builder = lablink::LabLink::builder()
-        .with_store(Arc::new(http_support::ClampLimits(Arc::new(store))))
+        .with_store(Arc::new(store))
         .with_notifier(Arc::new(notifier));
     whole_workshop(TestServer::start_with(builder, |_| {}).await).await;
     pool.close().await;
