@@ -13,6 +13,10 @@ pub use lablink_postgres as postgres;
 #[cfg(feature = "terraform")]
 pub use lablink_terraform as terraform;
 
+/// EC2 provisioner and S3 artifact store.
+#[cfg(feature = "aws")]
+pub use lablink_aws as aws;
+
 /// The allocator's HTTP layer: an axum router with the compatibility routes, `/api/v1`, the
 /// participant page and the admin UI.
 #[cfg(feature = "server")]

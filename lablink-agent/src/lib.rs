@@ -1,0 +1,1 @@
+//! The LabLink VM agent.

@@ -1,0 +1,1 @@
+//! LabLink on the AWS SDK.
