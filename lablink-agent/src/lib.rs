@@ -1,1 +1,75 @@
-//! The LabLink VM agent.
+//! The LabLink VM agent: what runs inside every VM.
+//!
+//! It registers with the allocator (`initializing`, then `running`), heartbeats with a boot
+//! id, waits for its assignment with a bounded long-poll, and then starts Chrome Remote
+//! Desktop **without a shell**: only the `--code` value of the participant's command is used,
+//! validated, and passed in an argument vector the agent builds itself, with the PIN on stdin.
+//! It reports GPU health (`nvidia-smi`), whether the research software is in use, its start-up
+//! timings, and ships log files in batches. Every call to the allocator is retried with
+//! jittered exponential backoff, for ever, and every report is safe to repeat.
+//!
+//! The `lablink-agent` binary reads its settings from the environment (see [`AgentConfig`]);
+//! [`main_from_env`] is that binary, for programs that embed it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lablink_agent::ConfigError> {
+//! let config = lablink_agent::AgentConfig::from_env()?;
+//! lablink_agent::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod agent;
+pub mod client;
+pub mod config;
+pub mod crd;
+pub mod logship;
+pub mod probes;
+
+use std::process::ExitCode;
+
+pub use agent::run;
+pub use config::{AgentConfig, ConfigError, StartHost};
+
+/// The `lablink-agent` program: settings from the environment, logs to stderr (`RUST_LOG`
+/// filters them), runs until SIGTERM or Ctrl-C. Bad settings print one line and exit 2.
+pub async fn main_from_env() -> ExitCode {
+    let config = match AgentConfig::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("lablink-agent: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    run(config, shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    () = ctrl_c => {}
+                }
+            }
+            Err(_) => ctrl_c.await,
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}

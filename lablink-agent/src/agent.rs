@@ -1,0 +1,331 @@
+//! The agent's loops: report, heartbeat, GPU, in-use, log shipping, and the assignment wait.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{SecondsFormat, Utc};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::client::{AllocatorClient, Assignment, Backoff, LogBatch, Report, Timings};
+use crate::config::AgentConfig;
+use crate::crd::{HostInvocation, StartError};
+use crate::logship::FileTail;
+use crate::probes::{self, Gpu};
+
+/// Most lines of the agent's own log kept for the allocator during an outage.
+const MAX_AGENT_LINES: usize = 1000;
+/// How long the last report may take at shutdown.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Runs the agent until `shutdown` completes. It never gives up on the allocator: every
+/// failed call is retried with jittered exponential backoff.
+pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) {
+    let agent = Arc::new(Agent {
+        client: AllocatorClient::new(&config),
+        reporter: Reporter::default(),
+        config,
+    });
+    tracing::info!(
+        hostname = %agent.config.vm_name,
+        allocator = %agent.config.allocator_url,
+        "agent starting"
+    );
+    let mut tasks = JoinSet::new();
+    tasks.spawn(agent.clone().report_loop());
+    tasks.spawn(agent.clone().heartbeat_loop());
+    tasks.spawn(agent.clone().inuse_loop());
+    for file in &agent.config.log_files {
+        let tail = FileTail::new(file.path.clone());
+        tasks.spawn(agent.clone().ship_loop(tail, file.stream.as_str()));
+    }
+    tasks.spawn(agent.clone().main_loop());
+    shutdown.await;
+    tracing::info!("shutting down");
+    tasks.shutdown().await;
+    agent.flush().await;
+}
+
+struct Agent {
+    config: AgentConfig,
+    client: AllocatorClient,
+    reporter: Reporter,
+}
+
+/// Telemetry waiting to be sent; newer values replace older ones, so a retry always carries
+/// the latest state and never more than one pending report.
+#[derive(Default)]
+struct Reporter {
+    pending: Mutex<Report>,
+    wake: Notify,
+}
+
+impl Reporter {
+    fn send(&self, report: Report) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.merge(report);
+        if let Some(batch) = pending.logs.iter_mut().find(|b| b.stream == "agent") {
+            let excess = batch.lines.len().saturating_sub(MAX_AGENT_LINES);
+            batch.lines.drain(..excess);
+        }
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Report {
+        std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back a report that failed, under anything newer.
+    fn restore(&self, mut report: Report) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        report.merge(std::mem::take(&mut *pending));
+        *pending = report;
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+impl Agent {
+    /// A line for the allocator's `agent` log stream (and the local log).
+    fn note(&self, report: Report, line: String) {
+        tracing::info!("{line}");
+        let mut report = report;
+        report.logs.push(LogBatch {
+            stream: "agent",
+            lines: vec![format!("{} {line}", now())],
+        });
+        self.reporter.send(report);
+    }
+
+    async fn report_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        loop {
+            self.reporter.wake.notified().await;
+            loop {
+                let report = self.reporter.take();
+                if report.is_empty() {
+                    break;
+                }
+                match self.client.report(&report).await {
+                    Ok(()) => backoff.reset(),
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, "report failed; retrying");
+                        self.reporter.restore(report);
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "report refused; dropped"),
+                }
+            }
+        }
+    }
+
+    async fn flush(&self) {
+        let report = self.reporter.take();
+        if !report.is_empty() {
+            let _ = tokio::time::timeout(FLUSH_DEADLINE, self.client.report(&report)).await;
+        }
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(self.config.heartbeat_interval);
+        loop {
+            ticks.tick().await;
+            self.reporter.send(Report {
+                boot_id: Some(self.config.boot_id.clone()),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Checks the GPU now and reports it when it changed from `last`.
+    async fn check_gpu(&self, last: Option<Gpu>) -> Gpu {
+        let gpu = probes::check_gpu(&self.config.nvidia_smi).await;
+        if last != Some(gpu) {
+            let report = Report {
+                gpu_health: Some(gpu.as_str()),
+                ..Default::default()
+            };
+            self.note(report, format!("GPU health: {}", gpu.as_str()));
+        }
+        gpu
+    }
+
+    async fn gpu_loop(&self, mut last: Gpu) {
+        loop {
+            tokio::time::sleep(self.config.gpu_interval).await;
+            last = self.check_gpu(Some(last)).await;
+        }
+    }
+
+    async fn inuse_loop(self: Arc<Self>) {
+        let Some(name) = self.config.inuse_process.clone() else {
+            return;
+        };
+        let mut last = None;
+        loop {
+            let probe = name.clone();
+            let in_use = tokio::task::spawn_blocking(move || probes::process_running(&probe))
+                .await
+                .unwrap_or(false);
+            if last != Some(in_use) {
+                let report = Report {
+                    in_use: Some(in_use),
+                    ..Default::default()
+                };
+                self.note(report, format!("{name} in use: {in_use}"));
+                last = Some(in_use);
+            }
+            tokio::time::sleep(self.config.inuse_interval).await;
+        }
+    }
+
+    async fn ship_loop(self: Arc<Self>, mut tail: FileTail, stream: &'static str) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        loop {
+            let batch = match tail.read().await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => {
+                    tokio::time::sleep(self.config.log_poll).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %tail.path().display(), error = %e, "log file unreadable");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+            };
+            let report = Report {
+                logs: vec![LogBatch {
+                    stream,
+                    lines: batch.lines.clone(),
+                }],
+                ..Default::default()
+            };
+            match self.client.report(&report).await {
+                Ok(()) => {
+                    tail.acknowledge(&batch);
+                    backoff.reset();
+                }
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, "log batch not delivered; retrying it");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, lines = batch.lines.len(), "log batch refused; skipped");
+                    tail.acknowledge(&batch);
+                }
+            }
+        }
+    }
+
+    /// Registers (`initializing`, checks, `running`), then waits for assignments for ever.
+    async fn main_loop(self: Arc<Self>) {
+        let started = Utc::now();
+        self.note(
+            Report {
+                status: Some("initializing"),
+                boot_id: Some(self.config.boot_id.clone()),
+                timings: Some(Timings {
+                    container_start: Some(started.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            format!("agent {} initializing", env!("CARGO_PKG_VERSION")),
+        );
+        let gpu = self.check_gpu(None).await;
+        let ready = Utc::now();
+        self.note(
+            Report {
+                status: Some("running"),
+                timings: Some(Timings {
+                    container_start: Some(started.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                    container_end: Some(ready.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                    container_startup_duration_seconds: Some(
+                        (ready - started).num_microseconds().unwrap_or(0) as f64 / 1e6,
+                    ),
+                }),
+                ..Default::default()
+            },
+            "agent running; waiting for an assignment".into(),
+        );
+        tokio::join!(self.gpu_loop(gpu), self.wait_loop());
+    }
+
+    async fn wait_loop(&self) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        let mut handled: Option<String> = None;
+        loop {
+            // Once an assignment is handled, only look (no hold) for a release or a new one.
+            let hold = if handled.is_some() {
+                Duration::ZERO
+            } else {
+                self.config.wait_timeout
+            };
+            let asked = Instant::now();
+            match self.client.wait_assignment(hold).await {
+                Ok(Some(a)) if handled.as_deref() == Some(a.assigned_at.as_str()) => {
+                    backoff.reset();
+                    tokio::time::sleep(self.config.recheck_interval).await;
+                }
+                Ok(Some(a)) => {
+                    backoff.reset();
+                    self.start(&a).await;
+                    handled = Some(a.assigned_at);
+                }
+                Ok(None) => {
+                    if handled.take().is_some() {
+                        self.note(
+                            Report::default(),
+                            "the assignment was released; waiting again".into(),
+                        );
+                    }
+                    // An allocator that answers long-polls at once (shutting down, a tiny
+                    // maximum hold) must not make this loop spin.
+                    if hold >= Duration::from_secs(1) && asked.elapsed() < Duration::from_secs(1) {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    } else {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => {
+                    let pause = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?pause, "waiting for the assignment failed");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// Starts Chrome Remote Desktop for `assignment` and reports the outcome.
+    async fn start(&self, assignment: &Assignment) {
+        let outcome = match HostInvocation::from_assignment(assignment) {
+            Ok(invocation) => invocation.run(&self.config).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => self.note(
+                Report::default(),
+                format!(
+                    "Chrome Remote Desktop started for the assignment of {}",
+                    assignment.assigned_at
+                ),
+            ),
+            Err(e) => {
+                let report = Report {
+                    status: Some("error"),
+                    ..Default::default()
+                };
+                let kind = match e {
+                    StartError::Invalid(_) => "rejected",
+                    StartError::Failed(_) => "failed",
+                };
+                self.note(report, format!("assignment {kind}: {e}"));
+            }
+        }
+    }
+}

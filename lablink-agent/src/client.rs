@@ -1,0 +1,332 @@
+//! The allocator's `/api/v1` agent routes (PROTOCOL.md part B), and the retry pacing every
+//! caller shares.
+
+use std::time::Duration;
+
+use rand::Rng;
+use reqwest::{Client, Method, RequestBuilder, StatusCode, Url};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AgentConfig;
+
+/// Why a call to the allocator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The allocator could not be reached, or answered 5xx / 429 / 401 / 404: worth retrying
+    /// (it may be restarting, overloaded, or not know this VM yet).
+    #[error("the allocator is unavailable: {0}")]
+    Unavailable(String),
+    /// The allocator refused the request itself (400, 413, ...): retrying it cannot help.
+    #[error("the allocator refused the request ({status}): {message}")]
+    Refused {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The allocator's `error` message.
+        message: String,
+    },
+}
+
+impl ClientError {
+    /// Whether the same request may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// The VM's assignment, as the allocator hands it to its agent.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+pub struct Assignment {
+    /// The participant's whole Chrome Remote Desktop command.
+    pub command: String,
+    /// Its `--code` value, as the allocator validated it.
+    pub code: String,
+    /// The PIN.
+    pub pin: String,
+    /// When the VM was assigned; identifies this assignment.
+    pub assigned_at: String,
+}
+
+impl std::fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assignment")
+            .field("assigned_at", &self.assigned_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lines for one log stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogBatch {
+    /// `cloud_init`, `container` or `agent`.
+    pub stream: &'static str,
+    /// The lines, oldest first.
+    pub lines: Vec<String>,
+}
+
+/// Start-up timings (RFC 3339 times).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// When the agent started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_start: Option<String>,
+    /// When it was ready to be assigned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_end: Option<String>,
+    /// The difference, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container_startup_duration_seconds: Option<f64>,
+}
+
+/// One batched telemetry report; absent fields are not reported. Every report is idempotent
+/// except `logs`, which the log shipper sends once per acknowledged batch.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// `Healthy`, `Unhealthy` or `N/A`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_health: Option<&'static str>,
+    /// Whether the research software runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_use: Option<bool>,
+    /// `initializing`, `running`, `error`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'static str>,
+    /// A heartbeat with this boot id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// Start-up timings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// Log lines.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub logs: Vec<LogBatch>,
+}
+
+impl Report {
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Folds a newer report into this one: newer values win, log lines are appended.
+    pub fn merge(&mut self, newer: Report) {
+        let Report {
+            gpu_health,
+            in_use,
+            status,
+            boot_id,
+            timings,
+            logs,
+        } = newer;
+        self.gpu_health = gpu_health.or(self.gpu_health);
+        self.in_use = in_use.or(self.in_use);
+        self.status = status.or(self.status);
+        self.boot_id = boot_id.or(self.boot_id.take());
+        self.timings = timings.or(self.timings.take());
+        for batch in logs {
+            match self.logs.iter_mut().find(|b| b.stream == batch.stream) {
+                Some(b) => b.lines.extend(batch.lines),
+                None => self.logs.push(batch),
+            }
+        }
+    }
+}
+
+/// A client of one allocator, for one VM.
+#[derive(Debug, Clone)]
+pub struct AllocatorClient {
+    http: Client,
+    base: Url,
+    vm: String,
+    token: Option<crate::config::ApiToken>,
+}
+
+impl AllocatorClient {
+    /// A client for the VM and allocator of `config`.
+    pub fn new(config: &AgentConfig) -> Self {
+        let http = Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(50))
+            .user_agent(concat!("lablink-agent/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client without custom TLS roots always builds");
+        Self {
+            http,
+            base: config.allocator_url.clone(),
+            vm: config.vm_name.to_string(),
+            token: config.api_token.clone(),
+        }
+    }
+
+    fn request(&self, method: Method, route: &str, timeout: Duration) -> RequestBuilder {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/api/v1/vms/{}/{route}",
+            url.path().trim_end_matches('/'),
+            self.vm
+        );
+        url.set_path(&path);
+        let request = self.http.request(method, url).timeout(timeout);
+        match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        }
+    }
+
+    async fn send(request: RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let response = request
+            .send()
+            .await
+            .map_err(|e| ClientError::Unavailable(e.without_url().to_string()))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let message = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or_else(|| status.to_string());
+        if status.is_server_error()
+            || matches!(
+                status,
+                StatusCode::TOO_MANY_REQUESTS | StatusCode::UNAUTHORIZED | StatusCode::NOT_FOUND
+            )
+        {
+            Err(ClientError::Unavailable(format!("{status}: {message}")))
+        } else {
+            Err(ClientError::Refused { status, message })
+        }
+    }
+
+    /// `POST ready`: the agent is up with `status` (`running` makes the VM assignable).
+    pub async fn ready(&self, status: &str, boot_id: &str) -> Result<(), ClientError> {
+        let body = serde_json::json!({"status": status, "boot_id": boot_id});
+        Self::send(
+            self.request(Method::POST, "ready", Duration::from_secs(30))
+                .json(&body),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `POST telemetry` with one batched report.
+    pub async fn report(&self, report: &Report) -> Result<(), ClientError> {
+        Self::send(
+            self.request(Method::POST, "telemetry", Duration::from_secs(30))
+                .json(report),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `GET assignment?timeout=`: the assignment, or `None` when `hold` passed first.
+    pub async fn wait_assignment(&self, hold: Duration) -> Result<Option<Assignment>, ClientError> {
+        let request = self
+            .request(Method::GET, "assignment", hold + Duration::from_secs(15))
+            .query(&[("timeout", hold.as_secs_f64())]);
+        let response = Self::send(request).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        response.json::<Assignment>().await.map(Some).map_err(|e| {
+            ClientError::Unavailable(format!("unreadable assignment: {}", e.without_url()))
+        })
+    }
+}
+
+/// Full-jitter exponential backoff: 0.2 s doubling up to a cap, never below 0.1 s, reset after
+/// a success. Used by every loop that talks to the allocator, so none of them can spin.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(200);
+    const FLOOR: Duration = Duration::from_millis(100);
+
+    /// Pauses of at most `max`.
+    pub fn new(max: Duration) -> Self {
+        Self { max, attempt: 0 }
+    }
+
+    /// The pause before the next retry.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = Self::BASE
+            .saturating_mul(1 << self.attempt.min(20))
+            .min(self.max)
+            .max(Self::FLOOR);
+        self.attempt = self.attempt.saturating_add(1);
+        rand::thread_rng().gen_range(Self::FLOOR..=ceiling)
+    }
+
+    /// Back to the shortest pause, after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(2));
+        for _ in 0..50 {
+            let d = b.next_delay();
+            assert!(d >= Backoff::FLOOR && d <= Duration::from_secs(2), "{d:?}");
+        }
+        let late: Duration = (0..200).map(|_| b.next_delay()).sum();
+        b.reset();
+        let early: Duration = (0..200)
+            .map(|_| {
+                let d = b.next_delay();
+                b.reset();
+                d
+            })
+            .sum();
+        assert!(late > early * 3, "late {late:?} early {early:?}");
+    }
+
+    #[test]
+    fn merging_keeps_the_newest_values_and_every_line() {
+        let mut r = Report {
+            gpu_health: Some("Healthy"),
+            in_use: Some(true),
+            logs: vec![LogBatch {
+                stream: "agent",
+                lines: vec!["a".into()],
+            }],
+            ..Default::default()
+        };
+        r.merge(Report {
+            gpu_health: Some("Unhealthy"),
+            logs: vec![LogBatch {
+                stream: "agent",
+                lines: vec!["b".into()],
+            }],
+            ..Default::default()
+        });
+        assert_eq!(r.gpu_health, Some("Unhealthy"));
+        assert_eq!(r.in_use, Some(true));
+        assert_eq!(r.logs[0].lines, ["a", "b"]);
+    }
+
+    #[test]
+    fn an_assignment_never_prints_its_secrets() {
+        let a = Assignment {
+            command: "start-host --code=4/secret".into(),
+            code: "4/secret".into(),
+            pin: "123456".into(),
+            assigned_at: "2026-01-01T00:00:00Z".into(),
+        };
+        let shown = format!("{a:?}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("123456"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,378 @@
+//! The agent's settings: from the environment (`ALLOCATOR_URL`, `VM_NAME`, `API_TOKEN`, as
+//! existing VM images provide, plus `LABLINK_*` options) and an optional file of the same
+//! `KEY=value` lines (`LABLINK_AGENT_CONFIG`). The environment wins over the file.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lablink_core::{Hostname, LogStream};
+use reqwest::Url;
+
+/// Where Google's Chrome Remote Desktop package installs `start-host`.
+pub const DEFAULT_START_HOST: &str = "/opt/google/chrome-remote-desktop/start-host";
+/// The redirect URL of Chrome Remote Desktop's headless set-up.
+pub const DEFAULT_REDIRECT_URL: &str = "https://remotedesktop.google.com/_/oauthredirect";
+
+/// A setting is missing or invalid. The message is one line and never contains a secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
+/// The agent's bearer token (`API_TOKEN`). Debug prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(String);
+
+impl ApiToken {
+    /// The token itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// What the agent runs when its VM is assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartHost {
+    /// Run this `start-host` executable (no shell) with `--code`, `--redirect-url` and
+    /// `--name`, feeding the PIN on stdin twice.
+    Program(PathBuf),
+    /// Local demos: log that the host would start, run nothing (`LABLINK_START_HOST=dry-run`).
+    DryRun,
+}
+
+/// One log file to ship, and the stream its lines go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFile {
+    /// The allocator's stream (`cloud_init`, `container` or `agent`).
+    pub stream: LogStream,
+    /// The file to follow (it may not exist yet).
+    pub path: PathBuf,
+}
+
+/// Everything the agent needs. Build it with [`AgentConfig::new`] (library use) or
+/// [`AgentConfig::from_env`] (the binary).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The allocator's base URL; paths are appended.
+    pub allocator_url: Url,
+    /// This VM's hostname.
+    pub vm_name: Hostname,
+    /// The bearer token; `None` sends no `Authorization` header (open-mode allocators).
+    pub api_token: Option<ApiToken>,
+    /// What to run on assignment.
+    pub start_host: StartHost,
+    /// `--redirect-url` passed to `start-host`.
+    pub redirect_url: String,
+    /// Longest a `start-host` run may take.
+    pub start_host_timeout: Duration,
+    /// The GPU check program (`nvidia-smi`, looked up on `PATH`).
+    pub nvidia_smi: PathBuf,
+    /// Time between GPU checks.
+    pub gpu_interval: Duration,
+    /// The research software's process name; `None` never reports in use.
+    pub inuse_process: Option<String>,
+    /// Time between in-use checks.
+    pub inuse_interval: Duration,
+    /// Log files to ship.
+    pub log_files: Vec<LogFile>,
+    /// Time between checks of the log files for new lines.
+    pub log_poll: Duration,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// How long one long-poll for the assignment is held.
+    pub wait_timeout: Duration,
+    /// Time between checks for a new assignment once one was handled.
+    pub recheck_interval: Duration,
+    /// The longest pause between retries.
+    pub backoff_max: Duration,
+    /// Identifies this boot; a change tells the allocator the VM restarted.
+    pub boot_id: String,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the three settings every VM has.
+    pub fn new(allocator_url: Url, vm_name: Hostname, api_token: Option<String>) -> Self {
+        Self {
+            allocator_url,
+            vm_name,
+            api_token: api_token.filter(|t| !t.is_empty()).map(ApiToken),
+            start_host: StartHost::Program(DEFAULT_START_HOST.into()),
+            redirect_url: DEFAULT_REDIRECT_URL.to_owned(),
+            start_host_timeout: Duration::from_secs(120),
+            nvidia_smi: "nvidia-smi".into(),
+            gpu_interval: Duration::from_secs(20),
+            inuse_process: None,
+            inuse_interval: Duration::from_secs(5),
+            log_files: Vec::new(),
+            log_poll: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(30),
+            wait_timeout: Duration::from_secs(60),
+            recheck_interval: Duration::from_secs(30),
+            backoff_max: Duration::from_secs(30),
+            boot_id: kernel_boot_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        }
+    }
+
+    /// Reads the process environment (and the file named by `LABLINK_AGENT_CONFIG`).
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars_os())
+    }
+
+    /// Like [`from_env`](Self::from_env), from the given variables.
+    pub fn from_vars(
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> Result<Self, ConfigError> {
+        let mut env = HashMap::new();
+        for (k, v) in vars {
+            let (Some(k), Some(v)) = (k.to_str(), v.to_str()) else {
+                continue;
+            };
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        let mut settings = match env.get("LABLINK_AGENT_CONFIG") {
+            Some(path) => read_file(path)?,
+            None => HashMap::new(),
+        };
+        settings.extend(env);
+        Settings(settings).build()
+    }
+}
+
+/// `/proc/sys/kernel/random/boot_id`, when the kernel offers it.
+fn kernel_boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_owned())
+}
+
+/// `KEY=value` lines; blank lines and `#` comments are skipped, values may be quoted.
+fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(format!("LABLINK_AGENT_CONFIG {path:?} cannot be read: {e}"))
+    })?;
+    let mut settings = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .ok_or_else(|| ConfigError::new(format!("{path}:{}: expected KEY=value", n + 1)))?;
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        settings.insert(key.trim().to_owned(), value.to_owned());
+    }
+    Ok(settings)
+}
+
+struct Settings(HashMap<String, String>);
+
+impl Settings {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.trim().is_empty())
+    }
+
+    fn required(&self, key: &str) -> Result<&str, ConfigError> {
+        self.get(key)
+            .ok_or_else(|| ConfigError::new(format!("{key} is not set")))
+    }
+
+    fn seconds(&self, key: &str, into: &mut Duration) -> Result<(), ConfigError> {
+        if let Some(v) = self.get(key) {
+            *into = v
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+                .map(Duration::from_secs_f64)
+                .ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "{key} must be a number of seconds between 0 and 86400, not {v:?}"
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    fn build(self) -> Result<AgentConfig, ConfigError> {
+        let url = self.required("ALLOCATOR_URL")?;
+        let allocator_url = Url::parse(url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                ConfigError::new(format!("ALLOCATOR_URL {url:?} is not an http(s) URL"))
+            })?;
+        let name = self.required("VM_NAME")?;
+        let vm_name: Hostname = name.parse().map_err(|e: lablink_core::Error| {
+            ConfigError::new(format!(
+                "VM_NAME {name:?} is not a valid hostname: {}",
+                e.message()
+            ))
+        })?;
+        let mut c = AgentConfig::new(
+            allocator_url,
+            vm_name,
+            self.get("API_TOKEN").map(|t| t.trim().to_owned()),
+        );
+        match self.get("LABLINK_START_HOST") {
+            Some("dry-run") => c.start_host = StartHost::DryRun,
+            Some(path) => c.start_host = StartHost::Program(path.into()),
+            None => {}
+        }
+        if let Some(url) = self.get("LABLINK_CRD_REDIRECT_URL") {
+            Url::parse(url).map_err(|_| {
+                ConfigError::new(format!("LABLINK_CRD_REDIRECT_URL {url:?} is not a URL"))
+            })?;
+            c.redirect_url = url.to_owned();
+        }
+        if let Some(path) = self.get("LABLINK_NVIDIA_SMI") {
+            c.nvidia_smi = path.into();
+        }
+        c.inuse_process = self
+            .get("LABLINK_INUSE_PROCESS")
+            .map(|p| p.trim().to_owned());
+        if let Some(list) = self.get("LABLINK_LOG_FILES") {
+            c.log_files = parse_log_files(list)?;
+        }
+        if let Some(id) = self.get("LABLINK_BOOT_ID") {
+            c.boot_id = id.trim().to_owned();
+        }
+        self.seconds("LABLINK_START_HOST_TIMEOUT_SECS", &mut c.start_host_timeout)?;
+        self.seconds("LABLINK_GPU_INTERVAL_SECS", &mut c.gpu_interval)?;
+        self.seconds("LABLINK_INUSE_INTERVAL_SECS", &mut c.inuse_interval)?;
+        self.seconds("LABLINK_LOG_POLL_SECS", &mut c.log_poll)?;
+        self.seconds("LABLINK_HEARTBEAT_SECS", &mut c.heartbeat_interval)?;
+        self.seconds("LABLINK_WAIT_SECS", &mut c.wait_timeout)?;
+        self.seconds("LABLINK_RECHECK_SECS", &mut c.recheck_interval)?;
+        self.seconds("LABLINK_BACKOFF_MAX_SECS", &mut c.backoff_max)?;
+        Ok(c)
+    }
+}
+
+/// `stream=path` pairs separated by commas, e.g.
+/// `cloud_init=/var/log/cloud-init-output.log,container=/var/log/app.log`.
+fn parse_log_files(list: &str) -> Result<Vec<LogFile>, ConfigError> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|item| {
+            let (stream, path) = item.split_once('=').ok_or_else(|| {
+                ConfigError::new(format!(
+                    "LABLINK_LOG_FILES entry {item:?} is not stream=path"
+                ))
+            })?;
+            let stream = LogStream::ALL
+                .into_iter()
+                .find(|s| s.as_str() == stream.trim())
+                .ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "LABLINK_LOG_FILES stream {stream:?} is not cloud_init, container or agent"
+                    ))
+                })?;
+            Ok(LogFile {
+                stream,
+                path: path.trim().into(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_vars(pairs.iter().map(|(k, v)| (k.into(), v.into())))
+    }
+
+    const BASE: [(&str, &str); 2] = [
+        ("ALLOCATOR_URL", "http://10.0.0.1:5000"),
+        ("VM_NAME", "vm-1"),
+    ];
+
+    #[test]
+    fn the_three_vm_settings_are_enough() {
+        let c = config(&BASE).unwrap();
+        assert_eq!(c.vm_name.as_str(), "vm-1");
+        assert!(c.api_token.is_none());
+        assert_eq!(c.start_host, StartHost::Program(DEFAULT_START_HOST.into()));
+        let c = config(&[BASE[0], BASE[1], ("API_TOKEN", "s3cret")]).unwrap();
+        assert_eq!(c.api_token.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting_in_one_line() {
+        for (pairs, expected) in [
+            (vec![BASE[1]], "ALLOCATOR_URL is not set"),
+            (vec![BASE[0]], "VM_NAME is not set"),
+            (
+                vec![("ALLOCATOR_URL", "ftp://x"), BASE[1]],
+                "ALLOCATOR_URL \"ftp://x\"",
+            ),
+            (
+                vec![BASE[0], ("VM_NAME", "bad name;")],
+                "VM_NAME \"bad name;\"",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_WAIT_SECS", "-1")],
+                "LABLINK_WAIT_SECS",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_LOG_FILES", "syslog=/x")],
+                "LABLINK_LOG_FILES",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_AGENT_CONFIG", "/nonexistent")],
+                "LABLINK_AGENT_CONFIG",
+            ),
+        ] {
+            let e = config(&pairs).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e:?} lacks {expected:?}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn the_file_is_read_and_the_environment_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.env");
+        std::fs::write(
+            &file,
+            "# agent\nALLOCATOR_URL=\"http://file:1\"\nVM_NAME=vm-file\nLABLINK_START_HOST=dry-run\n\
+             LABLINK_LOG_FILES=cloud_init=/var/log/cloud-init-output.log, container=/tmp/c.log\n",
+        )
+        .unwrap();
+        let c = config(&[
+            ("LABLINK_AGENT_CONFIG", file.to_str().unwrap()),
+            ("VM_NAME", "vm-env"),
+        ])
+        .unwrap();
+        assert_eq!(c.allocator_url.as_str(), "http://file:1/");
+        assert_eq!(c.vm_name.as_str(), "vm-env");
+        assert_eq!(c.start_host, StartHost::DryRun);
+        assert_eq!(c.log_files.len(), 2);
+        assert_eq!(c.log_files[1].stream, LogStream::Container);
+    }
+}
