@@ -59,6 +59,7 @@ impl Server {
             .env("LABLINK_ADMIN__PASSWORD", PASSWORD)
             .env("LABLINK_ALLOCATOR__MAX_LAUNCH", "20000")
             .env("LABLINK_ALLOCATOR__MAX_WAIT", "600")
+            .env("LABLINK_PROVISIONER__KIND", "fake")
             .env("LABLINK_PROVISIONER__FAKE_LATENCY_SECONDS", "0")
             .env("LABLINK_LOG__FILTER", "error")
             .stdout(Stdio::null())

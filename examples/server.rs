@@ -1,16 +1,17 @@
 //! The LabLink allocator server.
 //!
 //! ```text
-//! cargo run --features server --example server                    # embedded default, no config
-//! cargo run --features server --example server -- --config lablink.toml
-//! cargo run --features server --example server -- validate --config lablink.toml
-//! echo -n 'a long password' | cargo run --features server --example server -- hash-password
+//! cargo run --example server                    # embedded default, no config
+//! cargo run --example server -- --config lablink.toml
+//! cargo run --example server -- validate --config lablink.toml
+//! echo -n 'a long password' | cargo run --example server -- hash-password
 //! ```
 //!
 //! Configuration: a TOML or YAML file (`--config` or `LABLINK_CONFIG`) plus `LABLINK_*`
 //! variables (see `lablink::config`). With none, the server runs on the embedded default:
-//! in-memory store and notifier, a fake provisioner that needs no cloud, and an admin
-//! password generated and printed once.
+//! in-memory store and notifier, VMs that are agent processes on this machine (this same
+//! executable run as `server agent`, which is the `lablink-agent` program, starting no real
+//! Chrome Remote Desktop), and an admin password generated and printed once.
 
 use std::io::Read as _;
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use lablink::config::Config;
 use lablink::http::{hash_password, HttpState};
-use lablink::{Allocator, FakeProvisioner, LabLink};
+use lablink::{Allocator, FakeProvisioner, LabLink, LocalProcessProvisioner, Provisioner};
 use rand::distributions::{Alphanumeric, DistString};
 use tracing_subscriber::EnvFilter;
 
@@ -54,6 +55,19 @@ fn parse_args() -> Result<(Command, Option<PathBuf>), String> {
 }
 
 fn main() -> ExitCode {
+    // The local provisioner's VMs: this executable, run as the agent.
+    if std::env::args().nth(1).as_deref() == Some("agent") {
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(lablink_agent::main_from_env()),
+            Err(e) => {
+                eprintln!("cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (command, path) = match parse_args() {
         Ok(parsed) => parsed,
         Err(message) => {
@@ -124,16 +138,48 @@ fn init_tracing(config: &Config) {
     }
 }
 
-async fn allocator(config: &Config) -> Result<Arc<dyn Allocator>, Box<dyn std::error::Error>> {
-    let provisioner = FakeProvisioner::new()
-        .with_latency(Duration::from_secs_f64(
-            config.provisioner.fake_latency_seconds,
-        ))
-        .with_failure_rate(config.provisioner.fake_failure_rate);
+/// The configured provisioner, and the local one again when it is that (stopped at exit).
+type Provisioners = (Arc<dyn Provisioner>, Option<LocalProcessProvisioner>);
+
+/// The configured provisioner; local agents reach the allocator at `addr`.
+fn provisioner(
+    config: &Config,
+    addr: SocketAddr,
+) -> Result<Provisioners, Box<dyn std::error::Error>> {
+    let p = &config.provisioner;
+    if p.kind == "fake" {
+        let fake = FakeProvisioner::new()
+            .with_latency(Duration::from_secs_f64(p.fake_latency_seconds))
+            .with_failure_rate(p.fake_failure_rate);
+        return Ok((Arc::new(fake), None));
+    }
+    let mut url_addr = addr;
+    if url_addr.ip().is_unspecified() {
+        url_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{url_addr}");
+    let mut builder = if p.local_agent_program.is_empty() {
+        LocalProcessProvisioner::builder(std::env::current_exe()?, url).arg("agent")
+    } else {
+        LocalProcessProvisioner::builder(&p.local_agent_program, url)
+    };
+    builder = builder.env("LABLINK_START_HOST", &p.local_start_host);
+    if !p.local_log_dir.is_empty() {
+        std::fs::create_dir_all(&p.local_log_dir)?;
+        builder = builder.log_dir(&p.local_log_dir);
+    }
+    let local = builder.build();
+    Ok((Arc::new(local.clone()), Some(local)))
+}
+
+async fn allocator(
+    config: &Config,
+    provisioner: Arc<dyn Provisioner>,
+) -> Result<Arc<dyn Allocator>, Box<dyn std::error::Error>> {
     #[allow(unused_mut)]
     let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
-        .with_provisioner(Arc::new(provisioner));
+        .with_provisioner(provisioner);
     #[cfg(feature = "postgres")]
     if !config.database.url.is_empty() {
         let pool = sqlx::postgres::PgPoolOptions::new()
@@ -163,11 +209,19 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         (None, true) => hash_password(&config.admin.password)?,
         (None, false) => config.admin.password_hash.clone(),
     };
-    let state = HttpState::new(allocator(&config).await?, config.http_options(hash));
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let addr = listener.local_addr()?;
+    let (provisioner, local) = provisioner(&config, addr)?;
+    let state = HttpState::new(
+        allocator(&config, provisioner).await?,
+        config.http_options(hash),
+    );
     print_banner(addr, &config, generated.as_deref());
-    state.serve(listener, shutdown_signal()).await?;
+    let served = state.serve(listener, shutdown_signal()).await;
+    if let Some(local) = local {
+        local.shutdown().await;
+    }
+    served?;
     tracing::info!("stopped");
     Ok(())
 }

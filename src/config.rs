@@ -5,7 +5,7 @@
 //! `LABLINK_SERVER__LISTEN=0.0.0.0:8080`, `LABLINK_ADMIN__PASSWORD_HASH=$argon2id$...`,
 //! `LABLINK_ALLOCATOR__MAX_WAIT=60`, `LABLINK_DATABASE__URL=postgres://...`. A value is read
 //! with the type of the setting it names. Without any file or variable, [`Config::default`]
-//! is the embedded default: in-memory store and notifier, fake provisioner, a generated
+//! is the embedded default: in-memory store and notifier, local agent processes as VMs, a generated
 //! admin password.
 
 use std::fmt;
@@ -151,8 +151,16 @@ impl fmt::Debug for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProvisionerConfig {
-    /// `fake` (in-memory, needs no cloud).
+    /// `local` (default: each VM is an agent process on this machine) or `fake` (in-memory
+    /// machines without agents; something else must act as the VMs, e.g. a load generator).
     pub kind: String,
+    /// `local`: the agent program; empty runs this server's own executable as `<exe> agent`.
+    pub local_agent_program: String,
+    /// `local`: what agents run on assignment: `dry-run` (default: log only, run nothing) or
+    /// the path of a Chrome Remote Desktop `start-host`.
+    pub local_start_host: String,
+    /// `local`: a directory for each agent's output (`<hostname>.log`); empty discards it.
+    pub local_log_dir: String,
     /// Latency of each fake launch, seconds.
     pub fake_latency_seconds: f64,
     /// Probability that a fake VM fails to launch.
@@ -162,7 +170,10 @@ pub struct ProvisionerConfig {
 impl Default for ProvisionerConfig {
     fn default() -> Self {
         Self {
-            kind: "fake".into(),
+            kind: "local".into(),
+            local_agent_program: String::new(),
+            local_start_host: "dry-run".into(),
+            local_log_dir: String::new(),
             fake_latency_seconds: 0.5,
             fake_failure_rate: 0.0,
         }
@@ -382,11 +393,15 @@ impl Config {
         if !self.database.url.is_empty() && !cfg!(feature = "postgres") {
             problems.push("[database] url is set but this build has no `postgres` feature".into());
         }
-        if self.provisioner.kind != "fake" {
+        if !matches!(self.provisioner.kind.as_str(), "local" | "fake") {
             problems.push(format!(
-                "[provisioner] kind {:?} is not available; known: fake",
+                "[provisioner] kind {:?} is not available; known: local, fake",
                 self.provisioner.kind
             ));
+        }
+        if self.provisioner.local_start_host.trim().is_empty() {
+            problems
+                .push("[provisioner] local_start_host must be dry-run or a start-host path".into());
         }
         if !(0.0..=1.0).contains(&self.provisioner.fake_failure_rate) {
             problems.push("[provisioner] fake_failure_rate must be between 0 and 1".into());

@@ -17,6 +17,12 @@ pub use lablink_terraform as terraform;
 #[cfg(feature = "aws")]
 pub use lablink_aws as aws;
 
+/// VMs as local agent processes: the embedded default provisioner of the server.
+#[cfg(feature = "local")]
+pub mod local;
+#[cfg(feature = "local")]
+pub use local::LocalProcessProvisioner;
+
 /// The allocator's HTTP layer: an axum router with the compatibility routes, `/api/v1`, the
 /// participant page and the admin UI.
 #[cfg(feature = "server")]
