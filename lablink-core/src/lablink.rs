@@ -12,9 +12,9 @@ use uuid::Uuid;
 use crate::{
     clean_lines, AgentStatus, AgentToken, Allocator, Assignment, ClaimRequest, Clock,
     DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
-    MemoryNotifier, MemoryVmStore, Notifier, Operation, Pin, Provisioner, Result, SystemClock,
-    Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState, VmStore,
-    DEFAULT_LOG_CAP_BYTES,
+    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, Provisioner, Result,
+    SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState,
+    VmStore, DEFAULT_LOG_CAP_BYTES,
 };
 
 /// Settings of the default allocator. `Default` gives sensible workshop values.
@@ -32,6 +32,8 @@ pub struct AllocatorConfig {
     pub log_cap_bytes: usize,
     /// Most VMs one launch may create.
     pub max_launch: usize,
+    /// What [`LabLink::reconcile`] does with machines that have no record.
+    pub orphan_policy: OrphanPolicy,
 }
 
 impl Default for AllocatorConfig {
@@ -42,6 +44,7 @@ impl Default for AllocatorConfig {
             max_wait: Duration::from_secs(120),
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             max_launch: 1000,
+            orphan_policy: OrphanPolicy::default(),
         }
     }
 }

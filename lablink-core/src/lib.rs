@@ -13,6 +13,7 @@ mod notifier;
 mod operation;
 mod provisioner;
 mod provisioning;
+mod reconcile;
 mod record;
 mod retry;
 mod secret;
@@ -33,6 +34,7 @@ pub use memory::MemoryVmStore;
 pub use notifier::{MemoryNotifier, Notifier, Subscription, Wake};
 pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINES};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
+pub use reconcile::{OrphanPolicy, ReconcileReport};
 pub use record::{
     AgentStatus, Assignment, GpuHealth, StartupTimings, Telemetry, VmRecord, DEFAULT_LOG_CAP_BYTES,
     MAX_BOOT_ID,

@@ -194,7 +194,7 @@ impl LabLink {
 
     /// Records a created machine: `Provisioned`, the provisioning end time, and `AgentReady`
     /// at once if the agent already said it is running while the launch was in flight.
-    async fn record_provisioned(&self, vm: &ProvisionedVm) -> Result<()> {
+    pub(crate) async fn record_provisioned(&self, vm: &ProvisionedVm) -> Result<()> {
         let now = self.inner.clock.now();
         let event = VmEvent::Provisioned {
             instance_id: vm.instance_id.clone(),

@@ -299,7 +299,9 @@ impl VmRecord {
                 self.instance_id = Some(instance_id.clone());
                 self.address.clone_from(address);
             }
-            VmEvent::ProvisionFailed { reason } | VmEvent::MarkUnhealthy { reason } => {
+            VmEvent::ProvisionFailed { reason }
+            | VmEvent::MarkUnhealthy { reason }
+            | VmEvent::InstanceLost { reason } => {
                 self.last_error = Some(reason.clone());
             }
             VmEvent::Claim(assignment) => {

@@ -196,6 +196,11 @@ pub enum VmEvent {
     AgentReady,
     /// The agent did not report ready in time.
     BootTimedOut,
+    /// The provider no longer has the machine (found by reconcile).
+    InstanceLost {
+        /// Why (never a secret).
+        reason: String,
+    },
     /// A participant got this VM.
     Claim(crate::Assignment),
     /// The participant's assignment ends; the VM is free again.
@@ -223,6 +228,7 @@ impl VmEvent {
             Self::ProvisionFailed { .. } => "provision failed",
             Self::AgentReady => "agent ready",
             Self::BootTimedOut => "boot timed out",
+            Self::InstanceLost { .. } => "instance lost",
             Self::Claim(_) => "claim",
             Self::Release => "release",
             Self::MarkUnhealthy { .. } => "mark unhealthy",
@@ -282,6 +288,10 @@ pub fn transition(from: &VmState, event: &VmEvent) -> Result<VmState, InvalidTra
             other => other.state(),
         }),
         (S::Booting, E::BootTimedOut) => Some(S::Failed),
+        (
+            S::Booting | S::Available | S::Assigned | S::Unhealthy { .. } | S::Rebooting { .. },
+            E::InstanceLost { .. },
+        ) => Some(S::Failed),
         (S::Available, E::Claim(_)) => Some(S::Assigned),
         (S::Assigned, E::Release) => Some(S::Available),
         (
@@ -424,6 +434,21 @@ mod tests {
         );
         assert!(transition(&VmState::Failed, &VmEvent::AgentReady).is_err());
         assert!(transition(&VmState::Requested, &VmEvent::AgentReady).is_err());
+    }
+
+    #[test]
+    fn a_lost_instance_fails_every_live_state_and_nothing_else() {
+        let lost = VmEvent::InstanceLost {
+            reason: "gone".into(),
+        };
+        for s in all_states() {
+            let result = transition(&s, &lost);
+            if s.phase().is_some() {
+                assert_eq!(result, Ok(VmState::Failed), "{s}");
+            } else {
+                assert!(result.is_err(), "{s} accepted instance lost");
+            }
+        }
     }
 
     #[test]

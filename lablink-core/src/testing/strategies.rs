@@ -76,6 +76,9 @@ pub fn vm_event() -> impl Strategy<Value = VmEvent> {
         }),
         Just(VmEvent::AgentReady),
         Just(VmEvent::BootTimedOut),
+        Just(VmEvent::InstanceLost {
+            reason: "the provider has no such machine".into()
+        }),
         assignment().prop_map(VmEvent::Claim),
         Just(VmEvent::Release),
         Just(VmEvent::MarkUnhealthy {
