@@ -21,10 +21,10 @@ use crate::config::{AgentConfig, StartHost};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The command or PIN is not acceptable; nothing was run.
-    #[error("invalid assignment: {0}")]
+    #[error("{0}")]
     Invalid(String),
     /// `start-host` could not be started, failed, or timed out.
-    #[error("start-host failed: {0}")]
+    #[error("{0}")]
     Failed(String),
 }
 

@@ -47,6 +47,7 @@ pub async fn main_from_env() -> ExitCode {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
     run(config, shutdown_signal()).await;
     ExitCode::SUCCESS

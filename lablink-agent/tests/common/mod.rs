@@ -1,0 +1,364 @@
+//! A real allocator server (the facade's HTTP layer on 127.0.0.1) whose VMs are real
+//! `lablink-agent` processes started by the `LocalProcessProvisioner`, with recording
+//! stand-ins for Chrome Remote Desktop's `start-host` and for `nvidia-smi`.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use lablink::http::{hash_password, HttpOptions, HttpState};
+use lablink::{Allocator, AllocatorExt, LabLinkBuilder, LocalProcessProvisioner};
+use reqwest::header::ACCEPT;
+use reqwest::{Client, StatusCode};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const AGENT: &str = env!("CARGO_BIN_EXE_lablink-agent");
+pub const ADMIN: &str = "admin";
+pub const PASSWORD: &str = "agent tests password";
+pub const REDIRECT: &str = "https://remotedesktop.google.com/_/oauthredirect";
+
+fn admin_hash() -> String {
+    static HASH: OnceLock<String> = OnceLock::new();
+    HASH.get_or_init(|| hash_password(PASSWORD).unwrap())
+        .clone()
+}
+
+/// Writes an executable shell script.
+pub fn script(path: &Path, body: &str) {
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The agents' files: the recording `start-host`, the fake `nvidia-smi`, agent output.
+#[derive(Debug)]
+pub struct Workdir {
+    pub dir: TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let w = Self { dir };
+        // start-host records its arguments and stdin per VM, and counts its runs.
+        script(
+            &w.path("start-host"),
+            r#"out="$RECORD_DIR/$VM_NAME"
+printf '%s\n' "$@" > "$out.argv.tmp"
+cat > "$out.stdin.tmp"
+mv "$out.argv.tmp" "$out.argv"
+mv "$out.stdin.tmp" "$out.stdin"
+echo run >> "$out.runs""#,
+        );
+        // nvidia-smi exits with the code in gpu-<VM_NAME> (default 0).
+        script(
+            &w.path("nvidia-smi"),
+            r#"code=$(cat "$RECORD_DIR/gpu-$VM_NAME" 2>/dev/null || echo 0)
+exit "$code""#,
+        );
+        std::fs::create_dir(w.path("agents")).unwrap();
+        w
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn read(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(name)).ok()
+    }
+
+    /// A local provisioner of real agents talking to `url`, fast intervals, plus `extra`.
+    pub fn provisioner(&self, url: &str, extra: &[(&str, &str)]) -> LocalProcessProvisioner {
+        let mut b = LocalProcessProvisioner::builder(AGENT, url)
+            .log_dir(self.path("agents"))
+            .env("RECORD_DIR", self.dir.path())
+            .env("LABLINK_START_HOST", self.path("start-host"))
+            .env("LABLINK_NVIDIA_SMI", self.path("nvidia-smi"))
+            .env("LABLINK_GPU_INTERVAL_SECS", "0.5")
+            .env("LABLINK_INUSE_INTERVAL_SECS", "0.5")
+            .env("LABLINK_HEARTBEAT_SECS", "2")
+            .env("LABLINK_WAIT_SECS", "5")
+            .env("LABLINK_RECHECK_SECS", "0.5")
+            .env("LABLINK_BACKOFF_MAX_SECS", "1")
+            .env("LABLINK_LOG_POLL_SECS", "0.2")
+            .env("RUST_LOG", "lablink_agent=debug,info");
+        for (k, v) in extra {
+            b = b.env(k, v);
+        }
+        b.build()
+    }
+}
+
+/// A server on a fixed loopback address, which can be stopped and started again.
+#[derive(Debug)]
+pub struct Rig {
+    pub addr: SocketAddr,
+    pub allocator: Arc<dyn Allocator>,
+    pub state: HttpState,
+    pub client: Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// A free loopback address.
+pub async fn free_addr() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+impl Rig {
+    /// Serves `builder` (with `provisioner`) at `addr`.
+    pub async fn start(
+        addr: SocketAddr,
+        builder: LabLinkBuilder,
+        provisioner: &LocalProcessProvisioner,
+    ) -> Self {
+        let allocator: Arc<dyn Allocator> = Arc::new(
+            builder
+                .with_provisioner(Arc::new(provisioner.clone()))
+                .build()
+                .unwrap(),
+        );
+        let mut rig = Self {
+            addr,
+            state: HttpState::new(allocator.clone(), HttpOptions::new(ADMIN, admin_hash())),
+            allocator,
+            client: Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+            stop: None,
+            task: None,
+        };
+        rig.serve().await;
+        rig
+    }
+
+    async fn serve(&mut self) {
+        // The port was just released by an earlier server of this test: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding {}: {e}", self.addr);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot bind {}: {e}", self.addr),
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let state = self.state.clone();
+        self.task = Some(tokio::spawn(async move {
+            state
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        }));
+        self.stop = Some(tx);
+    }
+
+    /// Kills the server: the task is aborted, connections drop, held requests get no answer.
+    pub async fn kill(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.stop = None;
+    }
+
+    /// Stops the server gracefully (held requests are answered "ask again").
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Serves again at the same address, with the same allocator.
+    pub async fn restart(&mut self) {
+        self.serve().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Launches `n` VMs and waits for the operation.
+    pub async fn launch(&self, n: usize) -> Vec<String> {
+        let op = self
+            .allocator
+            .launch_and_wait(n, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(op.hostnames.len(), n, "{op:?}");
+        op.hostnames.iter().map(ToString::to_string).collect()
+    }
+
+    /// The admin's view of every VM (`GET /api/v1/vms`).
+    pub async fn vms(&self) -> Vec<Value> {
+        let r = self
+            .client
+            .get(self.url("/api/v1/vms"))
+            .basic_auth(ADMIN, Some(PASSWORD))
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json::<Value>().await.unwrap().as_array().unwrap().clone()
+    }
+
+    /// The admin's view of one VM's logs (`GET /api/v1/vms/<h>/logs`).
+    pub async fn logs(&self, hostname: &str) -> Value {
+        let r = self
+            .client
+            .get(self.url(&format!("/api/v1/vms/{hostname}/logs")))
+            .basic_auth(ADMIN, Some(PASSWORD))
+            .header(ACCEPT, "application/json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+
+    /// Requests a VM as a participant; `(status, body)`.
+    pub async fn request_vm(&self, email: &str, command: &str) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(self.url("/api/request_vm"))
+            .header(ACCEPT, "application/json")
+            .form(&[("email", email), ("crd_command", command)])
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until every VM of the admin view satisfies `ready`, or panics naming `what`.
+    pub async fn wait_for_vms(
+        &self,
+        what: &str,
+        n: usize,
+        ready: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let vms = self.vms().await;
+            if vms.len() == n && vms.iter().all(&ready) {
+                return vms;
+            }
+            if Instant::now() > deadline {
+                let pending: Vec<_> = vms.iter().filter(|vm| !ready(vm)).collect();
+                panic!(
+                    "timed out waiting for {what}; {} VMs, not ready: {pending:#?}",
+                    vms.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Polls `check` every 100 ms until it gives a value, or panics after `patience`.
+pub async fn wait_until<T, F, Fut>(what: &str, patience: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A participant's CRD command with `code`.
+pub fn crd_command(code: &str) -> String {
+    format!(
+        "DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"{code}\" \
+         --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=$(hostname)"
+    )
+}
+
+/// A fresh PostgreSQL database on the server `DATABASE_URL` points at.
+pub mod pg {
+    use std::str::FromStr;
+    use std::sync::Arc;
+
+    use lablink::postgres::{PgNotifier, PgVmStore};
+    use lablink::{LabLink, LabLinkBuilder};
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::{ConnectOptions, Executor, PgPool};
+
+    #[derive(Debug)]
+    pub struct Database {
+        admin: PgConnectOptions,
+        name: String,
+        pools: std::sync::Mutex<Vec<PgPool>>,
+    }
+
+    impl Database {
+        pub async fn create(url: &str) -> Self {
+            let admin = PgConnectOptions::from_str(url).expect("DATABASE_URL is a postgres URL");
+            let name = format!("lablink_agent_{}", uuid::Uuid::new_v4().simple());
+            let mut conn = admin
+                .connect()
+                .await
+                .expect("PostgreSQL answers at DATABASE_URL");
+            conn.execute(format!("CREATE DATABASE {name}").as_str())
+                .await
+                .unwrap();
+            let db = Self {
+                admin,
+                name,
+                pools: Default::default(),
+            };
+            lablink::postgres::setup(&db.pool().await).await.unwrap();
+            db
+        }
+
+        async fn pool(&self) -> PgPool {
+            let pool = PgPoolOptions::new()
+                .max_connections(10)
+                .connect_with(self.admin.clone().database(&self.name))
+                .await
+                .unwrap();
+            self.pools.lock().unwrap().push(pool.clone());
+            pool
+        }
+
+        /// An allocator's store and notifier on this database (one "server process").
+        pub async fn builder(&self) -> LabLinkBuilder {
+            let pool = self.pool().await;
+            let notifier = PgNotifier::connect(pool.clone()).await.unwrap();
+            LabLink::builder()
+                .with_store(Arc::new(PgVmStore::new(pool)))
+                .with_notifier(Arc::new(notifier))
+        }
+
+        pub async fn drop(self) {
+            let pools = std::mem::take(&mut *self.pools.lock().unwrap());
+            for pool in pools {
+                pool.close().await;
+            }
+            if let Ok(mut conn) = self.admin.connect().await {
+                let _ = conn
+                    .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+                    .await;
+            }
+        }
+    }
+}
