@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     clean_lines, AgentStatus, AgentToken, Allocator, Assignment, ClaimRequest, Clock,
     DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
-    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, Provisioner, Result,
+    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, SupervisorConfig, Provisioner, Result,
     SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState,
     VmStore, DEFAULT_LOG_CAP_BYTES,
 };
@@ -34,6 +34,8 @@ pub struct AllocatorConfig {
     pub max_launch: usize,
     /// What [`LabLink::reconcile`] does with machines that have no record.
     pub orphan_policy: OrphanPolicy,
+    /// The supervisor's loops ([`LabLink::start_supervisor`]).
+    pub supervisor: SupervisorConfig,
 }
 
 impl Default for AllocatorConfig {
@@ -45,11 +47,12 @@ impl Default for AllocatorConfig {
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             max_launch: 1000,
             orphan_policy: OrphanPolicy::default(),
+            supervisor: SupervisorConfig::default(),
         }
     }
 }
 
-mod seconds {
+pub(crate) mod seconds {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -92,6 +95,7 @@ impl AllocatorConfig {
         if self.max_launch == 0 {
             problems.push("max_launch must be at least 1".into());
         }
+        problems.extend(self.supervisor.problems());
         problems
     }
 }
@@ -162,6 +166,7 @@ impl LabLinkBuilder {
                     .unwrap_or_else(|| Arc::new(MemoryNotifier::default())),
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
+                supervision: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -180,6 +185,8 @@ pub(crate) struct Inner {
     pub(crate) notifier: Arc<dyn Notifier>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: AllocatorConfig,
+    /// The status of the supervisor started on this allocator, if any.
+    pub(crate) supervision: std::sync::Mutex<Option<Arc<crate::supervisor::Shared>>>,
 }
 
 /// How often a state reaction is retried when another writer changed the record first.

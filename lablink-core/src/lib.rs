@@ -19,6 +19,7 @@ mod retry;
 mod secret;
 mod state;
 mod store;
+mod supervisor;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -42,7 +43,12 @@ pub use record::{
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{AgentToken, CrdCommand, Pin, TokenDigest};
 pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
-pub use store::{ClaimRequest, Claimed, ProvisioningLock, VmCounts, VmFilter, VmStore};
+pub use supervisor::{
+    DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig,
+    PoolWindow, ReconcileConfig, Supervisor, SupervisorConfig, SupervisorCounters,
+    SupervisorStatus, VmFlag,
+};
+pub use store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore};
 
 #[cfg(feature = "mock")]
 pub use allocator::MockAllocator;

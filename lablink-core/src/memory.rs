@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 use crate::logs::BoundedLog;
 use crate::{
-    Assignment, ClaimRequest, Claimed, Email, Error, ErrorKind, Hostname, LogStream, Operation,
+    Assignment, ClaimRequest, Claimed, Email, Error, ErrorKind, Hostname, LeaderLease, LogStream,
+    Operation,
     ProvisioningLock, Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs,
     VmRecord, VmStore,
 };
@@ -30,6 +31,7 @@ struct Inner {
     by_email: HashMap<Email, Hostname>,
     by_token: HashMap<TokenDigest, Hostname>,
     operations: HashMap<Uuid, Operation>,
+    leader: Option<LeaderLease>,
 }
 
 #[derive(Debug)]
@@ -334,5 +336,33 @@ impl VmStore for MemoryVmStore {
                 Error::conflict("another provisioning operation is running")
                     .with_operation("lock provisioning")
             })
+    }
+
+    async fn try_lead(
+        &self,
+        candidate: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<LeaderLease> {
+        let mut inner = self.lock();
+        let free = inner
+            .leader
+            .as_ref()
+            .is_none_or(|l| l.holder == candidate || l.expires_at <= now);
+        if free {
+            inner.leader = Some(LeaderLease {
+                holder: candidate.to_owned(),
+                expires_at: until,
+            });
+        }
+        Ok(inner.leader.clone().expect("a lease was just checked or set"))
+    }
+
+    async fn resign(&self, candidate: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.leader.as_ref().is_some_and(|l| l.holder == candidate) {
+            inner.leader = None;
+        }
+        Ok(())
     }
 }

@@ -109,7 +109,7 @@ impl LabLink {
     }
 
     /// Runs `work` while recording its progress lines on `op`; then records the outcome.
-    async fn with_progress<T, F, Fut>(&self, mut op: Operation, work: F) -> (Operation, Result<T>)
+    pub(crate) async fn with_progress<T, F, Fut>(&self, mut op: Operation, work: F) -> (Operation, Result<T>)
     where
         F: FnOnce(Progress) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -138,7 +138,7 @@ impl LabLink {
         (op, result)
     }
 
-    async fn save_operation(&self, op: &Operation) {
+    pub(crate) async fn save_operation(&self, op: &Operation) {
         if let Err(e) = self.inner.store.put_operation(op).await {
             tracing::warn!(operation = %op.id, error = %e, "could not record operation progress");
         }
@@ -278,7 +278,7 @@ impl LabLink {
         Ok(operation)
     }
 
-    async fn finish_destroy(&self, mut op: Operation, result: Result<()>, hostnames: &[Hostname]) {
+    pub(crate) async fn finish_destroy(&self, mut op: Operation, result: Result<()>, hostnames: &[Hostname]) {
         let error = match result {
             Ok(()) => {
                 for hostname in hostnames {

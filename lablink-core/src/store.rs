@@ -105,6 +105,15 @@ impl VmCounts {
     }
 }
 
+/// Who holds the supervisor leader lease and until when (see [`VmStore::try_lead`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderLease {
+    /// The candidate holding it (a replica's supervisor id).
+    pub holder: String,
+    /// When it ends unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Held while a provisioning operation runs; dropping it lets the next one start.
 pub struct ProvisioningLock {
     _guard: Box<dyn Any + Send + Sync>,
@@ -149,6 +158,10 @@ impl fmt::Debug for ProvisioningLock {
 ///   stream keeps at most `log_cap_bytes`, dropping the oldest lines.
 /// - `lock_provisioning` gives at most one holder at a time (across processes for durable
 ///   stores); a second caller gets [`ErrorKind::Conflict`](crate::ErrorKind::Conflict).
+/// - `try_lead` is atomic (across processes for durable stores): it gives the lease to
+///   `candidate` until `until` when nobody holds it, `candidate` already holds it, or the
+///   holder's lease ended at or before `now`; otherwise it changes nothing. Either way it
+///   returns the lease as it now stands. `resign` ends the lease only if `candidate` holds it.
 /// - Stores never read a clock: callers pass `now`.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -206,4 +219,16 @@ pub trait VmStore: Send + Sync + Debug {
 
     /// Takes the deployment-wide provisioning lock, or fails with `Conflict` if it is held.
     async fn lock_provisioning(&self) -> Result<ProvisioningLock>;
+
+    /// Takes or renews the supervisor leader lease for `candidate` until `until`, if it is
+    /// free, already `candidate`'s, or expired at `now`. Returns the lease as it stands.
+    async fn try_lead(
+        &self,
+        candidate: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<LeaderLease>;
+
+    /// Gives the leader lease up, if `candidate` holds it.
+    async fn resign(&self, candidate: &str) -> Result<()>;
 }

@@ -161,6 +161,17 @@ impl VmStore for CrashingStore {
     async fn lock_provisioning(&self) -> lablink_core::Result<ProvisioningLock> {
         self.inner.lock_provisioning().await
     }
+    async fn try_lead(
+        &self,
+        candidate: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> lablink_core::Result<lablink_core::LeaderLease> {
+        self.inner.try_lead(candidate, now, until).await
+    }
+    async fn resign(&self, candidate: &str) -> lablink_core::Result<()> {
+        self.inner.resign(candidate).await
+    }
 }
 
 /// Runs a launch of `count` VMs in a process of its own and kills that process at `at`.

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod error;
+mod leader;
 mod lock;
 mod logs;
 mod notifier;

@@ -473,6 +473,19 @@ impl VmStore for PgVmStore {
     async fn lock_provisioning(&self) -> Result<ProvisioningLock> {
         lock::try_lock(&self.pool, self.lock_key).await
     }
+
+    async fn try_lead(
+        &self,
+        candidate: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<lablink_core::LeaderLease> {
+        crate::leader::try_lead(&self.pool, candidate, now, until).await
+    }
+
+    async fn resign(&self, candidate: &str) -> Result<()> {
+        crate::leader::resign(&self.pool, candidate).await
+    }
 }
 
 fn count_row(row: &PgRow) -> Result<(VmState, bool, usize), PgError> {

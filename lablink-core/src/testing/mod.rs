@@ -68,6 +68,7 @@ macro_rules! vm_store_conformance {
             remove_deletes_records_and_frees_emails,
             operations_round_trip_newest_first,
             provisioning_lock_is_exclusive,
+            leadership_is_exclusive_until_the_lease_ends,
         );
     };
 }

@@ -1,0 +1,472 @@
+//! The supervisor: background loops that keep a deployment healthy without an admin
+//! watching — heartbeat leases, the recovery ladder, reconcile, the warm pool, scheduled
+//! destruction and idle release.
+//!
+//! One task per [`Supervisor`] runs the loops in turn every [`SupervisorConfig::tick`], on
+//! the allocator's [`Clock`](crate::Clock) and tokio's timer (so paused-time tests drive it).
+//! Across replicas sharing a store only the holder of the store's leader lease
+//! ([`VmStore::try_lead`](crate::VmStore::try_lead)) acts; the others keep trying to take the
+//! lease and take over within [`SupervisorConfig::leader_lease`] of the leader's death.
+//!
+//! The task holds only a weak reference to the allocator: dropping every [`LabLink`] clone
+//! ends it, and so does dropping (abort) or [`stop`](Supervisor::stop)ping (graceful,
+//! resigns the lease) its handle.
+
+mod config;
+mod health;
+mod pool;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
+use uuid::Uuid;
+
+pub use config::{
+    DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
+    ReconcileConfig, SupervisorConfig,
+};
+
+use crate::lablink::Inner;
+use crate::{
+    Email, Error, Hostname, LabLink, Operation, OperationKind, ProvisionedVm, ReconcileReport,
+    Result, VmEvent, VmFilter, VmRecord, VmState,
+};
+
+/// How many recent supervisor events the status keeps.
+const RECENT_EVENTS: usize = 50;
+
+/// Why the supervisor points an admin at a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlagKind {
+    /// An assigned VM is in trouble; automation leaves it to the admin (reboot or destroy).
+    NeedsAdmin,
+    /// The ladder used its budget on this VM; it waits for the admin.
+    LadderExhausted,
+    /// An assigned VM has not been in use for a while and will be released soon.
+    IdleWarning,
+}
+
+impl FlagKind {
+    /// Lower-case name, for the UI and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NeedsAdmin => "needs_admin",
+            Self::LadderExhausted => "ladder_exhausted",
+            Self::IdleWarning => "idle_warning",
+        }
+    }
+}
+
+/// A VM the supervisor wants an admin to look at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmFlag {
+    /// The VM.
+    pub hostname: Hostname,
+    /// Why.
+    pub kind: FlagKind,
+    /// What is wrong and what would happen, in words (never a secret).
+    pub message: String,
+}
+
+/// What the supervisor has done since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorCounters {
+    /// Ticks run (as leader or not).
+    pub ticks: u64,
+    /// Times this replica became leader.
+    pub became_leader: u64,
+    /// Heartbeat leases that expired (VM marked unhealthy).
+    pub leases_expired: u64,
+    /// Agent restarts seen (boot id changed).
+    pub restarts_seen: u64,
+    /// Reboots started by the ladder.
+    pub ladder_reboots: u64,
+    /// VMs replaced by the ladder.
+    pub ladder_replacements: u64,
+    /// VMs launched by the pool (and for replacements).
+    pub pool_launched: u64,
+    /// Idle free VMs beyond K destroyed by the pool.
+    pub pool_released: u64,
+    /// Assigned VMs released for being idle.
+    pub idle_released: u64,
+    /// Reconcile runs.
+    pub reconciles: u64,
+    /// Steps that failed (each is retried on a later tick).
+    pub errors: u64,
+}
+
+/// What one supervisor is doing, for the admin UI and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    /// This supervisor's id (its candidate name for the leader lease).
+    pub id: String,
+    /// Whether its loops run.
+    pub running: bool,
+    /// Whether it holds the leader lease (only the leader acts).
+    pub leader: bool,
+    /// Who holds the lease, as last seen.
+    pub leader_holder: Option<String>,
+    /// Until when, as last seen.
+    pub leader_until: Option<DateTime<Utc>>,
+    /// When the last tick ran.
+    pub last_tick: Option<DateTime<Utc>>,
+    /// K right now (counting schedule windows); `None` when the pool is off.
+    pub pool_target: Option<usize>,
+    /// Free VMs (available, booting, requested) at the last tick.
+    pub pool_free: usize,
+    /// When every VM will be destroyed, if scheduled.
+    pub destruction_at: Option<DateTime<Utc>>,
+    /// Whether the destruction warning is showing (it is near or past).
+    pub destruction_warning: bool,
+    /// When reconcile last ran.
+    pub last_reconcile_at: Option<DateTime<Utc>>,
+    /// What it did.
+    pub last_reconcile: Option<ReconcileReport>,
+    /// VMs an admin should look at.
+    pub flags: Vec<VmFlag>,
+    /// Counters since start.
+    pub counters: SupervisorCounters,
+    /// Newest last: `(when, what)`.
+    pub recent: VecDeque<(DateTime<Utc>, String)>,
+    /// The last step that failed.
+    pub last_error: Option<String>,
+}
+
+/// The status cell shared by the loop, the handle and the allocator.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    status: Mutex<SupervisorStatus>,
+}
+
+impl Shared {
+    fn status(&self) -> MutexGuard<'_, SupervisorStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn snapshot(&self) -> SupervisorStatus {
+        self.status().clone()
+    }
+
+    fn event(&self, now: DateTime<Utc>, what: String) {
+        tracing::info!(event = %what, "supervisor");
+        let mut s = self.status();
+        s.recent.push_back((now, what));
+        while s.recent.len() > RECENT_EVENTS {
+            s.recent.pop_front();
+        }
+    }
+
+    fn error(&self, step: &str, e: &Error) {
+        tracing::warn!(step, error = %e, "supervisor step failed; retrying next tick");
+        let mut s = self.status();
+        s.counters.errors += 1;
+        s.last_error = Some(format!("{step}: {e}"));
+    }
+}
+
+/// The handle of a running supervisor. Dropping it aborts the loops at once (as a crash
+/// would: its leader lease then expires); [`stop`](Self::stop) ends them gracefully and
+/// gives the lease up so another replica takes over immediately.
+#[derive(Debug)]
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    /// What it is doing.
+    pub fn status(&self) -> SupervisorStatus {
+        self.shared.snapshot()
+    }
+
+    /// Stops the loops after the current step, resigns the leader lease and waits.
+    pub async fn stop(mut self) {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            self.shared.status().running = false;
+        }
+    }
+}
+
+/// What the leader remembers between ticks. Lost on a change of leader: budgets then start
+/// full, which errs on the side of repairing.
+#[derive(Debug, Default)]
+pub(crate) struct Memory {
+    /// When this replica became leader.
+    leader_since: Option<DateTime<Utc>>,
+    /// When reconcile last ran.
+    last_reconcile: Option<DateTime<Utc>>,
+    /// Per VM: the ladder's budget and history.
+    ladder: HashMap<Hostname, Rung>,
+    /// When the ladder replaced VMs (the deployment-wide budget window).
+    replacements: VecDeque<DateTime<Utc>>,
+    /// Replacement VMs still to launch (pool off).
+    pending_launches: usize,
+    /// Per VM: restarts seen.
+    restarts: HashMap<Hostname, u32>,
+    /// Per assigned VM and owner: since when it has been seen not in use.
+    idle_since: HashMap<(Hostname, Email), DateTime<Utc>>,
+}
+
+/// The ladder's record of one VM.
+#[derive(Debug, Default)]
+pub(crate) struct Rung {
+    reboots: u32,
+    last_action: Option<DateTime<Utc>>,
+    healthy_since: Option<DateTime<Utc>>,
+}
+
+impl LabLink {
+    /// Starts the supervisor with the settings in [`AllocatorConfig::supervisor`](crate::AllocatorConfig::supervisor).
+    /// Fails with `Conflict` when this allocator already runs one.
+    pub fn start_supervisor(&self) -> Result<Supervisor> {
+        let mut slot = self
+            .inner
+            .supervision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|s| s.status().running) {
+            return Err(Error::conflict("this allocator already runs a supervisor")
+                .with_operation("start supervisor"));
+        }
+        let id = format!("supervisor-{}", Uuid::new_v4().simple());
+        let shared = Arc::new(Shared {
+            status: Mutex::new(SupervisorStatus {
+                id: id.clone(),
+                running: true,
+                ..Default::default()
+            }),
+        });
+        *slot = Some(shared.clone());
+        let (stop, stopped) = watch::channel(false);
+        let span = tracing::info_span!("supervisor", id = %id);
+        let task = tokio::spawn(
+            run(Arc::downgrade(&self.inner), shared.clone(), stopped).instrument(span),
+        );
+        Ok(Supervisor {
+            shared,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// What this allocator's supervisor is doing, if it runs one.
+    pub fn supervision(&self) -> Option<SupervisorStatus> {
+        self.inner
+            .supervision
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|s| s.snapshot())
+    }
+
+    /// One tick: take or keep the lease, then (as leader) run every enabled loop.
+    async fn supervise_once(&self, shared: &Shared, memory: &mut Memory) {
+        let config = self.inner.config.supervisor.clone();
+        let now = self.inner.clock.now();
+        let id = shared.status().id.clone();
+        let until = now + chrono::Duration::from_std(config.leader_lease).unwrap_or_default();
+        let lease = match self.inner.store.try_lead(&id, now, until).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                // Without a confirmed lease this replica must not act.
+                shared.error("leader lease", &e);
+                shared.status().leader = false;
+                return;
+            }
+        };
+        let leader = lease.holder == id;
+        {
+            let mut s = shared.status();
+            s.counters.ticks += 1;
+            s.last_tick = Some(now);
+            s.leader = leader;
+            s.leader_holder = Some(lease.holder.clone());
+            s.leader_until = Some(lease.expires_at);
+        }
+        if !leader {
+            if memory.leader_since.is_some() {
+                shared.event(now, format!("lost the leader lease to {}", lease.holder));
+            }
+            *memory = Memory::default();
+            return;
+        }
+        if memory.leader_since.is_none() {
+            memory.leader_since = Some(now);
+            shared.status().counters.became_leader += 1;
+            shared.event(now, "became leader".into());
+        }
+
+        let reconcile_due = memory.last_reconcile.is_none_or(|last| {
+            now - last >= chrono::Duration::from_std(config.reconcile.interval).unwrap_or_default()
+        });
+        if config.reconcile.enabled && reconcile_due {
+            match self.reconcile().await {
+                Ok(report) => {
+                    memory.last_reconcile = Some(now);
+                    if report.changed_anything() {
+                        shared.event(now, format!("reconcile: {}", summary(&report)));
+                    }
+                    let mut s = shared.status();
+                    s.counters.reconciles += 1;
+                    s.last_reconcile_at = Some(now);
+                    s.last_reconcile = Some(report);
+                }
+                // A launch is running: try again next tick.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => shared.error("reconcile", &e),
+            }
+        }
+
+        let records = match self.inner.store.list(&VmFilter::default()).await {
+            Ok(records) => records,
+            Err(e) => return shared.error("list VMs", &e),
+        };
+        let mut flags = Vec::new();
+        if config.leases.enabled {
+            self.check_leases(&config.leases, &records, now, shared)
+                .await;
+        }
+        self.note_restarts(&records, now, shared, memory);
+        if config.ladder.enabled {
+            self.climb_ladder(&config, &records, now, shared, memory, &mut flags)
+                .await;
+        }
+        self.launch_pending(shared, memory).await;
+        self.scheduled_destruction(&config.destruction, &records, now, shared)
+            .await;
+        self.keep_pool(&config, &records, now, shared).await;
+        if config.idle_release.enabled {
+            self.release_idle(&config.idle_release, &records, now, shared, memory, &mut flags)
+                .await;
+        }
+        shared.status().flags = flags;
+    }
+
+    /// Destroys those of `hostnames` for which `pick` holds on the record at the moment it
+    /// changes (so a VM claimed in between is never taken); returns the hostnames taken.
+    /// `Conflict` when another provisioning operation holds the lock.
+    pub(crate) async fn destroy_where(
+        &self,
+        hostnames: &[Hostname],
+        pick: impl Fn(&VmRecord) -> bool + Send + Sync,
+    ) -> Result<Vec<Hostname>> {
+        let lock = self.inner.store.lock_provisioning().await?;
+        let mut machines = Vec::new();
+        let mut taken = Vec::new();
+        for hostname in hostnames {
+            // The decision on the record version the change was applied to is the last one.
+            let chosen = AtomicBool::new(false);
+            let record = match self
+                .apply_if(hostname, |r| {
+                    let yes = r.state != VmState::Terminating
+                        && r.state != VmState::Terminated
+                        && pick(r);
+                    chosen.store(yes, Ordering::SeqCst);
+                    yes.then_some(VmEvent::Destroy)
+                })
+                .await
+            {
+                Ok(record) => record,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            if !chosen.load(Ordering::SeqCst) || record.state != VmState::Terminating {
+                continue;
+            }
+            self.publish(hostname).await;
+            if let Some(instance_id) = &record.instance_id {
+                machines.push(ProvisionedVm {
+                    hostname: hostname.clone(),
+                    instance_id: instance_id.clone(),
+                    address: record.address.clone(),
+                });
+            }
+            taken.push(hostname.clone());
+        }
+        if taken.is_empty() {
+            return Ok(taken);
+        }
+        let now = self.inner.clock.now();
+        let operation = Operation::start(OperationKind::Destroy, taken.clone(), now);
+        self.inner.store.put_operation(&operation).await?;
+        let this = self.clone();
+        let names = taken.clone();
+        let span = tracing::info_span!("destroy", operation = %operation.id);
+        tokio::spawn(
+            async move {
+                let _lock = lock;
+                let provisioner = this.inner.provisioner.clone();
+                let (op, result) = this
+                    .with_progress(operation, |_| async move {
+                        provisioner.destroy(&machines).await
+                    })
+                    .await;
+                this.finish_destroy(op, result, &names).await;
+            }
+            .instrument(span),
+        );
+        Ok(taken)
+    }
+}
+
+/// The loop of one supervisor.
+async fn run(inner: Weak<Inner>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut memory = Memory::default();
+    loop {
+        let tick = {
+            let Some(inner) = inner.upgrade() else { break };
+            let lablink = LabLink { inner };
+            lablink.supervise_once(&shared, &mut memory).await;
+            lablink.inner.config.supervisor.tick
+        };
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+    if let Some(inner) = inner.upgrade() {
+        let id = shared.status().id.clone();
+        if let Err(e) = inner.store.resign(&id).await {
+            tracing::warn!(error = %e, "could not resign the leader lease; it will expire");
+        }
+    }
+    let mut s = shared.status();
+    s.running = false;
+    s.leader = false;
+}
+
+/// A reconcile report in a few words.
+fn summary(r: &ReconcileReport) -> String {
+    format!(
+        "{} attached, {} adopted, {} terminated, {} failed, {} removed, {} errors",
+        r.attached.len(),
+        r.adopted.len(),
+        r.terminated.len(),
+        r.failed.len(),
+        r.removed.len(),
+        r.errors.len()
+    )
+}
+
+/// `d` as a chrono duration (saturating).
+fn span_of(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}

@@ -1,0 +1,234 @@
+//! The warm pool, scheduled destruction and idle release.
+
+use chrono::{DateTime, Utc};
+
+use super::{span_of, FlagKind, Memory, Shared, SupervisorConfig, VmFlag};
+use crate::{
+    DestructionConfig, Hostname, IdleReleaseConfig, LabLink, LaunchOptions, Phase, VmRecord,
+    VmState,
+};
+
+/// A VM that is free or will be: it counts toward K.
+fn is_free_or_coming(r: &VmRecord) -> bool {
+    match r.state {
+        VmState::Requested | VmState::Booting => true,
+        VmState::Available => r.is_assignable(),
+        VmState::Rebooting { resume } => resume != Phase::Assigned,
+        _ => false,
+    }
+}
+
+/// A VM that costs money and counts toward M.
+fn counts_toward_total(r: &VmRecord) -> bool {
+    !matches!(
+        r.state,
+        VmState::Failed | VmState::Terminating | VmState::Terminated
+    )
+}
+
+/// Whether the scheduled destruction time has come.
+fn destruction_due(config: &DestructionConfig, now: DateTime<Utc>) -> bool {
+    config.at.is_some_and(|at| now >= at)
+}
+
+impl LabLink {
+    /// Keeps K free VMs (launching ahead of demand), never more than M in all, and destroys
+    /// free VMs beyond K once idle for the TTL.
+    pub(super) async fn keep_pool(
+        &self,
+        config: &SupervisorConfig,
+        records: &[VmRecord],
+        now: DateTime<Utc>,
+        shared: &Shared,
+    ) {
+        let pool = &config.pool;
+        let free = records.iter().filter(|r| is_free_or_coming(r)).count();
+        {
+            let mut s = shared.status();
+            s.pool_free = free;
+            s.pool_target = pool.enabled.then(|| pool.min_available_at(now));
+        }
+        if !pool.enabled || destruction_due(&config.destruction, now) {
+            return;
+        }
+        let k = pool.min_available_at(now);
+        let total = records.iter().filter(|r| counts_toward_total(r)).count();
+        let count = k
+            .saturating_sub(free)
+            .min(pool.max_total.saturating_sub(total))
+            .min(self.inner.config.max_launch);
+        if count > 0 {
+            match self.start_launch(&LaunchOptions { count }).await {
+                Ok(_) => {
+                    shared.status().counters.pool_launched += count as u64;
+                    shared.event(
+                        now,
+                        format!("pool: {free} free of K = {k}; launching {count}"),
+                    );
+                }
+                // Another launch or destroy runs: next tick.
+                Err(e) if e.is_conflict() => {}
+                Err(e) => shared.error("pool launch", &e),
+            }
+            return;
+        }
+
+        // Scale down: free, ready VMs beyond K that sat idle for the TTL, longest idle first.
+        let excess = free.saturating_sub(k);
+        if excess == 0 {
+            return;
+        }
+        let ttl = span_of(pool.idle_ttl);
+        let mut idle: Vec<&VmRecord> = records
+            .iter()
+            .filter(|r| r.is_assignable() && now - r.state_changed_at >= ttl)
+            .collect();
+        idle.sort_by_key(|r| r.state_changed_at);
+        let doomed: Vec<Hostname> = idle
+            .into_iter()
+            .take(excess)
+            .map(|r| r.hostname.clone())
+            .collect();
+        if doomed.is_empty() {
+            return;
+        }
+        let release_at = now;
+        let result = self
+            .destroy_where(&doomed, |r| {
+                r.is_assignable() && release_at - r.state_changed_at >= ttl
+            })
+            .await;
+        match result {
+            Ok(taken) if !taken.is_empty() => {
+                shared.status().counters.pool_released += taken.len() as u64;
+                shared.event(
+                    now,
+                    format!(
+                        "pool: {} idle beyond K = {k}; destroyed {}",
+                        taken.len(),
+                        join(&taken)
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) if e.is_conflict() => {}
+            Err(e) => shared.error("pool release", &e),
+        }
+    }
+
+    /// Shows the warning before the scheduled destruction, and destroys every VM once it is
+    /// due (again on later ticks, until none is left).
+    pub(super) async fn scheduled_destruction(
+        &self,
+        config: &DestructionConfig,
+        records: &[VmRecord],
+        now: DateTime<Utc>,
+        shared: &Shared,
+    ) {
+        let Some(at) = config.at else {
+            let mut s = shared.status();
+            s.destruction_at = None;
+            s.destruction_warning = false;
+            return;
+        };
+        {
+            let mut s = shared.status();
+            s.destruction_at = Some(at);
+            s.destruction_warning = now >= at - span_of(config.warning);
+        }
+        if now < at {
+            return;
+        }
+        let left: Vec<Hostname> = records
+            .iter()
+            .filter(|r| !matches!(r.state, VmState::Terminating | VmState::Terminated))
+            .map(|r| r.hostname.clone())
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        match self.destroy_where(&left, |_| true).await {
+            Ok(taken) if !taken.is_empty() => shared.event(
+                now,
+                format!("scheduled destruction: destroying {} VM(s)", taken.len()),
+            ),
+            Ok(_) => {}
+            Err(e) if e.is_conflict() => {}
+            Err(e) => shared.error("scheduled destruction", &e),
+        }
+    }
+
+    /// Destroys assigned VMs not in use for longer than the limit, after a warning period.
+    pub(super) async fn release_idle(
+        &self,
+        config: &IdleReleaseConfig,
+        records: &[VmRecord],
+        now: DateTime<Utc>,
+        shared: &Shared,
+        memory: &mut Memory,
+        flags: &mut Vec<VmFlag>,
+    ) {
+        let leader_since = memory.leader_since.unwrap_or(now);
+        let mut seen = Vec::new();
+        for record in records {
+            let Some(assignment) = record.assignment.as_ref() else {
+                continue;
+            };
+            if record.state != VmState::Assigned || record.in_use {
+                continue;
+            }
+            let key = (record.hostname.clone(), assignment.email.clone());
+            // Not in use since the assignment, or since this leader first looked.
+            let since = *memory
+                .idle_since
+                .entry(key.clone())
+                .or_insert_with(|| assignment.assigned_at.max(leader_since));
+            seen.push(key);
+            let idle = now - since;
+            let release_at = since + span_of(config.after);
+            if idle >= span_of(config.after) {
+                let email = assignment.email.clone();
+                let result = self
+                    .destroy_where(std::slice::from_ref(&record.hostname), |r| {
+                        r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
+                    })
+                    .await;
+                match result {
+                    Ok(taken) if !taken.is_empty() => {
+                        shared.status().counters.idle_released += 1;
+                        shared.event(
+                            now,
+                            format!(
+                                "{}: not in use for {} s; released (destroyed)",
+                                record.hostname,
+                                idle.num_seconds()
+                            ),
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => shared.error("idle release", &e),
+                }
+            } else if idle >= span_of(config.after) - span_of(config.warning) {
+                flags.push(VmFlag {
+                    hostname: record.hostname.clone(),
+                    kind: FlagKind::IdleWarning,
+                    message: format!(
+                        "not in use for {} s; will be released at {} unless used",
+                        idle.num_seconds(),
+                        release_at.format("%Y-%m-%d %H:%M:%S UTC")
+                    ),
+                });
+            }
+        }
+        memory.idle_since.retain(|k, _| seen.contains(k));
+    }
+}
+
+fn join(hostnames: &[Hostname]) -> String {
+    hostnames
+        .iter()
+        .map(Hostname::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
