@@ -12,9 +12,9 @@ use uuid::Uuid;
 use crate::{
     clean_lines, AgentStatus, AgentToken, Allocator, Assignment, ClaimRequest, Clock,
     DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
-    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, SupervisorConfig, Provisioner, Result,
-    SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState,
-    VmStore, DEFAULT_LOG_CAP_BYTES,
+    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, Provisioner, Result,
+    SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord,
+    VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
 };
 
 /// Settings of the default allocator. `Default` gives sensible workshop values.

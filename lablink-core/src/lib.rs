@@ -43,12 +43,14 @@ pub use record::{
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{AgentToken, CrdCommand, Pin, TokenDigest};
 pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
+pub use store::{
+    ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore,
+};
 pub use supervisor::{
     DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig,
     PoolWindow, ReconcileConfig, Supervisor, SupervisorConfig, SupervisorCounters,
     SupervisorStatus, VmFlag,
 };
-pub use store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore};
 
 #[cfg(feature = "mock")]
 pub use allocator::MockAllocator;

@@ -10,9 +10,8 @@ use uuid::Uuid;
 use crate::logs::BoundedLog;
 use crate::{
     Assignment, ClaimRequest, Claimed, Email, Error, ErrorKind, Hostname, LeaderLease, LogStream,
-    Operation,
-    ProvisioningLock, Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs,
-    VmRecord, VmStore,
+    Operation, ProvisioningLock, Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter,
+    VmLogs, VmRecord, VmStore,
 };
 
 /// An in-process [`VmStore`]: a map of records behind one mutex, with indexes that make
@@ -355,7 +354,10 @@ impl VmStore for MemoryVmStore {
                 expires_at: until,
             });
         }
-        Ok(inner.leader.clone().expect("a lease was just checked or set"))
+        Ok(inner
+            .leader
+            .clone()
+            .expect("a lease was just checked or set"))
     }
 
     async fn resign(&self, candidate: &str) -> Result<()> {

@@ -109,7 +109,11 @@ impl LabLink {
     }
 
     /// Runs `work` while recording its progress lines on `op`; then records the outcome.
-    pub(crate) async fn with_progress<T, F, Fut>(&self, mut op: Operation, work: F) -> (Operation, Result<T>)
+    pub(crate) async fn with_progress<T, F, Fut>(
+        &self,
+        mut op: Operation,
+        work: F,
+    ) -> (Operation, Result<T>)
     where
         F: FnOnce(Progress) -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -278,7 +282,12 @@ impl LabLink {
         Ok(operation)
     }
 
-    pub(crate) async fn finish_destroy(&self, mut op: Operation, result: Result<()>, hostnames: &[Hostname]) {
+    pub(crate) async fn finish_destroy(
+        &self,
+        mut op: Operation,
+        result: Result<()>,
+        hostnames: &[Hostname],
+    ) {
         let error = match result {
             Ok(()) => {
                 for hostname in hostnames {

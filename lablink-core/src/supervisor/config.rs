@@ -199,7 +199,9 @@ impl PoolConfig {
         let prewarm = chrono::Duration::from_std(self.prewarm).unwrap_or(chrono::Duration::MAX);
         self.windows
             .iter()
-            .filter(|w| w.start.checked_sub_signed(prewarm).unwrap_or(w.start) <= now && now < w.end)
+            .filter(|w| {
+                w.start.checked_sub_signed(prewarm).unwrap_or(w.start) <= now && now < w.end
+            })
             .map(|w| w.min_available)
             .fold(self.min_available, usize::max)
     }
@@ -263,7 +265,9 @@ impl SupervisorConfig {
             p.push("supervisor.leader_lease must be longer than supervisor.tick".into());
         }
         if self.leases.heartbeat_interval.is_zero() || self.leases.missed_intervals == 0 {
-            p.push("supervisor.leases needs a positive heartbeat_interval and missed_intervals".into());
+            p.push(
+                "supervisor.leases needs a positive heartbeat_interval and missed_intervals".into(),
+            );
         }
         if self.reconcile.interval.is_zero() {
             p.push("supervisor.reconcile.interval must be positive".into());
@@ -275,7 +279,10 @@ impl SupervisorConfig {
                 .iter()
                 .any(|w| w.min_available > self.pool.max_total)
         {
-            p.push("supervisor.pool: min_available (and every window's) must not exceed max_total".into());
+            p.push(
+                "supervisor.pool: min_available (and every window's) must not exceed max_total"
+                    .into(),
+            );
         }
         if self.pool.windows.iter().any(|w| w.end <= w.start) {
             p.push("supervisor.pool.windows: each window must end after it starts".into());

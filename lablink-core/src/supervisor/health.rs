@@ -112,12 +112,12 @@ impl LabLink {
         for record in records {
             let age = now - record.state_changed_at;
             let trouble = match record.state {
-                VmState::Unhealthy { .. } if age >= span_of(ladder.unhealthy_grace) => Some(
-                    format!(
+                VmState::Unhealthy { .. } if age >= span_of(ladder.unhealthy_grace) => {
+                    Some(format!(
                         "unhealthy: {}",
                         record.last_error.as_deref().unwrap_or("no reason given")
-                    ),
-                ),
+                    ))
+                }
                 VmState::Booting if age >= span_of(ladder.boot_timeout) => {
                     Some(format!("still booting after {} s", age.num_seconds()))
                 }
@@ -189,9 +189,7 @@ impl LabLink {
                     }
                     Err(e) => shared.error("ladder reboot", &e),
                 },
-                Action::Replace
-                    if memory.replacements.len() < ladder.max_replacements as usize =>
-                {
+                Action::Replace if memory.replacements.len() < ladder.max_replacements as usize => {
                     let pool_refills = config.pool.enabled;
                     match self.replace(&record.hostname).await {
                         Ok(true) => {
@@ -250,17 +248,12 @@ impl LabLink {
         if memory.pending_launches == 0 {
             return;
         }
-        let count = memory
-            .pending_launches
-            .min(self.inner.config.max_launch);
+        let count = memory.pending_launches.min(self.inner.config.max_launch);
         match self.start_launch(&LaunchOptions { count }).await {
             Ok(op) => {
                 memory.pending_launches -= count;
                 shared.status().counters.pool_launched += count as u64;
-                shared.event(
-                    op.started_at,
-                    format!("launched {count} replacement VM(s)"),
-                );
+                shared.event(op.started_at, format!("launched {count} replacement VM(s)"));
             }
             Err(e) if e.is_conflict() => {}
             Err(e) => shared.error("launch replacements", &e),

@@ -354,8 +354,15 @@ impl LabLink {
             .await;
         self.keep_pool(&config, &records, now, shared).await;
         if config.idle_release.enabled {
-            self.release_idle(&config.idle_release, &records, now, shared, memory, &mut flags)
-                .await;
+            self.release_idle(
+                &config.idle_release,
+                &records,
+                now,
+                shared,
+                memory,
+                &mut flags,
+            )
+            .await;
         }
         shared.status().flags = flags;
     }

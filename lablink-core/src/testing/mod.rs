@@ -22,6 +22,7 @@
 //! [`notifier_conformance!`]: crate::notifier_conformance
 //! [`provisioner_conformance!`]: crate::provisioner_conformance
 
+pub mod fleet;
 pub mod notifier;
 pub mod provisioner;
 pub mod store;

@@ -644,30 +644,49 @@ pub async fn leadership_is_exclusive_until_the_lease_ends(store: &dyn VmStore) {
     assert_eq!((a.holder.as_str(), a.expires_at), ("replica-a", t(10)));
     // B cannot take a live lease; it learns who holds it.
     let seen = store.try_lead("replica-b", t(5), t(15)).await.unwrap();
-    assert_eq!((seen.holder.as_str(), seen.expires_at), ("replica-a", t(10)));
+    assert_eq!(
+        (seen.holder.as_str(), seen.expires_at),
+        ("replica-a", t(10))
+    );
     // A renews.
     let renewed = store.try_lead("replica-a", t(8), t(18)).await.unwrap();
     assert_eq!(renewed.expires_at, t(18));
     assert_eq!(
-        store.try_lead("replica-b", t(17), t(27)).await.unwrap().holder,
+        store
+            .try_lead("replica-b", t(17), t(27))
+            .await
+            .unwrap()
+            .holder,
         "replica-a"
     );
     // A stops renewing: B takes over once the lease ended.
     let b = store.try_lead("replica-b", t(18), t(28)).await.unwrap();
     assert_eq!((b.holder.as_str(), b.expires_at), ("replica-b", t(28)));
     assert_eq!(
-        store.try_lead("replica-a", t(19), t(29)).await.unwrap().holder,
+        store
+            .try_lead("replica-a", t(19), t(29))
+            .await
+            .unwrap()
+            .holder,
         "replica-b"
     );
     // Resigning by a non-holder changes nothing; by the holder frees the lease at once.
     store.resign("replica-a").await.unwrap();
     assert_eq!(
-        store.try_lead("replica-a", t(20), t(30)).await.unwrap().holder,
+        store
+            .try_lead("replica-a", t(20), t(30))
+            .await
+            .unwrap()
+            .holder,
         "replica-b"
     );
     store.resign("replica-b").await.unwrap();
     assert_eq!(
-        store.try_lead("replica-a", t(21), t(31)).await.unwrap().holder,
+        store
+            .try_lead("replica-a", t(21), t(31))
+            .await
+            .unwrap()
+            .holder,
         "replica-a"
     );
 }
