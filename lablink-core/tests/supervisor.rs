@@ -272,6 +272,7 @@ async fn the_warm_pool_serves_an_arrival_curve_without_waits_and_releases_the_ex
     assert_eq!(supervisor.status().pool_target, Some(40));
 
     let workshop = Workshop {
+        delay: Duration::ZERO,
         participants: 100,
         arrivals: 600 * SEC,
         retry: 5 * SEC,

@@ -130,15 +130,18 @@ async fn agents(
 /// (again every `retry` while none is free) and keeps it.
 #[derive(Debug, Clone)]
 pub struct Workshop {
+    /// How long after the start of the run the first participant arrives.
+    pub delay: Duration,
     /// How many people come.
     pub participants: usize,
     /// Over how long they arrive.
     pub arrivals: Duration,
     /// How often a participant without a VM asks again.
     pub retry: Duration,
-    /// How long after the first arrival the run is measured.
+    /// How long the run is measured (from its start, not from the first arrival).
     pub horizon: Duration,
-    /// Launch one VM for each participant who found none free (no pool: on demand).
+    /// Launch VMs on demand (no pool): whenever more participants wait than VMs are on
+    /// their way, launch the difference.
     pub launch_on_demand: bool,
 }
 
@@ -187,11 +190,10 @@ impl Workshop {
         let start = tokio::time::Instant::now();
         let gap = self.arrivals / self.participants.max(1) as u32;
         let mut waits: Vec<Option<Duration>> = vec![None; self.participants];
-        let mut next_try: Vec<Duration> = (0..self.participants).map(|i| gap * i as u32).collect();
-        let mut asked_launch = vec![false; self.participants];
+        let arrival = |i: usize| self.delay + gap * i as u32;
+        let mut next_try: Vec<Duration> = (0..self.participants).map(arrival).collect();
         let mut outcome = WorkshopOutcome::default();
         let second = Duration::from_secs(1);
-        let mut on_demand = 0usize;
         while start.elapsed() < self.horizon {
             let t = start.elapsed();
             for i in 0..self.participants {
@@ -204,24 +206,28 @@ impl Workshop {
                     crd_command: command(&who),
                 };
                 match lablink.request_vm(&request).await {
-                    Ok(_) => waits[i] = Some(t - gap * i as u32),
-                    Err(e) if e.kind() == ErrorKind::NoCapacity => {
-                        next_try[i] = t + self.retry;
-                        if self.launch_on_demand && !asked_launch[i] {
-                            asked_launch[i] = true;
-                            on_demand += 1;
-                        }
-                    }
+                    Ok(_) => waits[i] = Some(t - arrival(i)),
+                    Err(e) if e.kind() == ErrorKind::NoCapacity => next_try[i] = t + self.retry,
                     Err(e) => panic!("participant {i}: {e}"),
                 }
             }
-            if on_demand > 0 {
-                let launch = crate::LaunchOptions { count: on_demand };
-                if lablink.launch(&launch).await.is_ok() {
-                    on_demand = 0;
+            let records = lablink.vms(&VmFilter::default()).await.unwrap_or_default();
+            if self.launch_on_demand {
+                let waiting = (0..self.participants)
+                    .filter(|i| waits[*i].is_none() && arrival(*i) <= t)
+                    .count();
+                let coming = records
+                    .iter()
+                    .filter(|r| matches!(r.state, VmState::Requested | VmState::Booting))
+                    .count();
+                if waiting > coming {
+                    let launch = crate::LaunchOptions {
+                        count: waiting - coming,
+                    };
+                    // A launch already running: the next second tries again.
+                    let _ = lablink.launch(&launch).await;
                 }
             }
-            let records = lablink.vms(&VmFilter::default()).await.unwrap_or_default();
             let alive = records
                 .iter()
                 .filter(|r| {
