@@ -313,7 +313,7 @@ async fn an_agent_rejects_hostile_assignments_even_from_its_allocator() {
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
     let work = Workdir::new();
-    let mut agent = tokio::process::Command::new(common::AGENT)
+    let mut agent = tokio::process::Command::new(common::agent_program())
         .env("ALLOCATOR_URL", format!("http://{addr}"))
         .env("VM_NAME", "vm-rogue")
         .env("RECORD_DIR", work.dir.path())
@@ -458,7 +458,7 @@ async fn bad_settings_exit_non_zero_with_a_one_line_reason() {
             "LABLINK_HEARTBEAT_SECS",
         ),
     ] {
-        let out = tokio::process::Command::new(common::AGENT)
+        let out = tokio::process::Command::new(common::agent_program())
             .env_clear()
             .envs(env.iter().copied())
             .output()
@@ -469,4 +469,31 @@ async fn bad_settings_exit_non_zero_with_a_one_line_reason() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expected), "{stderr:?} lacks {expected:?}");
     }
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_agent_cleanly() {
+    // The allocator is not there: the agent is retrying when the signal comes.
+    let mut agent = tokio::process::Command::new(common::agent_program())
+        .env_clear()
+        .env("ALLOCATOR_URL", "http://127.0.0.1:9")
+        .env("VM_NAME", "vm-term")
+        .env("LABLINK_START_HOST", "dry-run")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = agent.id().unwrap().to_string();
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(sent.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), agent.wait())
+        .await
+        .expect("the agent exits after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
 }

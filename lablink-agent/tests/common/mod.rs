@@ -18,7 +18,15 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-pub const AGENT: &str = env!("CARGO_BIN_EXE_lablink-agent");
+/// The agent binary: cargo's build of it for tests, `LABLINK_AGENT_BIN` for the benchmark.
+pub fn agent_program() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_lablink-agent") {
+        Some(path) => path.into(),
+        None => std::env::var_os("LABLINK_AGENT_BIN")
+            .expect("set LABLINK_AGENT_BIN to the lablink-agent binary")
+            .into(),
+    }
+}
 pub const ADMIN: &str = "admin";
 pub const PASSWORD: &str = "agent tests password";
 pub const REDIRECT: &str = "https://remotedesktop.google.com/_/oauthredirect";
@@ -75,7 +83,7 @@ exit "$code""#,
 
     /// A local provisioner of real agents talking to `url`, fast intervals, plus `extra`.
     pub fn provisioner(&self, url: &str, extra: &[(&str, &str)]) -> LocalProcessProvisioner {
-        let mut b = LocalProcessProvisioner::builder(AGENT, url)
+        let mut b = LocalProcessProvisioner::builder(agent_program(), url)
             .log_dir(self.path("agents"))
             .env("RECORD_DIR", self.dir.path())
             .env("LABLINK_START_HOST", self.path("start-host"))
