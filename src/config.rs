@@ -520,4 +520,61 @@ mod tests {
         }
         assert!(problems.len() >= 5, "{all}");
     }
+
+    #[test]
+    fn supervisor_settings_come_from_the_file_and_variables_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workshop.toml");
+        std::fs::write(
+            &path,
+            "[allocator]\norphan_policy = \"terminate\"\n\
+             [allocator.supervisor]\ntick = 5\n\
+             [allocator.supervisor.pool]\nenabled = true\nmin_available = 2\nmax_total = 60\n\
+             [[allocator.supervisor.pool.windows]]\n\
+             start = \"2026-11-22T14:00:00Z\"\nend = \"2026-11-22T15:00:00Z\"\nmin_available = 40\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            env(&[
+                (
+                    "LABLINK_ALLOCATOR__SUPERVISOR__IDLE_RELEASE__ENABLED",
+                    "true",
+                ),
+                (
+                    "LABLINK_ALLOCATOR__SUPERVISOR__DESTRUCTION__AT",
+                    "2026-11-22T18:00:00Z",
+                ),
+            ]),
+        )
+        .unwrap();
+        let s = &config.allocator.supervisor;
+        assert_eq!(
+            config.allocator.orphan_policy,
+            lablink_core::OrphanPolicy::Terminate
+        );
+        assert_eq!(s.tick, Duration::from_secs(5));
+        assert!(s.pool.enabled && s.idle_release.enabled);
+        assert_eq!((s.pool.min_available, s.pool.max_total), (2, 60));
+        assert_eq!(s.pool.windows[0].min_available, 40);
+        assert_eq!(
+            s.destruction.at.unwrap().to_rfc3339(),
+            "2026-11-22T18:00:00+00:00"
+        );
+
+        std::fs::write(
+            &path,
+            "[allocator.supervisor.pool]\nmin_available = 50\nmax_total = 10\nbogus = 1\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&path), env(&[])).unwrap_err().join("\n");
+        assert!(problems.contains("bogus"), "{problems}");
+        std::fs::write(
+            &path,
+            "[allocator.supervisor.pool]\nmin_available = 50\nmax_total = 10\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&path), env(&[])).unwrap_err().join("\n");
+        assert!(problems.contains("max_total"), "{problems}");
+    }
 }

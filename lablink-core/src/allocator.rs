@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Pin, Result,
-    Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
+    SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 
 /// A participant asking for a VM.
@@ -121,6 +121,12 @@ pub trait Allocator: Send + Sync + Debug {
 
     /// The newest operations, newest first.
     async fn operations(&self, limit: usize) -> Result<Vec<Operation>>;
+
+    /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
+    /// when none runs (the default for allocators without one).
+    fn supervision(&self) -> Option<SupervisorStatus> {
+        None
+    }
 }
 
 /// Conveniences on top of any [`Allocator`].

@@ -438,4 +438,8 @@ impl Allocator for LabLink {
     async fn operations(&self, limit: usize) -> Result<Vec<Operation>> {
         self.inner.store.list_operations(limit).await
     }
+
+    fn supervision(&self) -> Option<crate::SupervisorStatus> {
+        LabLink::supervision(self)
+    }
 }

@@ -12,7 +12,7 @@ use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use lablink_core::{DestroyTarget, LaunchOptions, VmFilter};
+use lablink_core::{DestroyTarget, LaunchOptions, SupervisorStatus, VmFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -41,14 +41,29 @@ pub fn routes() -> Router<HttpState> {
         .route("/admin/release", post(release))
 }
 
-/// The dashboard data: VMs, counts, recent operations.
+/// How many recent supervisor events the dashboard shows.
+const DASHBOARD_SUPERVISOR_EVENTS: usize = 10;
+
+/// The dashboard data: VMs (with the supervisor's flags), counts, recent operations, and
+/// the supervisor's state (`null` when none runs).
 async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
     let allocator = state.allocator();
-    let vms: Vec<VmView> = allocator
+    let supervision = allocator.supervision();
+    let vms: Vec<Value> = allocator
         .vms(&VmFilter::default())
         .await?
         .iter()
-        .map(VmView::from)
+        .map(|record| {
+            let mut vm = json!(VmView::from(record));
+            let flags: Vec<&str> = supervision
+                .iter()
+                .flat_map(|s| &s.flags)
+                .filter(|f| f.hostname == record.hostname)
+                .map(|f| f.message.as_str())
+                .collect();
+            vm["flags"] = json!(flags);
+            vm
+        })
         .collect();
     let counts = CountsView::from(allocator.counts().await?);
     let operations: Vec<OperationView> = allocator
@@ -57,7 +72,44 @@ async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
         .iter()
         .map(OperationView::from)
         .collect();
-    Ok(json!({ "vms": vms, "counts": counts, "operations": operations }))
+    Ok(json!({
+        "vms": vms,
+        "counts": counts,
+        "operations": operations,
+        "supervisor": supervision.map(supervisor_view),
+    }))
+}
+
+/// The supervisor's state for the dashboard: times as text, newest events first.
+fn supervisor_view(status: SupervisorStatus) -> Value {
+    let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+    };
+    let recent: Vec<Value> = status
+        .recent
+        .iter()
+        .rev()
+        .take(DASHBOARD_SUPERVISOR_EVENTS)
+        .map(|(at, what)| json!({ "at": when(Some(*at)), "what": what }))
+        .collect();
+    json!({
+        "id": status.id,
+        "running": status.running,
+        "leader": status.leader,
+        "leader_holder": status.leader_holder,
+        "leader_until": when(status.leader_until),
+        "last_tick": when(status.last_tick),
+        "pool_target": status.pool_target,
+        "pool_free": status.pool_free,
+        "destruction_at": when(status.destruction_at),
+        "destruction_warning": status.destruction_warning,
+        "last_reconcile_at": when(status.last_reconcile_at),
+        "last_reconcile": status.last_reconcile,
+        "counters": status.counters,
+        "flags": status.flags,
+        "recent": recent,
+        "last_error": status.last_error,
+    })
 }
 
 async fn dashboard(
@@ -121,7 +173,11 @@ pub async fn events(
         async move { state.shutting_down().await }
     };
     let updates = stream::unfold(
-        (state, [String::new(), String::new(), String::new()], true),
+        (
+            state,
+            [String::new(), String::new(), String::new(), String::new()],
+            true,
+        ),
         move |(state, mut last, first)| async move {
             if !first {
                 tokio::time::sleep(every).await;
@@ -134,6 +190,10 @@ pub async fn events(
                     (
                         "operations",
                         state.inner.templates.render("operations.html", &data),
+                    ),
+                    (
+                        "supervisor",
+                        state.inner.templates.render("supervisor.html", &data),
                     ),
                     (
                         "summary",

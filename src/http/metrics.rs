@@ -1,5 +1,6 @@
 //! Prometheus metrics: request and claim counters, the waiter gauge, and at scrape time the
-//! VM states and provisioning / start-up durations read from the allocator.
+//! VM states, provisioning / start-up durations and the supervisor's state read from the
+//! allocator.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,7 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use lablink_core::{VmFilter, VmRecord};
+use lablink_core::{FlagKind, SupervisorStatus, VmFilter, VmRecord};
 
 use super::error::ApiResult;
 use super::HttpState;
@@ -99,7 +100,7 @@ impl Metrics {
         self.waiters.load(Ordering::Relaxed)
     }
 
-    fn render(&self, vms: &[VmRecord]) -> String {
+    fn render(&self, vms: &[VmRecord], supervision: Option<&SupervisorStatus>) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP lablink_http_requests_total HTTP requests answered, by route, method and status.\n# TYPE lablink_http_requests_total counter\n");
         for ((route, method, status), n) in self
@@ -155,7 +156,97 @@ impl Metrics {
             "Total start-up time (provisioning request to software ready) of current VMs.",
             vms.iter().filter_map(|v| v.timings.total_startup_seconds()),
         );
+        if let Some(status) = supervision {
+            supervisor_metrics(&mut out, status);
+        }
         out
+    }
+}
+
+/// The supervisor's state: running/leader, what it did, flags, the pool and the schedule.
+fn supervisor_metrics(out: &mut String, s: &SupervisorStatus) {
+    let flag = |b: bool| u8::from(b);
+    let _ = writeln!(
+        out,
+        "# HELP lablink_supervisor_running Whether this replica's supervisor runs.
+# TYPE lablink_supervisor_running gauge
+lablink_supervisor_running {}",
+        flag(s.running)
+    );
+    let _ = writeln!(out, "# HELP lablink_supervisor_leader Whether this replica's supervisor holds the leader lease (only the leader acts).
+# TYPE lablink_supervisor_leader gauge
+lablink_supervisor_leader {}", flag(s.leader));
+    let c = &s.counters;
+    out.push_str(
+        "# HELP lablink_supervisor_actions_total What the supervisor did, by action.
+# TYPE lablink_supervisor_actions_total counter
+",
+    );
+    for (action, n) in [
+        ("lease_expired", c.leases_expired),
+        ("restart_seen", c.restarts_seen),
+        ("ladder_reboot", c.ladder_reboots),
+        ("ladder_replacement", c.ladder_replacements),
+        ("pool_launch", c.pool_launched),
+        ("pool_release", c.pool_released),
+        ("idle_release", c.idle_released),
+        ("reconcile", c.reconciles),
+        ("became_leader", c.became_leader),
+        ("error", c.errors),
+    ] {
+        let _ = writeln!(
+            out,
+            "lablink_supervisor_actions_total{{action=\"{action}\"}} {n}"
+        );
+    }
+    out.push_str(
+        "# HELP lablink_supervisor_flags VMs the supervisor wants an admin to look at, by reason.
+# TYPE lablink_supervisor_flags gauge
+",
+    );
+    for kind in [
+        FlagKind::NeedsAdmin,
+        FlagKind::LadderExhausted,
+        FlagKind::IdleWarning,
+    ] {
+        let n = s.flags.iter().filter(|f| f.kind == kind).count();
+        let _ = writeln!(
+            out,
+            "lablink_supervisor_flags{{kind=\"{}\"}} {n}",
+            kind.as_str()
+        );
+    }
+    if let Some(target) = s.pool_target {
+        let _ = writeln!(
+            out,
+            "# HELP lablink_pool_target Free VMs the warm pool keeps right now (K).
+# TYPE lablink_pool_target gauge
+lablink_pool_target {target}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lablink_pool_free VMs free or on their way (available, booting, requested).
+# TYPE lablink_pool_free gauge
+lablink_pool_free {}",
+        s.pool_free
+    );
+    if let Some(at) = s.destruction_at {
+        let _ = writeln!(out, "# HELP lablink_scheduled_destruction_timestamp_seconds When every VM will be destroyed.
+# TYPE lablink_scheduled_destruction_timestamp_seconds gauge
+lablink_scheduled_destruction_timestamp_seconds {}", at.timestamp());
+    }
+    let _ = writeln!(out, "# HELP lablink_scheduled_destruction_warning Whether the scheduled destruction is near (its warning shows).
+# TYPE lablink_scheduled_destruction_warning gauge
+lablink_scheduled_destruction_warning {}", flag(s.destruction_warning));
+    if let Some(at) = s.last_reconcile_at {
+        let _ = writeln!(
+            out,
+            "# HELP lablink_reconcile_last_timestamp_seconds When reconcile last ran.
+# TYPE lablink_reconcile_last_timestamp_seconds gauge
+lablink_reconcile_last_timestamp_seconds {}",
+            at.timestamp()
+        );
     }
 }
 
@@ -204,7 +295,8 @@ pub async fn count_requests(State(state): State<HttpState>, req: Request, next: 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<HttpState>) -> ApiResult<Response> {
     let vms = state.allocator().vms(&VmFilter::default()).await?;
-    let body = state.inner.metrics.render(&vms);
+    let supervision = state.allocator().supervision();
+    let body = state.inner.metrics.render(&vms, supervision.as_ref());
     Ok((
         StatusCode::OK,
         [(

@@ -29,6 +29,7 @@ impl Templates {
             "login.html",
             "admin.html",
             "vm_rows.html",
+            "supervisor.html",
             "operations.html",
             "vm.html",
             "confirm.html",
