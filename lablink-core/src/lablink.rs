@@ -167,6 +167,7 @@ impl LabLinkBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
                 supervision: std::sync::Mutex::new(None),
+                turned_away: crate::supervisor::TurnedAway::default(),
             }),
         })
     }
@@ -187,6 +188,8 @@ pub(crate) struct Inner {
     pub(crate) config: AllocatorConfig,
     /// The status of the supervisor started on this allocator, if any.
     pub(crate) supervision: std::sync::Mutex<Option<Arc<crate::supervisor::Shared>>>,
+    /// Participants refused for lack of a free VM (demand for the warm pool).
+    pub(crate) turned_away: crate::supervisor::TurnedAway,
 }
 
 /// How often a state reaction is retried when another writer changed the record first.
@@ -307,11 +310,17 @@ impl Allocator for LabLink {
                 crd_command: request.crd_command.clone(),
                 pin: Pin::generate(self.inner.config.pin_length, &mut rand::thread_rng()),
             };
-            let claimed = self
-                .inner
-                .store
-                .claim(&claim, self.inner.clock.now())
-                .await?;
+            let now = self.inner.clock.now();
+            let claimed = match self.inner.store.claim(&claim, now).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    if e.kind() == ErrorKind::NoCapacity {
+                        self.inner.turned_away.refused(&request.email, now);
+                    }
+                    return Err(e);
+                }
+            };
+            self.inner.turned_away.served(&request.email);
             let hostname = claimed.record.hostname.clone();
             tracing::Span::current().record("hostname", tracing::field::display(&hostname));
             if claimed.newly_assigned {

@@ -306,6 +306,39 @@ fn clock_now(clock: &TokioClock) -> chrono::DateTime<Utc> {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_pool_launches_for_participants_it_turned_away() {
+    for window in [Duration::ZERO, 600 * SEC] {
+        let fake = FakeProvisioner::new();
+        let mut c = config();
+        c.pool.enabled = true;
+        c.pool.min_available = 0;
+        c.pool.turned_away_window = window;
+        let lablink = builder(c, &fake).build().unwrap();
+        let _fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+        let supervisor = lablink.start_supervisor().unwrap();
+        for who in ["ada", "bob"] {
+            let err = lablink.request_vm(&request(who)).await.unwrap_err();
+            assert_eq!(err.kind(), lablink_core::ErrorKind::NoCapacity);
+        }
+        // Asking again does not count twice.
+        lablink.request_vm(&request("ada")).await.unwrap_err();
+        wait(BOOT + 20 * SEC).await;
+        let launched = supervisor.status().counters.pool_launched;
+        if window.is_zero() {
+            assert_eq!(launched, 0, "turned-away demand counted while off");
+            continue;
+        }
+        assert_eq!(launched, 2);
+        for who in ["ada", "bob"] {
+            lablink.request_vm(&request(who)).await.unwrap();
+        }
+        // Served participants are no longer demand: nothing more is launched.
+        wait(60 * SEC).await;
+        assert_eq!(supervisor.status().counters.pool_launched, 2);
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn free_vms_beyond_k_are_released_only_after_the_idle_ttl() {
     let fake = FakeProvisioner::new();
     let mut c = config();

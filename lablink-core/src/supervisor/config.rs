@@ -145,8 +145,9 @@ impl Default for ReconcileConfig {
     }
 }
 
-/// The warm pool: keep at least `min_available` VMs free or on their way, never more than
-/// `max_total` VMs, and destroy free VMs beyond the minimum once idle for `idle_ttl`.
+/// The warm pool: keep at least `min_available` VMs free or on their way (plus one for each
+/// participant recently turned away), never more than `max_total` VMs, and destroy free VMs
+/// beyond the minimum once idle for `idle_ttl`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
@@ -165,6 +166,11 @@ pub struct PoolConfig {
     /// ready when people arrive).
     #[serde(with = "crate::lablink::seconds")]
     pub prewarm: Duration,
+    /// Also launch for participants refused a VM within this long and not served since (on
+    /// top of K); zero: only K counts. The refusals are those this allocator process
+    /// answered.
+    #[serde(with = "crate::lablink::seconds")]
+    pub turned_away_window: Duration,
 }
 
 impl Default for PoolConfig {
@@ -176,6 +182,7 @@ impl Default for PoolConfig {
             idle_ttl: Duration::from_secs(30 * 60),
             windows: Vec::new(),
             prewarm: Duration::from_secs(10 * 60),
+            turned_away_window: Duration::from_secs(10 * 60),
         }
     }
 }

@@ -13,6 +13,7 @@
 //! resigns the lease) its handle.
 
 mod config;
+mod demand;
 mod health;
 mod pool;
 
@@ -31,6 +32,7 @@ pub use config::{
     DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
     ReconcileConfig, SupervisorConfig,
 };
+pub(crate) use demand::TurnedAway;
 
 use crate::lablink::Inner;
 use crate::{

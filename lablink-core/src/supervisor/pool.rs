@@ -52,8 +52,15 @@ impl LabLink {
             return;
         }
         let k = pool.min_available_at(now);
+        let turned_away = match pool.turned_away_window.is_zero() {
+            true => 0,
+            false => self
+                .inner
+                .turned_away
+                .since(now - span_of(pool.turned_away_window)),
+        };
         let total = records.iter().filter(|r| counts_toward_total(r)).count();
-        let count = k
+        let count = (k + turned_away)
             .saturating_sub(free)
             .min(pool.max_total.saturating_sub(total))
             .min(self.inner.config.max_launch);
@@ -63,7 +70,9 @@ impl LabLink {
                     shared.status().counters.pool_launched += count as u64;
                     shared.event(
                         now,
-                        format!("pool: {free} free of K = {k}; launching {count}"),
+                        format!(
+                            "pool: {free} free or coming, K = {k}, {turned_away} turned away; launching {count}"
+                        ),
                     );
                 }
                 // Another launch or destroy runs: next tick.
@@ -74,7 +83,7 @@ impl LabLink {
         }
 
         // Scale down: free, ready VMs beyond K that sat idle for the TTL, longest idle first.
-        let excess = free.saturating_sub(k);
+        let excess = free.saturating_sub(k + turned_away);
         if excess == 0 {
             return;
         }
