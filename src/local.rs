@@ -23,11 +23,16 @@ use tokio::sync::Mutex;
 /// How long a stopped agent gets to exit after SIGTERM before it is killed.
 const GRACE: Duration = Duration::from_secs(5);
 
+/// The only variables agents inherit from this process.
+const INHERITED: [&str; 8] = [
+    "PATH", "HOME", "USER", "LANG", "LC_ALL", "TZ", "TMPDIR", "RUST_LOG",
+];
+
 /// Runs each VM as a local process of `program` (normally `lablink-agent`), with the
 /// environment a real VM's agent gets: `ALLOCATOR_URL`, `VM_NAME`, `API_TOKEN`, plus a fresh
-/// `LABLINK_BOOT_ID` per start (so a reboot is seen as one) and any extra variables. The
-/// `LABLINK_*` variables of this process are not passed on (they configure the server and
-/// may hold its secrets).
+/// `LABLINK_BOOT_ID` per start (so a reboot is seen as one) and any extra variables. Of this
+/// process's environment only `PATH`, `HOME`, `USER`, `LANG`, `LC_ALL`, `TZ`, `TMPDIR` and
+/// `RUST_LOG` are passed on: the rest configures the server and may hold its secrets.
 ///
 /// Processes are killed when the provisioner is dropped; [`shutdown`](Self::shutdown) stops
 /// them gracefully. `list` reports the processes still running: an agent that exited is a VM
@@ -43,6 +48,7 @@ struct Inner {
     envs: Vec<(OsString, OsString)>,
     allocator_url: String,
     log_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     machines: Mutex<BTreeMap<Hostname, Machine>>,
 }
 
@@ -69,6 +75,7 @@ pub struct LocalProcessBuilder {
     envs: Vec<(OsString, OsString)>,
     allocator_url: String,
     log_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
 }
 
 impl LocalProcessBuilder {
@@ -90,6 +97,13 @@ impl LocalProcessBuilder {
         self
     }
 
+    /// Gives each agent `<dir>/<hostname>` as its `LABLINK_STATE_DIR`, so a rebooted agent
+    /// remembers its handled assignment and how far its logs were shipped (default: none).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
     /// The provisioner.
     pub fn build(self) -> LocalProcessProvisioner {
         LocalProcessProvisioner {
@@ -99,6 +113,7 @@ impl LocalProcessBuilder {
                 envs: self.envs,
                 allocator_url: self.allocator_url,
                 log_dir: self.log_dir,
+                state_dir: self.state_dir,
                 machines: Mutex::default(),
             }),
         }
@@ -117,6 +132,7 @@ impl LocalProcessProvisioner {
             envs: Vec::new(),
             allocator_url: allocator_url.into(),
             log_dir: None,
+            state_dir: None,
         }
     }
 
@@ -139,11 +155,16 @@ impl LocalProcessProvisioner {
             None => (Stdio::null(), Stdio::null()),
         };
         let mut command = Command::new(&inner.program);
-        // The server's own `LABLINK_*` settings (passwords, database URL) are not the agents'.
-        for (key, _) in std::env::vars_os() {
-            if key.to_str().is_some_and(|k| k.starts_with("LABLINK_")) {
-                command.env_remove(key);
+        // The server's environment (database URL, cloud credentials, its own `LABLINK_*`
+        // settings) is not the agents': they get a short allowlist and what was configured.
+        command.env_clear();
+        for key in INHERITED {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
             }
+        }
+        if let Some(dir) = &inner.state_dir {
+            command.env("LABLINK_STATE_DIR", dir.join(hostname.as_str()));
         }
         command
             .args(&inner.args)
@@ -211,9 +232,14 @@ impl Provisioner for LocalProcessProvisioner {
         let mut created = Vec::with_capacity(request.vms.len());
         let mut first_error = None;
         for spec in &request.vms {
-            if let Some(m) = machines.get(&spec.hostname) {
-                created.push(provisioned(&spec.hostname, m));
-                continue;
+            // A machine of this name that still runs is kept (never duplicated); one whose
+            // agent exited is gone, and started anew.
+            if let Some(m) = machines.get_mut(&spec.hostname) {
+                if matches!(m.child.try_wait(), Ok(None)) {
+                    created.push(provisioned(&spec.hostname, m));
+                    continue;
+                }
+                machines.remove(&spec.hostname);
             }
             match self.spawn(&spec.hostname, &spec.token) {
                 Ok(child) => {

@@ -10,47 +10,74 @@ use tokio::task::JoinSet;
 
 use crate::client::{AllocatorClient, Assignment, Backoff, LogBatch, Report, Timings};
 use crate::config::AgentConfig;
-use crate::crd::{HostInvocation, StartError};
-use crate::logship::FileTail;
+use crate::crd::{HostInvocation, StartError, Started};
+use crate::logship::{FileTail, Position};
 use crate::probes::{self, Gpu};
+use crate::state::StateDir;
 
 /// Most lines of the agent's own log kept for the allocator during an outage.
 const MAX_AGENT_LINES: usize = 1000;
 /// How long the last report may take at shutdown.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
+/// One of the agent's loops ended, which must not happen (a panic): the agent stops, so
+/// that its supervisor (systemd) starts it again.
+#[derive(Debug, thiserror::Error)]
+#[error("an agent task ended unexpectedly: {0}")]
+pub struct AgentFailed(String);
+
 /// Runs the agent until `shutdown` completes. It never gives up on the allocator: every
 /// failed call is retried with jittered exponential backoff.
-pub async fn run(config: AgentConfig, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentFailed> {
     let agent = Arc::new(Agent {
         client: AllocatorClient::new(&config),
         reporter: Reporter::default(),
+        state: StateDir::new(config.state_dir.clone()),
         config,
     });
-    tracing::info!(
-        hostname = %agent.config.vm_name,
-        allocator = %agent.config.allocator_url,
-        "agent starting"
-    );
+    let mut shown = agent.config.allocator_url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    tracing::info!(hostname = %agent.config.vm_name, allocator = %shown, "agent starting");
     let mut tasks = JoinSet::new();
     tasks.spawn(agent.clone().report_loop());
     tasks.spawn(agent.clone().heartbeat_loop());
     tasks.spawn(agent.clone().inuse_loop());
     for file in &agent.config.log_files {
-        let tail = FileTail::new(file.path.clone());
-        tasks.spawn(agent.clone().ship_loop(tail, file.stream.as_str()));
+        let key = format!("log{}", file.path.display()).replace(['/', '\\'], "_");
+        let position = agent
+            .state
+            .load(&key)
+            .and_then(|p| Position::decode(&p))
+            .unwrap_or_default();
+        let tail = FileTail::new(file.path.clone(), position);
+        tasks.spawn(agent.clone().ship_loop(tail, file.stream.as_str(), key));
     }
     tasks.spawn(agent.clone().main_loop());
-    shutdown.await;
-    tracing::info!("shutting down");
+    let outcome = tokio::select! {
+        () = shutdown => Ok(()),
+        Some(ended) = tasks.join_next() => Err(AgentFailed(match ended {
+            Ok(()) => "a loop returned".to_owned(),
+            Err(e) => e.to_string(),
+        })),
+    };
+    match &outcome {
+        Ok(()) => tracing::info!("shutting down"),
+        Err(e) => tracing::error!(error = %e, "stopping"),
+    }
     tasks.shutdown().await;
     agent.flush().await;
+    outcome
 }
 
 struct Agent {
     config: AgentConfig,
     client: AllocatorClient,
     reporter: Reporter,
+    state: StateDir,
 }
 
 /// Telemetry waiting to be sent; newer values replace older ones, so a retry always carries
@@ -143,7 +170,7 @@ impl Agent {
 
     /// Checks the GPU now and reports it when it changed from `last`.
     async fn check_gpu(&self, last: Option<Gpu>) -> Gpu {
-        let gpu = probes::check_gpu(&self.config.nvidia_smi).await;
+        let gpu = probes::check_gpu(&self.config.nvidia_smi, self.config.gpu_timeout).await;
         if last != Some(gpu) {
             let report = Report {
                 gpu_health: Some(gpu.as_str()),
@@ -163,7 +190,7 @@ impl Agent {
 
     async fn inuse_loop(self: Arc<Self>) {
         let Some(name) = self.config.inuse_process.clone() else {
-            return;
+            return std::future::pending().await;
         };
         let mut last = None;
         loop {
@@ -183,7 +210,7 @@ impl Agent {
         }
     }
 
-    async fn ship_loop(self: Arc<Self>, mut tail: FileTail, stream: &'static str) {
+    async fn ship_loop(self: Arc<Self>, mut tail: FileTail, stream: &'static str, key: String) {
         let mut backoff = Backoff::new(self.config.backoff_max);
         loop {
             let batch = match tail.read().await {
@@ -208,6 +235,7 @@ impl Agent {
             match self.client.report(&report).await {
                 Ok(()) => {
                     tail.acknowledge(&batch);
+                    self.state.save(&key, &tail.position().encode());
                     backoff.reset();
                 }
                 Err(e) if e.is_retryable() => {
@@ -217,6 +245,7 @@ impl Agent {
                 Err(e) => {
                     tracing::error!(error = %e, lines = batch.lines.len(), "log batch refused; skipped");
                     tail.acknowledge(&batch);
+                    self.state.save(&key, &tail.position().encode());
                 }
             }
         }
@@ -258,7 +287,9 @@ impl Agent {
 
     async fn wait_loop(&self) {
         let mut backoff = Backoff::new(self.config.backoff_max);
-        let mut handled: Option<String> = None;
+        // The assignment already handled, also by an earlier run of the agent on this VM:
+        // its one-time code was used, so it is not started again.
+        let mut handled = self.state.load("assignment").filter(|a| !a.is_empty());
         loop {
             // Once an assignment is handled, only look (no hold) for a release or a new one.
             let hold = if handled.is_some() {
@@ -274,6 +305,7 @@ impl Agent {
                 }
                 Ok(Some(a)) => {
                     backoff.reset();
+                    self.state.save("assignment", &a.assigned_at);
                     self.start(&a).await;
                     handled = Some(a.assigned_at);
                 }
@@ -301,31 +333,25 @@ impl Agent {
         }
     }
 
-    /// Starts Chrome Remote Desktop for `assignment` and reports the outcome.
+    /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
+    /// log. A bad or expired code is the participant's problem, not the VM's: the VM's
+    /// status stays `running`.
     async fn start(&self, assignment: &Assignment) {
         let outcome = match HostInvocation::from_assignment(assignment) {
             Ok(invocation) => invocation.run(&self.config).await,
             Err(e) => Err(e),
         };
-        match outcome {
-            Ok(()) => self.note(
-                Report::default(),
-                format!(
-                    "Chrome Remote Desktop started for the assignment of {}",
-                    assignment.assigned_at
-                ),
-            ),
-            Err(e) => {
-                let report = Report {
-                    status: Some("error"),
-                    ..Default::default()
-                };
-                let kind = match e {
-                    StartError::Invalid(_) => "rejected",
-                    StartError::Failed(_) => "failed",
-                };
-                self.note(report, format!("assignment {kind}: {e}"));
+        let at = &assignment.assigned_at;
+        let line = match outcome {
+            Ok(Started::Program) => {
+                format!("Chrome Remote Desktop started for the assignment of {at}")
             }
-        }
+            Ok(Started::DryRun) => {
+                format!("dry run: Chrome Remote Desktop would start now for the assignment of {at}")
+            }
+            Err(e @ StartError::Invalid(_)) => format!("assignment of {at} rejected: {e}"),
+            Err(e @ StartError::Failed(_)) => format!("assignment of {at} failed: {e}"),
+        };
+        self.note(Report::default(), line);
     }
 }

@@ -229,9 +229,12 @@ impl AllocatorClient {
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        response.json::<Assignment>().await.map(Some).map_err(|e| {
-            ClientError::Unavailable(format!("unreadable assignment: {}", e.without_url()))
-        })
+        // A decoding error could quote the PIN or the command: say only that it failed.
+        response
+            .json::<Assignment>()
+            .await
+            .map(Some)
+            .map_err(|_| ClientError::Unavailable("the assignment is not readable JSON".into()))
     }
 }
 

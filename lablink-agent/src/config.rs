@@ -77,12 +77,17 @@ pub struct AgentConfig {
     pub start_host: StartHost,
     /// `--redirect-url` passed to `start-host`.
     pub redirect_url: String,
+    /// `--user-name` passed to `start-host` (required when the agent runs as root: the
+    /// desktop belongs to this user).
+    pub crd_user: Option<String>,
     /// Longest a `start-host` run may take.
     pub start_host_timeout: Duration,
     /// The GPU check program (`nvidia-smi`, looked up on `PATH`).
     pub nvidia_smi: PathBuf,
     /// Time between GPU checks.
     pub gpu_interval: Duration,
+    /// Longest one `nvidia-smi` run may take before the GPU counts as unhealthy.
+    pub gpu_timeout: Duration,
     /// The research software's process name; `None` never reports in use.
     pub inuse_process: Option<String>,
     /// Time between in-use checks.
@@ -101,6 +106,9 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Identifies this boot; a change tells the allocator the VM restarted.
     pub boot_id: String,
+    /// Where the agent remembers, across its own restarts and reboots, the assignment it
+    /// handled and how far each log file was shipped. `None` keeps that in memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -112,9 +120,11 @@ impl AgentConfig {
             api_token: api_token.filter(|t| !t.is_empty()).map(ApiToken),
             start_host: StartHost::Program(DEFAULT_START_HOST.into()),
             redirect_url: DEFAULT_REDIRECT_URL.to_owned(),
+            crd_user: None,
             start_host_timeout: Duration::from_secs(120),
             nvidia_smi: "nvidia-smi".into(),
             gpu_interval: Duration::from_secs(20),
+            gpu_timeout: Duration::from_secs(10),
             inuse_process: None,
             inuse_interval: Duration::from_secs(5),
             log_files: Vec::new(),
@@ -124,6 +134,7 @@ impl AgentConfig {
             recheck_interval: Duration::from_secs(30),
             backoff_max: Duration::from_secs(30),
             boot_id: kernel_boot_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            state_dir: None,
         }
     }
 
@@ -198,17 +209,18 @@ impl Settings {
             .ok_or_else(|| ConfigError::new(format!("{key} is not set")))
     }
 
-    fn seconds(&self, key: &str, into: &mut Duration) -> Result<(), ConfigError> {
+    /// A number of seconds in `[min, 86400]`: the floors keep every loop from spinning.
+    fn seconds(&self, key: &str, min: f64, into: &mut Duration) -> Result<(), ConfigError> {
         if let Some(v) = self.get(key) {
             *into = v
                 .trim()
                 .parse::<f64>()
                 .ok()
-                .filter(|s| s.is_finite() && *s > 0.0 && *s <= 86_400.0)
+                .filter(|s| s.is_finite() && (min..=86_400.0).contains(s))
                 .map(Duration::from_secs_f64)
                 .ok_or_else(|| {
                     ConfigError::new(format!(
-                        "{key} must be a number of seconds between 0 and 86400, not {v:?}"
+                        "{key} must be a number of seconds between {min} and 86400, not {v:?}"
                     ))
                 })?;
         }
@@ -258,14 +270,34 @@ impl Settings {
         if let Some(id) = self.get("LABLINK_BOOT_ID") {
             c.boot_id = id.trim().to_owned();
         }
-        self.seconds("LABLINK_START_HOST_TIMEOUT_SECS", &mut c.start_host_timeout)?;
-        self.seconds("LABLINK_GPU_INTERVAL_SECS", &mut c.gpu_interval)?;
-        self.seconds("LABLINK_INUSE_INTERVAL_SECS", &mut c.inuse_interval)?;
-        self.seconds("LABLINK_LOG_POLL_SECS", &mut c.log_poll)?;
-        self.seconds("LABLINK_HEARTBEAT_SECS", &mut c.heartbeat_interval)?;
-        self.seconds("LABLINK_WAIT_SECS", &mut c.wait_timeout)?;
-        self.seconds("LABLINK_RECHECK_SECS", &mut c.recheck_interval)?;
-        self.seconds("LABLINK_BACKOFF_MAX_SECS", &mut c.backoff_max)?;
+        if let Some(user) = self.get("LABLINK_CRD_USER") {
+            let user = user.trim();
+            let valid = user.len() <= 32
+                && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && user.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
+                });
+            if !valid {
+                return Err(ConfigError::new(format!(
+                    "LABLINK_CRD_USER {user:?} is not a user name"
+                )));
+            }
+            c.crd_user = Some(user.to_owned());
+        }
+        c.state_dir = self.get("LABLINK_STATE_DIR").map(|d| d.trim().into());
+        self.seconds(
+            "LABLINK_START_HOST_TIMEOUT_SECS",
+            1.0,
+            &mut c.start_host_timeout,
+        )?;
+        self.seconds("LABLINK_GPU_INTERVAL_SECS", 0.1, &mut c.gpu_interval)?;
+        self.seconds("LABLINK_GPU_TIMEOUT_SECS", 0.1, &mut c.gpu_timeout)?;
+        self.seconds("LABLINK_INUSE_INTERVAL_SECS", 0.1, &mut c.inuse_interval)?;
+        self.seconds("LABLINK_LOG_POLL_SECS", 0.1, &mut c.log_poll)?;
+        self.seconds("LABLINK_HEARTBEAT_SECS", 1.0, &mut c.heartbeat_interval)?;
+        self.seconds("LABLINK_WAIT_SECS", 1.0, &mut c.wait_timeout)?;
+        self.seconds("LABLINK_RECHECK_SECS", 0.1, &mut c.recheck_interval)?;
+        self.seconds("LABLINK_BACKOFF_MAX_SECS", 0.1, &mut c.backoff_max)?;
         Ok(c)
     }
 }

@@ -7,11 +7,10 @@
 //! stdin twice (start-host asks for it and for its confirmation).
 
 use std::ffi::OsString;
-use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 
 use lablink_core::CrdCommand;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::client::Assignment;
@@ -63,62 +62,100 @@ impl HostInvocation {
         })
     }
 
-    /// The argument vector after the program: `--code=`, `--redirect-url=`, `--name=`.
-    pub fn args(&self, redirect_url: &str, hostname: &str) -> [OsString; 3] {
-        [
+    /// The argument vector after the program: `--code=`, `--redirect-url=`, `--name=`, and
+    /// `--user-name=` when a user is configured (start-host requires it when run as root).
+    pub fn args(&self, redirect_url: &str, hostname: &str, user: Option<&str>) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
             format!("--code={}", self.code).into(),
             format!("--redirect-url={redirect_url}").into(),
             format!("--name={hostname}").into(),
-        ]
+        ];
+        args.extend(user.map(|u| format!("--user-name={u}").into()));
+        args
     }
 
-    /// Runs `start-host` (or nothing, in dry-run mode) and waits for it.
-    pub async fn run(&self, config: &AgentConfig) -> Result<(), StartError> {
+    /// Runs `start-host` (or nothing, in dry-run mode) and waits for it. A failure carries
+    /// the end of start-host's stderr, with the code and PIN blanked out.
+    pub async fn run(&self, config: &AgentConfig) -> Result<Started, StartError> {
         let program = match &config.start_host {
-            StartHost::DryRun => {
-                tracing::info!(
-                    hostname = %config.vm_name,
-                    "dry run: Chrome Remote Desktop would start now"
-                );
-                return Ok(());
-            }
+            StartHost::DryRun => return Ok(Started::DryRun),
             StartHost::Program(path) => path,
         };
-        let status = self
-            .spawn(program, config)
-            .await
-            .map_err(|e| StartError::Failed(format!("{}: {e}", program.display())))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(StartError::Failed(format!(
-                "{} exited with {status}",
-                program.display()
-            )))
-        }
-    }
-
-    async fn spawn(&self, program: &Path, config: &AgentConfig) -> std::io::Result<ExitStatus> {
+        let failed = |what: String| StartError::Failed(format!("{}: {what}", program.display()));
         let mut child = Command::new(program)
-            .args(self.args(&config.redirect_url, config.vm_name.as_str()))
+            .args(self.args(
+                &config.redirect_url,
+                config.vm_name.as_str(),
+                config.crd_user.as_deref(),
+            ))
+            .env_remove("DISPLAY")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .spawn()?;
+            .spawn()
+            .map_err(|e| failed(e.to_string()))?;
         if let Some(mut stdin) = child.stdin.take() {
             let pin = format!("{0}\n{0}\n", self.pin);
             // start-host may exit without reading its PIN; its status says what happened.
             let _ = stdin.write_all(pin.as_bytes()).await;
         }
-        match tokio::time::timeout(config.start_host_timeout, child.wait()).await {
-            Ok(status) => status,
-            Err(_) => Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no exit within {:?}", config.start_host_timeout),
-            )),
+        let pipe = child.stderr.take();
+        let waited = tokio::time::timeout(config.start_host_timeout, async {
+            let stderr = tail(pipe).await;
+            child.wait().await.map(|status| (status, stderr))
+        })
+        .await;
+        let (status, stderr) = match waited {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => {
+                return Err(failed(format!(
+                    "no exit within {:?}",
+                    config.start_host_timeout
+                )))
+            }
+        };
+        if status.success() {
+            return Ok(Started::Program);
         }
+        let said = String::from_utf8_lossy(&stderr)
+            .replace(&self.code, "***")
+            .replace(&self.pin, "***");
+        let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+        Err(failed(if said.is_empty() {
+            format!("exited with {status}")
+        } else {
+            format!("exited with {status}: {said}")
+        }))
     }
+}
+
+/// How the host was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// start-host ran and succeeded.
+    Program,
+    /// Dry-run mode: nothing ran.
+    DryRun,
+}
+
+/// Most bytes of start-host's stderr kept for the report.
+const STDERR_TAIL: usize = 4096;
+
+/// Reads `pipe` to its end, keeping the last [`STDERR_TAIL`] bytes.
+async fn tail(pipe: Option<tokio::process::ChildStderr>) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return kept;
+    };
+    let mut chunk = [0; 1024];
+    while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+        kept.extend_from_slice(&chunk[..n]);
+        let excess = kept.len().saturating_sub(STDERR_TAIL);
+        kept.drain(..excess);
+    }
+    kept
 }
 
 #[cfg(test)]
@@ -139,7 +176,11 @@ mod tests {
         let cmd = "DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0Ab-x_y.z~+\" \
                    --redirect-url=\"https://evil.example\" --name=$(hostname)";
         let inv = HostInvocation::from_assignment(&assignment(cmd, "4/0Ab-x_y.z~+")).unwrap();
-        let args = inv.args("https://remotedesktop.google.com/_/oauthredirect", "vm-7");
+        let args = inv.args(
+            "https://remotedesktop.google.com/_/oauthredirect",
+            "vm-7",
+            None,
+        );
         assert_eq!(
             args,
             [
@@ -149,6 +190,8 @@ mod tests {
             ]
             .map(OsString::from)
         );
+        let args = inv.args("u", "vm-7", Some("participant"));
+        assert_eq!(args[3], "--user-name=participant");
     }
 
     #[test]
@@ -158,7 +201,7 @@ mod tests {
             ("start-host --code=$(curl evil)", "$(curl"),
             ("start-host --code=`id`", "`id`"),
             ("start-host --code=\"abc\nrm -rf /\"", "abc\nrm"),
-            ("start-host --code='abc' extra'", "abc'"),
+            ("start-host --code='abc;id'", "abc;id"),
             ("start-host --code=\"a b\"", "a b"),
             ("start-host --name=x", ""),
             ("", ""),

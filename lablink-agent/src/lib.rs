@@ -14,7 +14,9 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), lablink_agent::ConfigError> {
 //! let config = lablink_agent::AgentConfig::from_env()?;
-//! lablink_agent::run(config, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! lablink_agent::run(config, async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await
+//!     .expect("the agent's loops run until shutdown");
 //! # Ok(()) }
 //! ```
 
@@ -26,14 +28,16 @@ pub mod config;
 pub mod crd;
 pub mod logship;
 pub mod probes;
+pub mod state;
 
 use std::process::ExitCode;
 
-pub use agent::run;
+pub use agent::{run, AgentFailed};
 pub use config::{AgentConfig, ConfigError, StartHost};
 
 /// The `lablink-agent` program: settings from the environment, logs to stderr (`RUST_LOG`
-/// filters them), runs until SIGTERM or Ctrl-C. Bad settings print one line and exit 2.
+/// filters them), runs until SIGTERM or Ctrl-C. Bad settings print one line and exit 2; a
+/// loop that died makes it exit 1 (for its service manager to restart it).
 pub async fn main_from_env() -> ExitCode {
     let config = match AgentConfig::from_env() {
         Ok(config) => config,
@@ -49,8 +53,10 @@ pub async fn main_from_env() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
-    run(config, shutdown_signal()).await;
-    ExitCode::SUCCESS
+    match run(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -30,8 +30,8 @@ impl Gpu {
 }
 
 /// Runs `nvidia-smi` once: exit 0 is healthy, a missing program is N/A, anything else
-/// (non-zero exit, crash, no answer within 10 s) is unhealthy.
-pub async fn check_gpu(nvidia_smi: &Path) -> Gpu {
+/// (non-zero exit, crash, no answer within `timeout`) is unhealthy.
+pub async fn check_gpu(nvidia_smi: &Path, timeout: Duration) -> Gpu {
     let child = Command::new(nvidia_smi)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -43,7 +43,7 @@ pub async fn check_gpu(nvidia_smi: &Path) -> Gpu {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Gpu::NotAvailable,
         Err(_) => return Gpu::Unhealthy,
     };
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+    match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Gpu::Healthy,
         _ => Gpu::Unhealthy,
     }
@@ -93,12 +93,14 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
             path
         };
-        assert_eq!(check_gpu(&script("ok", "exit 0")).await, Gpu::Healthy);
-        assert_eq!(check_gpu(&script("bad", "exit 9")).await, Gpu::Unhealthy);
-        assert_eq!(
-            check_gpu(&dir.path().join("missing")).await,
-            Gpu::NotAvailable
-        );
+        let t = Duration::from_secs(10);
+        assert_eq!(check_gpu(&script("ok", "exit 0"), t).await, Gpu::Healthy);
+        assert_eq!(check_gpu(&script("bad", "exit 9"), t).await, Gpu::Unhealthy);
+        let missing = dir.path().join("missing");
+        assert_eq!(check_gpu(&missing, t).await, Gpu::NotAvailable);
+        let hung = script("hung", "exec sleep 30");
+        let short = Duration::from_millis(200);
+        assert_eq!(check_gpu(&hung, short).await, Gpu::Unhealthy);
     }
 
     #[tokio::test]

@@ -81,13 +81,35 @@ exit "$code""#,
         std::fs::read_to_string(self.path(name)).ok()
     }
 
+    /// Fails if any agent's own output mentions one of `secrets`.
+    pub fn assert_agent_output_lacks(&self, secrets: &[&str]) {
+        for entry in std::fs::read_dir(self.path("agents")).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for secret in secrets {
+                assert!(
+                    !text.contains(secret),
+                    "{} mentions a secret",
+                    path.display()
+                );
+            }
+        }
+    }
+
     /// A local provisioner of real agents talking to `url`, fast intervals, plus `extra`.
     pub fn provisioner(&self, url: &str, extra: &[(&str, &str)]) -> LocalProcessProvisioner {
+        // The fake nvidia-smi is found on PATH, as the real one is.
+        let path = format!(
+            "{}:{}",
+            self.dir.path().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut b = LocalProcessProvisioner::builder(agent_program(), url)
             .log_dir(self.path("agents"))
+            .state_dir(self.path("state"))
+            .env("PATH", path)
             .env("RECORD_DIR", self.dir.path())
             .env("LABLINK_START_HOST", self.path("start-host"))
-            .env("LABLINK_NVIDIA_SMI", self.path("nvidia-smi"))
             .env("LABLINK_GPU_INTERVAL_SECS", "0.5")
             .env("LABLINK_INUSE_INTERVAL_SECS", "0.5")
             .env("LABLINK_HEARTBEAT_SECS", "2")
@@ -104,14 +126,25 @@ exit "$code""#,
 }
 
 /// A server on a fixed loopback address, which can be stopped and started again.
+/// The server runs on a runtime of its own, so [`kill`](Rig::kill) can drop it the way a
+/// killed process disappears: every connection reset, no request answered.
 #[derive(Debug)]
 pub struct Rig {
     pub addr: SocketAddr,
     pub allocator: Arc<dyn Allocator>,
     pub state: HttpState,
     pub client: Client,
+    runtime: Option<tokio::runtime::Runtime>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// A free loopback address.
@@ -138,6 +171,7 @@ impl Rig {
             state: HttpState::new(allocator.clone(), HttpOptions::new(ADMIN, admin_hash())),
             allocator,
             client: Client::builder().pool_max_idle_per_host(0).build().unwrap(),
+            runtime: None,
             stop: None,
             task: None,
         };
@@ -149,7 +183,7 @@ impl Rig {
         // The port was just released by an earlier server of this test: retry briefly.
         let deadline = Instant::now() + Duration::from_secs(10);
         let listener = loop {
-            match tokio::net::TcpListener::bind(self.addr).await {
+            match std::net::TcpListener::bind(self.addr) {
                 Ok(l) => break l,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("rebinding {}: {e}", self.addr);
@@ -158,9 +192,16 @@ impl Rig {
                 Err(e) => panic!("cannot bind {}: {e}", self.addr),
             }
         };
+        listener.set_nonblocking(true).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
         let (tx, rx) = oneshot::channel();
         let state = self.state.clone();
-        self.task = Some(tokio::spawn(async move {
+        self.task = Some(runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             state
                 .serve(listener, async {
                     let _ = rx.await;
@@ -168,16 +209,18 @@ impl Rig {
                 .await
                 .unwrap();
         }));
+        self.runtime = Some(runtime);
         self.stop = Some(tx);
     }
 
-    /// Kills the server: the task is aborted, connections drop, held requests get no answer.
+    /// Kills the server: its runtime is dropped with every task and connection in it, as a
+    /// killed process would be; held requests get no answer.
     pub async fn kill(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
+        self.task = None;
         self.stop = None;
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 
     /// Stops the server gracefully (held requests are answered "ask again").
@@ -187,6 +230,9 @@ impl Rig {
         }
         if let Some(task) = self.task.take() {
             task.await.unwrap();
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 
