@@ -20,12 +20,14 @@ const CLAIM_ATTEMPTS: usize = 4;
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
 ///
-/// Every state change reads the row under `FOR UPDATE`, applies the event in Rust through
-/// [`VmRecord::apply`] (so through the core state machine) and writes it back with
-/// `WHERE generation = <the generation it was computed from>`. A claim is one transaction:
-/// `SELECT ... FOR UPDATE SKIP LOCKED` on the partial index of assignable VMs, the `Claim`
-/// event applied in Rust, one `UPDATE`; a unique index on the owner's email makes "one email,
-/// one VM" hold across processes.
+/// Every state change but the claim reads the row under `FOR UPDATE`, applies the event in
+/// Rust through [`VmRecord::apply`] (so through the core state machine) and writes it back
+/// with `WHERE generation = <the generation it was computed from>`. A claim, the hot path, is
+/// one statement and one round trip (`sql/vm_claim.sql`): the email's VM if it holds one,
+/// else `SELECT ... FOR UPDATE SKIP LOCKED` on the partial index of assignable VMs and an
+/// `UPDATE` that makes exactly the change `VmRecord::apply(Claim)` makes (`Available` →
+/// `Assigned`, checked against the picked generation); tests compare the two. A unique index
+/// on the owner's email makes "one email, one VM" hold across processes.
 ///
 /// The constructor does not touch the database; run [`setup`](crate::setup) (or
 /// [`PgVmStore::setup`]) once to create the tables.
@@ -136,61 +138,30 @@ fn rows_to_records(rows: Vec<PgRow>) -> Result<Vec<VmRecord>, PgError> {
 }
 
 impl PgVmStore {
-    /// One claim attempt; `None` when another transaction gave this email a VM first (the
-    /// caller starts over and finds it).
+    /// One claim attempt, one statement (`sql/vm_claim.sql`); `None` when another
+    /// transaction gave this email a VM first (the caller starts over and finds it).
     async fn try_claim(
         &self,
         request: &ClaimRequest,
         now: DateTime<Utc>,
     ) -> Result<Option<Claimed>> {
         let op = "claim";
-        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
-        let existing = sqlx::query(include_str!("../sql/vm_get_by_email.sql"))
-            .bind(request.email.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| classify(op, e))?;
-        if let Some(row) = existing {
-            let record = record_from_row(&row).map_err(|e| classify(op, e))?;
-            tx.commit().await.map_err(|e| classify(op, e))?;
-            return Ok(Some(Claimed {
-                record,
-                newly_assigned: false,
-            }));
+        let mut row = self
+            .claim_statement(include_str!("../sql/vm_claim.sql"), request, now)
+            .await;
+        if matches!(row, Ok(None)) {
+            // No row: no VM is free, or every free one is locked by someone (other claims,
+            // telemetry...). Wait for the holders rather than report a capacity that may
+            // exist.
+            row = self
+                .claim_statement(include_str!("../sql/vm_claim_wait.sql"), request, now)
+                .await;
         }
-        let mut picked = sqlx::query(include_str!("../sql/vm_claim_pick.sql"))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(|e| classify(op, e))?;
-        if picked.is_none() {
-            // Every assignable row is locked by someone (other claims, telemetry...). Wait
-            // for them rather than report a capacity that may exist.
-            picked = sqlx::query(include_str!("../sql/vm_claim_pick_wait.sql"))
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(|e| classify(op, e))?;
-        }
-        let Some(row) = picked else {
-            return Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
-                .with_operation(op)
-                .temporary());
-        };
-        let mut record = record_from_row(&row).map_err(|e| classify(op, e))?;
-        let from = record.generation;
-        let event = VmEvent::Claim(Assignment {
-            email: request.email.clone(),
-            crd_command: request.crd_command.clone(),
-            pin: request.pin.clone(),
-            assigned_at: now,
-        });
-        record.apply(&event, now)?;
-        let record = normalized(record);
-        match write_record(&mut tx, &record, from).await {
-            Ok(true) => {}
-            Ok(false) => {
-                return Err(Error::conflict("the VM changed while it was locked")
+        let row = match row {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                return Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
                     .with_operation(op)
-                    .with_context("hostname", &record.hostname)
                     .temporary())
             }
             Err(PgError::Sqlx(sqlx::Error::Database(db)))
@@ -199,12 +170,33 @@ impl PgVmStore {
                 return Ok(None);
             }
             Err(e) => return Err(classify(op, e)),
+        };
+        let newly_assigned: bool = row.try_get("newly_assigned").map_err(|e| classify(op, e))?;
+        let record = record_from_row(&row).map_err(|e| classify(op, e))?;
+        if newly_assigned {
+            // What VmRecord::apply logs for the transition the statement made.
+            tracing::info!(hostname = %record.hostname, from = %VmState::Available, to = %record.state, event = "claim", "vm state changed");
         }
-        tx.commit().await.map_err(|e| classify(op, e))?;
         Ok(Some(Claimed {
             record,
-            newly_assigned: true,
+            newly_assigned,
         }))
+    }
+
+    /// Runs one of the claim statements (auto-committed: one round trip).
+    async fn claim_statement(
+        &self,
+        sql: &'static str,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PgRow>, PgError> {
+        Ok(sqlx::query(sql)
+            .bind(request.email.as_str())
+            .bind(request.crd_command.expose())
+            .bind(request.pin.expose())
+            .bind(micros(now))
+            .fetch_optional(&self.pool)
+            .await?)
     }
 }
 

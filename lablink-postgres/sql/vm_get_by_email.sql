@@ -1,1 +1,0 @@
-SELECT * FROM lablink_vms WHERE email = $1
