@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod claim;
 mod error;
 mod leader;
 mod lock;
@@ -9,7 +10,7 @@ mod notifier;
 mod row;
 mod store;
 
-pub use notifier::{PgNotifier, DEFAULT_CHANNEL};
+pub use notifier::{PgNotifier, PgNotifierOptions, DEFAULT_CHANNEL};
 pub use store::PgVmStore;
 
 /// The migrations that create LabLink's tables (`lablink_vms`, `lablink_vm_log_streams`,

@@ -1,22 +1,21 @@
 //! [`PgVmStore`]: the durable [`VmStore`] on PostgreSQL.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{
-    Assignment, ClaimRequest, Claimed, Error, ErrorKind, Hostname, Operation, ProvisioningLock,
-    Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState,
-    VmStore,
+    Assignment, ClaimRequest, Claimed, Error, Hostname, Operation, ProvisioningLock, Result,
+    Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState, VmStore,
 };
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use crate::claim::Claims;
 use crate::error::{classify, PgError};
 use crate::row::{bind_operation, bind_record, operation_from_row, record_from_row, to_i64};
 use crate::{lock, logs};
-
-/// How often a claim starts over after losing a race on the email's uniqueness.
-const CLAIM_ATTEMPTS: usize = 4;
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
 ///
@@ -26,8 +25,11 @@ const CLAIM_ATTEMPTS: usize = 4;
 /// one statement and one round trip (`sql/vm_claim.sql`): the email's VM if it holds one,
 /// else `SELECT ... FOR UPDATE SKIP LOCKED` on the partial index of assignable VMs and an
 /// `UPDATE` that makes exactly the change `VmRecord::apply(Claim)` makes (`Available` →
-/// `Assigned`, checked against the picked generation); tests compare the two. A unique index
-/// on the owner's email makes "one email, one VM" hold across processes.
+/// `Assigned`, checked against the picked generation); tests compare the two. Concurrent
+/// claims of one store (and its clones) are grouped, up to 64 per statement
+/// (`sql/vm_claim_batch.sql`), so a rush costs a few round trips rather than one transaction
+/// per participant. A unique index on the owner's email makes "one email, one VM" hold
+/// across processes.
 ///
 /// The constructor does not touch the database; run [`setup`](crate::setup) (or
 /// [`PgVmStore::setup`]) once to create the tables.
@@ -35,12 +37,14 @@ const CLAIM_ATTEMPTS: usize = 4;
 pub struct PgVmStore {
     pool: PgPool,
     lock_key: i64,
+    claims: Arc<Claims>,
 }
 
 impl PgVmStore {
     /// A store over `pool`. Does not migrate: call [`setup`](Self::setup) first.
     pub fn new(pool: PgPool) -> Self {
         Self {
+            claims: Arc::new(Claims::new(pool.clone())),
             pool,
             lock_key: lock::DEFAULT_LOCK_KEY,
         }
@@ -135,69 +139,6 @@ fn email_taken(error: PgError, assignment: Option<&Assignment>, operation: &'sta
 
 fn rows_to_records(rows: Vec<PgRow>) -> Result<Vec<VmRecord>, PgError> {
     rows.iter().map(record_from_row).collect()
-}
-
-impl PgVmStore {
-    /// One claim attempt, one statement (`sql/vm_claim.sql`); `None` when another
-    /// transaction gave this email a VM first (the caller starts over and finds it).
-    async fn try_claim(
-        &self,
-        request: &ClaimRequest,
-        now: DateTime<Utc>,
-    ) -> Result<Option<Claimed>> {
-        let op = "claim";
-        let mut row = self
-            .claim_statement(include_str!("../sql/vm_claim.sql"), request, now)
-            .await;
-        if matches!(row, Ok(None)) {
-            // No row: no VM is free, or every free one is locked by someone (other claims,
-            // telemetry...). Wait for the holders rather than report a capacity that may
-            // exist.
-            row = self
-                .claim_statement(include_str!("../sql/vm_claim_wait.sql"), request, now)
-                .await;
-        }
-        let row = match row {
-            Ok(Some(row)) => row,
-            Ok(None) => {
-                return Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
-                    .with_operation(op)
-                    .temporary())
-            }
-            Err(PgError::Sqlx(sqlx::Error::Database(db)))
-                if db.is_unique_violation() && db.constraint() == Some("lablink_vms_email_key") =>
-            {
-                return Ok(None);
-            }
-            Err(e) => return Err(classify(op, e)),
-        };
-        let newly_assigned: bool = row.try_get("newly_assigned").map_err(|e| classify(op, e))?;
-        let record = record_from_row(&row).map_err(|e| classify(op, e))?;
-        if newly_assigned {
-            // What VmRecord::apply logs for the transition the statement made.
-            tracing::info!(hostname = %record.hostname, from = %VmState::Available, to = %record.state, event = "claim", "vm state changed");
-        }
-        Ok(Some(Claimed {
-            record,
-            newly_assigned,
-        }))
-    }
-
-    /// Runs one of the claim statements (auto-committed: one round trip).
-    async fn claim_statement(
-        &self,
-        sql: &'static str,
-        request: &ClaimRequest,
-        now: DateTime<Utc>,
-    ) -> Result<Option<PgRow>, PgError> {
-        Ok(sqlx::query(sql)
-            .bind(request.email.as_str())
-            .bind(request.crd_command.expose())
-            .bind(request.pin.expose())
-            .bind(micros(now))
-            .fetch_optional(&self.pool)
-            .await?)
-    }
 }
 
 #[async_trait]
@@ -345,17 +286,7 @@ impl VmStore for PgVmStore {
     }
 
     async fn claim(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            if let Some(claimed) = self.try_claim(request, now).await? {
-                return Ok(claimed);
-            }
-        }
-        Err(
-            Error::conflict("the email's assignment kept changing; try again")
-                .with_operation("claim")
-                .with_context("email", &request.email)
-                .temporary(),
-        )
+        self.claims.claim(request, now).await
     }
 
     async fn record_telemetry(

@@ -248,3 +248,83 @@ async fn claim_waits_for_locked_free_vms(pool: PgPool) {
     assert_eq!(claimed.record.hostname, host("vm-a"));
     assert!(claimed.newly_assigned);
 }
+
+/// A rush of concurrent claims (grouped into batch statements): every newly assigned record
+/// is exactly what the state machine makes of the VM it took, no VM is taken twice, holders
+/// get their own VM back, and the claims beyond capacity fail with `NoCapacity`.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn a_rush_of_claims_matches_the_state_machine(pool: PgPool) {
+    let store = PgVmStore::new(pool);
+    let vms: Vec<_> = (0..30)
+        .map(|i| busy_available(&format!("vm-{i:02}")))
+        .collect();
+    let before: std::collections::HashMap<_, _> = store
+        .insert(&vms)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.hostname.clone(), r))
+        .collect();
+    // Five participants already hold a VM.
+    let mut held = std::collections::HashMap::new();
+    for i in 0..5 {
+        let c = store
+            .claim(&claim_request(&format!("early{i}")), t(50))
+            .await
+            .unwrap();
+        held.insert(format!("early{i}"), c.record);
+    }
+    let who: Vec<String> = (0..40)
+        .map(|i| format!("rush{i}"))
+        .chain((0..5).map(|i| format!("early{i}")))
+        .collect();
+    let results: Vec<_> = stream::iter(who.iter().enumerate())
+        .map(|(i, w)| {
+            let store = store.clone();
+            async move {
+                let request = claim_request(w);
+                let now = t(100 + i as i64);
+                (
+                    w.clone(),
+                    request.clone(),
+                    now,
+                    store.claim(&request, now).await,
+                )
+            }
+        })
+        .buffer_unordered(45)
+        .collect()
+        .await;
+    let mut taken = std::collections::HashSet::new();
+    let (mut newly, mut refused) = (0, 0);
+    for (w, request, now, result) in results {
+        match result {
+            Ok(c) if c.newly_assigned => {
+                newly += 1;
+                assert!(taken.insert(c.record.hostname.clone()), "a VM twice");
+                let cut = now.trunc_subsecs(6);
+                let mut expected = before[&c.record.hostname].clone();
+                expected
+                    .apply(
+                        &VmEvent::Claim(Assignment {
+                            email: request.email.clone(),
+                            crd_command: request.crd_command.clone(),
+                            pin: request.pin.clone(),
+                            assigned_at: cut,
+                        }),
+                        cut,
+                    )
+                    .unwrap();
+                assert_eq!(c.record, expected, "{w}");
+                assert_eq!(store.get(&c.record.hostname).await.unwrap(), expected);
+            }
+            Ok(c) => assert_eq!(Some(&c.record), held.get(&w), "{w} gets its VM back"),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::NoCapacity, "{w}: {e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(newly, 25, "every free VM assigned once");
+    assert_eq!(refused, 15);
+}

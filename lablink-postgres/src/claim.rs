@@ -1,0 +1,329 @@
+//! Claims: one statement each, and the concurrent claims of one process grouped into one
+//! statement (group commit), so a rush of participants costs a few round trips, not one
+//! transaction each.
+//!
+//! A claim is queued; up to [`MAX_WORKERS`] worker tasks take the queue in batches of up to
+//! [`MAX_BATCH`] and run `sql/vm_claim_batch.sql` (or `sql/vm_claim.sql` for a batch of
+//! one). Each claim gets exactly the answer it would get alone: the email's VM if it holds
+//! one, else a free VM moved to `Assigned` as `VmRecord::apply(Claim)` does it. Claims the
+//! batch leaves without a row (no free VM, free VMs locked by someone, a race on an email
+//! with another process) are retried one by one on the single-claim path, which waits for
+//! locked VMs and reports `NoCapacity`.
+//!
+//! Workers are spawned tasks, so a caller that stops waiting (a participant's request that
+//! is cancelled) never stalls the others; its claim still completes, and asking again
+//! returns the same VM.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, SubsecRound, Utc};
+use lablink_core::{ClaimRequest, Claimed, Email, Error, ErrorKind, Result, VmState};
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use tokio::sync::oneshot;
+
+use crate::error::{classify, PgError};
+use crate::row::record_from_row;
+
+/// How often a claim starts over after losing a race on the email's uniqueness.
+const CLAIM_ATTEMPTS: usize = 4;
+/// Most claims in one statement.
+pub(crate) const MAX_BATCH: usize = 64;
+/// Most claim statements in flight at once (each holds one pooled connection).
+pub(crate) const MAX_WORKERS: usize = 2;
+
+/// The claim path of one [`PgVmStore`](crate::PgVmStore) (shared by its clones).
+pub(crate) struct Claims {
+    pool: PgPool,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    workers: usize,
+}
+
+struct Pending {
+    request: ClaimRequest,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<Claimed>>,
+}
+
+impl fmt::Debug for Claims {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let queue = lock(&self.queue);
+        f.debug_struct("Claims")
+            .field("queued", &queue.pending.len())
+            .field("workers", &queue.workers)
+            .finish()
+    }
+}
+
+fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// PostgreSQL keeps timestamps to the microsecond (see `store::micros`).
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+fn is_email_race(error: &PgError) -> bool {
+    matches!(error, PgError::Sqlx(sqlx::Error::Database(db))
+        if db.is_unique_violation() && db.constraint() == Some("lablink_vms_email_key"))
+}
+
+/// The claim's result from a row of `vm_claim.sql` / `vm_claim_batch.sql`.
+fn claimed_from_row(row: &PgRow) -> Result<Claimed> {
+    let op = "claim";
+    let newly_assigned: bool = row.try_get("newly_assigned").map_err(|e| classify(op, e))?;
+    let record = record_from_row(row).map_err(|e| classify(op, e))?;
+    if newly_assigned {
+        // What VmRecord::apply logs for the transition the statement made.
+        tracing::info!(hostname = %record.hostname, from = %VmState::Available, to = %record.state, event = "claim", "vm state changed");
+    }
+    Ok(Claimed {
+        record,
+        newly_assigned,
+    })
+}
+
+impl Claims {
+    pub(crate) fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            queue: Mutex::new(Queue::default()),
+        }
+    }
+
+    /// Queues a claim and waits for its answer.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Claimed> {
+        let (reply, answer) = oneshot::channel();
+        let start_worker = {
+            let mut queue = lock(&self.queue);
+            queue.pending.push(Pending {
+                request: request.clone(),
+                now,
+                reply,
+            });
+            let start = queue.workers < MAX_WORKERS;
+            if start {
+                queue.workers += 1;
+            }
+            start
+        };
+        if start_worker {
+            tokio::spawn(self.clone().work());
+        }
+        answer.await.map_err(|_| {
+            Error::new(ErrorKind::Unavailable, "the claim worker stopped").with_operation("claim")
+        })?
+    }
+
+    /// A worker: takes batches off the queue until it is empty.
+    async fn work(self: Arc<Self>) {
+        let mut guard = WorkerGuard {
+            claims: self.clone(),
+            armed: true,
+        };
+        loop {
+            let batch = {
+                let mut queue = lock(&self.queue);
+                if queue.pending.is_empty() {
+                    queue.workers -= 1;
+                    guard.armed = false;
+                    return;
+                }
+                let n = queue.pending.len().min(MAX_BATCH);
+                queue.pending.drain(..n).collect::<Vec<_>>()
+            };
+            self.run(batch).await;
+        }
+    }
+
+    /// Answers every claim of `batch`.
+    async fn run(self: &Arc<Self>, mut batch: Vec<Pending>) {
+        if batch.len() == 1 {
+            let p = batch.pop().expect("one claim");
+            let result = self.claim_one(&p.request, p.now).await;
+            let _ = p.reply.send(result);
+            return;
+        }
+        // One entry per distinct email; later claims for an email follow its first.
+        let mut groups: Vec<Vec<Pending>> = Vec::with_capacity(batch.len());
+        let mut by_email: HashMap<Email, usize> = HashMap::with_capacity(batch.len());
+        for p in batch {
+            match by_email.get(&p.request.email) {
+                Some(&i) => groups[i].push(p),
+                None => {
+                    by_email.insert(p.request.email.clone(), groups.len());
+                    groups.push(vec![p]);
+                }
+            }
+        }
+        let rows = self.claim_batch(&groups).await;
+        let mut answered = vec![false; groups.len()];
+        if let Ok(rows) = rows {
+            for row in &rows {
+                let Some(i) = row
+                    .try_get::<i64, _>("n")
+                    .ok()
+                    .and_then(|n| usize::try_from(n - 1).ok())
+                    .filter(|&i| i < groups.len() && !answered[i])
+                else {
+                    continue;
+                };
+                let claimed = match claimed_from_row(row) {
+                    Ok(claimed) => claimed,
+                    // Left for the single-claim path, which reports the error on its own.
+                    Err(_) => continue,
+                };
+                answered[i] = true;
+                let mut first = true;
+                for p in groups[i].drain(..) {
+                    let answer = Claimed {
+                        record: claimed.record.clone(),
+                        newly_assigned: claimed.newly_assigned && first,
+                    };
+                    first = false;
+                    let _ = p.reply.send(Ok(answer));
+                }
+            }
+        }
+        // The rest (or all of them, if the statement failed) one by one, in tasks of their
+        // own: the single-claim path may wait for locked VMs, and the queue must not.
+        for p in groups.into_iter().flatten() {
+            let claims = self.clone();
+            tokio::spawn(async move {
+                let result = claims.claim_one(&p.request, p.now).await;
+                let _ = p.reply.send(result);
+            });
+        }
+    }
+
+    /// One statement for a batch of distinct emails (`sql/vm_claim_batch.sql`).
+    async fn claim_batch(&self, groups: &[Vec<Pending>]) -> Result<Vec<PgRow>, PgError> {
+        let first = groups.iter().map(|g| &g[0]);
+        let emails: Vec<&str> = first.clone().map(|p| p.request.email.as_str()).collect();
+        let commands: Vec<&str> = first
+            .clone()
+            .map(|p| p.request.crd_command.expose())
+            .collect();
+        let pins: Vec<&str> = first.clone().map(|p| p.request.pin.expose()).collect();
+        let times: Vec<DateTime<Utc>> = first.map(|p| micros(p.now)).collect();
+        Ok(sqlx::query(include_str!("../sql/vm_claim_batch.sql"))
+            .bind(emails)
+            .bind(commands)
+            .bind(pins)
+            .bind(times)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// One claim on its own: `sql/vm_claim.sql`, started over if another transaction gave
+    /// this email a VM first.
+    async fn claim_one(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            if let Some(claimed) = self.try_claim(request, now).await? {
+                return Ok(claimed);
+            }
+        }
+        Err(
+            Error::conflict("the email's assignment kept changing; try again")
+                .with_operation("claim")
+                .with_context("email", &request.email)
+                .temporary(),
+        )
+    }
+
+    /// One claim attempt; `None` when another transaction gave this email a VM first (the
+    /// caller starts over and finds it).
+    async fn try_claim(
+        &self,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Claimed>> {
+        let op = "claim";
+        let mut row = self
+            .claim_statement(include_str!("../sql/vm_claim.sql"), request, now)
+            .await;
+        if matches!(row, Ok(None)) {
+            // No row: no VM is free, or every free one is locked by someone (other claims,
+            // telemetry...). Wait for the holders rather than report a capacity that may
+            // exist.
+            row = self
+                .claim_statement(include_str!("../sql/vm_claim_wait.sql"), request, now)
+                .await;
+        }
+        match row {
+            Ok(Some(row)) => claimed_from_row(&row).map(Some),
+            Ok(None) => Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
+                .with_operation(op)
+                .temporary()),
+            Err(e) if is_email_race(&e) => Ok(None),
+            Err(e) => Err(classify(op, e)),
+        }
+    }
+
+    /// Runs one of the single-claim statements (auto-committed: one round trip).
+    async fn claim_statement(
+        &self,
+        sql: &'static str,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+    ) -> Result<Option<PgRow>, PgError> {
+        Ok(sqlx::query(sql)
+            .bind(request.email.as_str())
+            .bind(request.crd_command.expose())
+            .bind(request.pin.expose())
+            .bind(micros(now))
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+}
+
+/// Keeps the worker count right if a worker ends early (panic, runtime shutting down): the
+/// claims it held get an `Unavailable` answer (their reply channels drop), and if claims are
+/// still queued another worker takes over.
+struct WorkerGuard {
+    claims: Arc<Claims>,
+    armed: bool,
+}
+
+impl Drop for WorkerGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let restart = {
+            let mut queue = lock(&self.claims.queue);
+            queue.workers -= 1;
+            let restart = !queue.pending.is_empty();
+            if restart {
+                queue.workers += 1;
+            }
+            restart
+        };
+        if restart {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(self.claims.clone().work());
+                }
+                Err(_) => {
+                    // No runtime: nothing can run the queue; answering is dropping the
+                    // reply channels.
+                    let mut queue = lock(&self.claims.queue);
+                    queue.workers -= 1;
+                    queue.pending.clear();
+                }
+            }
+        }
+    }
+}
