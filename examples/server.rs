@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use lablink::config::Config;
 use lablink::http::{hash_password, HttpState};
-use lablink::{Allocator, FakeProvisioner, LabLink, LocalProcessProvisioner, Provisioner};
+use lablink::{
+    Allocator, FakeProvisioner, LabLink, LocalProcessProvisioner, Provisioner, Supervisor,
+};
 use rand::distributions::{Alphanumeric, DistString};
 use tracing_subscriber::EnvFilter;
 
@@ -172,10 +174,12 @@ fn provisioner(
     Ok((Arc::new(local.clone()), Some(local)))
 }
 
+/// The allocator, with its supervisor running (leases, recovery ladder, reconcile, and the
+/// warm pool, scheduled destruction and idle release when configured).
 async fn allocator(
     config: &Config,
     provisioner: Arc<dyn Provisioner>,
-) -> Result<Arc<dyn Allocator>, Box<dyn std::error::Error>> {
+) -> Result<(Arc<dyn Allocator>, Supervisor), Box<dyn std::error::Error>> {
     #[allow(unused_mut)]
     let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
@@ -197,7 +201,9 @@ async fn allocator(
         provisioner = %config.provisioner.kind,
         "allocator configured"
     );
-    Ok(Arc::new(builder.build()?))
+    let lablink = builder.build()?;
+    let supervisor = lablink.start_supervisor()?;
+    Ok((Arc::new(lablink), supervisor))
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
@@ -212,12 +218,11 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let addr = listener.local_addr()?;
     let (provisioner, local) = provisioner(&config, addr)?;
-    let state = HttpState::new(
-        allocator(&config, provisioner).await?,
-        config.http_options(hash),
-    );
+    let (allocator, supervisor) = allocator(&config, provisioner).await?;
+    let state = HttpState::new(allocator, config.http_options(hash));
     print_banner(addr, &config, generated.as_deref());
     let served = state.serve(listener, shutdown_signal()).await;
+    supervisor.stop().await;
     if let Some(local) = local {
         local.shutdown().await;
     }
