@@ -37,12 +37,16 @@ fi
 port_free() {
     ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
-PORT=${PG_PORT:-}
-if [[ -z "$PORT" ]]; then
-    PORT=55433
+next_free_port() {
+    PORT=$1
     while ! port_free "$PORT"; do
         PORT=$((PORT + 1))
     done
+}
+if [[ -n "${PG_PORT:-}" ]]; then
+    PORT=$PG_PORT
+else
+    next_free_port 55433
 fi
 
 # initdb and postgres refuse to run as root: run them as the postgres user then.
@@ -72,12 +76,20 @@ as_pg "$PG_BIN/initdb" --auth=trust --username=postgres -D "$DATA" >"$DIR/initdb
     cat "$DIR/initdb.log" >&2
     exit 1
 }
-as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DIR/server.log" -w -t 60 \
-    -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-300} -c fsync=off" \
-    start >/dev/null || {
-    cat "$DIR/server.log" >&2
-    exit 1
-}
+# Another run on this machine may take the port between the check and the start: then the
+# next free port is tried (unless PG_PORT was given).
+for attempt in 1 2 3 4 5; do
+    if as_pg "$PG_BIN/pg_ctl" -D "$DATA" -l "$DIR/server.log" -w -t 60 \
+        -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c max_connections=${PG_MAX_CONNECTIONS:-300} -c fsync=off" \
+        start >/dev/null; then
+        break
+    fi
+    if [[ -n "${PG_PORT:-}" || $attempt -eq 5 ]]; then
+        cat "$DIR/server.log" >&2
+        exit 1
+    fi
+    next_free_port $((PORT + 1))
+done
 for _ in $(seq 1 100); do
     if as_pg "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT"; then
         break
