@@ -61,10 +61,16 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/metrics"),
 ];
 
-/// One server and runtime shared by every case (VMs `lablink-vm-1..3` exist, one assigned).
+/// One server and runtime shared by the random cases (VMs `lablink-vm-1..3` exist, one
+/// assigned; a random case may destroy them).
 fn server() -> &'static (tokio::runtime::Runtime, TestServer) {
     static SERVER: OnceLock<(tokio::runtime::Runtime, TestServer)> = OnceLock::new();
-    SERVER.get_or_init(|| {
+    SERVER.get_or_init(start_server)
+}
+
+/// A server and its runtime, with VMs `lablink-vm-1..3`, one assigned.
+fn start_server() -> (tokio::runtime::Runtime, TestServer) {
+    {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -82,7 +88,7 @@ fn server() -> &'static (tokio::runtime::Runtime, TestServer) {
             s
         });
         (runtime, server)
-    })
+    }
 }
 
 fn odd_hostname() -> impl Strategy<Value = String> {
@@ -268,7 +274,8 @@ proptest! {
 
 #[test]
 fn a_body_over_the_limit_is_a_json_413_on_every_post_route() {
-    let (runtime, s) = server();
+    // Its own server: the random cases may destroy the VMs whose tokens it uses.
+    let (runtime, s) = &start_server();
     for (method, template) in ROUTES.iter().filter(|(m, _)| *m == "POST") {
         let path = template.replace("{h}", "lablink-vm-1");
         for auth in [Auth::None, Auth::OwnToken, Auth::Basic] {
