@@ -70,25 +70,23 @@ fn server() -> &'static (tokio::runtime::Runtime, TestServer) {
 
 /// A server and its runtime, with VMs `lablink-vm-1..3`, one assigned.
 fn start_server() -> (tokio::runtime::Runtime, TestServer) {
-    {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = runtime.block_on(async {
-            let s = TestServer::start_with(lablink::LabLink::builder(), |o| {
-                o.max_wait = Duration::from_millis(50);
-                o.max_body_bytes = 64 * 1024;
-                o.sign_in_failures_per_minute = 1_000_000;
-            })
-            .await;
-            s.launch_ready(3).await;
-            s.request_vm("ada@lab.org", "4/fuzz").await;
-            s
-        });
-        (runtime, server)
-    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = runtime.block_on(async {
+        let s = TestServer::start_with(lablink::LabLink::builder(), |o| {
+            o.max_wait = Duration::from_millis(50);
+            o.max_body_bytes = 64 * 1024;
+            o.sign_in_failures_per_minute = 1_000_000;
+        })
+        .await;
+        s.launch_ready(3).await;
+        s.request_vm("ada@lab.org", "4/fuzz").await;
+        s
+    });
+    (runtime, server)
 }
 
 fn odd_hostname() -> impl Strategy<Value = String> {
