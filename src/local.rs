@@ -43,12 +43,7 @@ pub struct LocalProcessProvisioner {
 }
 
 struct Inner {
-    program: PathBuf,
-    args: Vec<OsString>,
-    envs: Vec<(OsString, OsString)>,
-    allocator_url: String,
-    log_dir: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
+    settings: LocalProcessBuilder,
     machines: Mutex<BTreeMap<Hostname, Machine>>,
 }
 
@@ -61,8 +56,8 @@ struct Machine {
 impl fmt::Debug for LocalProcessProvisioner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LocalProcessProvisioner")
-            .field("program", &self.inner.program)
-            .field("allocator_url", &self.inner.allocator_url)
+            .field("program", &self.inner.settings.program)
+            .field("allocator_url", &self.inner.settings.allocator_url)
             .finish_non_exhaustive()
     }
 }
@@ -108,12 +103,7 @@ impl LocalProcessBuilder {
     pub fn build(self) -> LocalProcessProvisioner {
         LocalProcessProvisioner {
             inner: Arc::new(Inner {
-                program: self.program,
-                args: self.args,
-                envs: self.envs,
-                allocator_url: self.allocator_url,
-                log_dir: self.log_dir,
-                state_dir: self.state_dir,
+                settings: self,
                 machines: Mutex::default(),
             }),
         }
@@ -143,7 +133,7 @@ impl LocalProcessProvisioner {
     }
 
     fn spawn(&self, hostname: &Hostname, token: &AgentToken) -> std::io::Result<Child> {
-        let inner = &self.inner;
+        let inner = &self.inner.settings;
         let (stdout, stderr) = match &inner.log_dir {
             Some(dir) => {
                 let file = std::fs::OpenOptions::new()
@@ -191,7 +181,7 @@ impl LocalProcessProvisioner {
             kind,
             format!(
                 "cannot start the agent program {}: {e}",
-                self.inner.program.display()
+                self.inner.settings.program.display()
             ),
         )
         .with_operation("launch")

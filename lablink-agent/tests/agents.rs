@@ -33,6 +33,30 @@ fn assert_started(work: &Workdir, hostname: &str, code: &str, pin: &str) {
     );
 }
 
+/// Waits until every granted VM's agent ran start-host, then (a few recheck intervals later)
+/// checks each ran exactly once with its own participant's code and PIN.
+async fn assert_each_started_once(
+    work: &Workdir,
+    people: &[(String, String)],
+    granted: &[(String, String)],
+) {
+    wait_until(
+        "every agent to start its host",
+        Duration::from_secs(60),
+        || async {
+            granted
+                .iter()
+                .all(|(h, _)| work.path(&format!("{h}.runs")).exists())
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for ((_, code), (hostname, pin)) in people.iter().zip(granted) {
+        assert_started(work, hostname, code, pin);
+    }
+}
+
 /// Requests a VM for each `(email, code)` at once; `(hostname, pin)` per request, `None`
 /// when no VM was free (503).
 async fn try_request_all(
@@ -121,22 +145,7 @@ async fn fifty_agents_each_start_exactly_their_own_assignment_and_report_gpu_and
         .collect();
     assert_eq!(distinct, healthy);
 
-    wait_until(
-        "every agent to start its host",
-        Duration::from_secs(60),
-        || async {
-            granted
-                .iter()
-                .all(|(h, _)| work.path(&format!("{h}.runs")).exists())
-                .then_some(())
-        },
-    )
-    .await;
-    // A few recheck intervals later, still exactly one run each.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for ((_, code), (hostname, pin)) in people.iter().zip(&granted) {
-        assert_started(&work, hostname, code, pin);
-    }
+    assert_each_started_once(&work, &people, &granted).await;
     assert!(!work.path("lablink-vm-2.runs").exists());
 
     // A GPU that breaks later is reported on the change.
@@ -212,21 +221,7 @@ async fn waiting_agents_get_their_assignments_after_the_server_is_killed_and_res
         granted.iter().map(|(h, _)| h).collect::<HashSet<_>>().len(),
         50
     );
-    wait_until(
-        "every agent to start its host after the restart",
-        Duration::from_secs(60),
-        || async {
-            granted
-                .iter()
-                .all(|(h, _)| work.path(&format!("{h}.runs")).exists())
-                .then_some(())
-        },
-    )
-    .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    for ((_, code), (hostname, pin)) in people.iter().zip(&granted) {
-        assert_started(&work, hostname, code, pin);
-    }
+    assert_each_started_once(&work, &people, &granted).await;
     local.shutdown().await;
     db.drop().await;
 }

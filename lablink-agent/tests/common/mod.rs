@@ -256,32 +256,33 @@ impl Rig {
         op.hostnames.iter().map(ToString::to_string).collect()
     }
 
-    /// The admin's view of every VM (`GET /api/v1/vms`).
-    pub async fn vms(&self) -> Vec<Value> {
+    /// `GET path` as the admin (HTTP Basic, JSON); the body, after checking the 200.
+    async fn admin_get(&self, path: &str) -> Value {
         let r = self
             .client
-            .get(self.url("/api/v1/vms"))
+            .get(self.url(path))
             .basic_auth(ADMIN, Some(PASSWORD))
             .header(ACCEPT, "application/json")
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json::<Value>().await.unwrap().as_array().unwrap().clone()
+        assert_eq!(r.status(), StatusCode::OK, "GET {path}");
+        r.json().await.unwrap()
+    }
+
+    /// The admin's view of every VM (`GET /api/v1/vms`).
+    pub async fn vms(&self) -> Vec<Value> {
+        self.admin_get("/api/v1/vms")
+            .await
+            .as_array()
+            .unwrap()
+            .clone()
     }
 
     /// The admin's view of one VM's logs (`GET /api/v1/vms/<h>/logs`).
     pub async fn logs(&self, hostname: &str) -> Value {
-        let r = self
-            .client
-            .get(self.url(&format!("/api/v1/vms/{hostname}/logs")))
-            .basic_auth(ADMIN, Some(PASSWORD))
-            .header(ACCEPT, "application/json")
-            .send()
+        self.admin_get(&format!("/api/v1/vms/{hostname}/logs"))
             .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json().await.unwrap()
     }
 
     /// Requests a VM as a participant; `(status, body)`.
