@@ -144,11 +144,18 @@ fn init_tracing(config: &Config) {
 type Provisioners = (Arc<dyn Provisioner>, Option<LocalProcessProvisioner>);
 
 /// The configured provisioner; local agents reach the allocator at `addr`.
-fn provisioner(
+async fn provisioner(
     config: &Config,
     addr: SocketAddr,
 ) -> Result<Provisioners, Box<dyn std::error::Error>> {
     let p = &config.provisioner;
+    // EC2 (feature `aws`): capacity and throttling errors are retried with backoff.
+    #[cfg(feature = "aws")]
+    if p.kind == "aws" {
+        let ec2 = Arc::new(p.aws.builder().build().await?);
+        let retry = lablink::RetryProvisioner::new(ec2, lablink::RetryPolicy::default());
+        return Ok((Arc::new(retry), None));
+    }
     if p.kind == "fake" {
         let fake = FakeProvisioner::new()
             .with_latency(Duration::from_secs_f64(p.fake_latency_seconds))
@@ -217,7 +224,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let addr = listener.local_addr()?;
-    let (provisioner, local) = provisioner(&config, addr)?;
+    let (provisioner, local) = provisioner(&config, addr).await?;
     let (allocator, supervisor) = allocator(&config, provisioner).await?;
     let state = HttpState::new(allocator, config.http_options(hash));
     print_banner(addr, &config, generated.as_deref());

@@ -151,8 +151,9 @@ impl fmt::Debug for DatabaseConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProvisionerConfig {
-    /// `local` (default: each VM is an agent process on this machine) or `fake` (in-memory
-    /// machines without agents; something else must act as the VMs, e.g. a load generator).
+    /// `local` (default: each VM is an agent process on this machine), `fake` (in-memory
+    /// machines without agents; something else must act as the VMs, e.g. a load generator)
+    /// or `aws` (EC2 instances, feature `aws`, see `[provisioner.aws]`).
     pub kind: String,
     /// `local`: the agent program; empty runs this server's own executable as `<exe> agent`.
     pub local_agent_program: String,
@@ -165,6 +166,8 @@ pub struct ProvisionerConfig {
     pub fake_latency_seconds: f64,
     /// Probability that a fake VM fails to launch.
     pub fake_failure_rate: f64,
+    /// The EC2 provisioner (`kind = "aws"`).
+    pub aws: AwsProvisionerConfig,
 }
 
 impl Default for ProvisionerConfig {
@@ -176,7 +179,125 @@ impl Default for ProvisionerConfig {
             local_log_dir: String::new(),
             fake_latency_seconds: 0.5,
             fake_failure_rate: 0.0,
+            aws: AwsProvisionerConfig::default(),
         }
+    }
+}
+
+/// `[provisioner.aws]`: the EC2 provisioner. Credentials are never configured here: they come
+/// from the standard AWS chain (environment, shared files, instance or task role). Lists are
+/// comma-separated, in order of preference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AwsProvisionerConfig {
+    /// The `deployment` tag of every VM; the provisioner sees only this deployment.
+    pub deployment: String,
+    /// AWS region (empty: the standard chain's).
+    pub region: String,
+    /// Endpoint override, e.g. an emulator (empty: AWS).
+    pub endpoint_url: String,
+    /// AMI of the VMs.
+    pub ami: String,
+    /// Instance types, tried in order when EC2 has no capacity (empty: `t3.large`).
+    pub instance_types: String,
+    /// Subnets, tried in order (empty: the default subnet).
+    pub subnets: String,
+    /// Security group ids (empty: the default group).
+    pub security_groups: String,
+    /// Instance profile name or ARN (empty: none).
+    pub instance_profile: String,
+    /// EC2 key pair for SSH (empty: none).
+    pub key_name: String,
+    /// Root volume size in GiB (0: the AMI's).
+    pub root_volume_gb: u32,
+    /// The AMI needs a GPU: only instance types with one are used.
+    pub gpu: bool,
+    /// Ask for Spot first, then on-demand.
+    pub spot: bool,
+    /// The allocator URL the agents call.
+    pub allocator_url: String,
+    /// Where VMs download the agent (empty: it is in the image).
+    pub agent_url: String,
+    /// SHA-256 of the agent download (hex, may be empty).
+    pub agent_sha256: String,
+}
+
+impl Default for AwsProvisionerConfig {
+    fn default() -> Self {
+        Self {
+            deployment: "lablink".into(),
+            region: String::new(),
+            endpoint_url: String::new(),
+            ami: String::new(),
+            instance_types: String::new(),
+            subnets: String::new(),
+            security_groups: String::new(),
+            instance_profile: String::new(),
+            key_name: String::new(),
+            root_volume_gb: 0,
+            gpu: false,
+            spot: false,
+            allocator_url: String::new(),
+            agent_url: String::new(),
+            agent_sha256: String::new(),
+        }
+    }
+}
+
+impl AwsProvisionerConfig {
+    /// The builder these settings describe (the standard AWS chain supplies credentials).
+    #[cfg(feature = "aws")]
+    pub fn builder(&self) -> lablink_aws::Ec2ProvisionerBuilder {
+        let list = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let mut b = lablink_aws::Ec2ProvisionerBuilder::new(&self.deployment, &self.ami)
+            .with_instance_types(list(&self.instance_types))
+            .with_subnets(list(&self.subnets))
+            .with_security_groups(list(&self.security_groups))
+            .with_gpu_image(self.gpu)
+            .with_spot(self.spot)
+            .with_allocator_url(&self.allocator_url)
+            .with_agent_download(&self.agent_url, &self.agent_sha256);
+        if let Some(region) = some(&self.region) {
+            b = b.with_region(region);
+        }
+        if let Some(url) = some(&self.endpoint_url) {
+            b = b.with_endpoint_url(url);
+        }
+        if let Some(profile) = some(&self.instance_profile) {
+            b = b.with_instance_profile(profile);
+        }
+        if let Some(key) = some(&self.key_name) {
+            b = b.with_key_name(key);
+        }
+        if self.root_volume_gb > 0 {
+            b = b.with_root_volume_gb(i32::try_from(self.root_volume_gb).unwrap_or(i32::MAX));
+        }
+        b
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !cfg!(feature = "aws") {
+            problems.push("[provisioner] kind \"aws\" needs a build with the `aws` feature".into());
+        }
+        if self.ami.trim().is_empty() {
+            problems.push("[provisioner.aws] ami must be set".into());
+        }
+        if self.deployment.trim().is_empty() {
+            problems.push("[provisioner.aws] deployment must not be empty".into());
+        }
+        if self.allocator_url.trim().is_empty() {
+            problems
+                .push("[provisioner.aws] allocator_url (what the agents call) must be set".into());
+        }
+        problems
     }
 }
 
@@ -393,11 +514,12 @@ impl Config {
         if !self.database.url.is_empty() && !cfg!(feature = "postgres") {
             problems.push("[database] url is set but this build has no `postgres` feature".into());
         }
-        if !matches!(self.provisioner.kind.as_str(), "local" | "fake") {
-            problems.push(format!(
-                "[provisioner] kind {:?} is not available; known: local, fake",
-                self.provisioner.kind
-            ));
+        match self.provisioner.kind.as_str() {
+            "local" | "fake" => {}
+            "aws" => problems.extend(self.provisioner.aws.problems()),
+            other => problems.push(format!(
+                "[provisioner] kind {other:?} is not available; known: local, fake, aws"
+            )),
         }
         if self.provisioner.local_start_host.trim().is_empty() {
             problems

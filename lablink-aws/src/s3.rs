@@ -1,0 +1,303 @@
+//! [`S3ArtifactStore`]: provisioning artifacts and exports kept in one S3 bucket, under a
+//! prefix, always written with server-side encryption.
+
+use std::fmt;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ServerSideEncryption;
+use lablink_core::{Error, ErrorKind, Result};
+
+use crate::error::{classify, AwsFailure};
+use crate::sdk::{env_var, SdkSource};
+
+/// One stored artifact, as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactInfo {
+    /// Its key, relative to the store's prefix.
+    pub key: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// Builds an [`S3ArtifactStore`].
+///
+/// ```no_run
+/// # async fn run() -> lablink_core::Result<()> {
+/// use lablink_aws::S3ArtifactStoreBuilder;
+/// let store = S3ArtifactStoreBuilder::new("lab-lablink-artifacts")
+///     .with_prefix("workshop/")
+///     .build()
+///     .await?;
+/// store.put("exports/vms.csv", b"hostname,state\n".to_vec()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct S3ArtifactStoreBuilder {
+    sdk: SdkSource,
+    client: Option<aws_sdk_s3::Client>,
+    bucket: String,
+    prefix: String,
+    kms_key: Option<String>,
+    path_style: Option<bool>,
+}
+
+impl fmt::Debug for S3ArtifactStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3ArtifactStoreBuilder")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("kms_key", &self.kms_key)
+            .field("region", &self.sdk.region)
+            .field("endpoint_url", &self.sdk.endpoint_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3ArtifactStoreBuilder {
+    /// A store in `bucket` (which must exist), without a prefix, encrypted with S3-managed
+    /// keys (SSE-S3, `AES256`).
+    pub fn new(bucket: impl Into<String>) -> Self {
+        Self {
+            sdk: SdkSource::default(),
+            client: None,
+            bucket: bucket.into(),
+            prefix: String::new(),
+            kms_key: None,
+            path_style: None,
+        }
+    }
+
+    /// A builder from `LABLINK_AWS_ARTIFACT_BUCKET` (required), `LABLINK_AWS_ARTIFACT_PREFIX`
+    /// and `LABLINK_AWS_ARTIFACT_KMS_KEY`. Region, endpoint and credentials come from the
+    /// standard AWS chain.
+    pub fn from_env() -> Result<Self> {
+        let bucket = env_var("LABLINK_AWS_ARTIFACT_BUCKET").ok_or_else(|| {
+            classify(
+                AwsFailure::Config("LABLINK_AWS_ARTIFACT_BUCKET (the S3 bucket) is not set".into()),
+                "s3 artifact store setup",
+            )
+        })?;
+        let mut b = Self::new(bucket);
+        if let Some(prefix) = env_var("LABLINK_AWS_ARTIFACT_PREFIX") {
+            b = b.with_prefix(prefix);
+        }
+        if let Some(key) = env_var("LABLINK_AWS_ARTIFACT_KMS_KEY") {
+            b = b.with_kms_key(key);
+        }
+        Ok(b)
+    }
+
+    /// Every key is stored under this prefix (e.g. `"workshop/"`).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Encrypts with this KMS key (SSE-KMS) instead of S3-managed keys.
+    pub fn with_kms_key(mut self, key_id: impl Into<String>) -> Self {
+        self.kms_key = Some(key_id.into());
+        self
+    }
+
+    /// Uses this S3 client as is.
+    pub fn with_s3_client(mut self, client: aws_sdk_s3::Client) -> Self {
+        self.client = Some(client);
+        self
+    }
+
+    /// Builds the client from this SDK configuration instead of the standard chain.
+    pub fn with_sdk_config(mut self, config: aws_config::SdkConfig) -> Self {
+        self.sdk.config = Some(config);
+        self
+    }
+
+    /// The AWS region (default: the standard chain's).
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.sdk.region = Some(region.into());
+        self
+    }
+
+    /// Sends every call to this endpoint (an emulator, MinIO...).
+    pub fn with_endpoint_url(mut self, url: impl Into<String>) -> Self {
+        self.sdk.endpoint_url = Some(url.into());
+        self
+    }
+
+    /// Path-style bucket addressing (`endpoint/bucket/key`). Default: on when an endpoint
+    /// override is configured (emulators rarely resolve `bucket.endpoint`), off otherwise.
+    pub fn with_path_style(mut self, path_style: bool) -> Self {
+        self.path_style = Some(path_style);
+        self
+    }
+
+    /// Checks the settings and builds the client. Nothing is sent to AWS yet.
+    pub async fn build(self) -> Result<S3ArtifactStore> {
+        let setup = |m: String| classify(AwsFailure::Config(m), "s3 artifact store setup");
+        if self.bucket.is_empty() {
+            return Err(setup("the bucket name is empty".into()));
+        }
+        if self.prefix.starts_with('/') {
+            return Err(setup("the prefix must not start with '/'".into()));
+        }
+        let client = match self.client {
+            Some(client) => client,
+            None => {
+                let config = self.sdk.load().await;
+                let path_style = self
+                    .path_style
+                    .unwrap_or_else(|| config.endpoint_url().is_some());
+                let s3 = aws_sdk_s3::config::Builder::from(&config)
+                    .force_path_style(path_style)
+                    .build();
+                aws_sdk_s3::Client::from_conf(s3)
+            }
+        };
+        Ok(S3ArtifactStore {
+            client,
+            bucket: self.bucket,
+            prefix: self.prefix,
+            kms_key: self.kms_key,
+        })
+    }
+}
+
+/// Artifacts (Terraform plans, exports, logs) in one S3 bucket under a prefix. Every object
+/// is written with server-side encryption requested.
+#[derive(Clone)]
+pub struct S3ArtifactStore {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    kms_key: Option<String>,
+}
+
+impl fmt::Debug for S3ArtifactStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3ArtifactStore")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("kms_key", &self.kms_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3ArtifactStore {
+    /// The S3 client.
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    /// The bucket.
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn full_key(&self, key: &str) -> Result<String> {
+        if key.is_empty() || key.len() > 512 || key.chars().any(char::is_control) {
+            return Err(Error::invalid_input(
+                "an artifact key must be 1 to 512 characters without control characters",
+            )
+            .with_context("key", key.escape_debug()));
+        }
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    /// Adds the bucket to errors, and says plainly when it does not exist.
+    fn error(&self, failure: AwsFailure, operation: &'static str) -> Error {
+        let missing_bucket = failure.code() == Some("NoSuchBucket");
+        let error = classify(failure, operation).with_context("bucket", &self.bucket);
+        if missing_bucket {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "the S3 bucket {:?} does not exist; create it or configure another",
+                    self.bucket
+                ),
+            )
+            .with_operation(operation)
+            .with_context("bucket", &self.bucket)
+            .with_source(error)
+        } else {
+            error
+        }
+    }
+
+    /// Stores `bytes` under `key` (replacing what was there), encrypted at rest.
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let full = self.full_key(key)?;
+        let mut call = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(ByteStream::from(bytes));
+        call = match &self.kms_key {
+            Some(kms) => call
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(kms),
+            None => call.server_side_encryption(ServerSideEncryption::Aes256),
+        };
+        call.send()
+            .await
+            .map_err(|e| self.error(AwsFailure::sdk("PutObject", e), "artifact put"))?;
+        Ok(())
+    }
+
+    /// The bytes stored under `key`; [`ErrorKind::NotFound`] when there are none.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| {
+                self.error(AwsFailure::sdk("GetObject", e), "artifact get")
+                    .with_context("key", key)
+            })?;
+        let body = out.body.collect().await.map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                "reading the artifact from S3 failed",
+            )
+            .with_operation("artifact get")
+            .with_context("key", key)
+            .with_source(e)
+        })?;
+        Ok(body.into_bytes().to_vec())
+    }
+
+    /// The artifacts whose key starts with `prefix` (relative to the store's prefix), in
+    /// key order.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ArtifactInfo>> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_continuation_token(next.take())
+                .send()
+                .await
+                .map_err(|e| self.error(AwsFailure::sdk("ListObjectsV2", e), "artifact list"))?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                out.push(ArtifactInfo {
+                    key: key.strip_prefix(&self.prefix).unwrap_or(key).to_owned(),
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(token) if page.is_truncated() == Some(true) => next = Some(token.to_owned()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
