@@ -55,21 +55,26 @@ pub async fn sdk_config(url: &str) -> aws_config::SdkConfig {
         .await
 }
 
-/// An AMI the emulator knows.
+/// An AMI the emulator knows (looked up once per test binary: the list is long).
 pub async fn ami(client: &aws_sdk_ec2::Client) -> String {
-    let images = client
-        .describe_images()
-        .owners("amazon")
-        .send()
-        .await
-        .expect("DescribeImages on moto_server");
-    images
-        .images()
-        .iter()
-        .find(|i| i.root_device_name().is_some())
-        .and_then(|i| i.image_id())
-        .expect("moto_server has AMIs")
-        .to_owned()
+    static AMI: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    AMI.get_or_init(|| async {
+        let images = client
+            .describe_images()
+            .owners("amazon")
+            .send()
+            .await
+            .expect("DescribeImages on moto_server");
+        images
+            .images()
+            .iter()
+            .find(|i| i.root_device_name().is_some())
+            .and_then(|i| i.image_id())
+            .expect("moto_server has AMIs")
+            .to_owned()
+    })
+    .await
+    .clone()
 }
 
 /// An EC2 client for the emulator at `url`, counting its calls.
