@@ -23,8 +23,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use futures::stream::{FuturesOrdered, StreamExt};
 use lablink_core::{
-    Capabilities, Error, Hostname, InstanceId, LaunchRequest, Progress, ProvisionedVm, Provisioner,
-    Result, VmSpec,
+    Capabilities, Error, ErrorKind, Hostname, InstanceId, LaunchRequest, Progress, ProvisionedVm,
+    Provisioner, Result, VmSpec,
 };
 use tokio::sync::OnceCell;
 
@@ -111,6 +111,17 @@ impl fmt::Debug for Ec2Provisioner {
             .field("settings", &self.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// What one `RunInstances` call and its tagging achieved.
+struct BatchOutcome {
+    /// The VMs created and tagged, in launch order.
+    created: Vec<ProvisionedVm>,
+    /// Every VM EC2 launched, tagged or not (those not tagged were terminated: their VM can
+    /// never read its token, and they are not retried).
+    done: Vec<Hostname>,
+    /// Why tagging failed, if it did.
+    tag_failure: Option<Error>,
 }
 
 /// One new VM of a launch: its spec and its split token.
@@ -317,7 +328,7 @@ impl Ec2Provisioner {
         placement: &Placement,
         batch: &[&NewVm<'_>],
         progress: &Progress,
-    ) -> Result<Vec<(usize, ProvisionedVm)>, AwsFailure> {
+    ) -> Result<BatchOutcome, AwsFailure> {
         let s = &self.settings;
         let rows: String = batch
             .iter()
@@ -447,7 +458,10 @@ impl Ec2Provisioner {
         };
         let mut created = Vec::new();
         let mut untagged = Vec::new();
+        let mut done = Vec::new();
+        let mut tag_failure = None;
         for ((index, id, _, address, vm), outcome) in launched.into_iter().zip(outcomes) {
+            done.push(vm.spec.hostname.clone());
             match outcome {
                 Ok(()) => created.push((
                     index,
@@ -466,6 +480,7 @@ impl Ec2Provisioner {
                         vm.spec.hostname
                     ));
                     untagged.push(id);
+                    tag_failure.get_or_insert(error);
                 }
             }
         }
@@ -476,7 +491,11 @@ impl Ec2Provisioner {
             }
         }
         created.sort_by_key(|(i, _)| *i);
-        Ok(created)
+        Ok(BatchOutcome {
+            created: created.into_iter().map(|(_, vm)| vm).collect(),
+            done,
+            tag_failure,
+        })
     }
 
     /// Tags one new instance (and the volumes EC2 reported) with its hostname and token pad.
@@ -528,22 +547,17 @@ impl Ec2Provisioner {
         }
     }
 
-    /// The new VMs split into batches whose user data fits EC2's limit.
-    fn batches<'a, 'b>(&self, vms: &'b [&'a NewVm<'a>]) -> Vec<Vec<&'a NewVm<'a>>> {
-        let base = self.settings.agent.render("").len();
-        let mut batches: Vec<Vec<&NewVm<'_>>> = Vec::new();
-        let mut size = base;
-        for vm in vms {
-            let fits =
-                batches.last().is_some_and(|b| !b.is_empty()) && size + vm.row_len <= MAX_USER_DATA;
-            if !fits {
-                batches.push(Vec::new());
-                size = base;
-            }
-            size += vm.row_len;
-            batches.last_mut().expect("pushed above").push(vm);
-        }
-        batches
+    /// How many of `vms` (from the front) fit in one user data (at least one).
+    fn batch_len(&self, vms: &[&NewVm<'_>]) -> usize {
+        let mut size = self.settings.agent.render("").len();
+        let fitting = vms
+            .iter()
+            .take_while(|vm| {
+                size += vm.row_len;
+                size <= MAX_USER_DATA
+            })
+            .count();
+        fitting.max(1)
     }
 }
 
@@ -640,14 +654,16 @@ impl Provisioner for Ec2Provisioner {
         let mut last_failure = None;
         'placements: for placement in &prepared.placements {
             while !remaining.is_empty() {
-                let batch = self.batches(&remaining).swap_remove(0);
+                let batch = remaining[..self.batch_len(&remaining)].to_vec();
                 match self.run_batch(prepared, placement, &batch, progress).await {
-                    Ok(vms) => {
-                        let done: HashSet<Hostname> =
-                            vms.iter().map(|(_, vm)| vm.hostname.clone()).collect();
-                        created += vms.len();
-                        result.extend(vms.into_iter().map(|(_, vm)| vm));
+                    Ok(outcome) => {
+                        created += outcome.created.len();
+                        result.extend(outcome.created);
+                        let done: HashSet<&Hostname> = outcome.done.iter().collect();
                         remaining.retain(|vm| !done.contains(&vm.spec.hostname));
+                        if let Some(error) = outcome.tag_failure {
+                            last_failure = Some(error);
+                        }
                         if done.len() < batch.len() {
                             progress.report(&format!(
                                 "{placement}: EC2 launched {} of {} VMs",
@@ -681,17 +697,17 @@ impl Provisioner for Ec2Provisioner {
             }
             break;
         }
-        if !remaining.is_empty() {
+        let missing = new.len() - created;
+        if missing > 0 {
             let error = last_failure.unwrap_or_else(|| {
-                Error::new(lablink_core::ErrorKind::NoCapacity, "no placement left")
+                Error::new(ErrorKind::NoCapacity, "no placement had capacity")
+                    .with_operation("launch")
+                    .temporary()
             });
             if result.is_empty() {
                 return Err(error);
             }
-            progress.report(&format!(
-                "{} VMs could not be created on any placement: {error}",
-                remaining.len()
-            ));
+            progress.report(&format!("{missing} VMs could not be created: {error}"));
         }
         Ok(result)
     }

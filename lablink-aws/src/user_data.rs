@@ -118,7 +118,7 @@ impl AgentSettings {
                 ));
             }
         }
-        if self.render("").len() + 512 > MAX_USER_DATA {
+        if self.render("").len() + 600 > MAX_USER_DATA {
             return bad(
                 "the agent settings leave no room for VMs in the 16 KiB of user data".into(),
             );
