@@ -187,7 +187,7 @@ impl Default for ProvisionerConfig {
 /// `[provisioner.aws]`: the EC2 provisioner. Credentials are never configured here: they come
 /// from the standard AWS chain (environment, shared files, instance or task role). Lists are
 /// comma-separated, in order of preference.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AwsProvisionerConfig {
     /// The `deployment` tag of every VM; the provisioner sees only this deployment.
@@ -241,6 +241,32 @@ impl Default for AwsProvisionerConfig {
             agent_url: String::new(),
             agent_sha256: String::new(),
         }
+    }
+}
+
+impl fmt::Debug for AwsProvisionerConfig {
+    /// The agent URL may be presigned (a signature is a credential): it is not shown.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AwsProvisionerConfig")
+            .field("deployment", &self.deployment)
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("ami", &self.ami)
+            .field("instance_types", &self.instance_types)
+            .field("subnets", &self.subnets)
+            .field("security_groups", &self.security_groups)
+            .field("instance_profile", &self.instance_profile)
+            .field("key_name", &self.key_name)
+            .field("root_volume_gb", &self.root_volume_gb)
+            .field("gpu", &self.gpu)
+            .field("spot", &self.spot)
+            .field("allocator_url", &self.allocator_url)
+            .field(
+                "agent_url",
+                &if self.agent_url.is_empty() { "" } else { "***" },
+            )
+            .field("agent_sha256", &self.agent_sha256)
+            .finish()
     }
 }
 
@@ -595,6 +621,45 @@ mod tests {
         assert!(config.server.secure_cookies);
         assert_eq!(config.allocator.pin_length, 8);
         assert_eq!(config.admin.user, "12345");
+    }
+
+    #[test]
+    fn the_aws_provisioner_is_configured_by_file_and_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lablink.toml");
+        std::fs::write(
+            &path,
+            "[provisioner]\nkind = \"aws\"\n[provisioner.aws]\nami = \"ami-0abc\"\n\
+             instance_types = \"g4dn.xlarge, g5.xlarge\"\ngpu = true\n",
+        )
+        .unwrap();
+        let vars = env(&[
+            (
+                "LABLINK_PROVISIONER__AWS__ALLOCATOR_URL",
+                "https://lablink.example.org",
+            ),
+            (
+                "LABLINK_PROVISIONER__AWS__AGENT_URL",
+                "https://bucket.s3/agent?X-Amz-Signature=s",
+            ),
+        ]);
+        let config = Config::load(Some(&path), vars).unwrap();
+        let aws = &config.provisioner.aws;
+        assert_eq!(aws.ami, "ami-0abc");
+        assert!(aws.gpu);
+        assert_eq!(aws.allocator_url, "https://lablink.example.org");
+        assert!(!format!("{config:?}").contains("X-Amz-Signature"));
+        #[cfg(feature = "aws")]
+        assert!(format!("{:?}", aws.builder()).contains("g5.xlarge"));
+
+        // Without an AMI and an allocator URL, both are reported.
+        std::fs::write(&path, "[provisioner]\nkind = \"aws\"\n").unwrap();
+        let problems = Config::load(Some(&path), env(&[])).unwrap_err();
+        assert!(problems.iter().any(|p| p.contains("ami")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("allocator_url")),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -128,11 +128,15 @@ impl AgentSettings {
 }
 
 impl std::fmt::Debug for AgentSettings {
-    /// Environment values may be secrets: only their names are shown.
+    /// Environment values may be secrets, and so may a download URL (a presigned URL carries
+    /// a signature): only names and whether the URL is set are shown.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentSettings")
             .field("allocator_url", &self.allocator_url)
-            .field("agent_download_url", &self.agent_download_url)
+            .field(
+                "agent_download_url_set",
+                &!self.agent_download_url.is_empty(),
+            )
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
