@@ -14,7 +14,7 @@
 # Environment:
 #   MOTO_SERVER  the moto_server binary (default: moto_server on PATH; install it with
 #                pip install "moto[server]")
-#   MOTO_PORT    port for the throwaway server (default: a free port from 55600)
+#   MOTO_PORT    port for the throwaway server (default: the first free port from 55600)
 set -euo pipefail
 
 if [[ $# -eq 0 ]]; then
@@ -45,43 +45,62 @@ fi
 port_free() {
     ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
-PORT=${MOTO_PORT:-}
-if [[ -z "$PORT" ]]; then
-    PORT=55600
-    while ! port_free "$PORT"; do
-        PORT=$((PORT + 1))
-    done
-fi
 
 LOG=$(mktemp -t lablink-moto.XXXXXX.log)
-"$MOTO" -H 127.0.0.1 -p "$PORT" >"$LOG" 2>&1 &
-MOTO_PID=$!
+MOTO_PID=
 cleanup() {
-    kill "$MOTO_PID" 2>/dev/null || true
-    wait "$MOTO_PID" 2>/dev/null || true
+    if [[ -n "$MOTO_PID" ]]; then
+        kill "$MOTO_PID" 2>/dev/null || true
+        wait "$MOTO_PID" 2>/dev/null || true
+    fi
     rm -f "$LOG"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-URL="http://127.0.0.1:$PORT"
-for _ in $(seq 1 150); do
-    if curl -fsS -o /dev/null "$URL/moto-api/" 2>/dev/null; then
+# Starts moto_server on $1 and waits until it has bound the port (it says so in its log,
+# so an emulator someone else started on the same port is never mistaken for ours) and
+# answers; fails if it exits first.
+start_moto() {
+    "$MOTO" -H 127.0.0.1 -p "$1" >"$LOG" 2>&1 &
+    MOTO_PID=$!
+    for _ in $(seq 1 150); do
+        if grep -q "Running on http://127.0.0.1:$1" "$LOG" 2>/dev/null &&
+            curl -fsS -o /dev/null "http://127.0.0.1:$1/moto-api/" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$MOTO_PID" 2>/dev/null; then
+            wait "$MOTO_PID" 2>/dev/null || true
+            MOTO_PID=
+            return 1
+        fi
+        sleep 0.2
+    done
+    echo "$0: moto_server did not answer on port $1 within 30 s" >&2
+    cat "$LOG" >&2
+    exit 1
+}
+
+# Another script may take the same free port at the same moment: then try the next one.
+PORT=${MOTO_PORT:-55600}
+for _ in $(seq 1 50); do
+    if port_free "$PORT" && start_moto "$PORT"; then
         break
     fi
-    if ! kill -0 "$MOTO_PID" 2>/dev/null; then
-        echo "$0: moto_server exited:" >&2
+    if [[ -n "${MOTO_PORT:-}" ]]; then
+        echo "$0: moto_server could not start on port $PORT:" >&2
         cat "$LOG" >&2
         exit 1
     fi
-    sleep 0.2
+    PORT=$((PORT + 1))
 done
-if ! curl -fsS -o /dev/null "$URL/moto-api/" 2>/dev/null; then
-    echo "$0: moto_server did not answer at $URL" >&2
+if [[ -z "$MOTO_PID" ]]; then
+    echo "$0: moto_server could not start on any port from ${MOTO_PORT:-55600}:" >&2
     cat "$LOG" >&2
     exit 1
 fi
 
+URL="http://127.0.0.1:$PORT"
 export AWS_ENDPOINT_URL=$URL
 export LABLINK_AWS_TEST_ENDPOINT=$URL
 echo "$0: moto_server running at $URL" >&2

@@ -499,23 +499,39 @@ impl Ec2Provisioner {
     }
 
     /// Tags one new instance (and the volumes EC2 reported) with its hostname and token pad.
+    ///
+    /// EC2 is eventually consistent: right after `RunInstances`, `CreateTags` may not know the
+    /// new instance yet (`InvalidInstanceID.NotFound`). That one answer is asked again, a few
+    /// times with a growing pause, as AWS advises; every other failure is returned at once.
     async fn tag_vm(&self, id: &str, volumes: &[String], vm: &NewVm<'_>) -> Result<(), AwsFailure> {
         let hostname = vm.spec.hostname.as_str();
         let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
-        self.ec2
-            .create_tags()
-            .set_resources(Some(
-                std::iter::once(id.to_owned())
-                    .chain(volumes.iter().cloned())
-                    .collect(),
-            ))
-            .tags(tag(HOSTNAME_TAG, hostname))
-            .tags(tag("Name", hostname))
-            .tags(tag(PAD_TAG, &vm.sealed.pad))
-            .send()
-            .await
-            .map_err(|e| AwsFailure::sdk("CreateTags", e))?;
-        Ok(())
+        let mut pause = std::time::Duration::from_millis(250);
+        let mut attempt = 1;
+        loop {
+            let outcome = self
+                .ec2
+                .create_tags()
+                .set_resources(Some(
+                    std::iter::once(id.to_owned())
+                        .chain(volumes.iter().cloned())
+                        .collect(),
+                ))
+                .tags(tag(HOSTNAME_TAG, hostname))
+                .tags(tag("Name", hostname))
+                .tags(tag(PAD_TAG, &vm.sealed.pad))
+                .send()
+                .await
+                .map_err(|e| AwsFailure::sdk("CreateTags", e));
+            match outcome {
+                Err(failure) if attempt < 5 && is_not_yet_visible(&failure) => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                other => return other.map(drop),
+            }
+        }
     }
 
     /// Terminates `ids` and waits until EC2 reports none of them as live any more.
@@ -559,6 +575,14 @@ impl Ec2Provisioner {
             .count();
         fitting.max(1)
     }
+}
+
+/// EC2 does not know a just-launched instance or volume yet.
+fn is_not_yet_visible(failure: &AwsFailure) -> bool {
+    matches!(
+        failure.code(),
+        Some("InvalidInstanceID.NotFound" | "InvalidVolume.NotFound")
+    )
 }
 
 fn address(instance: &Instance) -> Option<String> {

@@ -230,3 +230,17 @@ async fn a_gpu_image_launches_only_on_gpu_types() {
     assert!(err.to_string().contains("GPU"), "{err}");
     assert!(no_gpu.list().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tagging_waits_for_a_new_instance_to_become_visible() {
+    let proxy = FaultProxy::start(&common::endpoint()).await;
+    let (builder, calls) = common::builder_at(&proxy.url, "eventual").await;
+    let p = builder.build().await.unwrap();
+    // EC2 is eventually consistent: the first CreateTags may not know the instance yet.
+    proxy.fail_times(&["Action=CreateTags"], 400, "InvalidInstanceID.NotFound", 2);
+    let vms = p.launch(&request(&["ev-a"])).await.unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(calls.get("CreateTags"), 3, "{:?}", calls.snapshot());
+    assert_eq!(p.list().await.unwrap()[0].hostname.as_str(), "ev-a");
+    p.destroy(&vms).await.unwrap();
+}

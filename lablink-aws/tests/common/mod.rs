@@ -120,6 +120,8 @@ pub struct Fault {
     pub status: u16,
     /// AWS error code.
     pub code: String,
+    /// How many more requests to answer (`None`: all).
+    pub times: Option<usize>,
 }
 
 /// A proxy in front of the emulator that answers matching requests with an AWS error
@@ -156,10 +158,20 @@ impl FaultProxy {
 
     /// Answers requests containing every string of `when` with `status` and `code`.
     pub fn fail(&self, when: &[&str], status: u16, code: &str) {
+        self.push(when, status, code, None);
+    }
+
+    /// Like [`Self::fail`], for the next `times` matching requests only.
+    pub fn fail_times(&self, when: &[&str], status: u16, code: &str, times: usize) {
+        self.push(when, status, code, Some(times));
+    }
+
+    fn push(&self, when: &[&str], status: u16, code: &str, times: Option<usize>) {
         self.faults.lock().unwrap().push(Fault {
             when: when.iter().map(|s| s.to_string()).collect(),
             status,
             code: code.into(),
+            times,
         });
     }
 
@@ -206,12 +218,18 @@ async fn serve(
             buf.extend_from_slice(&chunk[..n]);
         }
         let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
-        let fault = faults
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|f| f.when.iter().all(|w| body.contains(w.as_str())))
-            .cloned();
+        let fault = {
+            let mut faults = faults.lock().unwrap();
+            let hit = faults
+                .iter_mut()
+                .find(|f| f.times != Some(0) && f.when.iter().all(|w| body.contains(w.as_str())));
+            hit.map(|f| {
+                if let Some(n) = &mut f.times {
+                    *n -= 1;
+                }
+                f.clone()
+            })
+        };
         let response = match fault {
             Some(fault) => {
                 let xml = format!(
