@@ -4,7 +4,9 @@
 //! Environment variables name a setting by its path with `__` between levels:
 //! `LABLINK_SERVER__LISTEN=0.0.0.0:8080`, `LABLINK_ADMIN__PASSWORD_HASH=$argon2id$...`,
 //! `LABLINK_ALLOCATOR__MAX_WAIT=60`, `LABLINK_DATABASE__URL=postgres://...`. A value is read
-//! with the type of the setting it names. Without any file or variable, [`Config::default`]
+//! with the type of the setting it names. Every setting lives in a section, so only names
+//! with a `__` are read (and an unknown one is a problem); other `LABLINK_*` names belong to
+//! other programs (the agent, backend builders, test scripts) and are left alone. Without any file or variable, [`Config::default`]
 //! is the embedded default: in-memory store and notifier, local agent processes as VMs, a generated
 //! admin password.
 
@@ -450,7 +452,7 @@ impl Config {
         let defaults = serde_json::to_value(Config::default()).unwrap_or_default();
         let mut vars: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != "LABLINK_CONFIG")
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
             .collect();
         vars.sort();
         for (var, raw) in vars {
@@ -624,6 +626,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "aws")]
     fn the_aws_provisioner_is_configured_by_file_and_variables() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lablink.toml");
@@ -649,7 +652,6 @@ mod tests {
         assert!(aws.gpu);
         assert_eq!(aws.allocator_url, "https://lablink.example.org");
         assert!(!format!("{config:?}").contains("X-Amz-Signature"));
-        #[cfg(feature = "aws")]
         assert!(format!("{:?}", aws.builder()).contains("g5.xlarge"));
 
         // Without an AMI and an allocator URL, both are reported.
@@ -689,7 +691,9 @@ mod tests {
             Some(&path),
             env(&[
                 ("LABLINK_SERVER__MAX_WAIT_SECONDS", "soon"),
-                ("LABLINK_NOPE", "1"),
+                ("LABLINK_NOPE__X", "1"),
+                // Not a setting (no section): another program's variable, left alone.
+                ("LABLINK_AWS_TEST_ENDPOINT", "http://127.0.0.1:1"),
                 ("LABLINK_ADMIN__PASSWORD_HASH", "plain"),
             ]),
         )
@@ -700,11 +704,12 @@ mod tests {
             "pin_length",
             "nonsense",
             "LABLINK_SERVER__MAX_WAIT_SECONDS",
-            "LABLINK_NOPE",
+            "LABLINK_NOPE__X",
             "password_hash",
         ] {
             assert!(all.contains(expected), "{expected} missing from:\n{all}");
         }
+        assert!(!all.contains("LABLINK_AWS_TEST_ENDPOINT"), "{all}");
         assert!(problems.len() >= 5, "{all}");
     }
 
