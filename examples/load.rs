@@ -6,6 +6,10 @@
 //! cargo build --release --example server --example load
 //! target/release/examples/load            # all three workloads
 //! target/release/examples/load w1 w3      # some of them
+//!
+//! # W1 with PostgreSQL behind the server (a fresh database on DATABASE_URL):
+//! cargo build --release --features postgres --example server --example load
+//! scripts/with-postgres.sh target/release/examples/load w1-pg
 //! ```
 //!
 //! - W1: 1,000 concurrent `POST /api/request_vm` against 1,000 ready VMs: throughput,
@@ -47,12 +51,25 @@ impl Drop for Server {
 
 impl Server {
     async fn start(http: &Client) -> Result<Self, Error> {
+        Self::start_with(http, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with more environment for the server.
+    async fn start_with(http: &Client, env: &[(&str, &str)]) -> Result<Self, Error> {
         let exe = std::env::current_exe()?;
         let server = exe.with_file_name("server");
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new(&server)
+        let mut command = Command::new(&server);
+        // Only the settings below: an inherited LABLINK_* variable (scripts/with-postgres.sh
+        // exports LABLINK_PG_BIN, for instance) would be an unknown setting to the server.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("LABLINK_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .env("LABLINK_SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("LABLINK_SERVER__MAX_WAIT_SECONDS", "600")
             .env("LABLINK_AGENTS__AUTH", "open")
@@ -62,6 +79,7 @@ impl Server {
             .env("LABLINK_PROVISIONER__KIND", "fake")
             .env("LABLINK_PROVISIONER__FAKE_LATENCY_SECONDS", "0")
             .env("LABLINK_LOG__FILTER", "error")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| {
@@ -167,18 +185,64 @@ fn ms(d: Duration) -> String {
 }
 
 async fn w1(http: &Client) -> Result<(), Error> {
-    const N: usize = 1_000;
     let server = Server::start(http).await?;
+    w1_on(http, &server, "in-memory store").await
+}
+
+/// W1 with PostgreSQL behind the server: a fresh database on `DATABASE_URL` (the server
+/// example must be built with `--features postgres`); afterwards the database itself is
+/// checked (1,000 VMs assigned, to 1,000 distinct emails).
+async fn w1_pg(http: &Client) -> Result<(), Error> {
+    use sqlx::postgres::PgConnectOptions;
+    use sqlx::{ConnectOptions, Executor};
+    let url = std::env::var("DATABASE_URL")
+        .map_err(|_| "w1-pg needs DATABASE_URL (run under scripts/with-postgres.sh)")?;
+    let admin: PgConnectOptions = url.parse()?;
+    let db = format!("lablink_load_{}", std::process::id());
+    let mut conn = admin.connect().await?;
+    conn.execute(format!("CREATE DATABASE {db}").as_str())
+        .await?;
+    let db_url = url
+        .rsplit_once('/')
+        .map(|(base, _)| format!("{base}/{db}"))
+        .ok_or("DATABASE_URL has no database part")?;
+    let result = async {
+        let server = Server::start_with(
+            http,
+            &[
+                ("LABLINK_DATABASE__URL", db_url.as_str()),
+                ("LABLINK_DATABASE__MAX_CONNECTIONS", "20"),
+            ],
+        )
+        .await?;
+        w1_on(http, &server, "PostgreSQL store and notifier").await?;
+        let mut check = admin.clone().database(&db).connect().await?;
+        let (assigned, emails): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(DISTINCT email) FROM lablink_vms WHERE state = 'assigned'",
+        )
+        .fetch_one(&mut check)
+        .await?;
+        println!("  in PostgreSQL: {assigned} VMs assigned, to {emails} distinct emails");
+        if (assigned, emails) != (1_000, 1_000) {
+            return Err(Error::from("the database does not hold 1,000 distinct assignments (was the server built with --features postgres?)"));
+        }
+        Ok::<(), Error>(())
+    }
+    .await;
+    conn.execute(format!("DROP DATABASE {db} WITH (FORCE)").as_str())
+        .await?;
+    result
+}
+
+async fn w1_on(http: &Client, server: &Server, store: &str) -> Result<(), Error> {
+    const N: usize = 1_000;
     server.ready_vms(http, N).await?;
     let start = Instant::now();
     let results: Vec<Timed> = stream::iter(0..N)
-        .map(|i| {
-            let server = &server;
-            async move {
-                let t = Instant::now();
-                let r = server.request_vm(http, i).await;
-                (t.elapsed(), r)
-            }
+        .map(|i| async move {
+            let t = Instant::now();
+            let r = server.request_vm(http, i).await;
+            (t.elapsed(), r)
         })
         .buffer_unordered(N)
         .collect()
@@ -198,7 +262,7 @@ async fn w1(http: &Client) -> Result<(), Error> {
         .json()
         .await?;
     let again = server.request_vm(http, 7).await?;
-    println!("W1 assignment burst: {N} concurrent POST /api/request_vm");
+    println!("W1 assignment burst ({store}): {N} concurrent POST /api/request_vm");
     println!(
         "  wall {:.3} s, throughput {:.0} req/s, p50 {}, p99 {}, max {}",
         wall.as_secs_f64(),
@@ -369,6 +433,9 @@ async fn main() -> Result<(), Error> {
     );
     if run("w1") {
         w1(&http).await?;
+    }
+    if args.iter().any(|a| a == "w1-pg") {
+        w1_pg(&http).await?;
     }
     if run("w2") {
         w2(&http).await?;
