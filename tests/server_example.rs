@@ -39,10 +39,10 @@ fn build_server() -> PathBuf {
     assert!(out.status.success(), "cargo build --example server failed");
     String::from_utf8_lossy(&out.stdout)
         .lines()
+        .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "server")
-        .filter_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .last()
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .expect("cargo reported no server executable")
 }
 

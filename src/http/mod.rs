@@ -34,6 +34,7 @@ mod metrics;
 mod ops;
 mod options;
 mod public;
+mod serve;
 mod templates;
 mod v1;
 mod views;
@@ -120,24 +121,18 @@ impl HttpState {
         let _ = rx.wait_for(|stop| *stop).await;
     }
 
-    /// Serves [`router`](Self::router) on `listener` (with client addresses) until `stop`
-    /// resolves; then ends held requests ([`shutdown`](Self::shutdown)) and lets the others
-    /// finish.
+    /// Serves [`router`](Self::router) on `listener` (HTTP/1, with client addresses for
+    /// [`ConnectInfo`](axum::extract::ConnectInfo)) until `stop` resolves; then ends held
+    /// requests ([`shutdown`](Self::shutdown)), stops accepting, lets the other requests
+    /// finish, and returns once every connection is closed.
     pub async fn serve(
         &self,
         listener: tokio::net::TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let state = self.clone();
-        axum::serve(
-            listener,
-            self.router()
-                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            stop.await;
+        serve::serve(self.router(), listener, stop, || {
             tracing::info!("shutting down: ending held requests, finishing the others");
-            state.shutdown();
+            self.shutdown();
         })
         .await
     }

@@ -1,0 +1,106 @@
+//! Serving the router on a TCP listener: hyper's HTTP/1 connections driven directly, with
+//! graceful shutdown.
+//!
+//! Why not `axum::serve`: it runs each connection through hyper-util's protocol-detecting
+//! builder with upgrade support, which costs about 3.4 KiB more per connection holding a
+//! request than hyper's own HTTP/1 connection (measured with 10,000 held requests; see
+//! BENCHMARKS.md, W2). The allocator holds one connection per waiting VM, so that difference
+//! is paid ten thousand times. Nothing here needs HTTP/2 or upgrades.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tower::ServiceExt;
+
+/// How long a client may take to send a request's head (slow-header protection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `router` on `listener` until `stop` resolves; then calls `on_stop` (which ends
+/// held requests), stops accepting, lets every connection finish its current request, and
+/// returns once all connections are closed.
+pub(crate) async fn serve(
+    router: Router,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+    on_stop: impl FnOnce() + Send,
+) -> std::io::Result<()> {
+    let (closing_tx, closing_rx) = watch::channel(());
+    // Every connection task holds a sender; `recv` returns `None` once all are gone.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    tokio::pin!(stop);
+    loop {
+        let (stream, addr) = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // Out of file descriptors, for instance: wait rather than spin.
+                    tracing::error!(error = %e, "cannot accept connections");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        // Nagle stays on, as with `axum::serve`: with TCP_NODELAY, W3 (small requests on
+        // keep-alive connections) fell from ~36,000 to ~20,000 requests/s.
+        tokio::spawn(connection(
+            router.clone(),
+            stream,
+            addr,
+            closing_rx.clone(),
+            alive_tx.clone(),
+        ));
+    }
+    on_stop();
+    drop(closing_tx);
+    drop(alive_tx);
+    let _ = alive_rx.recv().await;
+    Ok(())
+}
+
+/// One HTTP/1 connection; on shutdown it finishes its current request, then closes.
+async fn connection(
+    router: Router,
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+    mut closing: watch::Receiver<()>,
+    _alive: mpsc::Sender<()>,
+) {
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        // What `into_make_service_with_connect_info` provides: the client address.
+        req.extensions_mut().insert(ConnectInfo(addr));
+        router.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        // The sender is dropped when the server stops.
+        _ = closing.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Errors of one connection that `accept` reports; the listener itself is fine.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
