@@ -115,8 +115,21 @@ mod tests {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        assert!(process_running(&name));
+        // The child may not have exec'd yet when spawn returns: give /proc a moment.
+        let seen = |running: bool| {
+            let name = name.clone();
+            async move {
+                for _ in 0..100 {
+                    if process_running(&name) == running {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                false
+            }
+        };
+        assert!(seen(true).await, "{name} not found while running");
         child.kill().await.unwrap();
-        assert!(!process_running(&name));
+        assert!(seen(false).await, "{name} still found after it was killed");
     }
 }
