@@ -249,7 +249,9 @@ async fn a_postgres_restart_loses_and_duplicates_no_assignment() {
     let err = store.get(&hosts[0]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(err.is_retryable(), "{err}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Down for twice the pool's acquire timeout, so requests waiting for a connection give
+    // up with a retryable error rather than simply finishing once the server is back.
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let granted_while_down = granted_so_far.load(Ordering::Relaxed);
     cluster.pg_ctl_start();
 
