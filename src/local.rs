@@ -210,11 +210,8 @@ async fn stop(mut child: Child) {
 #[async_trait]
 impl Provisioner for LocalProcessProvisioner {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            reboot: true,
-            list: true,
-            max_batch: None,
-        }
+        // Everything: reboot, a real inventory, batches of any size.
+        Capabilities::default()
     }
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<ProvisionedVm>> {

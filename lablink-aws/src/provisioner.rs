@@ -628,11 +628,8 @@ fn provisioned(instance: &Instance) -> Result<Option<ProvisionedVm>, AwsFailure>
 #[async_trait]
 impl Provisioner for Ec2Provisioner {
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            reboot: true,
-            list: true,
-            max_batch: None,
-        }
+        // Everything: reboot, a real inventory, batches of any size.
+        Capabilities::default()
     }
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<ProvisionedVm>> {
