@@ -20,12 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{ClaimRequest, Claimed, Email, Error, ErrorKind, Result, VmState};
-use sqlx::postgres::PgRow;
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 
 use crate::error::{classify, PgError};
-use crate::row::record_from_row;
+use crate::row::{vm_row, Column, VmRow};
 
 /// How often a claim starts over after losing a race on the email's uniqueness.
 const CLAIM_ATTEMPTS: usize = 4;
@@ -76,11 +75,19 @@ fn is_email_race(error: &PgError) -> bool {
         if db.is_unique_violation() && db.constraint() == Some("lablink_vms_email_key"))
 }
 
-/// The claim's result from a row of `vm_claim.sql` / `vm_claim_batch.sql`.
-fn claimed_from_row(row: &PgRow) -> Result<Claimed> {
+/// A row of `vm_claim.sql`, `vm_claim_wait.sql` or `vm_claim_batch.sql`: the VM and whether
+/// the statement assigned it.
+struct ClaimRow {
+    vm: VmRow,
+    newly_assigned: Option<bool>,
+}
+
+/// The claim's result from a [`ClaimRow`].
+fn claimed_from_row(row: ClaimRow) -> Result<Claimed> {
     let op = "claim";
-    let newly_assigned: bool = row.try_get("newly_assigned").map_err(|e| classify(op, e))?;
-    let record = record_from_row(row).map_err(|e| classify(op, e))?;
+    let newly_assigned =
+        crate::row::required("newly_assigned", row.newly_assigned).map_err(|e| classify(op, e))?;
+    let record = row.vm.into_record().map_err(|e| classify(op, e))?;
     if newly_assigned {
         // What VmRecord::apply logs for the transition the statement made.
         tracing::info!(hostname = %record.hostname, from = %VmState::Available, to = %record.state, event = "claim", "vm state changed");
@@ -171,10 +178,8 @@ impl Claims {
         let rows = self.claim_batch(&groups).await;
         let mut answered = vec![false; groups.len()];
         if let Ok(rows) = rows {
-            for row in &rows {
-                let Some(i) = row
-                    .try_get::<i64, _>("n")
-                    .ok()
+            for (n, row) in rows {
+                let Some(i) = n
                     .and_then(|n| usize::try_from(n - 1).ok())
                     .filter(|&i| i < groups.len() && !answered[i])
                 else {
@@ -209,7 +214,11 @@ impl Claims {
     }
 
     /// One statement for a batch of distinct emails (`sql/vm_claim_batch.sql`).
-    async fn claim_batch(&self, groups: &[Vec<Pending>]) -> Result<Vec<PgRow>, PgError> {
+    /// Each row comes with `n`, the 1-based position of its group in `groups`.
+    async fn claim_batch(
+        &self,
+        groups: &[Vec<Pending>],
+    ) -> Result<Vec<(Option<i64>, ClaimRow)>, PgError> {
         let first = groups.iter().map(|g| &g[0]);
         let emails: Vec<&str> = first.clone().map(|p| p.request.email.as_str()).collect();
         let commands: Vec<&str> = first
@@ -218,13 +227,29 @@ impl Claims {
             .collect();
         let pins: Vec<&str> = first.clone().map(|p| p.request.pin.expose()).collect();
         let times: Vec<DateTime<Utc>> = first.map(|p| micros(p.now)).collect();
-        Ok(sqlx::query(include_str!("../sql/vm_claim_batch.sql"))
-            .bind(emails)
-            .bind(commands)
-            .bind(pins)
-            .bind(times)
-            .fetch_all(&self.pool)
-            .await?)
+        let rows = sqlx::query_file!(
+            "sql/vm_claim_batch.sql",
+            &emails[..] as &[&str],
+            &commands[..] as &[&str],
+            &pins[..] as &[&str],
+            &times[..],
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let n = r.n.into_opt();
+                let newly_assigned = r.newly_assigned.into_opt();
+                (
+                    n,
+                    ClaimRow {
+                        vm: vm_row!(r),
+                        newly_assigned,
+                    },
+                )
+            })
+            .collect())
     }
 
     /// One claim on its own: `sql/vm_claim.sql`, started over if another transaction gave
@@ -251,19 +276,15 @@ impl Claims {
         now: DateTime<Utc>,
     ) -> Result<Option<Claimed>> {
         let op = "claim";
-        let mut row = self
-            .claim_statement(include_str!("../sql/vm_claim.sql"), request, now)
-            .await;
+        let mut row = self.claim_statement(Wait::No, request, now).await;
         if matches!(row, Ok(None)) {
             // No row: no VM is free, or every free one is locked by someone (other claims,
             // telemetry...). Wait for the holders rather than report a capacity that may
             // exist.
-            row = self
-                .claim_statement(include_str!("../sql/vm_claim_wait.sql"), request, now)
-                .await;
+            row = self.claim_statement(Wait::ForLocked, request, now).await;
         }
         match row {
-            Ok(Some(row)) => claimed_from_row(&row).map(Some),
+            Ok(Some(row)) => claimed_from_row(row).map(Some),
             Ok(None) => Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
                 .with_operation(op)
                 .temporary()),
@@ -275,18 +296,48 @@ impl Claims {
     /// Runs one of the single-claim statements (auto-committed: one round trip).
     async fn claim_statement(
         &self,
-        sql: &'static str,
+        wait: Wait,
         request: &ClaimRequest,
         now: DateTime<Utc>,
-    ) -> Result<Option<PgRow>, PgError> {
-        Ok(sqlx::query(sql)
-            .bind(request.email.as_str())
-            .bind(request.crd_command.expose())
-            .bind(request.pin.expose())
-            .bind(micros(now))
-            .fetch_optional(&self.pool)
-            .await?)
+    ) -> Result<Option<ClaimRow>, PgError> {
+        let email = request.email.as_str();
+        let command = request.crd_command.expose();
+        let pin = request.pin.expose();
+        let now = micros(now);
+        // Two statements, two row types: each is turned into a `ClaimRow` where it is run.
+        let row = match wait {
+            Wait::No => sqlx::query_file!("sql/vm_claim.sql", email, command, pin, now)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| {
+                    let newly_assigned = r.newly_assigned.into_opt();
+                    ClaimRow {
+                        vm: vm_row!(r),
+                        newly_assigned,
+                    }
+                }),
+            Wait::ForLocked => sqlx::query_file!("sql/vm_claim_wait.sql", email, command, pin, now)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| {
+                    let newly_assigned = r.newly_assigned.into_opt();
+                    ClaimRow {
+                        vm: vm_row!(r),
+                        newly_assigned,
+                    }
+                }),
+        };
+        Ok(row)
     }
+}
+
+/// Which single-claim statement to run.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// `sql/vm_claim.sql`: skip VMs other transactions hold.
+    No,
+    /// `sql/vm_claim_wait.sql`: wait for them.
+    ForLocked,
 }
 
 /// Keeps the worker count right if a worker ends early (panic, runtime shutting down): the

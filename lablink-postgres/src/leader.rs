@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use lablink_core::{Error, LeaderLease, Result};
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::error::classify;
 
@@ -35,20 +35,20 @@ async fn try_lead_once(
     until: DateTime<Utc>,
 ) -> Result<Option<LeaderLease>> {
     let op = "try lead";
-    let row = sqlx::query(
-        "WITH taken AS ( \
-           INSERT INTO lablink_leader (singleton, holder, expires_at) VALUES (true, $1, $3) \
-           ON CONFLICT (singleton) DO UPDATE \
-             SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at \
-             WHERE lablink_leader.holder = EXCLUDED.holder OR lablink_leader.expires_at <= $2 \
-           RETURNING holder, expires_at) \
-         SELECT holder, expires_at FROM taken \
-         UNION ALL \
-         SELECT holder, expires_at FROM lablink_leader WHERE NOT EXISTS (SELECT 1 FROM taken)",
+    let row = sqlx::query!(
+        r#"WITH taken AS (
+             INSERT INTO lablink_leader (singleton, holder, expires_at) VALUES (true, $1, $3)
+             ON CONFLICT (singleton) DO UPDATE
+               SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at
+               WHERE lablink_leader.holder = EXCLUDED.holder OR lablink_leader.expires_at <= $2
+             RETURNING holder, expires_at)
+           SELECT holder AS "holder!", expires_at AS "expires_at!" FROM taken
+           UNION ALL
+           SELECT holder, expires_at FROM lablink_leader WHERE NOT EXISTS (SELECT 1 FROM taken)"#,
+        candidate,
+        now,
+        until,
     )
-    .bind(candidate)
-    .bind(now)
-    .bind(until)
     .fetch_optional(pool)
     .await
     .map_err(|e| classify(op, e))?;
@@ -56,15 +56,14 @@ async fn try_lead_once(
         return Ok(None);
     };
     Ok(Some(LeaderLease {
-        holder: row.try_get("holder").map_err(|e| classify(op, e))?,
-        expires_at: row.try_get("expires_at").map_err(|e| classify(op, e))?,
+        holder: row.holder,
+        expires_at: row.expires_at,
     }))
 }
 
 /// Ends the lease if `candidate` holds it.
 pub(crate) async fn resign(pool: &PgPool, candidate: &str) -> Result<()> {
-    sqlx::query("DELETE FROM lablink_leader WHERE holder = $1")
-        .bind(candidate)
+    sqlx::query!("DELETE FROM lablink_leader WHERE holder = $1", candidate)
         .execute(pool)
         .await
         .map_err(|e| classify("resign", e))?;

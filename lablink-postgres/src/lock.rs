@@ -17,8 +17,7 @@ pub(crate) async fn try_lock(pool: &PgPool, key: i64) -> Result<ProvisioningLock
     // From here until the lock is known to be released, the connection is in a `Locked`
     // guard: if this future is cancelled mid-query, the guard drops it from the pool.
     let mut locked = Locked(Some(conn));
-    let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(key)
+    let taken = sqlx::query_scalar!(r#"SELECT pg_try_advisory_lock($1) AS "taken!""#, key)
         .fetch_one(&mut **locked.conn())
         .await
         .map_err(|e| classify(op, e))?;
@@ -52,8 +51,7 @@ impl Locked {
     /// Unlocks, then returns the connection to the pool; on any failure the connection is
     /// closed instead (see [`Locked`]).
     async fn unlock(mut self, key: i64) {
-        let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
-            .bind(key)
+        let unlocked = sqlx::query_scalar!(r#"SELECT pg_advisory_unlock($1) AS "unlocked!""#, key)
             .fetch_one(&mut **self.conn())
             .await;
         if matches!(unlocked, Ok(true)) {

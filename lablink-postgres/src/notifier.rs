@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use lablink_core::{Error, ErrorKind, Hostname, MemoryNotifier, Notifier, Result, Subscription};
 use rand::Rng;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -287,12 +288,17 @@ async fn reconnect(pool: &PgPool, channel: &str) -> PgListener {
 }
 
 /// Sends queued notifications in batches, one statement (one transaction) per batch, from
-/// one task at a time.
+/// one task at a time, on one connection of the pool that it keeps between batches (so a
+/// process publishes over exactly one connection: a connection handed back to the pool
+/// becomes idle only after a moment, and acquiring again right away would open a second
+/// one). A connection that fails is dropped and the next batch takes another.
 #[derive(Debug)]
 struct Publisher {
     pool: PgPool,
     channel: String,
     queue: Mutex<PublishQueue>,
+    /// The publishing connection; only the one publishing task locks it.
+    conn: tokio::sync::Mutex<Option<PoolConnection<Postgres>>>,
 }
 
 /// What a publishing task tells each publisher: sent, or the error's kind and whether it is
@@ -311,7 +317,29 @@ impl Publisher {
             pool,
             channel,
             queue: Mutex::new(PublishQueue::default()),
+            conn: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Sends one notification per hostname in one statement.
+    async fn send(&self, hostnames: &[&str]) -> std::result::Result<(), sqlx::Error> {
+        let mut held = self.conn.lock().await;
+        let conn = match &mut *held {
+            Some(conn) => conn,
+            None => held.insert(self.pool.acquire().await?),
+        };
+        let sent = sqlx::query!(
+            "SELECT pg_notify($1, h) FROM unnest($2::text[]) AS t (h)",
+            self.channel,
+            hostnames as &[&str],
+        )
+        .execute(&mut **conn)
+        .await;
+        if sent.is_err() {
+            // Possibly broken: back to the pool, which checks it before reuse.
+            *held = None;
+        }
+        sent.map(|_| ())
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, PublishQueue> {
@@ -366,17 +394,11 @@ impl Publisher {
             let mut hostnames: Vec<&str> = batch.iter().map(|(h, _)| h.as_str()).collect();
             hostnames.sort_unstable();
             hostnames.dedup();
-            let sent = sqlx::query("SELECT pg_notify($1, h) FROM unnest($2::text[]) AS t (h)")
-                .bind(&self.channel)
-                .bind(&hostnames)
-                .execute(&self.pool)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    let e = classify("publish", e);
-                    tracing::warn!(channel = %self.channel, error = %e, "cannot send notifications");
-                    (e.kind(), e.is_retryable())
-                });
+            let sent = self.send(&hostnames).await.map_err(|e| {
+                let e = classify("publish", e);
+                tracing::warn!(channel = %self.channel, error = %e, "cannot send notifications");
+                (e.kind(), e.is_retryable())
+            });
             for (_, reply) in batch {
                 let _ = reply.send(sent);
             }

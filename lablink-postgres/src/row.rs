@@ -1,53 +1,189 @@
 //! Mapping between [`VmRecord`] / [`Operation`] and their rows.
+//!
+//! Every statement is a compile-time checked `sqlx::query_file!` whose rows are anonymous
+//! structs, one type per statement. [`vm_row!`] copies the columns of `lablink_vms` out of any
+//! of them into a [`VmRow`], whatever nullability sqlx inferred for each column (a column read
+//! straight from the table is `T` when it is `NOT NULL`; one that went through a `UNION` or a
+//! CTE is `Option<T>`), and [`VmRow::into_record`] rebuilds the domain value, reporting a
+//! missing or unreadable value as [`PgError::Corrupt`].
 
 use chrono::{DateTime, Utc};
 use lablink_core::{
     AgentStatus, Assignment, GpuHealth, Operation, OperationKind, OperationStatus, Phase,
     StartupTimings, TokenDigest, VmRecord, VmState,
 };
-use sqlx::postgres::{PgArguments, PgRow};
-use sqlx::query::Query;
-use sqlx::{Postgres, Row};
+use uuid::Uuid;
 
 use crate::error::PgError;
 
-/// A query with every column of `lablink_vms` bound as `$1..$29` (see `sql/vm_insert.sql`).
-pub(crate) fn bind_record<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    r: &VmRecord,
-) -> Result<Query<'q, Postgres, PgArguments>, PgError> {
-    let a = r.assignment.as_ref();
-    let t = &r.timings;
-    Ok(query
-        .bind(r.hostname.as_str().to_owned())
-        .bind(r.instance_id.as_ref().map(|i| i.as_str().to_owned()))
-        .bind(r.address.clone())
-        .bind(r.state.as_str())
-        .bind(r.state.resume().map(Phase::as_str))
-        .bind(a.map(|a| a.email.as_str().to_owned()))
-        .bind(a.map(|a| a.crd_command.expose().to_owned()))
-        .bind(a.map(|a| a.pin.expose().to_owned()))
-        .bind(a.map(|a| a.assigned_at))
-        .bind(r.gpu_health.as_str())
-        .bind(r.in_use)
-        .bind(r.agent_status.map(AgentStatus::as_str))
-        .bind(r.last_heartbeat)
-        .bind(r.boot_id.clone())
-        .bind(i64::from(r.restarts))
-        .bind(t.provision_start)
-        .bind(t.provision_end)
-        .bind(t.cloud_init_start)
-        .bind(t.cloud_init_end)
-        .bind(t.container_start)
-        .bind(t.container_end)
-        .bind(t.cloud_init_duration_seconds)
-        .bind(t.container_startup_duration_seconds)
-        .bind(r.last_error.clone())
-        .bind(r.token_digest.map(|d| d.as_bytes().to_vec()))
-        .bind(to_i64("generation", r.generation)?)
-        .bind(r.created_at)
-        .bind(r.updated_at)
-        .bind(r.state_changed_at))
+/// A column value as sqlx hands it back: `T` or `Option<T>` (see the module docs).
+pub(crate) trait Column<T> {
+    /// The value, `None` for SQL `NULL`.
+    fn into_opt(self) -> Option<T>;
+}
+
+macro_rules! column_types {
+    ($($t:ty),* $(,)?) => {$(
+        impl Column<$t> for $t {
+            fn into_opt(self) -> Option<$t> {
+                Some(self)
+            }
+        }
+        impl Column<$t> for Option<$t> {
+            fn into_opt(self) -> Option<$t> {
+                self
+            }
+        }
+    )*};
+}
+column_types!(String, bool, i64, f64, Vec<u8>, DateTime<Utc>);
+
+/// Copies the columns of `lablink_vms` out of a row of any `query_file!` that returns them
+/// (`SELECT *`, `RETURNING v.*`) into a [`VmRow`].
+macro_rules! vm_row {
+    ($r:ident) => {{
+        use $crate::row::Column as _;
+        $crate::row::VmRow {
+            hostname: $r.hostname.into_opt(),
+            instance_id: $r.instance_id.into_opt(),
+            address: $r.address.into_opt(),
+            state: $r.state.into_opt(),
+            resume: $r.resume.into_opt(),
+            email: $r.email.into_opt(),
+            crd_command: $r.crd_command.into_opt(),
+            pin: $r.pin.into_opt(),
+            assigned_at: $r.assigned_at.into_opt(),
+            gpu_health: $r.gpu_health.into_opt(),
+            in_use: $r.in_use.into_opt(),
+            agent_status: $r.agent_status.into_opt(),
+            last_heartbeat: $r.last_heartbeat.into_opt(),
+            boot_id: $r.boot_id.into_opt(),
+            restarts: $r.restarts.into_opt(),
+            provision_start: $r.provision_start.into_opt(),
+            provision_end: $r.provision_end.into_opt(),
+            cloud_init_start: $r.cloud_init_start.into_opt(),
+            cloud_init_end: $r.cloud_init_end.into_opt(),
+            container_start: $r.container_start.into_opt(),
+            container_end: $r.container_end.into_opt(),
+            cloud_init_duration_seconds: $r.cloud_init_duration_seconds.into_opt(),
+            container_startup_duration_seconds: $r.container_startup_duration_seconds.into_opt(),
+            last_error: $r.last_error.into_opt(),
+            token_digest: $r.token_digest.into_opt(),
+            generation: $r.generation.into_opt(),
+            created_at: $r.created_at.into_opt(),
+            updated_at: $r.updated_at.into_opt(),
+            state_changed_at: $r.state_changed_at.into_opt(),
+        }
+    }};
+}
+pub(crate) use vm_row;
+
+/// The columns of `lablink_vms`, each `None` when SQL `NULL`.
+#[derive(Debug)]
+pub(crate) struct VmRow {
+    pub hostname: Option<String>,
+    pub instance_id: Option<String>,
+    pub address: Option<String>,
+    pub state: Option<String>,
+    pub resume: Option<String>,
+    pub email: Option<String>,
+    pub crd_command: Option<String>,
+    pub pin: Option<String>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub gpu_health: Option<String>,
+    pub in_use: Option<bool>,
+    pub agent_status: Option<String>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub boot_id: Option<String>,
+    pub restarts: Option<i64>,
+    pub provision_start: Option<DateTime<Utc>>,
+    pub provision_end: Option<DateTime<Utc>>,
+    pub cloud_init_start: Option<DateTime<Utc>>,
+    pub cloud_init_end: Option<DateTime<Utc>>,
+    pub container_start: Option<DateTime<Utc>>,
+    pub container_end: Option<DateTime<Utc>>,
+    pub cloud_init_duration_seconds: Option<f64>,
+    pub container_startup_duration_seconds: Option<f64>,
+    pub last_error: Option<String>,
+    pub token_digest: Option<Vec<u8>>,
+    pub generation: Option<i64>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+    pub state_changed_at: Option<DateTime<Utc>>,
+}
+
+/// The values bound to `$1..$29` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
+/// column of `lablink_vms`, in table order).
+#[derive(Debug)]
+pub(crate) struct VmArgs<'a> {
+    pub hostname: &'a str,
+    pub instance_id: Option<&'a str>,
+    pub address: Option<&'a str>,
+    pub state: &'static str,
+    pub resume: Option<&'static str>,
+    pub email: Option<&'a str>,
+    pub crd_command: Option<&'a str>,
+    pub pin: Option<&'a str>,
+    pub assigned_at: Option<DateTime<Utc>>,
+    pub gpu_health: &'static str,
+    pub in_use: bool,
+    pub agent_status: Option<&'static str>,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub boot_id: Option<&'a str>,
+    pub restarts: i64,
+    pub provision_start: Option<DateTime<Utc>>,
+    pub provision_end: Option<DateTime<Utc>>,
+    pub cloud_init_start: Option<DateTime<Utc>>,
+    pub cloud_init_end: Option<DateTime<Utc>>,
+    pub container_start: Option<DateTime<Utc>>,
+    pub container_end: Option<DateTime<Utc>>,
+    pub cloud_init_duration_seconds: Option<f64>,
+    pub container_startup_duration_seconds: Option<f64>,
+    pub last_error: Option<&'a str>,
+    pub token_digest: Option<&'a [u8]>,
+    pub generation: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub state_changed_at: DateTime<Utc>,
+}
+
+impl<'a> VmArgs<'a> {
+    /// The column values of `r`.
+    pub(crate) fn new(r: &'a VmRecord) -> Result<Self, PgError> {
+        let a = r.assignment.as_ref();
+        let t = &r.timings;
+        Ok(Self {
+            hostname: r.hostname.as_str(),
+            instance_id: r.instance_id.as_ref().map(|i| i.as_str()),
+            address: r.address.as_deref(),
+            state: r.state.as_str(),
+            resume: r.state.resume().map(Phase::as_str),
+            email: a.map(|a| a.email.as_str()),
+            crd_command: a.map(|a| a.crd_command.expose()),
+            pin: a.map(|a| a.pin.expose()),
+            assigned_at: a.map(|a| a.assigned_at),
+            gpu_health: r.gpu_health.as_str(),
+            in_use: r.in_use,
+            agent_status: r.agent_status.map(AgentStatus::as_str),
+            last_heartbeat: r.last_heartbeat,
+            boot_id: r.boot_id.as_deref(),
+            restarts: i64::from(r.restarts),
+            provision_start: t.provision_start,
+            provision_end: t.provision_end,
+            cloud_init_start: t.cloud_init_start,
+            cloud_init_end: t.cloud_init_end,
+            container_start: t.container_start,
+            container_end: t.container_end,
+            cloud_init_duration_seconds: t.cloud_init_duration_seconds,
+            container_startup_duration_seconds: t.container_startup_duration_seconds,
+            last_error: r.last_error.as_deref(),
+            token_digest: r.token_digest.as_ref().map(|d| &d.as_bytes()[..]),
+            generation: to_i64("generation", r.generation)?,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            state_changed_at: r.state_changed_at,
+        })
+    }
 }
 
 /// A `u64` as a PostgreSQL `bigint`.
@@ -72,7 +208,8 @@ where
         .transpose()
 }
 
-fn required<T>(column: &'static str, value: Option<T>) -> Result<T, PgError> {
+/// `value`, or [`PgError::Corrupt`] when it is `NULL` (a column that must hold a value).
+pub(crate) fn required<T>(column: &'static str, value: Option<T>) -> Result<T, PgError> {
     value.ok_or_else(|| corrupt(column, "missing"))
 }
 
@@ -87,116 +224,113 @@ pub(crate) fn phase(column: &'static str, value: Option<String>) -> Result<Optio
         .transpose()
 }
 
-/// Rebuilds the record stored in `row` (a `SELECT *` of `lablink_vms`).
-pub(crate) fn record_from_row(row: &PgRow) -> Result<VmRecord, PgError> {
-    let state: String = row.try_get("state")?;
-    let resume = phase("resume", row.try_get("resume")?)?;
-    let state = VmState::from_parts(&state, resume).map_err(|e| corrupt("state", e))?;
-    let email = parse("email", row.try_get("email")?)?;
-    let assignment = match email {
-        None => None,
-        Some(email) => Some(Assignment {
-            email,
-            crd_command: required(
-                "crd_command",
-                parse("crd_command", row.try_get("crd_command")?)?,
-            )?,
-            pin: required("pin", parse("pin", row.try_get("pin")?)?)?,
-            assigned_at: required("assigned_at", row.try_get("assigned_at")?)?,
-        }),
-    };
-    let token_digest: Option<Vec<u8>> = row.try_get("token_digest")?;
-    let token_digest = token_digest
-        .map(|bytes| {
-            <[u8; 32]>::try_from(bytes.as_slice())
-                .map(TokenDigest::from_bytes)
-                .map_err(|_| corrupt("token_digest", "not 32 bytes"))
+/// The state stored as `state` and `resume`.
+pub(crate) fn state(state: Option<String>, resume: Option<String>) -> Result<VmState, PgError> {
+    let state = required("state", state)?;
+    let resume = phase("resume", resume)?;
+    VmState::from_parts(&state, resume).map_err(|e| corrupt("state", e))
+}
+
+impl VmRow {
+    /// Rebuilds the record stored in this row.
+    pub(crate) fn into_record(self) -> Result<VmRecord, PgError> {
+        let state = state(self.state, self.resume)?;
+        let assignment = match parse("email", self.email)? {
+            None => None,
+            Some(email) => Some(Assignment {
+                email,
+                crd_command: required("crd_command", parse("crd_command", self.crd_command)?)?,
+                pin: required("pin", parse("pin", self.pin)?)?,
+                assigned_at: required("assigned_at", self.assigned_at)?,
+            }),
+        };
+        let token_digest = self
+            .token_digest
+            .map(|bytes| {
+                <[u8; 32]>::try_from(bytes.as_slice())
+                    .map(TokenDigest::from_bytes)
+                    .map_err(|_| corrupt("token_digest", "not 32 bytes"))
+            })
+            .transpose()?;
+        let restarts = required("restarts", self.restarts)?;
+        let generation = required("generation", self.generation)?;
+        let gpu_health = required("gpu_health", self.gpu_health)?;
+        Ok(VmRecord {
+            hostname: required("hostname", parse("hostname", self.hostname)?)?,
+            instance_id: parse("instance_id", self.instance_id)?,
+            address: self.address,
+            state,
+            assignment,
+            gpu_health: gpu_health
+                .parse::<GpuHealth>()
+                .map_err(|e| corrupt("gpu_health", e))?,
+            in_use: required("in_use", self.in_use)?,
+            agent_status: parse("agent_status", self.agent_status)?,
+            last_heartbeat: self.last_heartbeat,
+            boot_id: self.boot_id,
+            restarts: u32::try_from(restarts).map_err(|e| corrupt("restarts", e))?,
+            timings: StartupTimings {
+                provision_start: self.provision_start,
+                provision_end: self.provision_end,
+                cloud_init_start: self.cloud_init_start,
+                cloud_init_end: self.cloud_init_end,
+                container_start: self.container_start,
+                container_end: self.container_end,
+                cloud_init_duration_seconds: self.cloud_init_duration_seconds,
+                container_startup_duration_seconds: self.container_startup_duration_seconds,
+            },
+            last_error: self.last_error,
+            token_digest,
+            generation: u64::try_from(generation).map_err(|e| corrupt("generation", e))?,
+            created_at: required("created_at", self.created_at)?,
+            updated_at: required("updated_at", self.updated_at)?,
+            state_changed_at: required("state_changed_at", self.state_changed_at)?,
         })
-        .transpose()?;
-    let restarts: i64 = row.try_get("restarts")?;
-    let generation: i64 = row.try_get("generation")?;
-    let gpu_health: String = row.try_get("gpu_health")?;
-    Ok(VmRecord {
-        hostname: required("hostname", parse("hostname", row.try_get("hostname")?)?)?,
-        instance_id: parse("instance_id", row.try_get("instance_id")?)?,
-        address: row.try_get("address")?,
-        state,
-        assignment,
-        gpu_health: gpu_health
-            .parse::<GpuHealth>()
-            .map_err(|e| corrupt("gpu_health", e))?,
-        in_use: row.try_get("in_use")?,
-        agent_status: parse("agent_status", row.try_get("agent_status")?)?,
-        last_heartbeat: row.try_get("last_heartbeat")?,
-        boot_id: row.try_get("boot_id")?,
-        restarts: u32::try_from(restarts).map_err(|e| corrupt("restarts", e))?,
-        timings: StartupTimings {
-            provision_start: row.try_get("provision_start")?,
-            provision_end: row.try_get("provision_end")?,
-            cloud_init_start: row.try_get("cloud_init_start")?,
-            cloud_init_end: row.try_get("cloud_init_end")?,
-            container_start: row.try_get("container_start")?,
-            container_end: row.try_get("container_end")?,
-            cloud_init_duration_seconds: row.try_get("cloud_init_duration_seconds")?,
-            container_startup_duration_seconds: row
-                .try_get("container_startup_duration_seconds")?,
-        },
-        last_error: row.try_get("last_error")?,
-        token_digest,
-        generation: u64::try_from(generation).map_err(|e| corrupt("generation", e))?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        state_changed_at: row.try_get("state_changed_at")?,
-    })
+    }
 }
 
-/// A query with every column of `lablink_operations` bound as `$1..$9`.
-pub(crate) fn bind_operation<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    op: &Operation,
-) -> Result<Query<'q, Postgres, PgArguments>, PgError> {
-    let hostnames: Vec<String> = op.hostnames.iter().map(|h| h.as_str().to_owned()).collect();
-    Ok(query
-        .bind(op.id)
-        .bind(op.kind.as_str())
-        .bind(op.status.as_str())
-        .bind(hostnames)
-        .bind(to_i64("done", op.done as u64)?)
-        .bind(op.progress.clone())
-        .bind(op.message.clone())
-        .bind(op.started_at)
-        .bind(op.finished_at))
+/// A row of `lablink_operations` (`SELECT *`; the types are checked at compile time by
+/// `query_file_as!`).
+#[derive(Debug)]
+pub(crate) struct OperationRow {
+    pub id: Uuid,
+    pub kind: String,
+    pub status: String,
+    pub hostnames: Vec<String>,
+    pub done: i64,
+    pub progress: Vec<String>,
+    pub message: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// Rebuilds the operation stored in `row`.
-pub(crate) fn operation_from_row(row: &PgRow) -> Result<Operation, PgError> {
-    let kind: String = row.try_get("kind")?;
-    let status: String = row.try_get("status")?;
-    let hostnames: Vec<String> = row.try_get("hostnames")?;
-    let done: i64 = row.try_get("done")?;
-    let started_at: DateTime<Utc> = row.try_get("started_at")?;
-    Ok(Operation {
-        id: row.try_get("id")?,
-        kind: match kind.as_str() {
-            "launch" => OperationKind::Launch,
-            "destroy" => OperationKind::Destroy,
-            "reboot" => OperationKind::Reboot,
-            other => return Err(corrupt("kind", format!("unknown kind {other:?}"))),
-        },
-        status: match status.as_str() {
-            "running" => OperationStatus::Running,
-            "succeeded" => OperationStatus::Succeeded,
-            "failed" => OperationStatus::Failed,
-            other => return Err(corrupt("status", format!("unknown status {other:?}"))),
-        },
-        hostnames: hostnames
-            .into_iter()
-            .map(|h| h.parse().map_err(|e| corrupt("hostnames", e)))
-            .collect::<Result<_, _>>()?,
-        done: usize::try_from(done).map_err(|e| corrupt("done", e))?,
-        progress: row.try_get("progress")?,
-        message: row.try_get("message")?,
-        started_at,
-        finished_at: row.try_get("finished_at")?,
-    })
+impl OperationRow {
+    /// Rebuilds the operation stored in this row.
+    pub(crate) fn into_operation(self) -> Result<Operation, PgError> {
+        Ok(Operation {
+            id: self.id,
+            kind: match self.kind.as_str() {
+                "launch" => OperationKind::Launch,
+                "destroy" => OperationKind::Destroy,
+                "reboot" => OperationKind::Reboot,
+                other => return Err(corrupt("kind", format!("unknown kind {other:?}"))),
+            },
+            status: match self.status.as_str() {
+                "running" => OperationStatus::Running,
+                "succeeded" => OperationStatus::Succeeded,
+                "failed" => OperationStatus::Failed,
+                other => return Err(corrupt("status", format!("unknown status {other:?}"))),
+            },
+            hostnames: self
+                .hostnames
+                .into_iter()
+                .map(|h| h.parse().map_err(|e| corrupt("hostnames", e)))
+                .collect::<Result<_, _>>()?,
+            done: usize::try_from(self.done).map_err(|e| corrupt("done", e))?,
+            progress: self.progress,
+            message: self.message,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        })
+    }
 }

@@ -8,13 +8,12 @@ use lablink_core::{
     Assignment, ClaimRequest, Claimed, Error, Hostname, Operation, ProvisioningLock, Result,
     Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState, VmStore,
 };
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::claim::Claims;
 use crate::error::{classify, PgError};
-use crate::row::{bind_operation, bind_record, operation_from_row, record_from_row, to_i64};
+use crate::row::{required, to_i64, vm_row, Column, OperationRow, VmArgs, VmRow};
 use crate::{lock, logs};
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
@@ -101,16 +100,29 @@ fn not_found(hostname: &Hostname) -> Error {
     Error::not_found("VM not found").with_context("hostname", hostname)
 }
 
+/// The record of `hostname` (`sql/vm_get.sql`).
 async fn fetch_record(
     conn: &mut PgConnection,
-    sql: &'static str,
     hostname: &Hostname,
 ) -> Result<Option<VmRecord>, PgError> {
-    let row = sqlx::query(sql)
-        .bind(hostname.as_str())
+    sqlx::query_file!("sql/vm_get.sql", hostname.as_str())
         .fetch_optional(conn)
-        .await?;
-    row.as_ref().map(record_from_row).transpose()
+        .await?
+        .map(|r| vm_row!(r).into_record())
+        .transpose()
+}
+
+/// The record of `hostname`, its row locked until the transaction ends
+/// (`sql/vm_get_for_update.sql`).
+async fn lock_record(
+    conn: &mut PgConnection,
+    hostname: &Hostname,
+) -> Result<Option<VmRecord>, PgError> {
+    sqlx::query_file!("sql/vm_get_for_update.sql", hostname.as_str())
+        .fetch_optional(conn)
+        .await?
+        .map(|r| vm_row!(r).into_record())
+        .transpose()
 }
 
 /// Writes `record`, computed from a row whose generation was `from_generation`. Returns
@@ -120,9 +132,44 @@ async fn write_record(
     record: &VmRecord,
     from_generation: u64,
 ) -> Result<bool, PgError> {
-    let query = bind_record(sqlx::query(include_str!("../sql/vm_update.sql")), record)?
-        .bind(to_i64("generation", from_generation)?);
-    Ok(query.execute(conn).await?.rows_affected() == 1)
+    let a = VmArgs::new(record)?;
+    let from_generation = to_i64("generation", from_generation)?;
+    let done = sqlx::query_file!(
+        "sql/vm_update.sql",
+        a.hostname,
+        a.instance_id,
+        a.address,
+        a.state,
+        a.resume,
+        a.email,
+        a.crd_command,
+        a.pin,
+        a.assigned_at,
+        a.gpu_health,
+        a.in_use,
+        a.agent_status,
+        a.last_heartbeat,
+        a.boot_id,
+        a.restarts,
+        a.provision_start,
+        a.provision_end,
+        a.cloud_init_start,
+        a.cloud_init_end,
+        a.container_start,
+        a.container_end,
+        a.cloud_init_duration_seconds,
+        a.container_startup_duration_seconds,
+        a.last_error,
+        a.token_digest,
+        a.generation,
+        a.created_at,
+        a.updated_at,
+        a.state_changed_at,
+        from_generation,
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }
 
 /// A unique violation on the owner's email, as a LabLink conflict.
@@ -137,8 +184,49 @@ fn email_taken(error: PgError, assignment: Option<&Assignment>, operation: &'sta
     }
 }
 
-fn rows_to_records(rows: Vec<PgRow>) -> Result<Vec<VmRecord>, PgError> {
-    rows.iter().map(record_from_row).collect()
+/// Inserts `record` unless its hostname exists (`sql/vm_insert.sql`); returns whether it
+/// was inserted.
+async fn insert_record(conn: &mut PgConnection, record: &VmRecord) -> Result<bool, PgError> {
+    let a = VmArgs::new(record)?;
+    let inserted = sqlx::query_file!(
+        "sql/vm_insert.sql",
+        a.hostname,
+        a.instance_id,
+        a.address,
+        a.state,
+        a.resume,
+        a.email,
+        a.crd_command,
+        a.pin,
+        a.assigned_at,
+        a.gpu_health,
+        a.in_use,
+        a.agent_status,
+        a.last_heartbeat,
+        a.boot_id,
+        a.restarts,
+        a.provision_start,
+        a.provision_end,
+        a.cloud_init_start,
+        a.cloud_init_end,
+        a.container_start,
+        a.container_end,
+        a.cloud_init_duration_seconds,
+        a.container_startup_duration_seconds,
+        a.last_error,
+        a.token_digest,
+        a.generation,
+        a.created_at,
+        a.updated_at,
+        a.state_changed_at,
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(inserted.is_some())
+}
+
+fn into_records(rows: impl IntoIterator<Item = VmRow>) -> Result<Vec<VmRecord>, PgError> {
+    rows.into_iter().map(VmRow::into_record).collect()
 }
 
 #[async_trait]
@@ -149,21 +237,17 @@ impl VmStore for PgVmStore {
         let mut out = Vec::with_capacity(records.len());
         for record in records {
             let record = &normalized(record.clone());
-            let query = bind_record(sqlx::query(include_str!("../sql/vm_insert.sql")), record)
-                .map_err(|e| classify(op, e))?;
-            let inserted = query
-                .fetch_optional(&mut *tx)
+            let inserted = insert_record(&mut tx, record)
                 .await
-                .map_err(|e| email_taken(e.into(), record.assignment.as_ref(), op))?;
-            if inserted.is_some() {
+                .map_err(|e| email_taken(e, record.assignment.as_ref(), op))?;
+            if inserted {
                 out.push(record.clone());
                 continue;
             }
-            let existing =
-                fetch_record(&mut tx, include_str!("../sql/vm_get.sql"), &record.hostname)
-                    .await
-                    .map_err(|e| classify(op, e))?
-                    .ok_or_else(|| not_found(&record.hostname).with_operation(op))?;
+            let existing = fetch_record(&mut tx, &record.hostname)
+                .await
+                .map_err(|e| classify(op, e))?
+                .ok_or_else(|| not_found(&record.hostname).with_operation(op))?;
             out.push(existing);
         }
         tx.commit().await.map_err(|e| classify(op, e))?;
@@ -172,7 +256,7 @@ impl VmStore for PgVmStore {
 
     async fn get(&self, hostname: &Hostname) -> Result<VmRecord> {
         let mut conn = self.pool.acquire().await.map_err(|e| classify("get", e))?;
-        fetch_record(&mut conn, include_str!("../sql/vm_get.sql"), hostname)
+        fetch_record(&mut conn, hostname)
             .await
             .map_err(|e| classify("get", e))?
             .ok_or_else(|| not_found(hostname))
@@ -180,13 +264,12 @@ impl VmStore for PgVmStore {
 
     async fn get_by_token(&self, digest: &TokenDigest) -> Result<VmRecord> {
         let op = "get by token";
-        let row = sqlx::query(include_str!("../sql/vm_get_by_token.sql"))
-            .bind(digest.as_bytes().to_vec())
+        let row = sqlx::query_file!("sql/vm_get_by_token.sql", &digest.as_bytes()[..])
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| classify(op, e))?;
         match row {
-            Some(row) => record_from_row(&row).map_err(|e| classify(op, e)),
+            Some(row) => vm_row!(row).into_record().map_err(|e| classify(op, e)),
             None => Err(Error::not_found("no VM has this token")),
         }
     }
@@ -200,25 +283,28 @@ impl VmStore for PgVmStore {
             .map(|l| to_i64("limit", l as u64))
             .transpose()
             .map_err(|e| classify(op, e))?;
-        let rows = sqlx::query(include_str!("../sql/vm_list.sql"))
-            .bind(states)
-            .bind(filter.email.as_ref().map(|e| e.as_str()))
-            .bind(limit)
+        let email = filter.email.as_ref().map(|e| e.as_str());
+        let rows = sqlx::query_file!("sql/vm_list.sql", &states[..] as &[&str], email, limit)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| classify(op, e))?;
-        rows_to_records(rows).map_err(|e| classify(op, e))
+        into_records(rows.into_iter().map(|r| vm_row!(r))).map_err(|e| classify(op, e))
     }
 
     async fn counts(&self) -> Result<VmCounts> {
         let op = "counts";
-        let rows = sqlx::query(include_str!("../sql/vm_counts.sql"))
+        let rows = sqlx::query_file!("sql/vm_counts.sql")
             .fetch_all(&self.pool)
             .await
             .map_err(|e| classify(op, e))?;
         let mut counts = VmCounts::default();
         for row in rows {
-            let (state, gpu_unhealthy, n) = count_row(&row).map_err(|e| classify(op, e))?;
+            let state = crate::row::state(row.state.into_opt(), row.resume.into_opt())
+                .map_err(|e| classify(op, e))?;
+            let gpu_unhealthy = required("gpu_unhealthy", row.gpu_unhealthy.into_opt())
+                .map_err(|e| classify(op, e))?;
+            let n = required("n", row.n.into_opt()).map_err(|e| classify(op, e))?;
+            let n = usize::try_from(n).unwrap_or(0);
             counts.total += n;
             match state {
                 VmState::Requested => counts.requested += n,
@@ -249,14 +335,10 @@ impl VmStore for PgVmStore {
     ) -> Result<VmRecord> {
         let op = "apply";
         let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
-        let mut record = fetch_record(
-            &mut tx,
-            include_str!("../sql/vm_get_for_update.sql"),
-            hostname,
-        )
-        .await
-        .map_err(|e| classify(op, e))?
-        .ok_or_else(|| not_found(hostname).with_operation(op))?;
+        let mut record = lock_record(&mut tx, hostname)
+            .await
+            .map_err(|e| classify(op, e))?
+            .ok_or_else(|| not_found(hostname).with_operation(op))?;
         let from = record.generation;
         if let Some(expected) = expected_generation {
             if from != expected {
@@ -297,14 +379,10 @@ impl VmStore for PgVmStore {
     ) -> Result<VmRecord> {
         let op = "record telemetry";
         let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
-        let mut record = fetch_record(
-            &mut tx,
-            include_str!("../sql/vm_get_for_update.sql"),
-            hostname,
-        )
-        .await
-        .map_err(|e| classify(op, e))?
-        .ok_or_else(|| not_found(hostname).with_operation(op))?;
+        let mut record = lock_record(&mut tx, hostname)
+            .await
+            .map_err(|e| classify(op, e))?
+            .ok_or_else(|| not_found(hostname).with_operation(op))?;
         let from = record.generation;
         let changed = record.apply_telemetry(telemetry, now)?;
         let record = normalized(record);
@@ -330,12 +408,11 @@ impl VmStore for PgVmStore {
     async fn logs(&self, hostname: &Hostname) -> Result<VmLogs> {
         let op = "logs";
         let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
-        let exists: bool = sqlx::query_scalar(include_str!("../sql/vm_exists.sql"))
-            .bind(hostname.as_str())
+        let exists = sqlx::query_file_scalar!("sql/vm_exists.sql", hostname.as_str())
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| classify(op, e))?;
-        if !exists {
+        if Column::<bool>::into_opt(exists) != Some(true) {
             return Err(not_found(hostname).with_operation(op));
         }
         let logs = logs::read(&mut tx, hostname)
@@ -347,8 +424,7 @@ impl VmStore for PgVmStore {
 
     async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
         let names: Vec<&str> = hostnames.iter().map(Hostname::as_str).collect();
-        let done = sqlx::query(include_str!("../sql/vm_remove.sql"))
-            .bind(names)
+        let done = sqlx::query_file!("sql/vm_remove.sql", &names[..] as &[&str])
             .execute(&self.pool)
             .await
             .map_err(|e| classify("remove", e))?;
@@ -357,11 +433,21 @@ impl VmStore for PgVmStore {
 
     async fn put_operation(&self, operation: &Operation) -> Result<()> {
         let op = "put operation";
-        bind_operation(
-            sqlx::query(include_str!("../sql/operation_put.sql")),
-            operation,
+        let o = operation;
+        let hostnames: Vec<&str> = o.hostnames.iter().map(Hostname::as_str).collect();
+        let done = to_i64("done", o.done as u64).map_err(|e| classify(op, e))?;
+        sqlx::query_file!(
+            "sql/operation_put.sql",
+            o.id,
+            o.kind.as_str(),
+            o.status.as_str(),
+            &hostnames[..] as &[&str],
+            done,
+            &o.progress[..],
+            o.message.as_deref(),
+            o.started_at,
+            o.finished_at,
         )
-        .map_err(|e| classify(op, e))?
         .execute(&self.pool)
         .await
         .map_err(|e| classify(op, e))?;
@@ -370,25 +456,23 @@ impl VmStore for PgVmStore {
 
     async fn get_operation(&self, id: Uuid) -> Result<Operation> {
         let op = "get operation";
-        let row = sqlx::query(include_str!("../sql/operation_get.sql"))
-            .bind(id)
+        let row = sqlx::query_file_as!(OperationRow, "sql/operation_get.sql", id)
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| classify(op, e))?
             .ok_or_else(|| Error::not_found("operation not found").with_context("id", id))?;
-        operation_from_row(&row).map_err(|e| classify(op, e))
+        row.into_operation().map_err(|e| classify(op, e))
     }
 
     async fn list_operations(&self, limit: usize) -> Result<Vec<Operation>> {
         let op = "list operations";
         let limit = to_i64("limit", limit as u64).map_err(|e| classify(op, e))?;
-        let rows = sqlx::query(include_str!("../sql/operation_list.sql"))
-            .bind(limit)
+        let rows = sqlx::query_file_as!(OperationRow, "sql/operation_list.sql", limit)
             .fetch_all(&self.pool)
             .await
             .map_err(|e| classify(op, e))?;
-        rows.iter()
-            .map(operation_from_row)
+        rows.into_iter()
+            .map(OperationRow::into_operation)
             .collect::<Result<_, _>>()
             .map_err(|e| classify(op, e))
     }
@@ -409,16 +493,4 @@ impl VmStore for PgVmStore {
     async fn resign(&self, candidate: &str) -> Result<()> {
         crate::leader::resign(&self.pool, candidate).await
     }
-}
-
-fn count_row(row: &PgRow) -> Result<(VmState, bool, usize), PgError> {
-    let state: String = row.try_get("state")?;
-    let resume = crate::row::phase("resume", row.try_get("resume")?)?;
-    let state = VmState::from_parts(&state, resume).map_err(|e| PgError::Corrupt {
-        column: "state",
-        reason: e.to_string(),
-    })?;
-    let gpu_unhealthy: bool = row.try_get("gpu_unhealthy")?;
-    let n: i64 = row.try_get("n")?;
-    Ok((state, gpu_unhealthy, usize::try_from(n).unwrap_or(0)))
 }
