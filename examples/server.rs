@@ -232,7 +232,12 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let addr = listener.local_addr()?;
     let (provisioner, local) = provisioner(&config, addr).await?;
     let (allocator, supervisor) = allocator(&config, provisioner).await?;
-    let state = HttpState::new(allocator, config.http_options(hash));
+    let collector = lablink::collect::Collector::new(
+        config.collect.artifact_store().await?,
+        config.collect.settings(),
+    );
+    let state =
+        HttpState::with_collector(allocator, config.http_options(hash), Arc::new(collector));
     print_banner(addr, &config, generated.as_deref());
     let served = state.serve(listener, shutdown_signal()).await;
     supervisor.stop().await;

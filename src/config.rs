@@ -43,6 +43,130 @@ pub struct Config {
     pub provisioner: ProvisionerConfig,
     /// Log output.
     pub log: LogConfig,
+    /// Collecting participants' work off the VMs.
+    pub collect: CollectConfig,
+}
+
+/// `[collect]`: which files are collected from the VMs, the limits, where collections are
+/// stored, and whether destroy collects first (see [`crate::collect`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectConfig {
+    /// Where collections are stored: `local` (default: the directory `dir`), `s3` (feature
+    /// `aws`: `s3_bucket`) or `memory` (lost at restart; tests and demos).
+    pub store: String,
+    /// `local`: the directory of the artifact store.
+    pub dir: String,
+    /// `s3`: the bucket (it must exist). Credentials come from the standard AWS chain.
+    pub s3_bucket: String,
+    /// `s3`: a prefix for every key, e.g. `workshop-2026/`.
+    pub s3_prefix: String,
+    /// `s3`: the region (empty: the standard chain's).
+    pub s3_region: String,
+    /// `s3`: an endpoint override, e.g. an emulator (empty: AWS).
+    pub s3_endpoint_url: String,
+    /// Directories searched on each VM (`~` = the agent's home, `{hostname}` = the VM).
+    pub roots: Vec<String>,
+    /// Glob patterns relative to a root, e.g. `**/*.slp`.
+    pub patterns: Vec<String>,
+    /// Most bytes collected from one VM (files that do not fit are skipped and reported).
+    pub max_vm_bytes: u64,
+    /// Most bytes of all collections together.
+    pub max_total_bytes: u64,
+    /// Destroy collects first and keeps VMs whose collection failed unless forced.
+    pub destroy_collects_first: bool,
+    /// How long destroy waits for collections, seconds.
+    pub destroy_wait_seconds: u64,
+    /// Failed checks of an upload before its collection counts as failed.
+    pub max_attempts: u32,
+}
+
+impl Default for CollectConfig {
+    fn default() -> Self {
+        let s = crate::collect::CollectSettings::default();
+        Self {
+            store: "local".into(),
+            dir: "lablink-artifacts".into(),
+            s3_bucket: String::new(),
+            s3_prefix: String::new(),
+            s3_region: String::new(),
+            s3_endpoint_url: String::new(),
+            roots: s.roots,
+            patterns: s.patterns,
+            max_vm_bytes: s.max_vm_bytes,
+            max_total_bytes: s.max_total_bytes,
+            destroy_collects_first: s.destroy_collects_first,
+            destroy_wait_seconds: s.destroy_wait_seconds,
+            max_attempts: s.max_attempts,
+        }
+    }
+}
+
+impl CollectConfig {
+    /// The collector's settings.
+    pub fn settings(&self) -> crate::collect::CollectSettings {
+        crate::collect::CollectSettings {
+            roots: self.roots.clone(),
+            patterns: self.patterns.clone(),
+            max_vm_bytes: self.max_vm_bytes,
+            max_total_bytes: self.max_total_bytes,
+            destroy_collects_first: self.destroy_collects_first,
+            destroy_wait_seconds: self.destroy_wait_seconds,
+            max_attempts: self.max_attempts,
+        }
+    }
+
+    /// The configured artifact store (`s3` builds its client; nothing is sent yet).
+    pub async fn artifact_store(
+        &self,
+    ) -> lablink_core::Result<std::sync::Arc<dyn lablink_core::ArtifactStore>> {
+        match self.store.as_str() {
+            "memory" => Ok(std::sync::Arc::new(
+                lablink_core::MemoryArtifactStore::default(),
+            )),
+            #[cfg(feature = "aws")]
+            "s3" => {
+                let mut b = lablink_aws::S3ArtifactStoreBuilder::new(&self.s3_bucket)
+                    .with_prefix(&self.s3_prefix);
+                if !self.s3_region.is_empty() {
+                    b = b.with_region(&self.s3_region);
+                }
+                if !self.s3_endpoint_url.is_empty() {
+                    b = b.with_endpoint_url(&self.s3_endpoint_url);
+                }
+                Ok(std::sync::Arc::new(b.build().await?))
+            }
+            "local" => Ok(std::sync::Arc::new(
+                lablink_core::LocalDirArtifactStore::new(&self.dir),
+            )),
+            other => Err(lablink_core::Error::new(
+                lablink_core::ErrorKind::InvalidConfig,
+                format!("[collect] store {other:?} is not available in this build"),
+            )),
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = self.settings().problems();
+        match self.store.as_str() {
+            "memory" => {}
+            "local" if self.dir.trim().is_empty() => {
+                problems.push("[collect] dir must be set for the local store".into());
+            }
+            "local" => {}
+            "s3" if !cfg!(feature = "aws") => {
+                problems.push("[collect] store \"s3\" needs a build with the `aws` feature".into());
+            }
+            "s3" if self.s3_bucket.trim().is_empty() => {
+                problems.push("[collect] s3_bucket must be set for the s3 store".into());
+            }
+            "s3" => {}
+            other => problems.push(format!(
+                "[collect] store {other:?} is not one of local, s3, memory"
+            )),
+        }
+        problems
+    }
 }
 
 /// Where and how the HTTP server listens.
@@ -472,6 +596,7 @@ impl Config {
             "database",
             "provisioner",
             "log",
+            "collect",
         ];
         if let Some(map) = tree.as_object() {
             for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
@@ -489,6 +614,7 @@ impl Config {
             database: section(&tree, "database", &mut problems),
             provisioner: section(&tree, "provisioner", &mut problems),
             log: section(&tree, "log", &mut problems),
+            collect: section(&tree, "collect", &mut problems),
         };
         problems.extend(config.problems());
         if problems.is_empty() {
@@ -562,6 +688,7 @@ impl Config {
         if !matches!(self.log.format.as_str(), "text" | "json") {
             problems.push("[log] format must be text or json".into());
         }
+        problems.extend(self.collect.problems());
         problems
     }
 
@@ -676,6 +803,48 @@ mod tests {
         let config = Config::load(Some(&path), env(&[])).unwrap();
         assert_eq!(config.agents.auth, AgentAuthMode::Open);
         assert_eq!(config.allocator.hostname_prefix, "ws");
+    }
+
+    #[test]
+    fn collect_settings_come_from_the_file_and_variables_and_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("collect.toml");
+        std::fs::write(
+            &path,
+            "[collect]\nroots = [\"/home/{hostname}\", \"~/work\"]\npatterns = [\"**/*.slp\"]\nmax_vm_bytes = 1000\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            env(&[
+                ("LABLINK_COLLECT__DESTROY_COLLECTS_FIRST", "true"),
+                ("LABLINK_COLLECT__STORE", "memory"),
+            ]),
+        )
+        .unwrap();
+        let settings = config.collect.settings();
+        assert_eq!(settings.roots, ["/home/{hostname}", "~/work"]);
+        assert_eq!(settings.max_vm_bytes, 1000);
+        assert!(settings.destroy_collects_first);
+        assert_eq!(config.collect.store, "memory");
+
+        std::fs::write(
+            &path,
+            "[collect]\nroots = [\"relative\"]\npatterns = [\"a[\"]\nmax_vm_bytes = 0\nstore = \"ftp\"\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&path), env(&[])).unwrap_err().join("\n");
+        for expected in [
+            "root \"relative\"",
+            "pattern \"a[\"",
+            "max_vm_bytes",
+            "store \"ftp\"",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected} missing from:\n{problems}"
+            );
+        }
     }
 
     #[test]

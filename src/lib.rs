@@ -31,3 +31,7 @@ pub mod http;
 /// The allocator server's configuration (file + `LABLINK_*` environment variables).
 #[cfg(feature = "server")]
 pub mod config;
+
+/// Collecting participants' work off the VMs (through their agents) into an artifact store.
+#[cfg(feature = "server")]
+pub mod collect;

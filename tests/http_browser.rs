@@ -287,6 +287,17 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
+        // A heartbeat, as our agent sends: only VMs running it can have work collected.
+        let r = s
+            .vm_post(
+                h,
+                &format!("/api/v1/vms/{h}/heartbeat"),
+                json!({"boot_id": "b1"}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
         let logs = json!({"log_group": "lablink-cloud-init", "log_stream": h, "messages": [format!("{h}: cloud-init done")]});
         assert_eq!(
             s.vm_post(h, "/api/vm-logs", logs)
@@ -349,6 +360,47 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(s.allocator.counts().await.unwrap().total, 3);
+
+    // Collect now: every VM gets a collection, shown live (these fake VMs have no agent, so
+    // theirs stay requested); one VM again from its row; Download gives the zip.
+    driver.click("#collect-all").await;
+    driver
+        .wait_for(
+            "a requested collection per VM",
+            "return document.querySelectorAll('#collections tr[data-state=requested]').length === 3",
+        )
+        .await;
+    let first = s
+        .state
+        .collector()
+        .status("lablink-vm-2")
+        .await
+        .unwrap()
+        .unwrap();
+    driver
+        .click("#vms tr[data-hostname='lablink-vm-2'] button.collect")
+        .await;
+    driver
+        .wait_for(
+            "the dashboard",
+            "return location.pathname === '/admin' && !!document.querySelector('#collect-all')",
+        )
+        .await;
+    let again = s
+        .state
+        .collector()
+        .status("lablink-vm-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(
+        first.id, again.id,
+        "the row's Collect started a new collection"
+    );
+    let got = driver.async_script("const done = arguments[0]; fetch(document.querySelector('#download').href).then(r => done([r.status, r.headers.get('content-type'), r.headers.get('content-disposition')]));").await;
+    assert_eq!(got[0], json!(200), "{got}");
+    assert_eq!(got[1], json!("application/zip"), "{got}");
+    assert!(got[2].as_str().unwrap().contains("lablink_data_"), "{got}");
 
     // A VM's logs.
     driver

@@ -8,7 +8,8 @@ use chrono::{SecondsFormat, Utc};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::client::{AllocatorClient, Assignment, Backoff, LogBatch, Report, Timings};
+use crate::client::{AllocatorClient, Assignment, Backoff, ClientError, LogBatch, Report, Timings};
+use crate::collect::{self, CollectionTask, Manifest};
 use crate::config::AgentConfig;
 use crate::crd::{HostInvocation, StartError, Started};
 use crate::logship::{FileTail, Position};
@@ -56,6 +57,7 @@ pub async fn run(
         let tail = FileTail::new(file.path.clone(), position);
         tasks.spawn(agent.clone().ship_loop(tail, file.stream.as_str(), key));
     }
+    tasks.spawn(agent.clone().collect_loop());
     tasks.spawn(agent.clone().main_loop());
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
@@ -333,6 +335,91 @@ impl Agent {
         }
     }
 
+    /// Waits for collection requests and carries each out, retrying a failed upload (the
+    /// whole archive again) with backoff for as long as the allocator still asks for it.
+    async fn collect_loop(self: Arc<Self>) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        loop {
+            let hold = self.config.wait_timeout;
+            let asked = Instant::now();
+            match self.client.collection_task(hold).await {
+                Ok(Some(task)) => match self.collect(&task).await {
+                    Ok(manifest) => {
+                        backoff.reset();
+                        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+                        self.note(
+                            Report::default(),
+                            format!(
+                                "collection {}: uploaded {} files ({bytes} bytes); {} skipped",
+                                task.id,
+                                manifest.files.len(),
+                                manifest.skipped.len()
+                            ),
+                        );
+                    }
+                    Err(e) => {
+                        let pause = backoff.next_delay();
+                        self.note(
+                            Report::default(),
+                            format!("collection {} failed, retrying in {pause:?}: {e}", task.id),
+                        );
+                        tokio::time::sleep(pause).await;
+                    }
+                },
+                Ok(None) => {
+                    if hold >= Duration::from_secs(1) && asked.elapsed() < Duration::from_secs(1) {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    } else {
+                        backoff.reset();
+                    }
+                }
+                Err(e) => {
+                    let pause = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?pause, "asking for collection tasks failed");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+
+    /// Finds the files of `task` and streams their archive to the allocator.
+    async fn collect(&self, task: &CollectionTask) -> Result<Manifest, CollectFailed> {
+        let hostname = self.config.vm_name.to_string();
+        let planned = task.clone();
+        let plan = tokio::task::spawn_blocking(move || collect::plan(&planned, &hostname))
+            .await
+            .map_err(|e| CollectFailed(e.to_string()))?
+            .map_err(|e| CollectFailed(e.to_string()))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(8);
+        let id = task.id.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter(tx.clone()));
+            let written = collect::write_archive(&plan, &id, &mut out);
+            drop(out);
+            if let Err(e) = &written {
+                let _ = tx.blocking_send(Err(std::io::Error::new(e.kind(), e.to_string())));
+            }
+            written
+        });
+        let chunks = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let uploaded = self
+            .client
+            .upload_collection(
+                &task.id,
+                reqwest::Body::wrap_stream(chunks),
+                self.config.upload_timeout,
+            )
+            .await;
+        let written = writer.await.map_err(|e| CollectFailed(e.to_string()))?;
+        match (written, uploaded) {
+            (Ok(manifest), Ok(_)) => Ok(manifest),
+            (Err(e), _) => Err(CollectFailed(format!("reading the files failed: {e}"))),
+            (_, Err(e)) => Err(CollectFailed(upload_error(&e))),
+        }
+    }
+
     /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
     /// log. A bad or expired code is the participant's problem, not the VM's: the VM's
     /// status stays `running`.
@@ -353,5 +440,30 @@ impl Agent {
             Err(e @ StartError::Failed(_)) => format!("assignment of {at} failed: {e}"),
         };
         self.note(Report::default(), line);
+    }
+}
+
+/// Why one attempt at a collection failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CollectFailed(String);
+
+fn upload_error(e: &ClientError) -> String {
+    format!("the upload failed: {e}")
+}
+
+/// Hands the archive to the upload, chunk by chunk (blocking: runs on a blocking thread).
+struct ChannelWriter(tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.blocking_send(Ok(buf.to_vec())).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended early")
+        })?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@ use rand::Rng;
 use reqwest::{Client, Method, RequestBuilder, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 
+use crate::collect::CollectionTask;
 use crate::config::AgentConfig;
 
 /// Why a call to the allocator failed.
@@ -235,6 +236,56 @@ impl AllocatorClient {
             .await
             .map(Some)
             .map_err(|_| ClientError::Unavailable("the assignment is not readable JSON".into()))
+    }
+}
+
+/// What the allocator answered to a finished upload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct UploadOutcome {
+    /// `complete` once the allocator stored the collection.
+    pub state: String,
+}
+
+impl AllocatorClient {
+    /// `GET tasks?timeout=`: a collection to do, or `None` when `hold` passed first.
+    pub async fn collection_task(
+        &self,
+        hold: Duration,
+    ) -> Result<Option<CollectionTask>, ClientError> {
+        #[derive(Deserialize)]
+        struct Tasks {
+            collection: Option<CollectionTask>,
+        }
+        let request = self
+            .request(Method::GET, "tasks", hold + Duration::from_secs(15))
+            .query(&[("timeout", hold.as_secs_f64())]);
+        let response = Self::send(request).await?;
+        if response.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        let tasks: Tasks = response
+            .json()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("unreadable tasks: {e}")))?;
+        Ok(tasks.collection)
+    }
+
+    /// `PUT collections/<id>` with the archive streamed from `body`.
+    pub async fn upload_collection(
+        &self,
+        id: &str,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<UploadOutcome, ClientError> {
+        let request = self
+            .request(Method::PUT, &format!("collections/{id}"), timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(body);
+        let response = Self::send(request).await?;
+        response
+            .json()
+            .await
+            .map_err(|e| ClientError::Unavailable(format!("unreadable upload answer: {e}")))
     }
 }
 

@@ -104,6 +104,8 @@ pub struct AgentConfig {
     pub recheck_interval: Duration,
     /// The longest pause between retries.
     pub backoff_max: Duration,
+    /// Longest one upload of collected files may take.
+    pub upload_timeout: Duration,
     /// Identifies this boot; a change tells the allocator the VM restarted.
     pub boot_id: String,
     /// Where the agent remembers, across its own restarts and reboots, the assignment it
@@ -133,6 +135,7 @@ impl AgentConfig {
             wait_timeout: Duration::from_secs(60),
             recheck_interval: Duration::from_secs(30),
             backoff_max: Duration::from_secs(30),
+            upload_timeout: Duration::from_secs(3600),
             boot_id: kernel_boot_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             state_dir: None,
         }
@@ -298,6 +301,7 @@ impl Settings {
         self.seconds("LABLINK_WAIT_SECS", 1.0, &mut c.wait_timeout)?;
         self.seconds("LABLINK_RECHECK_SECS", 0.1, &mut c.recheck_interval)?;
         self.seconds("LABLINK_BACKOFF_MAX_SECS", 0.1, &mut c.backoff_max)?;
+        self.seconds("LABLINK_UPLOAD_TIMEOUT_SECS", 1.0, &mut c.upload_timeout)?;
         Ok(c)
     }
 }

@@ -24,6 +24,7 @@
 
 mod agent;
 pub mod client;
+pub mod collect;
 pub mod config;
 pub mod crd;
 pub mod logship;

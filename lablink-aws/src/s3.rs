@@ -10,14 +10,7 @@ use lablink_core::{Error, ErrorKind, Result};
 use crate::error::{classify, AwsFailure};
 use crate::sdk::{env_var, SdkSource};
 
-/// One stored artifact, as listed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArtifactInfo {
-    /// Its key, relative to the store's prefix.
-    pub key: String,
-    /// Its size in bytes.
-    pub size: u64,
-}
+pub use lablink_core::ArtifactInfo;
 
 /// Builds an [`S3ArtifactStore`].
 ///
@@ -193,12 +186,7 @@ impl S3ArtifactStore {
     }
 
     fn full_key(&self, key: &str) -> Result<String> {
-        if key.is_empty() || key.len() > 512 || key.chars().any(char::is_control) {
-            return Err(Error::invalid_input(
-                "an artifact key must be 1 to 512 characters without control characters",
-            )
-            .with_context("key", key.escape_debug()));
-        }
+        lablink_core::validate_artifact_key(key)?;
         Ok(format!("{}{key}", self.prefix))
     }
 
@@ -269,6 +257,22 @@ impl S3ArtifactStore {
         Ok(body.into_bytes().to_vec())
     }
 
+    /// Removes `key`; removing a missing key succeeds.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key)?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| {
+                self.error(AwsFailure::sdk("DeleteObject", e), "artifact delete")
+                    .with_context("key", key)
+            })?;
+        Ok(())
+    }
+
     /// The artifacts whose key starts with `prefix` (relative to the store's prefix), in
     /// key order.
     pub async fn list(&self, prefix: &str) -> Result<Vec<ArtifactInfo>> {
@@ -299,5 +303,26 @@ impl S3ArtifactStore {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+}
+
+/// The [`ArtifactStore`](lablink_core::ArtifactStore) contract over the inherent methods, so
+/// the allocator can keep collections (and anything else) in S3.
+#[async_trait::async_trait]
+impl lablink_core::ArtifactStore for S3ArtifactStore {
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        S3ArtifactStore::put(self, key, bytes).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        S3ArtifactStore::get(self, key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ArtifactInfo>> {
+        S3ArtifactStore::list(self, prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        S3ArtifactStore::delete(self, key).await
     }
 }

@@ -86,3 +86,34 @@ async fn a_missing_bucket_is_a_clear_config_error() {
         assert!(text.contains("NoSuchBucket"), "{text}");
     }
 }
+
+mod conformance {
+    use super::common;
+    use lablink_aws::S3ArtifactStoreBuilder;
+
+    /// One bucket for the suite; each suite function works under its own random prefix.
+    async fn suite_store() -> lablink_aws::S3ArtifactStore {
+        let config = common::sdk_config(&common::endpoint()).await;
+        let store = S3ArtifactStoreBuilder::new("lablink-artifact-suite")
+            .with_sdk_config(config)
+            .with_prefix("suite/")
+            .build()
+            .await
+            .unwrap();
+        // Created by whichever test comes first; "already exists" is fine.
+        let _ = store
+            .client()
+            .create_bucket()
+            .bucket("lablink-artifact-suite")
+            .send()
+            .await;
+        store
+    }
+
+    lablink_core::artifact_store_conformance!(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn store() -> lablink_aws::S3ArtifactStore {
+            suite_store().await
+        }
+    );
+}

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod allocator;
+mod artifact;
 mod clock;
 mod error;
 mod fake;
@@ -25,6 +26,9 @@ mod supervisor;
 pub mod testing;
 
 pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
+pub use artifact::{
+    validate_artifact_key, ArtifactInfo, ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore,
+};
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, ErrorStatus, Result};
 pub use fake::FakeProvisioner;

@@ -20,7 +20,6 @@ use super::HttpState;
 pub fn routes() -> Router<HttpState> {
     Router::new()
         .route("/api/launch", post(launch))
-        .route("/destroy", post(destroy_all))
         .route("/api/reboot-vm", post(reboot))
 }
 
@@ -91,13 +90,29 @@ async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
     answer(&state, req.wants_json, outcome)
 }
 
-async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Response {
+/// `POST /destroy`: destroys every VM (collecting first when configured; `force` destroys
+/// VMs whose collection failed too).
+pub async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Response {
     let outcome = async {
-        let op = state.allocator().destroy(&DestroyTarget::All).await?;
-        Ok(started(&op))
+        let force = super::collect::force_field(&req.form)?;
+        let destroyed = super::collect::destroy(&state, &DestroyTarget::All, force).await?;
+        destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
     answer(&state, req.wants_json, outcome)
+}
+
+/// The answer to a destroy: the started operation, or (VMs blocked by failed collections)
+/// 409 naming them: as JSON for scripts, as an error page for browsers.
+pub fn destroyed_answer(
+    destroyed: &super::collect::Destroyed,
+    wants_json: bool,
+) -> ApiResult<(StatusCode, Value)> {
+    let (status, body) = destroyed.answer(|op| started(op).1);
+    if status == StatusCode::CONFLICT && !wants_json {
+        return Err(ApiError::new(StatusCode::CONFLICT, destroyed.message()));
+    }
+    Ok((status, body))
 }
 
 async fn reboot(State(state): State<HttpState>, req: AdminForm) -> Response {

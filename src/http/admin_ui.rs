@@ -12,7 +12,7 @@ use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
-use lablink_core::{DestroyTarget, LaunchOptions, SupervisorStatus, VmFilter};
+use lablink_core::{DestroyTarget, Hostname, LaunchOptions, SupervisorStatus, VmFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -36,9 +36,9 @@ pub fn routes() -> Router<HttpState> {
         .route("/admin/logout", post(logout))
         .route("/admin/vms/{hostname}", get(vm_page))
         .route("/admin/launch", post(launch))
-        .route("/admin/destroy", get(confirm_destroy).post(destroy))
         .route("/admin/reboot", post(reboot))
         .route("/admin/release", post(release))
+        .route("/admin/collect", post(collect))
 }
 
 /// How many recent supervisor events the dashboard shows.
@@ -49,9 +49,8 @@ const DASHBOARD_SUPERVISOR_EVENTS: usize = 10;
 async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
     let allocator = state.allocator();
     let supervision = allocator.supervision();
-    let vms: Vec<Value> = allocator
-        .vms(&VmFilter::default())
-        .await?
+    let vms_records = allocator.vms(&VmFilter::default()).await?;
+    let vms: Vec<Value> = vms_records
         .iter()
         .map(|record| {
             let mut vm = json!(VmView::from(record));
@@ -72,8 +71,25 @@ async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
         .iter()
         .map(OperationView::from)
         .collect();
+    let hostnames: Vec<Hostname> = vms_records.iter().map(|r| r.hostname.clone()).collect();
+    let mut collections = Vec::new();
+    for hostname in &hostnames {
+        if let Some(c) = state.collector().status(hostname.as_str()).await? {
+            collections.push(json!({
+                "hostname": c.hostname,
+                "state": c.state,
+                "attempts": c.attempts,
+                "files": c.files,
+                "bytes": c.bytes,
+                "skipped": c.skipped,
+                "updated_at": c.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                "error": c.error,
+            }));
+        }
+    }
     Ok(json!({
         "vms": vms,
+        "collections": collections,
         "counts": counts,
         "operations": operations,
         "supervisor": supervision.map(supervisor_view),
@@ -165,9 +181,11 @@ async fn vm_page(
 /// stream; ends on disconnect or shutdown.
 pub async fn events(
     State(state): State<HttpState>,
-    _admin: Admin,
+    admin: Admin,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let every = state.options().admin_refresh;
+    // The VM rows carry forms (collect one VM), which need the session's CSRF token.
+    let csrf = admin.csrf().to_owned();
     let stop = {
         let state = state.clone();
         async move { state.shutting_down().await }
@@ -175,46 +193,60 @@ pub async fn events(
     let updates = stream::unfold(
         (
             state,
-            [String::new(), String::new(), String::new(), String::new()],
+            [
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ],
             true,
         ),
-        move |(state, mut last, first)| async move {
-            if !first {
-                tokio::time::sleep(every).await;
-            }
-            let mut out = Vec::new();
-            if let Ok(data) = dashboard_data(&state).await {
-                let c = &data["counts"];
-                let fragments = [
-                    ("vms", state.inner.templates.render("vm_rows.html", &data)),
-                    (
-                        "operations",
-                        state.inner.templates.render("operations.html", &data),
-                    ),
-                    (
-                        "supervisor",
-                        state.inner.templates.render("supervisor.html", &data),
-                    ),
-                    (
-                        "summary",
-                        Ok(format!(
-                            "{} total, {} free, {} assigned",
-                            c["total"], c["assignable"], c["assigned"]
-                        )),
-                    ),
-                ];
-                for (i, (name, html)) in fragments.into_iter().enumerate() {
-                    match html {
-                        Ok(html) if html != last[i] => {
-                            out.push(Ok(Event::default().event(name).data(html.clone())));
-                            last[i] = html;
+        move |(state, mut last, first)| {
+            let csrf = csrf.clone();
+            async move {
+                if !first {
+                    tokio::time::sleep(every).await;
+                }
+                let mut out = Vec::new();
+                if let Ok(mut data) = dashboard_data(&state).await {
+                    data["csrf"] = json!(csrf);
+                    let c = &data["counts"];
+                    let fragments = [
+                        ("vms", state.inner.templates.render("vm_rows.html", &data)),
+                        (
+                            "operations",
+                            state.inner.templates.render("operations.html", &data),
+                        ),
+                        (
+                            "supervisor",
+                            state.inner.templates.render("supervisor.html", &data),
+                        ),
+                        (
+                            "collections",
+                            state.inner.templates.render("collections.html", &data),
+                        ),
+                        (
+                            "summary",
+                            Ok(format!(
+                                "{} total, {} free, {} assigned",
+                                c["total"], c["assignable"], c["assigned"]
+                            )),
+                        ),
+                    ];
+                    for (i, (name, html)) in fragments.into_iter().enumerate() {
+                        match html {
+                            Ok(html) if html != last[i] => {
+                                out.push(Ok(Event::default().event(name).data(html.clone())));
+                                last[i] = html;
+                            }
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "admin fragment failed"),
                         }
-                        Ok(_) => {}
-                        Err(e) => tracing::error!(error = %e, "admin fragment failed"),
                     }
                 }
+                Some((stream::iter(out), (state, last, false)))
             }
-            Some((stream::iter(out), (state, last, false)))
         },
     )
     .flatten()
@@ -306,12 +338,14 @@ async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
     answer(&state, req.wants_json, outcome)
 }
 
+/// Query of the destroy confirmation page.
 #[derive(Debug, Deserialize)]
-struct DestroyQuery {
+pub struct DestroyQuery {
     hostname: Option<String>,
 }
 
-async fn confirm_destroy(
+/// The page confirming a destroy.
+pub async fn confirm_destroy(
     State(state): State<HttpState>,
     admin: Admin,
     ApiQuery(query): ApiQuery<DestroyQuery>,
@@ -338,7 +372,8 @@ async fn confirm_destroy(
     ))
 }
 
-async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response {
+/// Destroys one VM or all (collecting first when configured).
+pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response {
     let outcome = async {
         if req.form.text("confirm") != Some("yes") {
             return Err(ApiError::bad_request("destroying needs confirm=yes"));
@@ -347,8 +382,9 @@ async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response {
             Some(_) => DestroyTarget::Hostnames(vec![form_hostname(req.form.get("hostname"))?]),
             None => DestroyTarget::All,
         };
-        let op = state.allocator().destroy(&target).await?;
-        Ok(started(&op))
+        let force = super::collect::force_field(&req.form)?;
+        let destroyed = super::collect::destroy(&state, &target, force).await?;
+        super::admin_api::destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
     answer(&state, req.wants_json, outcome)
@@ -359,6 +395,16 @@ async fn reboot(State(state): State<HttpState>, req: AdminForm) -> Response {
         let hostname = form_hostname(req.form.get("hostname"))?;
         let op = state.allocator().reboot(&hostname).await?;
         Ok(started(&op))
+    }
+    .await;
+    answer(&state, req.wants_json, outcome)
+}
+
+/// Starts a collection on every VM (`all`) or one (`hostname`).
+async fn collect(State(state): State<HttpState>, req: AdminForm) -> Response {
+    let outcome = async {
+        let started = super::collect::start(&state, &req.form).await?;
+        Ok((StatusCode::ACCEPTED, json!({ "collections": started })))
     }
     .await;
     answer(&state, req.wants_json, outcome)

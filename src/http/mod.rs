@@ -27,6 +27,7 @@ mod admin_api;
 mod admin_auth;
 mod admin_ui;
 mod agent_auth;
+mod collect;
 mod compat;
 mod error;
 mod extract;
@@ -42,7 +43,7 @@ mod views;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use lablink_core::Allocator;
 use tokio::sync::watch;
@@ -70,11 +71,23 @@ struct Inner {
     admin: admin_auth::AdminAuth,
     templates: templates::Templates,
     shutdown: watch::Sender<bool>,
+    collector: Arc<crate::collect::Collector>,
 }
 
 impl HttpState {
-    /// The state for `allocator` with `options`.
+    /// The state for `allocator` with `options`; collections use the default settings and
+    /// are kept in memory (see [`with_collector`](Self::with_collector)).
     pub fn new(allocator: Arc<dyn Allocator>, options: HttpOptions) -> Self {
+        Self::with_collector(allocator, options, Arc::default())
+    }
+
+    /// The state for `allocator` with `options`, collecting participants' work with
+    /// `collector`.
+    pub fn with_collector(
+        allocator: Arc<dyn Allocator>,
+        options: HttpOptions,
+        collector: Arc<crate::collect::Collector>,
+    ) -> Self {
         if options.agent_auth == AgentAuthMode::Open {
             tracing::warn!(
                 "agent auth is OPEN: VM routes accept requests without a token; use only for local demos"
@@ -89,6 +102,7 @@ impl HttpState {
                 templates: templates::Templates::new(),
                 shutdown: watch::channel(false).0,
                 options,
+                collector,
             }),
         }
     }
@@ -101,6 +115,11 @@ impl HttpState {
     /// The options.
     pub fn options(&self) -> &HttpOptions {
         &self.inner.options
+    }
+
+    /// The collector of participants' work.
+    pub fn collector(&self) -> &Arc<crate::collect::Collector> {
+        &self.inner.collector
     }
 
     /// The metrics.
@@ -147,7 +166,22 @@ impl HttpState {
                 "/api/v1/vms/{hostname}/assignment",
                 get(v1::wait_assignment),
             )
-            .route("/admin/events", get(admin_ui::events));
+            .route("/admin/events", get(admin_ui::events))
+            // Collections: long-poll, streamed uploads (no body limit but the VM's budget),
+            // and destroys that may wait for collections first.
+            .route("/api/v1/vms/{hostname}/tasks", get(collect::tasks))
+            .route(
+                "/api/v1/vms/{hostname}/collections/{id}",
+                put(collect::upload).layer(DefaultBodyLimit::disable()),
+            )
+            .route("/api/v1/destroy", post(v1::destroy))
+            .route("/destroy", post(admin_api::destroy_all))
+            .route(
+                "/admin/destroy",
+                get(admin_ui::confirm_destroy).post(admin_ui::destroy),
+            )
+            .route("/api/v1/collections.zip", get(collect::download))
+            .route("/api/scp-client", get(collect::download));
         let quick = Router::new()
             .merge(compat::routes())
             .merge(public::routes())

@@ -31,6 +31,7 @@ impl Templates {
             "vm_rows.html",
             "supervisor.html",
             "operations.html",
+            "collections.html",
             "vm.html",
             "confirm.html",
             "message.html",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use lablink::collect::Collector;
 use lablink::http::{hash_password, HttpOptions, HttpState};
 use lablink::{Allocator, AllocatorExt, LabLinkBuilder, LocalProcessProvisioner};
 use reqwest::header::ACCEPT;
@@ -160,6 +161,16 @@ impl Rig {
         builder: LabLinkBuilder,
         provisioner: &LocalProcessProvisioner,
     ) -> Self {
+        Self::start_with_collector(addr, builder, provisioner, Arc::default()).await
+    }
+
+    /// Like [`start`](Self::start), collecting participants' work with `collector`.
+    pub async fn start_with_collector(
+        addr: SocketAddr,
+        builder: LabLinkBuilder,
+        provisioner: &LocalProcessProvisioner,
+        collector: Arc<Collector>,
+    ) -> Self {
         let allocator: Arc<dyn Allocator> = Arc::new(
             builder
                 .with_provisioner(Arc::new(provisioner.clone()))
@@ -168,7 +179,11 @@ impl Rig {
         );
         let mut rig = Self {
             addr,
-            state: HttpState::new(allocator.clone(), HttpOptions::new(ADMIN, admin_hash())),
+            state: HttpState::with_collector(
+                allocator.clone(),
+                HttpOptions::new(ADMIN, admin_hash()),
+                collector,
+            ),
             allocator,
             client: Client::builder().pool_max_idle_per_host(0).build().unwrap(),
             runtime: None,
@@ -241,6 +256,18 @@ impl Rig {
         self.serve().await;
     }
 
+    /// Serves again at the same address with the same allocator but a new HTTP state and
+    /// `collector`, as a restarted server process would (everything the collector knows
+    /// must come from its artifact store).
+    pub async fn restart_with_collector(&mut self, collector: Arc<Collector>) {
+        self.state = HttpState::with_collector(
+            self.allocator.clone(),
+            HttpOptions::new(ADMIN, admin_hash()),
+            collector,
+        );
+        self.serve().await;
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -257,7 +284,7 @@ impl Rig {
     }
 
     /// `GET path` as the admin (HTTP Basic, JSON); the body, after checking the 200.
-    async fn admin_get(&self, path: &str) -> Value {
+    pub async fn admin_get(&self, path: &str) -> Value {
         let r = self
             .client
             .get(self.url(path))
@@ -416,4 +443,37 @@ pub mod pg {
             }
         }
     }
+}
+
+/// The pid and `API_TOKEN` of the running agent process of `hostname` that talks to
+/// `allocator_url` (read from `/proc/<pid>/environ`).
+pub fn agent_process(hostname: &str, allocator_url: &str) -> Option<(u32, String)> {
+    let want_vm = format!("VM_NAME={hostname}");
+    let want_url = format!("ALLOCATOR_URL={allocator_url}");
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let entry = entry.ok()?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let vars: Vec<String> = environ
+            .split(|b| *b == 0)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        if vars.contains(&want_vm) && vars.contains(&want_url) {
+            let token = vars
+                .iter()
+                .find_map(|v| v.strip_prefix("API_TOKEN="))
+                .unwrap_or_default()
+                .to_owned();
+            return Some((pid, token));
+        }
+    }
+    None
 }

@@ -22,6 +22,7 @@
 //! [`notifier_conformance!`]: crate::notifier_conformance
 //! [`provisioner_conformance!`]: crate::provisioner_conformance
 
+pub mod artifact;
 pub mod fleet;
 pub mod notifier;
 pub mod provisioner;
@@ -110,3 +111,17 @@ macro_rules! provisioner_conformance {
 /// How long a suite waits for something that should happen (a wake-up, a delivery) before
 /// it declares the contract broken. Generous: machines are shared and slow.
 pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Stamps the whole [`ArtifactStore`](crate::ArtifactStore) suite as named tests.
+#[macro_export]
+macro_rules! artifact_store_conformance {
+    (#[$attr:meta] async fn $setup:ident($($arg:ident : $ty:ty),* $(,)?) -> $subject:ty $body:block) => {
+        async fn $setup($($arg: $ty),*) -> $subject $body
+        $crate::__conformance_tests!(artifact [$attr] $setup ($($arg: $ty),*) ($($arg),*);
+            put_then_get_round_trips_and_replaces,
+            missing_keys_are_not_found_and_delete_is_idempotent,
+            list_gives_the_keys_under_a_prefix_in_order_with_sizes,
+            invalid_keys_are_rejected,
+        );
+    };
+}

@@ -3,6 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lablink_core::{DestroyTarget, Hostname, LaunchOptions, VmFilter};
 use serde::{Deserialize, Serialize};
@@ -140,17 +141,20 @@ pub struct DestroyBody {
     /// Destroy these VMs.
     #[serde(default)]
     pub hostnames: Vec<String>,
+    /// With `[collect] destroy_collects_first`: destroy VMs whose collection failed too.
+    #[serde(default)]
+    pub force: bool,
 }
 
-/// Starts destroying VMs.
+/// Starts destroying VMs. With `[collect] destroy_collects_first`, first collects from them
+/// (waiting up to `destroy_wait_seconds`); VMs whose collection failed are not destroyed
+/// unless `force`, and the answer is then 409 naming them (`blocked`), with the operation
+/// destroying the others (`operation`, or null).
 #[utoipa::path(post, path = "/api/v1/destroy", tag = "admin", request_body = DestroyBody,
     responses((status = 202, body = OperationView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("admin_basic" = [])))]
-pub async fn destroy(
-    State(state): State<HttpState>,
-    req: AdminForm,
-) -> ApiResult<(StatusCode, Json<OperationView>)> {
+pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Response> {
     let body: DestroyBody = typed(req.form)?;
     let target = match (body.all, body.hostnames.is_empty()) {
         (true, true) => DestroyTarget::All,
@@ -170,8 +174,9 @@ pub async fn destroy(
             ))
         }
     };
-    let op = state.allocator().destroy(&target).await?;
-    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+    let destroyed = crate::http::collect::destroy(&state, &target, body.force).await?;
+    let (status, body) = destroyed.answer(|op| serde_json::json!(OperationView::from(op)));
+    Ok((status, Json(body)).into_response())
 }
 
 /// Starts rebooting a VM.

@@ -16,6 +16,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{shorten, FormOrJson};
 use super::HttpState;
 
+pub use admin::destroy;
 pub use agent::wait_assignment;
 
 /// The OpenAPI document of `/api/v1`.
@@ -27,6 +28,8 @@ pub use agent::wait_assignment;
         admin::request_vm, admin::list_vms, admin::get_vm, admin::vm_logs, admin::launch,
         admin::destroy, admin::reboot, admin::release, admin::operations, admin::operation,
         admin::pool, openapi_json,
+        crate::http::collect::tasks, crate::http::collect::upload, crate::http::collect::list,
+        crate::http::collect::one, crate::http::collect::request, crate::http::collect::download,
     ),
     modifiers(&Security),
     tags(
@@ -75,10 +78,17 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/vms/{hostname}/reboot", post(admin::reboot))
         .route("/api/v1/vms/{hostname}/release", post(admin::release))
         .route("/api/v1/launch", post(admin::launch))
-        .route("/api/v1/destroy", post(admin::destroy))
         .route("/api/v1/operations", get(admin::operations))
         .route("/api/v1/operations/{id}", get(admin::operation))
         .route("/api/v1/pool", get(admin::pool))
+        .route(
+            "/api/v1/collections",
+            get(crate::http::collect::list).post(crate::http::collect::request),
+        )
+        .route(
+            "/api/v1/collections/{hostname}",
+            get(crate::http::collect::one),
+        )
 }
 
 /// The OpenAPI document.

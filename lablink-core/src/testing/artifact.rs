@@ -1,0 +1,80 @@
+//! The [`ArtifactStore`] conformance suite: one function per behaviour of its contract.
+
+use crate::{ArtifactStore, ErrorKind};
+
+/// A key unique to this run, so suites can share a bucket or directory.
+fn prefix() -> String {
+    format!("suite-{}/", uuid::Uuid::new_v4().simple())
+}
+
+/// `put` then `get` gives the bytes back; a second `put` replaces them.
+pub async fn put_then_get_round_trips_and_replaces(store: &dyn ArtifactStore) {
+    let key = format!("{}a/b/blob.bin", prefix());
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+    store.put(&key, bytes.clone()).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), bytes, "round trip");
+    store.put(&key, b"second".to_vec()).await.unwrap();
+    assert_eq!(store.get(&key).await.unwrap(), b"second", "replaced");
+    store.put(&key, Vec::new()).await.unwrap();
+    assert!(store.get(&key).await.unwrap().is_empty(), "empty blob");
+}
+
+/// `get` of a missing key is `NotFound`; deleting twice succeeds and the key is gone.
+pub async fn missing_keys_are_not_found_and_delete_is_idempotent(store: &dyn ArtifactStore) {
+    let key = format!("{}gone.json", prefix());
+    let e = store.get(&key).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    store.put(&key, b"{}".to_vec()).await.unwrap();
+    store.delete(&key).await.unwrap();
+    store.delete(&key).await.unwrap();
+    let e = store.get(&key).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+}
+
+/// `list` gives exactly the keys under the prefix, in key order, with their sizes.
+pub async fn list_gives_the_keys_under_a_prefix_in_order_with_sizes(store: &dyn ArtifactStore) {
+    let p = prefix();
+    for (key, len) in [("b/2", 2), ("a", 1), ("b/1", 10), ("c/d/e", 0)] {
+        store.put(&format!("{p}{key}"), vec![7; len]).await.unwrap();
+    }
+    store.put(&format!("{p}x"), vec![1]).await.unwrap();
+    store.delete(&format!("{p}x")).await.unwrap();
+    let listed: Vec<(String, u64)> = store
+        .list(&p)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.key.strip_prefix(&p).unwrap().to_owned(), a.size))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("a".to_owned(), 1),
+            ("b/1".to_owned(), 10),
+            ("b/2".to_owned(), 2),
+            ("c/d/e".to_owned(), 0)
+        ]
+    );
+    let under_b = store.list(&format!("{p}b/")).await.unwrap();
+    assert_eq!(under_b.len(), 2);
+    assert!(store.list(&format!("{p}zzz")).await.unwrap().is_empty());
+}
+
+/// Empty, `..`, absolute and control-character keys are `InvalidInput`, never stored.
+pub async fn invalid_keys_are_rejected(store: &dyn ArtifactStore) {
+    for key in [
+        "",
+        "../escape",
+        "a/../../b",
+        "/abs",
+        "a//b",
+        "a/./b",
+        "tab\there",
+        "a\\b",
+    ] {
+        let e = store.put(key, b"x".to_vec()).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "put {key:?}: {e}");
+        let e = store.get(key).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "get {key:?}: {e}");
+    }
+}

@@ -1,0 +1,50 @@
+//! The artifact store suite against the in-memory and local-directory stores, plus the
+//! local store's atomic writes.
+
+use lablink_core::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
+
+mod memory {
+    lablink_core::artifact_store_conformance!(
+        #[tokio::test]
+        async fn store() -> lablink_core::MemoryArtifactStore {
+            lablink_core::MemoryArtifactStore::default()
+        }
+    );
+}
+
+mod local_dir {
+    fn dir() -> &'static std::path::Path {
+        static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+        DIR.get_or_init(|| tempfile::tempdir().unwrap()).path()
+    }
+
+    lablink_core::artifact_store_conformance!(
+        #[tokio::test]
+        async fn store() -> lablink_core::LocalDirArtifactStore {
+            lablink_core::LocalDirArtifactStore::new(dir())
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_local_put_leaves_no_temporary_files_and_keys_stay_inside_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirArtifactStore::new(dir.path().join("store"));
+    store.put("x/y.bin", vec![1, 2, 3]).await.unwrap();
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("store/x"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["y.bin"]);
+    assert!(store.put("x/.tmp-abc", vec![1]).await.is_err());
+    assert!(store.put("../outside", vec![1]).await.is_err());
+    assert!(!dir.path().join("outside").exists());
+}
+
+#[tokio::test]
+async fn clones_of_the_memory_store_share_blobs() {
+    let a = MemoryArtifactStore::default();
+    let b = a.clone();
+    a.put("k", b"v".to_vec()).await.unwrap();
+    assert_eq!(b.get("k").await.unwrap(), b"v");
+}

@@ -1,0 +1,779 @@
+//! Collecting participants' work off the VMs through their agents.
+//!
+//! An admin asks for a collection (all VMs or some); each VM's agent learns of it through its
+//! long-poll `GET /api/v1/vms/{hostname}/tasks`, finds the files matching
+//! [`CollectSettings::patterns`] under [`CollectSettings::roots`] and streams them as one tar
+//! archive with a SHA-256 per file and a final manifest to
+//! `PUT /api/v1/vms/{hostname}/collections/{id}`. The [`Collector`] spools the upload to a
+//! temporary file, checks every checksum, and only then commits it to the
+//! [`ArtifactStore`]: the archive first, then the manifest (the commit point). A cut upload
+//! leaves nothing behind, and the agent retries the whole collection.
+//!
+//! Everything lives in the artifact store, so a restarted allocator (or one with an S3 store,
+//! on another machine) knows every collection:
+//!
+//! - `collections/<hostname>/status.json`: the current request and its progress,
+//! - `collections/<hostname>/manifest.json`: the last complete collection,
+//! - `collections/<hostname>/<id>.tar`: its archive.
+//!
+//! Several allocator replicas may share one store, but each learns of requests made through
+//! another only when its agents ask after the request reached the store.
+
+pub mod archive;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::io::{Seek, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt};
+use lablink_core::{ArtifactStore, Error, ErrorKind, Hostname, MemoryArtifactStore, Result};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use utoipa::ToSchema;
+
+pub use archive::{CollectedFile, SkippedFile};
+
+/// What to collect, the limits, and how destroy uses collections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectSettings {
+    /// Directories searched on each VM. `~` is the agent's home directory, `{hostname}` the
+    /// VM's name (for VMs sharing one file system, like local demo VMs).
+    pub roots: Vec<String>,
+    /// Glob patterns matched against paths relative to a root: `*` stays within a folder,
+    /// `**` crosses folders (`**/*.slp` is every `.slp` file at any depth).
+    pub patterns: Vec<String>,
+    /// Most bytes of files collected from one VM; files that do not fit are skipped and
+    /// reported.
+    pub max_vm_bytes: u64,
+    /// Most bytes of all VMs' collections together.
+    pub max_total_bytes: u64,
+    /// Destroy collects from the VMs first and does not destroy a VM whose collection
+    /// failed unless the request says `force`.
+    pub destroy_collects_first: bool,
+    /// How long destroy waits for the collections, seconds; a VM not done by then counts as
+    /// failed.
+    pub destroy_wait_seconds: u64,
+    /// Uploads that fail their checks before a collection counts as failed (cut uploads do
+    /// not count: the agent just retries).
+    pub max_attempts: u32,
+}
+
+impl Default for CollectSettings {
+    fn default() -> Self {
+        Self {
+            roots: vec!["~".into()],
+            patterns: vec!["**/*.slp".into()],
+            max_vm_bytes: 1 << 30,
+            max_total_bytes: 50 << 30,
+            destroy_collects_first: false,
+            destroy_wait_seconds: 300,
+            max_attempts: 5,
+        }
+    }
+}
+
+impl CollectSettings {
+    /// Every problem with these settings (empty when they are usable).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.roots.is_empty() {
+            problems.push("[collect] roots must not be empty".into());
+        }
+        for root in &self.roots {
+            if !(root.starts_with('/') || root == "~" || root.starts_with("~/")) {
+                problems.push(format!(
+                    "[collect] root {root:?} must be an absolute path or start with ~/"
+                ));
+            }
+        }
+        if self.patterns.is_empty() {
+            problems.push("[collect] patterns must not be empty".into());
+        }
+        for pattern in &self.patterns {
+            if let Err(e) = globset::Glob::new(pattern) {
+                problems.push(format!("[collect] pattern {pattern:?} is invalid: {e}"));
+            }
+        }
+        if self.max_vm_bytes == 0 {
+            problems.push("[collect] max_vm_bytes must be positive".into());
+        }
+        if self.max_total_bytes < self.max_vm_bytes {
+            problems.push("[collect] max_total_bytes must be at least max_vm_bytes".into());
+        }
+        if self.destroy_wait_seconds == 0 {
+            problems.push("[collect] destroy_wait_seconds must be positive".into());
+        }
+        if self.max_attempts == 0 {
+            problems.push("[collect] max_attempts must be positive".into());
+        }
+        problems
+    }
+}
+
+/// Where a VM's current collection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectionState {
+    /// Asked for; the agent has not uploaded it yet (or its last upload was cut).
+    Requested,
+    /// An upload is arriving.
+    Uploading,
+    /// Stored.
+    Complete,
+    /// Given up: the upload was refused or the VM did not answer in time.
+    Failed,
+}
+
+impl CollectionState {
+    fn pending(self) -> bool {
+        matches!(self, Self::Requested | Self::Uploading)
+    }
+}
+
+/// A VM's current collection, as stored in `status.json` and shown to admins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CollectionStatus {
+    /// The VM.
+    pub hostname: String,
+    /// The collection's id.
+    pub id: String,
+    /// Where it is.
+    pub state: CollectionState,
+    /// When it was asked for.
+    pub requested_at: DateTime<Utc>,
+    /// When it last changed.
+    pub updated_at: DateTime<Utc>,
+    /// Uploads tried so far.
+    pub attempts: u32,
+    /// What went wrong last, if anything.
+    pub error: Option<String>,
+    /// Files collected (when complete).
+    pub files: usize,
+    /// Bytes collected (when complete).
+    pub bytes: u64,
+    /// Matching files the agent left out (when complete).
+    pub skipped: usize,
+}
+
+/// A VM's last complete collection (`manifest.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CollectionManifest {
+    /// The VM.
+    pub hostname: String,
+    /// The collection's id.
+    pub id: String,
+    /// When it was stored.
+    pub completed_at: DateTime<Utc>,
+    /// The archive's key in the artifact store.
+    pub archive: String,
+    /// The collected files.
+    pub files: Vec<CollectedFile>,
+    /// The matching files left out, and why.
+    pub skipped: Vec<SkippedFile>,
+}
+
+impl CollectionManifest {
+    /// Bytes of file content.
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// What an agent is asked to collect (the body of its task).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CollectionTask {
+    /// The collection; upload to `collections/{id}`.
+    pub id: String,
+    /// Directories to search (`~` and `{hostname}` are expanded by the agent).
+    pub roots: Vec<String>,
+    /// Glob patterns relative to a root.
+    pub patterns: Vec<String>,
+    /// Most bytes of files to send.
+    pub max_bytes: u64,
+}
+
+/// Why an upload was not stored. `retry` says whether the collection is still pending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadRefused {
+    /// The HTTP status to answer.
+    pub kind: ErrorKind,
+    /// What went wrong (no secrets: paths and sizes only).
+    pub message: String,
+}
+
+impl From<Error> for UploadRefused {
+    fn from(e: Error) -> Self {
+        Self {
+            kind: e.kind(),
+            message: e.message().to_owned(),
+        }
+    }
+}
+
+fn refused(kind: ErrorKind, message: impl Into<String>) -> UploadRefused {
+    UploadRefused {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// Slack over the file bytes for tar headers and the manifest.
+const ARCHIVE_OVERHEAD: u64 = 64 << 20;
+
+fn status_key(hostname: &str) -> String {
+    format!("collections/{hostname}/status.json")
+}
+
+fn manifest_key(hostname: &str) -> String {
+    format!("collections/{hostname}/manifest.json")
+}
+
+/// Runs collections: hands tasks to agents, checks and stores their uploads, builds the
+/// admin's zip. Cheap to share (`Arc`).
+pub struct Collector {
+    store: Arc<dyn ArtifactStore>,
+    settings: CollectSettings,
+    statuses: Mutex<HashMap<String, Option<CollectionStatus>>>,
+    uploading: Mutex<HashSet<String>>,
+    commit: tokio::sync::Mutex<()>,
+    changed: watch::Sender<u64>,
+}
+
+impl fmt::Debug for Collector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Collector")
+            .field("store", &self.store)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Collector {
+    /// Default settings, collections kept in memory.
+    fn default() -> Self {
+        Self::new(
+            Arc::new(MemoryArtifactStore::default()),
+            CollectSettings::default(),
+        )
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(value).map_err(|e| Error::internal(e.to_string()))
+}
+
+impl Collector {
+    /// Collections stored in `store`, with `settings`.
+    pub fn new(store: Arc<dyn ArtifactStore>, settings: CollectSettings) -> Self {
+        Self {
+            store,
+            settings,
+            statuses: Mutex::default(),
+            uploading: Mutex::default(),
+            commit: tokio::sync::Mutex::new(()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &CollectSettings {
+        &self.settings
+    }
+
+    /// The artifact store.
+    pub fn store(&self) -> &Arc<dyn ArtifactStore> {
+        &self.store
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<CollectionStatus>>> {
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current collection of `hostname`, if one was ever asked for.
+    pub async fn status(&self, hostname: &str) -> Result<Option<CollectionStatus>> {
+        if let Some(status) = self.cached().get(hostname) {
+            return Ok(status.clone());
+        }
+        let status = match self.store.get(&status_key(hostname)).await {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::internal(format!(
+                    "collection status of {hostname} is unreadable: {e}"
+                ))
+            })?),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(e),
+        };
+        self.cached().insert(hostname.to_owned(), status.clone());
+        Ok(status)
+    }
+
+    async fn save(&self, status: &CollectionStatus) -> Result<()> {
+        self.store
+            .put(&status_key(&status.hostname), to_json(status)?)
+            .await?;
+        self.cached()
+            .insert(status.hostname.clone(), Some(status.clone()));
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// The last complete collection of `hostname`.
+    pub async fn manifest(&self, hostname: &str) -> Result<Option<CollectionManifest>> {
+        match self.store.get(&manifest_key(hostname)).await {
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
+                Error::internal(format!(
+                    "collection manifest of {hostname} is unreadable: {e}"
+                ))
+            })?)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts a new collection on each of `hostnames` (replacing one in progress).
+    pub async fn request(&self, hostnames: &[Hostname]) -> Result<Vec<CollectionStatus>> {
+        let mut out = Vec::with_capacity(hostnames.len());
+        for hostname in hostnames {
+            let now = Utc::now();
+            let status = CollectionStatus {
+                hostname: hostname.to_string(),
+                id: uuid::Uuid::new_v4().simple().to_string(),
+                state: CollectionState::Requested,
+                requested_at: now,
+                updated_at: now,
+                attempts: 0,
+                error: None,
+                files: 0,
+                bytes: 0,
+                skipped: 0,
+            };
+            self.save(&status).await?;
+            tracing::info!(hostname = %hostname, collection = %status.id, "collection requested");
+            out.push(status);
+        }
+        Ok(out)
+    }
+
+    /// Bytes of every VM's stored collection but `except`'s.
+    async fn stored_bytes(&self, except: &str) -> Result<u64> {
+        Ok(self
+            .store
+            .list("collections/")
+            .await?
+            .iter()
+            .filter(|a| a.key.ends_with(".tar"))
+            .filter(|a| a.key.split('/').nth(1) != Some(except))
+            .map(|a| a.size)
+            .sum())
+    }
+
+    /// Bytes `hostname` may still upload.
+    async fn budget(&self, hostname: &str) -> Result<u64> {
+        let used = self.stored_bytes(hostname).await?;
+        Ok(self
+            .settings
+            .max_vm_bytes
+            .min(self.settings.max_total_bytes.saturating_sub(used)))
+    }
+
+    /// The collection `hostname`'s agent should do now, if any.
+    pub async fn task(&self, hostname: &str) -> Result<Option<CollectionTask>> {
+        let Some(status) = self.status(hostname).await? else {
+            return Ok(None);
+        };
+        if !status.state.pending() {
+            return Ok(None);
+        }
+        Ok(Some(CollectionTask {
+            id: status.id,
+            roots: self.settings.roots.clone(),
+            patterns: self.settings.patterns.clone(),
+            max_bytes: self.budget(hostname).await?,
+        }))
+    }
+
+    /// Like [`task`](Self::task), holding up to `hold` for one to be asked for (or until
+    /// `stop` resolves).
+    pub async fn wait_task(
+        &self,
+        hostname: &str,
+        hold: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Option<CollectionTask>> {
+        let mut changed = self.changed.subscribe();
+        let deadline = tokio::time::sleep(hold);
+        tokio::pin!(deadline, stop);
+        loop {
+            if let Some(task) = self.task(hostname).await? {
+                return Ok(Some(task));
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return Ok(None) },
+                () = &mut deadline => return Ok(None),
+                () = &mut stop => return Ok(None),
+            }
+        }
+    }
+
+    /// Marks the pending collection of `hostname` failed with `reason` (a VM that did not
+    /// answer in time). Does nothing when it is no longer pending.
+    pub async fn fail(&self, hostname: &str, id: &str, reason: &str) -> Result<()> {
+        if let Some(mut status) = self.status(hostname).await? {
+            if status.id == id && status.state.pending() {
+                status.state = CollectionState::Failed;
+                status.error = Some(reason.to_owned());
+                status.updated_at = Utc::now();
+                self.save(&status).await?;
+                tracing::warn!(hostname, collection = id, reason, "collection failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives the upload of collection `id` from `hostname`'s agent: spools `body` (at most
+    /// the VM's budget plus headers), checks it, and commits it. An upload of a collection
+    /// already complete is answered with its status without reading the body.
+    pub async fn receive<S, E>(
+        &self,
+        hostname: &str,
+        id: &str,
+        body: S,
+    ) -> std::result::Result<CollectionStatus, UploadRefused>
+    where
+        S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Send + Unpin,
+        E: fmt::Display,
+    {
+        let Some(mut status) = self.status(hostname).await? else {
+            return Err(refused(
+                ErrorKind::NotFound,
+                "no collection was asked of this VM",
+            ));
+        };
+        if status.id != id {
+            return Err(refused(
+                ErrorKind::Conflict,
+                "this is not the VM's current collection",
+            ));
+        }
+        match status.state {
+            CollectionState::Complete => return Ok(status),
+            CollectionState::Failed => {
+                return Err(refused(
+                    ErrorKind::Conflict,
+                    "this collection failed; ask for a new one",
+                ))
+            }
+            CollectionState::Requested | CollectionState::Uploading => {}
+        }
+        let _guard = UploadGuard::take(&self.uploading, hostname).ok_or_else(|| {
+            refused(
+                ErrorKind::Conflict,
+                "an upload of this VM is already in progress",
+            )
+        })?;
+        let limit = self.budget(hostname).await? + ARCHIVE_OVERHEAD;
+        status.state = CollectionState::Uploading;
+        status.attempts += 1;
+        status.updated_at = Utc::now();
+        self.save(&status).await?;
+
+        let outcome = self.spool_and_commit(&mut status, body, limit).await;
+        match outcome {
+            Ok(()) => Ok(status),
+            Err((retry, e)) => {
+                let give_up = !retry || status.attempts >= self.settings.max_attempts;
+                status.state = if give_up {
+                    CollectionState::Failed
+                } else {
+                    CollectionState::Requested
+                };
+                status.error = Some(e.message.clone());
+                status.updated_at = Utc::now();
+                // The upload failed either way; a failure to record it is only logged.
+                if let Err(save) = self.save(&status).await {
+                    tracing::error!(hostname, error = %save, "recording a failed upload failed");
+                }
+                tracing::warn!(hostname, collection = id, error = %e.message, give_up, "collection upload not stored");
+                Err(e)
+            }
+        }
+    }
+
+    /// Spools, checks and commits; on error says whether a retry may succeed.
+    async fn spool_and_commit<S, E>(
+        &self,
+        status: &mut CollectionStatus,
+        mut body: S,
+        limit: u64,
+    ) -> std::result::Result<(), (bool, UploadRefused)>
+    where
+        S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Send + Unpin,
+        E: fmt::Display,
+    {
+        let io = |e: std::io::Error| {
+            (
+                true,
+                refused(
+                    ErrorKind::Unavailable,
+                    format!("spooling the upload failed: {e}"),
+                ),
+            )
+        };
+        let spool = tempfile::tempfile().map_err(io)?;
+        let mut file = tokio::fs::File::from_std(spool);
+        let mut received = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                (
+                    true,
+                    refused(ErrorKind::InvalidInput, format!("the upload was cut: {e}")),
+                )
+            })?;
+            received += chunk.len() as u64;
+            if received > limit {
+                return Err((
+                    false,
+                    refused(
+                        ErrorKind::InvalidInput,
+                        format!("the upload is larger than this VM's limit of {limit} bytes"),
+                    ),
+                ));
+            }
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                .await
+                .map_err(io)?;
+        }
+        let mut spool = file.into_std().await;
+        let id = status.id.clone();
+        let (spool, verified) = tokio::task::spawn_blocking(move || {
+            spool.rewind()?;
+            let verified = archive::verify(std::io::BufReader::new(&spool), &id);
+            Ok::<_, std::io::Error>((spool, verified))
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
+        let verified = verified.map_err(|m| (true, refused(ErrorKind::InvalidInput, m)))?;
+        let bytes: u64 = verified.files.iter().map(|f| f.size).sum();
+
+        let _commit = self.commit.lock().await;
+        let used = self
+            .stored_bytes(&status.hostname)
+            .await
+            .map_err(|e| (true, e.into()))?;
+        if used + bytes > self.settings.max_total_bytes || bytes > self.settings.max_vm_bytes {
+            return Err((
+                false,
+                refused(
+                    ErrorKind::InvalidInput,
+                    "the collection does not fit in the size limits",
+                ),
+            ));
+        }
+        let archive_bytes = tokio::task::spawn_blocking(move || {
+            let mut spool = spool;
+            spool.rewind()?;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut spool, &mut all)?;
+            Ok::<_, std::io::Error>(all)
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
+        let previous = self
+            .manifest(&status.hostname)
+            .await
+            .map_err(|e| (true, e.into()))?;
+        let manifest = CollectionManifest {
+            hostname: status.hostname.clone(),
+            id: status.id.clone(),
+            completed_at: Utc::now(),
+            archive: format!("collections/{}/{}.tar", status.hostname, status.id),
+            files: verified.files,
+            skipped: verified.skipped,
+        };
+        let stored = async {
+            self.store.put(&manifest.archive, archive_bytes).await?;
+            self.store
+                .put(&manifest_key(&status.hostname), to_json(&manifest)?)
+                .await
+        };
+        stored.await.map_err(|e| (true, e.into()))?;
+        if let Some(previous) = previous.filter(|p| p.archive != manifest.archive) {
+            if let Err(e) = self.store.delete(&previous.archive).await {
+                tracing::warn!(hostname = %status.hostname, error = %e, "an old collection archive was not deleted");
+            }
+        }
+        status.state = CollectionState::Complete;
+        status.error = None;
+        status.files = manifest.files.len();
+        status.bytes = bytes;
+        status.skipped = manifest.skipped.len();
+        status.updated_at = Utc::now();
+        self.save(status).await.map_err(|e| (true, e.into()))?;
+        tracing::info!(
+            hostname = %status.hostname,
+            collection = %status.id,
+            files = status.files,
+            bytes,
+            skipped = status.skipped,
+            "collection stored"
+        );
+        Ok(())
+    }
+
+    /// Asks `hostnames` for a collection and waits until each is complete or failed; a VM
+    /// not done within `wait` is marked failed. The hostnames whose collection failed, with
+    /// the reason.
+    pub async fn collect_and_wait(
+        &self,
+        hostnames: &[Hostname],
+        wait: Duration,
+    ) -> Result<BTreeMap<String, String>> {
+        let requested = self.request(hostnames).await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.changed.subscribe();
+        let mut failed = BTreeMap::new();
+        let mut pending: Vec<CollectionStatus> = requested;
+        loop {
+            let mut still = Vec::new();
+            for asked in pending {
+                match self.status(&asked.hostname).await? {
+                    Some(s) if s.id == asked.id && s.state == CollectionState::Complete => {}
+                    Some(s) if s.id == asked.id && s.state == CollectionState::Failed => {
+                        failed.insert(s.hostname, s.error.unwrap_or_default());
+                    }
+                    Some(s) if s.id == asked.id => still.push(asked),
+                    // Replaced by a newer request: that one carries on; this one is not done.
+                    _ => {
+                        failed.insert(asked.hostname, "replaced by a newer collection".into());
+                    }
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(failed);
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    for asked in pending {
+                        let reason = format!(
+                            "no complete upload within {} s (is the VM's agent running?)",
+                            wait.as_secs()
+                        );
+                        self.fail(&asked.hostname, &asked.id, &reason).await?;
+                        failed.insert(asked.hostname, reason);
+                    }
+                    return Ok(failed);
+                }
+            }
+        }
+    }
+
+    /// Every VM's current collection and last complete one, by hostname, for `hostnames`
+    /// plus every VM the store knows.
+    pub async fn overview(
+        &self,
+        hostnames: &[Hostname],
+    ) -> Result<Vec<(String, Option<CollectionStatus>, Option<CollectionManifest>)>> {
+        let mut names: Vec<String> = hostnames.iter().map(ToString::to_string).collect();
+        for a in self.store.list("collections/").await? {
+            if let Some(name) = a.key.split('/').nth(1) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        names.dedup();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let status = self.status(&name).await?;
+            let manifest = self.manifest(&name).await?;
+            if status.is_some() || manifest.is_some() {
+                out.push((name, status, manifest));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the zip of every VM's last complete collection to a temporary file: a folder
+    /// per VM and `_collection_report.json` (every VM's state, files and skipped files). The
+    /// file is positioned at its start.
+    pub async fn zip(&self, hostnames: &[Hostname]) -> Result<std::fs::File> {
+        let overview = self.overview(hostnames).await?;
+        let failure = |e: std::io::Error| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("writing the zip failed: {e}"),
+            )
+        };
+        let join = |e: tokio::task::JoinError| Error::internal(e.to_string());
+        let mut zip = zip::ZipWriter::new(tempfile::tempfile().map_err(failure)?);
+        let mut report = Vec::new();
+        for (hostname, status, manifest) in overview {
+            if let Some(m) = &manifest {
+                let archive = self.store.get(&m.archive).await?;
+                let name = hostname.clone();
+                zip = tokio::task::spawn_blocking(move || {
+                    archive::append_vm(&mut zip, &name, archive.as_slice()).map(|()| zip)
+                })
+                .await
+                .map_err(join)?
+                .map_err(failure)?;
+            }
+            report.push(serde_json::json!({
+                "hostname": hostname,
+                "current": status,
+                "collected": manifest.map(|m| serde_json::json!({
+                    "id": m.id,
+                    "completed_at": m.completed_at,
+                    "files": m.files,
+                    "skipped": m.skipped,
+                })),
+            }));
+        }
+        let report = to_json(&serde_json::json!({ "generated_at": Utc::now(), "vms": report }))?;
+        tokio::task::spawn_blocking(move || {
+            archive::append_file(&mut zip, "_collection_report.json", &report)?;
+            let mut file = zip.finish().map_err(std::io::Error::other)?;
+            file.flush()?;
+            file.rewind()?;
+            Ok(file)
+        })
+        .await
+        .map_err(join)?
+        .map_err(failure)
+    }
+}
+
+/// Marks a VM's upload as in progress for as long as it lives.
+struct UploadGuard<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    hostname: String,
+}
+
+impl<'a> UploadGuard<'a> {
+    fn take(set: &'a Mutex<HashSet<String>>, hostname: &str) -> Option<Self> {
+        let fresh = set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(hostname.to_owned());
+        fresh.then(|| Self {
+            set,
+            hostname: hostname.to_owned(),
+        })
+    }
+}
+
+impl Drop for UploadGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.hostname);
+    }
+}
