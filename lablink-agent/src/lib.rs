@@ -5,7 +5,12 @@
 //! Desktop **without a shell**: only the `--code` value of the participant's command is used,
 //! validated, and passed in an argument vector the agent builds itself, with the PIN on stdin.
 //! It reports GPU health (`nvidia-smi`), whether the research software is in use, its start-up
-//! timings, and ships log files in batches. Every call to the allocator is retried with
+//! timings, and ships log files in batches. When the allocator asks for a **collection**
+//! (long-poll `GET /api/v1/vms/{hostname}/tasks`), it finds the participants' files matching
+//! the allocator's roots and patterns, never following symbolic links and never sending more
+//! than the size limit (what it leaves out is reported with the reason), and streams them as
+//! one tar archive with a SHA-256 per file and a final manifest ([`collect`]); a failed upload
+//! is retried as a whole. Every call to the allocator is retried with
 //! jittered exponential backoff, for ever, and every report is safe to repeat.
 //!
 //! The `lablink-agent` binary reads its settings from the environment (see [`AgentConfig`]);

@@ -16,8 +16,10 @@
 //! - `collections/<hostname>/manifest.json`: the last complete collection,
 //! - `collections/<hostname>/<id>.tar`: its archive.
 //!
-//! Several allocator replicas may share one store, but each learns of requests made through
-//! another only when its agents ask after the request reached the store.
+//! Several allocator replicas may share one store (S3): each agent's task poll and each
+//! upload read the VM's status from the store, so a collection asked for through one replica
+//! reaches an agent polling another at its next poll; only the admin page's live table shows
+//! this replica's view.
 
 pub mod archive;
 
@@ -293,11 +295,18 @@ impl Collector {
         self.statuses.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The current collection of `hostname`, if one was ever asked for.
+    /// The current collection of `hostname`, if one was ever asked for, as this process
+    /// last read or wrote it.
     pub async fn status(&self, hostname: &str) -> Result<Option<CollectionStatus>> {
         if let Some(status) = self.cached().get(hostname) {
             return Ok(status.clone());
         }
+        self.refresh(hostname).await
+    }
+
+    /// The current collection of `hostname`, read from the artifact store (so changes made
+    /// by another allocator replica sharing the store are seen).
+    pub async fn refresh(&self, hostname: &str) -> Result<Option<CollectionStatus>> {
         let status = match self.store.get(&status_key(hostname)).await {
             Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| {
                 Error::internal(format!(
@@ -407,6 +416,9 @@ impl Collector {
         let mut changed = self.changed.subscribe();
         let deadline = tokio::time::sleep(hold);
         tokio::pin!(deadline, stop);
+        // Once per poll from the store: a request made through another replica is seen at
+        // the agent's next poll; this process's own requests wake the poll at once.
+        self.refresh(hostname).await?;
         loop {
             if let Some(task) = self.task(hostname).await? {
                 return Ok(Some(task));
@@ -447,7 +459,7 @@ impl Collector {
         S: Stream<Item = std::result::Result<bytes::Bytes, E>> + Send + Unpin,
         E: fmt::Display,
     {
-        let Some(mut status) = self.status(hostname).await? else {
+        let Some(mut status) = self.refresh(hostname).await? else {
             return Err(refused(
                 ErrorKind::NotFound,
                 "no collection was asked of this VM",
@@ -691,7 +703,7 @@ impl Collector {
         names.dedup();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            let status = self.status(&name).await?;
+            let status = self.refresh(&name).await?;
             let manifest = self.manifest(&name).await?;
             if status.is_some() || manifest.is_some() {
                 out.push((name, status, manifest));
@@ -775,5 +787,59 @@ impl Drop for UploadGuard<'_> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.hostname);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_replica_sharing_the_store_hands_out_a_collection_asked_for_through_another() {
+        let store = MemoryArtifactStore::default();
+        let a = Collector::new(Arc::new(store.clone()), CollectSettings::default());
+        let b = Collector::new(Arc::new(store), CollectSettings::default());
+        let vm: Hostname = "vm-1".parse().unwrap();
+        // B has seen the VM without a collection (and cached that).
+        assert!(b.task("vm-1").await.unwrap().is_none());
+        let asked = a.request(std::slice::from_ref(&vm)).await.unwrap();
+        let task = b
+            .wait_task("vm-1", Duration::ZERO, std::future::pending())
+            .await
+            .unwrap()
+            .expect("the task, read from the shared store");
+        assert_eq!(task.id, asked[0].id);
+        assert_eq!(task.patterns, ["**/*.slp"]);
+        // A failure recorded through B shows in A's overview.
+        b.fail("vm-1", &task.id, "no answer").await.unwrap();
+        let overview = a.overview(&[vm]).await.unwrap();
+        assert_eq!(
+            overview[0].1.as_ref().unwrap().state,
+            CollectionState::Failed
+        );
+    }
+
+    #[test]
+    fn settings_problems_name_each_bad_value() {
+        let bad = CollectSettings {
+            roots: vec!["rel".into()],
+            patterns: vec![],
+            max_vm_bytes: 10,
+            max_total_bytes: 5,
+            destroy_wait_seconds: 0,
+            max_attempts: 0,
+            ..CollectSettings::default()
+        };
+        let problems = bad.problems().join("\n");
+        for expected in [
+            "root \"rel\"",
+            "patterns must not be empty",
+            "max_total_bytes",
+            "destroy_wait_seconds",
+            "max_attempts",
+        ] {
+            assert!(problems.contains(expected), "{expected}: {problems}");
+        }
+        assert!(CollectSettings::default().problems().is_empty());
     }
 }
