@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{ClaimRequest, Claimed, Email, Error, ErrorKind, Result, VmState};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::oneshot;
 
 use crate::error::{classify, PgError};
@@ -32,6 +33,33 @@ const CLAIM_ATTEMPTS: usize = 4;
 pub(crate) const MAX_BATCH: usize = 64;
 /// Most claim statements in flight at once (each holds one pooled connection).
 pub(crate) const MAX_WORKERS: usize = 2;
+
+/// The pooled connection a worker keeps for as long as it has claims to run. Taking a
+/// connection from the pool costs a round trip of its own (the pool pings an idle connection
+/// before handing it out, unless `test_before_acquire` is off), as much as the claim itself;
+/// a worker under load pays it once, not once per statement.
+#[derive(Default)]
+struct Held(Option<PoolConnection<Postgres>>);
+
+impl Held {
+    /// The held connection, taken from `pool` first if there is none.
+    async fn get(&mut self, pool: &PgPool) -> Result<&mut PgConnection, PgError> {
+        let conn = match self.0.take() {
+            Some(conn) => conn,
+            None => pool.acquire().await?,
+        };
+        Ok(&mut **self.0.insert(conn))
+    }
+
+    /// Lets go of the connection after `result` if it may be broken: an error the server
+    /// reported leaves it usable, anything else (I/O, protocol) hands it back to the pool,
+    /// which checks it before anyone reuses it.
+    fn check<T>(&mut self, result: &Result<T, PgError>) {
+        if matches!(result, Err(e) if !matches!(e, PgError::Sqlx(sqlx::Error::Database(_)))) {
+            self.0 = None;
+        }
+    }
+}
 
 /// The claim path of one [`PgVmStore`](crate::PgVmStore) (shared by its clones).
 pub(crate) struct Claims {
@@ -140,6 +168,7 @@ impl Claims {
             claims: self.clone(),
             armed: true,
         };
+        let mut held = Held::default();
         loop {
             let batch = {
                 let mut queue = lock(&self.queue);
@@ -151,15 +180,15 @@ impl Claims {
                 let n = queue.pending.len().min(MAX_BATCH);
                 queue.pending.drain(..n).collect::<Vec<_>>()
             };
-            self.run(batch).await;
+            self.run(batch, &mut held).await;
         }
     }
 
     /// Answers every claim of `batch`.
-    async fn run(self: &Arc<Self>, mut batch: Vec<Pending>) {
+    async fn run(self: &Arc<Self>, mut batch: Vec<Pending>, held: &mut Held) {
         if batch.len() == 1 {
             let p = batch.pop().expect("one claim");
-            let result = self.claim_one(&p.request, p.now).await;
+            let result = self.claim_one(&p.request, p.now, held).await;
             let _ = p.reply.send(result);
             return;
         }
@@ -175,7 +204,8 @@ impl Claims {
                 }
             }
         }
-        let rows = self.claim_batch(&groups).await;
+        let rows = self.claim_batch(&groups, held).await;
+        held.check(&rows);
         let mut answered = vec![false; groups.len()];
         if let Ok(rows) = rows {
             for (n, row) in rows {
@@ -207,7 +237,9 @@ impl Claims {
         for p in groups.into_iter().flatten() {
             let claims = self.clone();
             tokio::spawn(async move {
-                let result = claims.claim_one(&p.request, p.now).await;
+                let result = claims
+                    .claim_one(&p.request, p.now, &mut Held::default())
+                    .await;
                 let _ = p.reply.send(result);
             });
         }
@@ -218,6 +250,7 @@ impl Claims {
     async fn claim_batch(
         &self,
         groups: &[Vec<Pending>],
+        held: &mut Held,
     ) -> Result<Vec<(Option<i64>, ClaimRow)>, PgError> {
         let first = groups.iter().map(|g| &g[0]);
         let emails: Vec<&str> = first.clone().map(|p| p.request.email.as_str()).collect();
@@ -234,7 +267,7 @@ impl Claims {
             &pins[..] as &[&str],
             &times[..],
         )
-        .fetch_all(&self.pool)
+        .fetch_all(held.get(&self.pool).await?)
         .await?;
         Ok(rows
             .into_iter()
@@ -254,9 +287,14 @@ impl Claims {
 
     /// One claim on its own: `sql/vm_claim.sql`, started over if another transaction gave
     /// this email a VM first.
-    async fn claim_one(&self, request: &ClaimRequest, now: DateTime<Utc>) -> Result<Claimed> {
+    async fn claim_one(
+        &self,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+        held: &mut Held,
+    ) -> Result<Claimed> {
         for _ in 0..CLAIM_ATTEMPTS {
-            if let Some(claimed) = self.try_claim(request, now).await? {
+            if let Some(claimed) = self.try_claim(request, now, held).await? {
                 return Ok(claimed);
             }
         }
@@ -274,14 +312,17 @@ impl Claims {
         &self,
         request: &ClaimRequest,
         now: DateTime<Utc>,
+        held: &mut Held,
     ) -> Result<Option<Claimed>> {
         let op = "claim";
-        let mut row = self.claim_statement(Wait::No, request, now).await;
+        let mut row = self.claim_statement(Wait::No, request, now, held).await;
         if matches!(row, Ok(None)) {
             // No row: no VM is free, or every free one is locked by someone (other claims,
             // telemetry...). Wait for the holders rather than report a capacity that may
             // exist.
-            row = self.claim_statement(Wait::ForLocked, request, now).await;
+            row = self
+                .claim_statement(Wait::ForLocked, request, now, held)
+                .await;
         }
         match row {
             Ok(Some(row)) => claimed_from_row(row).map(Some),
@@ -299,7 +340,21 @@ impl Claims {
         wait: Wait,
         request: &ClaimRequest,
         now: DateTime<Utc>,
+        held: &mut Held,
     ) -> Result<Option<ClaimRow>, PgError> {
+        let row = self.claim_statement_on(wait, request, now, held).await;
+        held.check(&row);
+        row
+    }
+
+    async fn claim_statement_on(
+        &self,
+        wait: Wait,
+        request: &ClaimRequest,
+        now: DateTime<Utc>,
+        held: &mut Held,
+    ) -> Result<Option<ClaimRow>, PgError> {
+        let conn = held.get(&self.pool).await?;
         let email = request.email.as_str();
         let command = request.crd_command.expose();
         let pin = request.pin.expose();
@@ -307,7 +362,7 @@ impl Claims {
         // Two statements, two row types: each is turned into a `ClaimRow` where it is run.
         let row = match wait {
             Wait::No => sqlx::query_file!("sql/vm_claim.sql", email, command, pin, now)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?
                 .map(|r| {
                     let newly_assigned = r.newly_assigned.into_opt();
@@ -317,7 +372,7 @@ impl Claims {
                     }
                 }),
             Wait::ForLocked => sqlx::query_file!("sql/vm_claim_wait.sql", email, command, pin, now)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *conn)
                 .await?
                 .map(|r| {
                     let newly_assigned = r.newly_assigned.into_opt();
