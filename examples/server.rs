@@ -163,9 +163,13 @@ async fn provisioner(
         return Ok((Arc::new(retry), None));
     }
     if p.kind == "fake" {
-        let fake = FakeProvisioner::new()
+        let mut fake = FakeProvisioner::new()
             .with_latency(Duration::from_secs_f64(p.fake_latency_seconds))
             .with_failure_rate(p.fake_failure_rate);
+        if !p.fake_inventory_dir.is_empty() {
+            std::fs::create_dir_all(&p.fake_inventory_dir)?;
+            fake = fake.with_inventory_dir(&p.fake_inventory_dir);
+        }
         return Ok((Arc::new(fake), None));
     }
     let mut url_addr = addr;

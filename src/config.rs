@@ -292,6 +292,11 @@ pub struct ProvisionerConfig {
     pub fake_latency_seconds: f64,
     /// Probability that a fake VM fails to launch.
     pub fake_failure_rate: f64,
+    /// Testing aid (`fake` only): keep the fake machines as files in this directory, shared
+    /// by every replica using it and surviving restarts; a file `.failure-rate` there
+    /// overrides `fake_failure_rate` while it exists (fault injection in a running system).
+    /// Empty (default): in memory.
+    pub fake_inventory_dir: String,
     /// The EC2 provisioner (`kind = "aws"`).
     pub aws: AwsProvisionerConfig,
 }
@@ -305,6 +310,7 @@ impl Default for ProvisionerConfig {
             local_log_dir: String::new(),
             fake_latency_seconds: 0.5,
             fake_failure_rate: 0.0,
+            fake_inventory_dir: String::new(),
             aws: AwsProvisionerConfig::default(),
         }
     }
@@ -681,6 +687,9 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.provisioner.fake_failure_rate) {
             problems.push("[provisioner] fake_failure_rate must be between 0 and 1".into());
+        }
+        if !self.provisioner.fake_inventory_dir.is_empty() && self.provisioner.kind != "fake" {
+            problems.push("[provisioner] fake_inventory_dir is only for kind = \"fake\"".into());
         }
         if !(0.0..=3600.0).contains(&self.provisioner.fake_latency_seconds) {
             problems.push("[provisioner] fake_latency_seconds must be between 0 and 3600".into());

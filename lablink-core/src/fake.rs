@@ -2,6 +2,8 @@
 //! rate, for tests, benchmarks and demos.
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,10 +21,14 @@ use crate::{
 /// each VM fails independently with probability `failure_rate` (a seeded RNG makes runs
 /// reproducible). Failed VMs are missing from the result; when all fail, `launch` returns a
 /// temporary [`ErrorKind::NoCapacity`] error.
+///
+/// With an [inventory directory](Self::with_inventory_dir) the machines are files there
+/// instead, so several allocator processes (replicas) share one "cloud" that outlives them.
 #[derive(Debug, Clone)]
 pub struct FakeProvisioner {
     latency: Duration,
     failure_rate: f64,
+    dir: Option<PathBuf>,
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -47,6 +53,7 @@ impl FakeProvisioner {
         Self {
             latency: Duration::ZERO,
             failure_rate: 0.0,
+            dir: None,
             inner: Arc::new(Mutex::new(Inner {
                 rng: StdRng::seed_from_u64(0),
                 next_id: 1,
@@ -66,6 +73,17 @@ impl FakeProvisioner {
     /// Each VM of a launch fails with this probability (clamped to 0..=1).
     pub fn with_failure_rate(mut self, rate: f64) -> Self {
         self.failure_rate = rate.clamp(0.0, 1.0);
+        self
+    }
+
+    /// Keeps the machines as files in `dir` (one file per hostname, holding its instance id
+    /// and address) instead of in memory: every provisioner on the same directory, in any
+    /// process, sees the same inventory, and it survives the process (a testing aid for
+    /// replica and crash runs). While a file [`FAILURE_RATE_FILE`] exists in `dir`, the rate
+    /// it holds (a number in 0..=1) replaces [`with_failure_rate`](Self::with_failure_rate)'s,
+    /// so a test can inject launch failures into running processes.
+    pub fn with_inventory_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = Some(dir.into());
         self
     }
 
@@ -104,6 +122,124 @@ impl FakeProvisioner {
     }
 }
 
+/// In an [inventory directory](FakeProvisioner::with_inventory_dir): the file whose number
+/// overrides the failure rate while it exists.
+pub const FAILURE_RATE_FILE: &str = ".failure-rate";
+
+fn io_error(operation: &'static str, path: &Path, e: std::io::Error) -> Error {
+    Error::new(ErrorKind::Unavailable, format!("fake inventory: {e}"))
+        .with_operation(operation)
+        .with_context("path", path.display())
+        .temporary()
+}
+
+/// The machine recorded in `path` (`instance_id address`), if the file exists.
+fn read_machine(dir: &Path, hostname: &Hostname) -> Result<Option<ProvisionedVm>> {
+    let path = dir.join(hostname.as_str());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error("fake inventory read", &path, e)),
+    };
+    let mut words = text.split_whitespace();
+    let instance_id = words.next().and_then(|w| w.parse().ok()).ok_or_else(|| {
+        io_error(
+            "fake inventory read",
+            &path,
+            std::io::ErrorKind::InvalidData.into(),
+        )
+    })?;
+    Ok(Some(ProvisionedVm {
+        hostname: hostname.clone(),
+        instance_id,
+        address: words.next().map(str::to_owned),
+    }))
+}
+
+impl FakeProvisioner {
+    /// The failure rate now: the override file's, else the configured one.
+    fn current_failure_rate(&self) -> f64 {
+        self.dir
+            .as_ref()
+            .and_then(|dir| std::fs::read_to_string(dir.join(FAILURE_RATE_FILE)).ok())
+            .and_then(|text| text.trim().parse::<f64>().ok())
+            .map_or(self.failure_rate, |rate| rate.clamp(0.0, 1.0))
+    }
+
+    /// `launch` on an inventory directory: a machine is created by writing its file
+    /// (atomically, by rename), so a crash leaves it either there or not.
+    fn launch_in_dir(&self, dir: &Path, request: &LaunchRequest) -> Result<Vec<ProvisionedVm>> {
+        let rate = self.current_failure_rate();
+        let mut inner = self.lock();
+        inner.launch_calls += 1;
+        let mut created = Vec::with_capacity(request.vms.len());
+        for spec in &request.vms {
+            if let Some(existing) = read_machine(dir, &spec.hostname)? {
+                created.push(existing);
+                continue;
+            }
+            if rate > 0.0 && inner.rng.gen_bool(rate) {
+                request
+                    .progress
+                    .report(&format!("{}: no capacity (injected)", spec.hostname));
+                continue;
+            }
+            // Ids unique across processes sharing the directory: from the hostname.
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            spec.hostname.as_str().hash(&mut hasher);
+            let id = hasher.finish() & 0xffff_ffff_ffff;
+            let vm = ProvisionedVm {
+                hostname: spec.hostname.clone(),
+                instance_id: format!("i-fake{id:012x}")
+                    .parse()
+                    .expect("valid instance id"),
+                address: Some(format!(
+                    "10.{}.{}.{}",
+                    (id >> 16) & 0xff,
+                    (id >> 8) & 0xff,
+                    id & 0xff
+                )),
+            };
+            let path = dir.join(spec.hostname.as_str());
+            let tmp = dir.join(format!(".{}.{}", spec.hostname, std::process::id()));
+            std::fs::write(
+                &tmp,
+                format!(
+                    "{} {}\n",
+                    vm.instance_id,
+                    vm.address.as_deref().unwrap_or("")
+                ),
+            )
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(|e| io_error("fake launch", &path, e))?;
+            request
+                .progress
+                .report(&format!("{}: created {}", vm.hostname, vm.instance_id));
+            created.push(vm);
+        }
+        Ok(created)
+    }
+
+    fn list_dir(dir: &Path) -> Result<Vec<ProvisionedVm>> {
+        let entries = std::fs::read_dir(dir).map_err(|e| io_error("fake list", dir, e))?;
+        let mut machines = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("fake list", dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let Ok(hostname) = name.parse::<Hostname>() else {
+                continue; // dot files: the failure-rate override, files being written
+            };
+            // Destroyed between the listing and the read: gone.
+            if let Some(vm) = read_machine(dir, &hostname)? {
+                machines.push(vm);
+            }
+        }
+        machines.sort_by(|a, b| a.hostname.as_str().cmp(b.hostname.as_str()));
+        Ok(machines)
+    }
+}
+
 impl Inner {
     fn new_vm(&mut self, hostname: Hostname) -> ProvisionedVm {
         let id = self.next_id;
@@ -126,6 +262,67 @@ impl Provisioner for FakeProvisioner {
 
     async fn launch(&self, request: &LaunchRequest) -> Result<Vec<ProvisionedVm>> {
         self.wait().await;
+        let created = match &self.dir {
+            Some(dir) => self.launch_in_dir(dir, request)?,
+            None => self.launch_in_memory(request),
+        };
+        if created.is_empty() && !request.vms.is_empty() {
+            return Err(Error::new(
+                ErrorKind::NoCapacity,
+                "the fake provider failed every VM of the launch",
+            )
+            .with_operation("fake launch")
+            .temporary());
+        }
+        Ok(created)
+    }
+
+    async fn destroy(&self, vms: &[ProvisionedVm]) -> Result<()> {
+        self.wait().await;
+        if let Some(dir) = &self.dir {
+            for vm in vms {
+                let path = dir.join(vm.hostname.as_str());
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_error("fake destroy", &path, e)),
+                }
+            }
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        for vm in vms {
+            inner.machines.remove(&vm.hostname);
+        }
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<ProvisionedVm>> {
+        self.wait().await;
+        if let Some(dir) = &self.dir {
+            return Self::list_dir(dir);
+        }
+        Ok(self.lock().machines.values().cloned().collect())
+    }
+
+    async fn reboot(&self, vm: &ProvisionedVm) -> Result<()> {
+        self.wait().await;
+        let exists = match &self.dir {
+            Some(dir) => read_machine(dir, &vm.hostname)?.is_some(),
+            None => self.lock().machines.contains_key(&vm.hostname),
+        };
+        if !exists {
+            return Err(Error::not_found("no such machine")
+                .with_operation("fake reboot")
+                .with_context("hostname", &vm.hostname));
+        }
+        *self.lock().reboots.entry(vm.hostname.clone()).or_default() += 1;
+        Ok(())
+    }
+}
+
+impl FakeProvisioner {
+    fn launch_in_memory(&self, request: &LaunchRequest) -> Vec<ProvisionedVm> {
         let mut inner = self.lock();
         inner.launch_calls += 1;
         let mut created = Vec::with_capacity(request.vms.len());
@@ -147,40 +344,6 @@ impl Provisioner for FakeProvisioner {
             inner.machines.insert(vm.hostname.clone(), vm.clone());
             created.push(vm);
         }
-        if created.is_empty() && !request.vms.is_empty() {
-            return Err(Error::new(
-                ErrorKind::NoCapacity,
-                "the fake provider failed every VM of the launch",
-            )
-            .with_operation("fake launch")
-            .temporary());
-        }
-        Ok(created)
-    }
-
-    async fn destroy(&self, vms: &[ProvisionedVm]) -> Result<()> {
-        self.wait().await;
-        let mut inner = self.lock();
-        for vm in vms {
-            inner.machines.remove(&vm.hostname);
-        }
-        Ok(())
-    }
-
-    async fn list(&self) -> Result<Vec<ProvisionedVm>> {
-        self.wait().await;
-        Ok(self.lock().machines.values().cloned().collect())
-    }
-
-    async fn reboot(&self, vm: &ProvisionedVm) -> Result<()> {
-        self.wait().await;
-        let mut inner = self.lock();
-        if !inner.machines.contains_key(&vm.hostname) {
-            return Err(Error::not_found("no such machine")
-                .with_operation("fake reboot")
-                .with_context("hostname", &vm.hostname));
-        }
-        *inner.reboots.entry(vm.hostname.clone()).or_default() += 1;
-        Ok(())
+        created
     }
 }

@@ -57,3 +57,66 @@ mod retry_provisioner {
         }
     );
 }
+
+/// A fresh directory under cargo's temporary directory for integration tests.
+fn inventory_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "fake-inventory-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+mod fake_provisioner_on_a_directory {
+    use super::*;
+    use lablink_core::testing::provisioner::request;
+    use lablink_core::{Provisioner, FAILURE_RATE_FILE};
+
+    lablink_core::provisioner_conformance!(
+        #[tokio::test]
+        async fn provisioner() -> FakeProvisioner {
+            FakeProvisioner::new().with_inventory_dir(inventory_dir())
+        }
+    );
+
+    #[tokio::test]
+    async fn two_provisioners_on_one_directory_share_the_inventory() {
+        let dir = inventory_dir();
+        let a = FakeProvisioner::new().with_inventory_dir(&dir);
+        let b = FakeProvisioner::new().with_inventory_dir(&dir);
+        let made = a.launch(&request(&["vm-1", "vm-2"])).await.unwrap();
+        assert_eq!(b.list().await.unwrap(), made);
+        // The same hostname launched again by the other one is the same machine.
+        assert_eq!(b.launch(&request(&["vm-1"])).await.unwrap(), made[..1]);
+        b.destroy(&made[..1]).await.unwrap();
+        assert_eq!(a.list().await.unwrap(), made[1..]);
+        // A new provisioner (a restarted process) finds what is left.
+        let c = FakeProvisioner::new().with_inventory_dir(&dir);
+        assert_eq!(c.list().await.unwrap(), made[1..]);
+    }
+
+    #[tokio::test]
+    async fn the_failure_rate_file_overrides_the_rate_while_it_exists() {
+        let dir = inventory_dir();
+        let p = FakeProvisioner::new().with_inventory_dir(&dir);
+        std::fs::write(dir.join(FAILURE_RATE_FILE), "1\n").unwrap();
+        let err = p.launch(&request(&["vm-1", "vm-2"])).await.unwrap_err();
+        assert!(err.is_no_capacity(), "{err}");
+        assert!(p.list().await.unwrap().is_empty());
+        std::fs::remove_file(dir.join(FAILURE_RATE_FILE)).unwrap();
+        assert_eq!(
+            p.launch(&request(&["vm-1", "vm-2"])).await.unwrap().len(),
+            2
+        );
+        assert_eq!(
+            p.list().await.unwrap().len(),
+            2,
+            "the override file is not a machine"
+        );
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Proof at scale: the load and fault suite (examples/proof.rs) against the real server
+# binary, two replicas on one PostgreSQL, real lablink-agent processes. Loopback only.
+#
+#   scripts/proof.sh            # the short profile (CI's; about 3 minutes)
+#   scripts/proof.sh full       # the full profile (about 15 minutes: a 10-minute soak)
+#   scripts/proof.sh full soak  # only some parts: workloads, soak
+#
+# Builds what it needs (release: the server with PostgreSQL, the proof example, the agent),
+# then starts a throwaway PostgreSQL cluster of its own (the suite restarts it as one of
+# its faults, so an outside DATABASE_URL is not used) and runs the suite. Results are
+# printed; the exit status is non-zero if any check fails. Figures: BENCHMARKS.md
+# ("Proof at scale") and RELIABILITY.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROFILE=${1:-ci}
+case "$PROFILE" in
+    ci | full) ;;
+    *)
+        echo "usage: $0 [ci|full] [workloads] [soak]" >&2
+        exit 2
+        ;;
+esac
+shift || true
+
+cargo build --release --features postgres --example server --example proof
+cargo build --release -p lablink-agent
+TARGET=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+
+# W2 holds thousands of connections; the soak runs hundreds of agent processes.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+unset DATABASE_URL
+exec bash scripts/with-postgres.sh "$TARGET/release/examples/proof" "$PROFILE" "$@"
