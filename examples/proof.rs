@@ -397,6 +397,12 @@ impl Cloud {
     }
 }
 
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
 fn stop_agent(agent: &mut Agent) {
     match agent {
         Agent::Real(child) => {
@@ -1232,6 +1238,15 @@ async fn soak_run(
     Ok(ok)
 }
 
+/// A VM in the database: hostname, state, resume, email, CRD command.
+type VmRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
 #[allow(clippy::too_many_arguments)]
 async fn check_invariants(
     http: &Client,
@@ -1254,13 +1269,7 @@ async fn check_invariants(
         ok &= good;
     };
     let mut conn = db.connect().await?;
-    let rows: Vec<(
-        String,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-    )> = sqlx::query_as(
+    let rows: Vec<VmRow> = sqlx::query_as(
         "SELECT hostname, state, resume, email, crd_command FROM lablink_vms ORDER BY hostname",
     )
     .fetch_all(&mut conn)

@@ -873,11 +873,14 @@ mod tests {
                 // Not a setting (no section): another program's variable, left alone.
                 ("LABLINK_AWS_TEST_ENDPOINT", "http://127.0.0.1:1"),
                 ("LABLINK_ADMIN__PASSWORD_HASH", "plain"),
+                // A testing aid of the fake provisioner, on the (default) local one.
+                ("LABLINK_PROVISIONER__FAKE_INVENTORY_DIR", "/tmp/cloud"),
             ]),
         )
         .unwrap_err();
         let all = problems.join("\n");
         for expected in [
+            "fake_inventory_dir",
             "bogus",
             "pin_length",
             "nonsense",

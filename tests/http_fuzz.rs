@@ -1,15 +1,21 @@
 //! Bad input over real HTTP: random and malformed bodies, wrong types, huge payloads and odd
-//! hostnames on every route. No answer may be a 5xx, every error is JSON, and the server
-//! stays up.
+//! hostnames on every route, and random paths and methods. No answer may be a 5xx, every
+//! error is JSON, and the server stays up.
+//!
+//! `every_route_gets_its_share_of_random_inputs` runs `LABLINK_FUZZ_PER_ROUTE` inputs (default
+//! 100) on each route and prints how many were tried; `scripts/proof.sh full` runs it with
+//! more (RELIABILITY.md has the counts).
 
 mod http_support;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use http_support::{TestServer, ADMIN_PASSWORD};
 use lablink::http::AgentAuthMode;
 use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -341,4 +347,88 @@ fn odd_paths_and_methods_get_json_errors() {
         true,
     ));
     assert_eq!(status, 400);
+}
+
+/// Inputs per route: `LABLINK_FUZZ_PER_ROUTE`, default 100.
+fn per_route() -> u32 {
+    std::env::var("LABLINK_FUZZ_PER_ROUTE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100)
+}
+
+#[test]
+fn every_route_gets_its_share_of_random_inputs() {
+    // Its own server: the other random cases run at the same time.
+    let (runtime, s) = &start_server();
+    let n = per_route();
+    let tried = AtomicU64::new(0);
+    let started = std::time::Instant::now();
+    for (method, template) in ROUTES {
+        let mut runner = TestRunner::new(Config {
+            cases: n,
+            failure_persistence: None,
+            ..Config::default()
+        });
+        let strategy = (odd_hostname(), body(), auth(), any::<bool>());
+        let result = runner.run(&strategy, |(host, body, auth, json_accept)| {
+            tried.fetch_add(1, Ordering::Relaxed);
+            let path = template.replace("{h}", &host);
+            let (status, text) = runtime.block_on(send(s, method, &path, &body, auth, json_accept));
+            prop_assert!(status < 500, "{} {} → {}: {}", method, path, status, text);
+            Ok(())
+        });
+        if let Err(e) = result {
+            panic!("{method} {template}: {e}");
+        }
+    }
+    // Random paths and methods, outside the routes too.
+    let mut runner = TestRunner::new(Config {
+        cases: n * 4,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+    let strategy = (
+        0..methods.len(),
+        prop_oneof![
+            "/[a-zA-Z0-9%._~!$&'()*+,;=:@-]{0,40}",
+            "/api/(v1/)?[a-z_/-]{0,30}",
+            "/api/v1/vms/[a-zA-Z0-9%._-]{0,20}/[a-z]{0,12}",
+            "/admin/[a-z/]{0,20}",
+        ],
+        body(),
+    );
+    let result = runner.run(&strategy, |(m, path, body)| {
+        tried.fetch_add(1, Ordering::Relaxed);
+        let (status, text) = runtime.block_on(send(s, methods[m], &path, &body, Auth::Basic, true));
+        prop_assert!(
+            status < 500,
+            "{} {} → {}: {}",
+            methods[m],
+            path,
+            status,
+            text
+        );
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("random paths: {e}");
+    }
+    let health = runtime.block_on(async {
+        fresh_client()
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    assert_eq!(health.as_u16(), 200);
+    println!(
+        "http fuzz: {} inputs ({n} on each of {} routes, {} random paths) in {:.1} s, 0 answers >= 500, server up",
+        tried.load(Ordering::Relaxed),
+        ROUTES.len(),
+        n * 4,
+        started.elapsed().as_secs_f64()
+    );
 }

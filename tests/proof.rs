@@ -10,6 +10,7 @@
 //! PostgreSQL; it fails naming what is missing otherwise.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -76,6 +77,8 @@ fn the_proof_suite_short_profile_holds() {
         .env("PROOF_AGENT_BIN", find(&built, "lablink-agent"))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        // Its own process group, with the agents and servers it starts: a hang kills them all.
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", proof.display()));
     let stdout = child.stdout.take().unwrap();
@@ -96,7 +99,10 @@ fn the_proof_suite_short_profile_holds() {
             break status;
         }
         if start.elapsed() > PATIENCE {
-            let _ = child.kill();
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
             panic!("the proof suite did not finish within {PATIENCE:?}");
         }
         std::thread::sleep(Duration::from_millis(200));
