@@ -83,14 +83,28 @@ fn argv0_matches(dir: &Path, name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Copies `source` to an executable `target` in a child process: a write descriptor held
+    /// here could leak into a process another test forks meanwhile, and exec'ing `target` would
+    /// then fail with "Text file busy".
+    fn install_executable(source: &Path, target: &Path) {
+        let status = std::process::Command::new("install")
+            .arg("-m")
+            .arg("0755")
+            .arg(source)
+            .arg(target)
+            .status()
+            .unwrap();
+        assert!(status.success(), "install {} failed", target.display());
+    }
+
     #[tokio::test]
     async fn gpu_health_follows_nvidia_smi() {
         let dir = tempfile::tempdir().unwrap();
         let script = |name: &str, body: &str| {
+            let source = dir.path().join(format!("{name}.sh"));
+            std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
             let path = dir.path().join(name);
-            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            install_executable(&source, &path);
             path
         };
         let t = Duration::from_secs(10);
@@ -109,7 +123,7 @@ mod tests {
         assert!(!process_running(&name));
         let dir = tempfile::tempdir().unwrap();
         let program = dir.path().join(&name);
-        std::fs::copy("/bin/sleep", &program).unwrap();
+        install_executable(Path::new("/bin/sleep"), &program);
         let mut child = tokio::process::Command::new(&program)
             .arg("30")
             .kill_on_drop(true)

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::time::Duration;
 
-use common::{crd_command, free_addr, wait_until, Rig, Workdir, REDIRECT};
+use common::{crd_command, free_addr, install_executable, wait_until, Rig, Workdir, REDIRECT};
 use lablink::{AllocatorExt, Hostname, LabLink};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -153,7 +153,7 @@ async fn fifty_agents_each_start_exactly_their_own_assignment_and_report_gpu_and
     // The research software starts: every agent sees it.
     let dir = tempfile::tempdir().unwrap();
     let program = dir.path().join(&app);
-    std::fs::copy("/bin/sleep", &program).unwrap();
+    install_executable(std::path::Path::new("/bin/sleep"), &program);
     let mut research = tokio::process::Command::new(&program)
         .arg("60")
         .kill_on_drop(true)

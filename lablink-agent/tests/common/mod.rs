@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -40,8 +39,23 @@ fn admin_hash() -> String {
 
 /// Writes an executable shell script.
 pub fn script(path: &Path, body: &str) {
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let source = path.with_extension("source");
+    std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+    install_executable(&source, path);
+}
+
+/// Copies `source` to an executable `target` in a child process: a write descriptor held here
+/// could leak into an agent another test forks meanwhile, and exec'ing `target` would then fail
+/// with "Text file busy".
+pub fn install_executable(source: &Path, target: &Path) {
+    let status = std::process::Command::new("install")
+        .arg("-m")
+        .arg("0755")
+        .arg(source)
+        .arg(target)
+        .status()
+        .unwrap();
+    assert!(status.success(), "install {} failed", target.display());
 }
 
 /// The agents' files: the recording `start-host`, the fake `nvidia-smi`, agent output.
