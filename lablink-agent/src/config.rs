@@ -104,7 +104,7 @@ pub struct AgentConfig {
     pub recheck_interval: Duration,
     /// The longest pause between retries.
     pub backoff_max: Duration,
-    /// Longest one upload of collected files may take.
+    /// Longest one upload of collected files may take (`LABLINK_UPLOAD_TIMEOUT_SECS`).
     pub upload_timeout: Duration,
     /// Identifies this boot; a change tells the allocator the VM restarted.
     pub boot_id: String,
@@ -374,6 +374,10 @@ mod tests {
             (
                 vec![BASE[0], BASE[1], ("LABLINK_WAIT_SECS", "-1")],
                 "LABLINK_WAIT_SECS",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_UPLOAD_TIMEOUT_SECS", "0.5")],
+                "LABLINK_UPLOAD_TIMEOUT_SECS",
             ),
             (
                 vec![BASE[0], BASE[1], ("LABLINK_LOG_FILES", "syslog=/x")],

@@ -212,13 +212,32 @@ impl S3ArtifactStore {
 
     /// Stores `bytes` under `key` (replacing what was there), encrypted at rest.
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
+        self.put_body(key, ByteStream::from(bytes)).await
+    }
+
+    /// Stores the file at `path` under `key`, streamed from disk (one `PutObject`, so at most
+    /// 5 GB), encrypted at rest.
+    pub async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        self.full_key(key)?;
+        let body = ByteStream::from_path(path).await.map_err(|e| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("reading {} failed: {e}", path.display()),
+            )
+            .with_operation("artifact put")
+            .with_context("key", key)
+        })?;
+        self.put_body(key, body).await
+    }
+
+    async fn put_body(&self, key: &str, body: ByteStream) -> Result<()> {
         let full = self.full_key(key)?;
         let mut call = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
-            .body(ByteStream::from(bytes));
+            .body(body);
         call = match &self.kms_key {
             Some(kms) => call
                 .server_side_encryption(ServerSideEncryption::AwsKms)
@@ -231,11 +250,37 @@ impl S3ArtifactStore {
         Ok(())
     }
 
-    /// The bytes stored under `key`; [`ErrorKind::NotFound`] when there are none.
-    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+    /// Streams the object under `key` into the (new or truncated) file at `path`;
+    /// [`ErrorKind::NotFound`] when there is none.
+    pub async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        let out = self.get_object(key).await?;
+        let failed = |e: std::io::Error| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "copying the artifact from S3 to {} failed: {e}",
+                    path.display()
+                ),
+            )
+            .with_operation("artifact get")
+            .with_context("key", key)
+        };
+        let mut file = tokio::fs::File::create(path).await.map_err(failed)?;
+        let mut body = out.body.into_async_read();
+        tokio::io::copy(&mut body, &mut file)
+            .await
+            .map_err(failed)?;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(failed)
+    }
+
+    async fn get_object(
+        &self,
+        key: &str,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput> {
         let full = self.full_key(key)?;
-        let out = self
-            .client
+        self.client
             .get_object()
             .bucket(&self.bucket)
             .key(&full)
@@ -244,7 +289,12 @@ impl S3ArtifactStore {
             .map_err(|e| {
                 self.error(AwsFailure::sdk("GetObject", e), "artifact get")
                     .with_context("key", key)
-            })?;
+            })
+    }
+
+    /// The bytes stored under `key`; [`ErrorKind::NotFound`] when there are none.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let out = self.get_object(key).await?;
         let body = out.body.collect().await.map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
@@ -324,5 +374,13 @@ impl lablink_core::ArtifactStore for S3ArtifactStore {
 
     async fn delete(&self, key: &str) -> Result<()> {
         S3ArtifactStore::delete(self, key).await
+    }
+
+    async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        S3ArtifactStore::put_file(self, key, path).await
+    }
+
+    async fn get_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        S3ArtifactStore::get_file(self, key, path).await
     }
 }

@@ -43,6 +43,26 @@ pub trait ArtifactStore: Send + Sync + Debug {
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactInfo>>;
     /// Removes `key` (nothing happens when it does not exist).
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Stores the content of the file at `path` under `key`, with `put`'s guarantees. The
+    /// default reads the file into memory; stores that can stream it override this.
+    async fn put_file(&self, key: &str, path: &Path) -> Result<()> {
+        let path = path.to_owned();
+        let key_text = key.to_owned();
+        let bytes =
+            blocking(move || std::fs::read(&path).map_err(|e| io_error(e, "put", &key_text)))
+                .await?;
+        self.put(key, bytes).await
+    }
+
+    /// Writes the bytes stored under `key` to the (new or truncated) file at `path`. The
+    /// default holds them in memory; stores that can stream them override this.
+    async fn get_file(&self, key: &str, path: &Path) -> Result<()> {
+        let bytes = self.get(key).await?;
+        let path = path.to_owned();
+        let key = key.to_owned();
+        blocking(move || std::fs::write(&path, bytes).map_err(|e| io_error(e, "get", &key))).await
+    }
 }
 
 /// Checks `key` against the rules of [`ArtifactStore`].
@@ -154,13 +174,17 @@ impl LocalDirArtifactStore {
         Ok(self.dir.join(key))
     }
 
-    fn put_blocking(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    /// Writes `path` through a temporary file beside it: `fill` writes the content.
+    fn put_blocking(
+        path: &Path,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent)?;
         let temp = parent.join(format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple()));
         let written = (|| {
             let mut file = std::fs::File::create(&temp)?;
-            file.write_all(bytes)?;
+            fill(&mut file)?;
             file.sync_all()?;
             std::fs::rename(&temp, path)
         })();
@@ -214,8 +238,34 @@ impl ArtifactStore for LocalDirArtifactStore {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
         let path = self.path(key)?;
         let key = key.to_owned();
-        blocking(move || Self::put_blocking(&path, &bytes).map_err(|e| io_error(e, "put", &key)))
-            .await
+        blocking(move || {
+            Self::put_blocking(&path, |f| f.write_all(&bytes)).map_err(|e| io_error(e, "put", &key))
+        })
+        .await
+    }
+
+    async fn put_file(&self, key: &str, source: &Path) -> Result<()> {
+        let path = self.path(key)?;
+        let source = source.to_owned();
+        let key = key.to_owned();
+        blocking(move || {
+            let mut from = std::fs::File::open(&source).map_err(|e| io_error(e, "put", &key))?;
+            Self::put_blocking(&path, |f| std::io::copy(&mut from, f).map(drop))
+                .map_err(|e| io_error(e, "put", &key))
+        })
+        .await
+    }
+
+    async fn get_file(&self, key: &str, target: &Path) -> Result<()> {
+        let path = self.path(key)?;
+        let target = target.to_owned();
+        let key = key.to_owned();
+        blocking(move || {
+            std::fs::copy(&path, &target)
+                .map(drop)
+                .map_err(|e| io_error(e, "get", &key))
+        })
+        .await
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>> {

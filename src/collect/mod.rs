@@ -535,8 +535,9 @@ impl Collector {
                 ),
             )
         };
-        let spool = tempfile::tempfile().map_err(io)?;
-        let mut file = tokio::fs::File::from_std(spool);
+        // A named temporary file (removed when dropped), so stores can stream it.
+        let spool = tempfile::NamedTempFile::new().map_err(io)?;
+        let mut file = tokio::fs::File::from_std(spool.reopen().map_err(io)?);
         let mut received = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
@@ -559,11 +560,14 @@ impl Collector {
                 .await
                 .map_err(io)?;
         }
-        let mut spool = file.into_std().await;
+        tokio::io::AsyncWriteExt::flush(&mut file)
+            .await
+            .map_err(io)?;
+        drop(file);
         let id = status.id.clone();
         let (spool, verified) = tokio::task::spawn_blocking(move || {
-            spool.rewind()?;
-            let verified = archive::verify(std::io::BufReader::new(&spool), &id);
+            let reader = spool.reopen()?;
+            let verified = archive::verify(std::io::BufReader::new(reader), &id);
             Ok::<_, std::io::Error>((spool, verified))
         })
         .await
@@ -586,16 +590,6 @@ impl Collector {
                 ),
             ));
         }
-        let archive_bytes = tokio::task::spawn_blocking(move || {
-            let mut spool = spool;
-            spool.rewind()?;
-            let mut all = Vec::new();
-            std::io::Read::read_to_end(&mut spool, &mut all)?;
-            Ok::<_, std::io::Error>(all)
-        })
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?;
         let previous = self
             .manifest(&status.hostname)
             .await
@@ -609,7 +603,7 @@ impl Collector {
             skipped: verified.skipped,
         };
         let stored = async {
-            self.store.put(&manifest.archive, archive_bytes).await?;
+            self.store.put_file(&manifest.archive, spool.path()).await?;
             self.store
                 .put(&manifest_key(&status.hostname), to_json(&manifest)?)
                 .await
@@ -728,10 +722,12 @@ impl Collector {
         let mut report = Vec::new();
         for (hostname, status, manifest) in overview {
             if let Some(m) = &manifest {
-                let archive = self.store.get(&m.archive).await?;
+                let local = tempfile::NamedTempFile::new().map_err(failure)?;
+                self.store.get_file(&m.archive, local.path()).await?;
                 let name = hostname.clone();
                 zip = tokio::task::spawn_blocking(move || {
-                    archive::append_vm(&mut zip, &name, archive.as_slice()).map(|()| zip)
+                    let archive = std::io::BufReader::new(local.reopen()?);
+                    archive::append_vm(&mut zip, &name, archive).map(|()| zip)
                 })
                 .await
                 .map_err(join)?

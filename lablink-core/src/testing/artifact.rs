@@ -78,3 +78,40 @@ pub async fn invalid_keys_are_rejected(store: &dyn ArtifactStore) {
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "get {key:?}: {e}");
     }
 }
+
+/// `put_file` stores a file's content and `get_file` writes it back; a missing key is
+/// `NotFound`.
+pub async fn files_round_trip(store: &dyn ArtifactStore) {
+    let dir = tempfile_dir();
+    let source = dir.join("source.bin");
+    let bytes: Vec<u8> = (0..=250u8).cycle().take(1_000_003).collect();
+    std::fs::write(&source, &bytes).unwrap();
+    let key = format!("{}files/blob.bin", prefix());
+    store.put_file(&key, &source).await.unwrap();
+    assert_eq!(
+        store.get(&key).await.unwrap(),
+        bytes,
+        "put_file stored the file"
+    );
+    let target = dir.join("target.bin");
+    std::fs::write(&target, b"old content, longer than nothing").unwrap();
+    store.get_file(&key, &target).await.unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        bytes,
+        "get_file wrote it back"
+    );
+    let e = store
+        .get_file(&format!("{}files/missing", prefix()), &dir.join("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory under the system temp dir.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("lablink-suite-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

@@ -122,6 +122,7 @@ macro_rules! artifact_store_conformance {
             missing_keys_are_not_found_and_delete_is_idempotent,
             list_gives_the_keys_under_a_prefix_in_order_with_sizes,
             invalid_keys_are_rejected,
+            files_round_trip,
         );
     };
 }
