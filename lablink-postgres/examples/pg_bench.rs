@@ -5,7 +5,12 @@
 //! ```
 //!
 //! Needs `DATABASE_URL` (a superuser on a server it may create a database on) and `pgbench`
-//! on `PATH` or in `LABLINK_PG_BIN`. Prints a Markdown table.
+//! on `PATH` or in `LABLINK_PG_BIN`. Prints Markdown tables. `pg_bench claims` runs only the
+//! claim comparison.
+//!
+//! At each concurrency the claims and pgbench take turns, [`ROUNDS`] times (4,000 claims,
+//! then `pgbench -T 3`), so both see the same load on a shared machine; the ratio is taken
+//! per round and the median reported.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -21,6 +26,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Executor, PgPool};
 
 const CLAIMS_PER_LEVEL: usize = 4000;
+const ROUNDS: usize = 3;
+const PGBENCH_SECONDS: u32 = 3;
 const WAITERS: usize = 10_000;
 
 #[tokio::main]
@@ -46,15 +53,54 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     let store = PgVmStore::new(pool.clone());
 
-    println!("| concurrency | PgVmStore claims/s | pgbench single-row UPDATE tps |");
-    println!("|---:|---:|---:|");
+    println!(
+        "| concurrency | PgVmStore claims/s, median (rounds) | pgbench single-row UPDATE tps, median (rounds) | ratio, median (rounds) |"
+    );
+    println!("|---:|---:|---:|---:|");
+    let mut client_cpu = Vec::new();
     for concurrency in [1, 16, 64] {
-        let claims = claims_per_second(&store, &pool, concurrency).await?;
-        let tps = pgbench(&url, &db, concurrency)?;
-        println!("| {concurrency} | {claims:.0} | {tps:.0} |");
+        let mut claims = Vec::with_capacity(ROUNDS);
+        let mut tps = Vec::with_capacity(ROUNDS);
+        let mut ratios = Vec::with_capacity(ROUNDS);
+        let mut cpu = Vec::with_capacity(ROUNDS);
+        for _ in 0..ROUNDS {
+            let (c, ticks) = claims_per_second(&store, &pool, concurrency).await?;
+            cpu.push(ticks);
+            let t = pgbench(&url, &db, concurrency)?;
+            claims.push(c);
+            tps.push(t);
+            ratios.push(100.0 * c / t);
+        }
+        let list = |v: &[f64], unit: &str| {
+            v.iter()
+                .map(|x| format!("{x:.0}{unit}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "| {concurrency} | {:.0} ({}) | {:.0} ({}) | **{:.0}%** ({}) |",
+            median(&claims),
+            list(&claims, ""),
+            median(&tps),
+            list(&tps, ""),
+            median(&ratios),
+            list(&ratios, "%"),
+        );
+        client_cpu.push((concurrency, cpu));
     }
 
-    waiter_latency(&pool, &options).await?;
+    // The bench process's own CPU time while it claimed.
+    for (concurrency, ticks) in client_cpu {
+        let ms: Vec<String> = ticks.iter().map(|t| format!("{}", t * 10)).collect();
+        println!(
+            "client CPU (user+sys) at {concurrency}: {} ms per round of {CLAIMS_PER_LEVEL} claims",
+            ms.join(" / ")
+        );
+    }
+
+    if std::env::args().nth(1).as_deref() != Some("claims") {
+        waiter_latency(&pool, &options).await?;
+    }
     drop(pool);
     conn.execute(format!("DROP DATABASE {db} WITH (FORCE)").as_str())
         .await?;
@@ -91,8 +137,9 @@ async fn claims_per_second(
     store: &PgVmStore,
     pool: &PgPool,
     concurrency: usize,
-) -> Result<f64, Box<dyn std::error::Error>> {
+) -> Result<(f64, u64), Box<dyn std::error::Error>> {
     reseed(store, pool, CLAIMS_PER_LEVEL).await?;
+    let ticks = cpu_ticks();
     let started = Instant::now();
     let results: Vec<_> = stream::iter(0..CLAIMS_PER_LEVEL)
         .map(|i| async move {
@@ -104,10 +151,30 @@ async fn claims_per_second(
         .collect()
         .await;
     let elapsed = started.elapsed();
+    let ticks = cpu_ticks().saturating_sub(ticks);
     for r in results {
         r?;
     }
-    Ok(CLAIMS_PER_LEVEL as f64 / elapsed.as_secs_f64())
+    Ok((CLAIMS_PER_LEVEL as f64 / elapsed.as_secs_f64(), ticks))
+}
+
+/// utime + stime of this process, in clock ticks (1/100 s).
+fn cpu_ticks() -> u64 {
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which is in parentheses).
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn pgbench(url: &str, db: &str, concurrency: usize) -> Result<f64, Box<dyn std::error::Error>> {
@@ -124,7 +191,8 @@ fn pgbench(url: &str, db: &str, concurrency: usize) -> Result<f64, Box<dyn std::
         .map(|(base, _)| format!("{base}/{db}"))
         .unwrap();
     let out = Command::new(&bin)
-        .args(["-n", "-T", "10", "-j", "2"])
+        .args(["-n", "-j", "2", "-T"])
+        .arg(PGBENCH_SECONDS.to_string())
         .arg(format!("-c{concurrency}"))
         .arg("-f")
         .arg(&script)

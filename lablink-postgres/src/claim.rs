@@ -17,12 +17,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{ClaimRequest, Claimed, Email, Error, ErrorKind, Result, VmState};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
 use crate::error::{classify, PgError};
 use crate::row::{vm_row, Column, VmRow};
@@ -33,6 +34,10 @@ const CLAIM_ATTEMPTS: usize = 4;
 pub(crate) const MAX_BATCH: usize = 64;
 /// Most claim statements in flight at once (each holds one pooled connection).
 pub(crate) const MAX_WORKERS: usize = 2;
+/// How long a worker whose queue ran dry waits for the next claim before it hands its
+/// connection back: callers it just answered usually ask again at once, and a new worker
+/// would pay for a task and a pooled connection (a ping round trip) first.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// The pooled connection a worker keeps for as long as it has claims to run. Taking a
 /// connection from the pool costs a round trip of its own (the pool pings an idle connection
@@ -65,6 +70,8 @@ impl Held {
 pub(crate) struct Claims {
     pool: PgPool,
     queue: Mutex<Queue>,
+    /// Wakes a lingering worker when a claim is queued.
+    arrived: Notify,
 }
 
 #[derive(Default)]
@@ -131,6 +138,7 @@ impl Claims {
         Self {
             pool,
             queue: Mutex::new(Queue::default()),
+            arrived: Notify::new(),
         }
     }
 
@@ -156,23 +164,28 @@ impl Claims {
         };
         if start_worker {
             tokio::spawn(self.clone().work());
+        } else {
+            self.arrived.notify_one();
         }
         answer.await.map_err(|_| {
             Error::new(ErrorKind::Unavailable, "the claim worker stopped").with_operation("claim")
         })?
     }
 
-    /// A worker: takes batches off the queue until it is empty.
+    /// A worker: takes batches off the queue until it stays empty for [`LINGER`].
     async fn work(self: Arc<Self>) {
         let mut guard = WorkerGuard {
             claims: self.clone(),
             armed: true,
         };
         let mut held = Held::default();
+        let mut lingered = false;
         loop {
             let batch = {
                 let mut queue = lock(&self.queue);
-                if queue.pending.is_empty() {
+                if queue.pending.is_empty() && lingered {
+                    // Under the lock that `claim` queues under: a claim queued after this
+                    // sees one worker fewer and starts one.
                     queue.workers -= 1;
                     guard.armed = false;
                     return;
@@ -180,6 +193,13 @@ impl Claims {
                 let n = queue.pending.len().min(MAX_BATCH);
                 queue.pending.drain(..n).collect::<Vec<_>>()
             };
+            if batch.is_empty() {
+                lingered = tokio::time::timeout(LINGER, self.arrived.notified())
+                    .await
+                    .is_err();
+                continue;
+            }
+            lingered = false;
             self.run(batch, &mut held).await;
         }
     }
