@@ -379,28 +379,24 @@ impl Claims {
         let command = request.crd_command.expose();
         let pin = request.pin.expose();
         let now = micros(now);
-        // Two statements, two row types: each is turned into a `ClaimRow` where it is run.
+        // Two statements, two row types (one per `query_file!`), the same conversion.
+        macro_rules! claim_row {
+            ($file:literal) => {
+                sqlx::query_file!($file, email, command, pin, now)
+                    .fetch_optional(&mut *conn)
+                    .await?
+                    .map(|r| {
+                        let newly_assigned = r.newly_assigned.into_opt();
+                        ClaimRow {
+                            vm: vm_row!(r),
+                            newly_assigned,
+                        }
+                    })
+            };
+        }
         let row = match wait {
-            Wait::No => sqlx::query_file!("sql/vm_claim.sql", email, command, pin, now)
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|r| {
-                    let newly_assigned = r.newly_assigned.into_opt();
-                    ClaimRow {
-                        vm: vm_row!(r),
-                        newly_assigned,
-                    }
-                }),
-            Wait::ForLocked => sqlx::query_file!("sql/vm_claim_wait.sql", email, command, pin, now)
-                .fetch_optional(&mut *conn)
-                .await?
-                .map(|r| {
-                    let newly_assigned = r.newly_assigned.into_opt();
-                    ClaimRow {
-                        vm: vm_row!(r),
-                        newly_assigned,
-                    }
-                }),
+            Wait::No => claim_row!("sql/vm_claim.sql"),
+            Wait::ForLocked => claim_row!("sql/vm_claim_wait.sql"),
         };
         Ok(row)
     }
