@@ -321,10 +321,27 @@ impl Publisher {
         }
     }
 
-    /// Sends one notification per hostname in one statement.
+    /// Sends one notification per hostname in one statement. The held connection may have
+    /// gone stale since its last use (the server restarted, say): a failure on it is retried
+    /// once on a fresh connection, or the notification would be lost until waiters time out.
+    /// (A notification sent twice only makes its waiters re-read.)
     async fn send(&self, hostnames: &[&str]) -> std::result::Result<(), sqlx::Error> {
         let mut held = self.conn.lock().await;
-        let conn = match &mut *held {
+        let reused = held.is_some();
+        match self.send_on(&mut held, hostnames).await {
+            Err(_) if reused => self.send_on(&mut held, hostnames).await,
+            sent => sent,
+        }
+    }
+
+    /// [`send`](Self::send) on the held connection, taken from the pool first if there is
+    /// none; a connection that failed is let go.
+    async fn send_on(
+        &self,
+        held: &mut Option<PoolConnection<Postgres>>,
+        hostnames: &[&str],
+    ) -> std::result::Result<(), sqlx::Error> {
+        let conn = match held {
             Some(conn) => conn,
             None => held.insert(self.pool.acquire().await?),
         };

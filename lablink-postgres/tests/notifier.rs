@@ -1,6 +1,7 @@
-//! `PgNotifier` lifecycle: subscriptions end when the last notifier is dropped, and a
+//! `PgNotifier` lifecycle: subscriptions end when the last notifier is dropped, a
 //! listening connection that stops answering (a frozen backend, like a half-open TCP
-//! connection) is noticed by the keepalive and replaced.
+//! connection) is noticed by the keepalive and replaced, and a publishing connection that
+//! died since its last use costs no notification.
 
 mod common;
 
@@ -48,6 +49,40 @@ async fn dropping_the_last_notifier_ends_its_subscriptions(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(sub);
+}
+
+/// The publishing connection is kept between publishes; when its backend dies in between
+/// (a server restart does that to every connection), the next publish is still delivered.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn a_publish_after_its_connection_died_is_still_delivered(pool: PgPool) {
+    let notifier = PgNotifier::connect(replica_pool(&pool, 2, "stale").await)
+        .await
+        .unwrap();
+    let h = host("vm-a");
+    let mut sub = notifier.subscribe(&h).await.unwrap();
+    notifier.publish(&h).await.unwrap();
+    let wake = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap();
+    assert_eq!(wake, Some(Wake::Changed));
+
+    // Every backend of the notifier's pool except its LISTEN connection: the one it
+    // publishes on.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'stale' \
+         AND query NOT LIKE 'LISTEN %') AS t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the publishing connection was not found");
+
+    notifier
+        .publish(&h)
+        .await
+        .expect("the publish is retried on a fresh connection");
+    let wake = tokio::time::timeout(PATIENCE, sub.next()).await.unwrap();
+    assert_eq!(wake, Some(Wake::Changed));
+    assert_eq!(notifier.reconnects(), 0, "the LISTEN connection was hit");
 }
 
 async fn listen_backends_named(pool: &PgPool, app: &str) -> i64 {
