@@ -152,6 +152,18 @@ impl Driver {
         .await;
     }
 
+    /// Clicks a control that submits a form and waits until the browser has loaded the
+    /// answer: a page that already matches what comes next must not pass for it.
+    async fn click_and_load(&self, css: &str) {
+        self.script("window.lablinkOldPage = true").await;
+        self.click(css).await;
+        self.wait_for(
+            "the answer to the submitted form",
+            "return document.readyState === 'complete' && !window.lablinkOldPage",
+        )
+        .await;
+    }
+
     async fn type_into(&self, css: &str, text: &str) {
         let id = self.find(css).await;
         self.call(
@@ -378,7 +390,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         .unwrap()
         .unwrap();
     driver
-        .click("#vms tr[data-hostname='lablink-vm-2'] button.collect")
+        .click_and_load("#vms tr[data-hostname='lablink-vm-2'] button.collect")
         .await;
     driver
         .wait_for(
@@ -427,7 +439,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         )
         .await;
     driver.screenshot("confirm-destroy").await;
-    driver.click("#confirm-destroy").await;
+    driver.click_and_load("#confirm-destroy").await;
     driver
         .wait_for("the dashboard", "return location.pathname === '/admin'")
         .await;
