@@ -343,6 +343,18 @@ fn odd_paths_and_methods_get_json_errors() {
         ));
         assert!((400..500).contains(&status), "{method} {path} → {status}");
     }
+    // A path segment that is not UTF-8, past authentication (the rejection is JSON too).
+    for (method, template) in ROUTES.iter().filter(|(_, t)| t.contains("{h}")) {
+        let path = template.replace("{h}", "%FF%FE");
+        for auth in [Auth::OwnToken, Auth::Basic] {
+            let (status, text) =
+                runtime.block_on(send(s, method, &path, &Body::Bytes(vec![]), auth, true));
+            assert!(
+                (400..500).contains(&status),
+                "{method} {path} → {status}: {text}"
+            );
+        }
+    }
     let open = runtime.block_on(TestServer::start_with(lablink::LabLink::builder(), |o| {
         o.agent_auth = AgentAuthMode::Open
     }));

@@ -97,7 +97,7 @@ pub async fn tasks(
 pub async fn upload(
     State(state): State<HttpState>,
     agent: Agent,
-    axum::extract::Path((name, id)): axum::extract::Path<(String, String)>,
+    PathText((name, id)): PathText<(String, String)>,
     request: Request,
 ) -> ApiResult<Json<CollectionStatus>> {
     let hostname = own_hostname(&agent, &name)?;

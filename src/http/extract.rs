@@ -162,15 +162,16 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-/// One path segment as a string; a segment that does not decode is a 400.
+/// The path's segments (one `String` by default, or a tuple of them); a segment that does not
+/// decode is a 400.
 #[derive(Debug, Clone)]
-pub struct PathText(pub String);
+pub struct PathText<T = String>(pub T);
 
-impl<S: Send + Sync> FromRequestParts<S> for PathText {
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathText<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<String>::from_request_parts(parts, state)
+        axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Self(p.0))
             .map_err(|_| ApiError::bad_request("the path is malformed"))
