@@ -323,9 +323,10 @@ impl Allocator for LabLink {
             self.inner.turned_away.served(&request.email);
             let hostname = claimed.record.hostname.clone();
             tracing::Span::current().record("hostname", tracing::field::display(&hostname));
-            if claimed.newly_assigned {
-                self.publish(&hostname).await;
-            }
+            // A repeated request publishes too: if the first one's notification was lost (the
+            // notifier failed, or the claim committed but its answer did not arrive), the
+            // participant's retry is what wakes the agent, instead of its long-poll timing out.
+            self.publish(&hostname).await;
             let pin = claimed
                 .record
                 .assignment

@@ -3,14 +3,16 @@
 //! agent auth, and typed errors for bad input.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use lablink_core::testing::store::{command, email};
 use lablink_core::{
     AgentStatus, AgentToken, Allocator, AllocatorExt, DestroyTarget, ErrorKind, FakeProvisioner,
-    GpuHealth, Hostname, LabLink, LaunchOptions, OperationStatus, Telemetry, VmFilter, VmRequest,
-    VmState,
+    GpuHealth, Hostname, LabLink, LaunchOptions, MemoryNotifier, Notifier, OperationStatus,
+    Subscription, Telemetry, VmFilter, VmRequest, VmState,
 };
 
 const LONG: Duration = Duration::from_secs(60);
@@ -147,6 +149,76 @@ async fn a_wait_answers_at_once_when_assigned_and_ends_at_its_timeout_otherwise(
         .await
         .unwrap();
     assert_eq!(start.elapsed(), lablink.config().max_wait);
+}
+
+/// A notifier whose next `failures` publishes fail, as a dropped connection would make them.
+#[derive(Debug, Default)]
+struct DroppingNotifier {
+    inner: MemoryNotifier,
+    failures: AtomicUsize,
+}
+
+#[async_trait]
+impl Notifier for DroppingNotifier {
+    async fn subscribe(&self, hostname: &Hostname) -> lablink_core::Result<Subscription> {
+        self.inner.subscribe(hostname).await
+    }
+    async fn publish(&self, hostname: &Hostname) -> lablink_core::Result<()> {
+        let dropped = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if dropped {
+            return Err(lablink_core::Error::new(
+                ErrorKind::Unavailable,
+                "connection reset",
+            ));
+        }
+        self.inner.publish(hostname).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_request_wakes_an_agent_whose_notification_was_lost() {
+    let notifier = Arc::new(DroppingNotifier::default());
+    let lablink = LabLink::builder()
+        .with_notifier(notifier.clone())
+        .build()
+        .unwrap();
+    let op = lablink.launch_and_wait(1, LONG).await.unwrap();
+    let vm = op.hostnames[0].clone();
+    lablink.report(&vm, running()).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let mut waiter = tokio::spawn({
+        let (l, vm) = (lablink.clone(), vm.clone());
+        async move { l.wait_for_assignment(&vm, LONG).await }
+    });
+    while notifier.inner.subscribed_hostnames() == 0 {
+        tokio::task::yield_now().await;
+    }
+
+    notifier.failures.store(1, Ordering::SeqCst);
+    let first = lablink.request_vm(&request("ada")).await.unwrap();
+    assert!(first.newly_assigned);
+    let still_waiting = tokio::time::timeout(Duration::from_secs(1), &mut waiter).await;
+    assert!(
+        still_waiting.is_err(),
+        "the lost notification woke the agent"
+    );
+
+    let again = lablink.request_vm(&request("ada")).await.unwrap();
+    assert!(!again.newly_assigned);
+    assert_eq!((&again.hostname, &again.pin), (&first.hostname, &first.pin));
+    let got = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        got.expect("the agent waited out its long-poll").email,
+        email("ada")
+    );
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "the retry did not wake the agent"
+    );
 }
 
 #[tokio::test(start_paused = true)]
