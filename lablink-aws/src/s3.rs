@@ -3,14 +3,46 @@
 
 use std::fmt;
 
-use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::ServerSideEncryption;
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use lablink_core::{Error, ErrorKind, Result};
 
 use crate::error::{classify, AwsFailure};
 use crate::sdk::{env_var, SdkSource};
 
 pub use lablink_core::ArtifactInfo;
+
+/// Requests server-side encryption on a `PutObject` or `CreateMultipartUpload` call: with the
+/// KMS key when one is configured, else with S3-managed keys.
+macro_rules! encrypted {
+    ($call:expr, $kms_key:expr) => {
+        match $kms_key {
+            Some(kms) => $call
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .ssekms_key_id(kms),
+            None => $call.server_side_encryption(ServerSideEncryption::Aes256),
+        }
+    };
+}
+
+fn read_failed(path: &std::path::Path, key: &str, e: &dyn fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("reading {} failed: {e}", path.display()),
+    )
+    .with_operation("artifact put")
+    .with_context("key", key)
+}
+
+/// S3's smallest part (every part of a multipart upload but the last).
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part, and largest single `PutObject`.
+const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3's most parts in one upload.
+const MAX_PARTS: u64 = 10_000;
+/// Default part size: a file up to this size is one `PutObject`, a larger one is uploaded in
+/// parts of this size (so up to 640 GiB).
+const DEFAULT_PART_SIZE: u64 = 64 * 1024 * 1024;
 
 /// Builds an [`S3ArtifactStore`].
 ///
@@ -32,6 +64,7 @@ pub struct S3ArtifactStoreBuilder {
     prefix: String,
     kms_key: Option<String>,
     path_style: Option<bool>,
+    part_size: u64,
 }
 
 impl fmt::Debug for S3ArtifactStoreBuilder {
@@ -57,6 +90,7 @@ impl S3ArtifactStoreBuilder {
             prefix: String::new(),
             kms_key: None,
             path_style: None,
+            part_size: DEFAULT_PART_SIZE,
         }
     }
 
@@ -123,6 +157,13 @@ impl S3ArtifactStoreBuilder {
         self
     }
 
+    /// Files larger than this are uploaded in parts of this size (multipart upload); smaller
+    /// ones with one `PutObject`. Between 5 MiB and 5 GiB; default 64 MiB.
+    pub fn with_part_size(mut self, bytes: u64) -> Self {
+        self.part_size = bytes;
+        self
+    }
+
     /// Checks the settings and builds the client. Nothing is sent to AWS yet.
     pub async fn build(self) -> Result<S3ArtifactStore> {
         let setup = |m: String| classify(AwsFailure::Config(m), "s3 artifact store setup");
@@ -131,6 +172,12 @@ impl S3ArtifactStoreBuilder {
         }
         if self.prefix.starts_with('/') {
             return Err(setup("the prefix must not start with '/'".into()));
+        }
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
+            return Err(setup(format!(
+                "the part size must be between 5 MiB and 5 GiB (S3's limits), not {} bytes",
+                self.part_size
+            )));
         }
         let client = match self.client {
             Some(client) => client,
@@ -150,6 +197,7 @@ impl S3ArtifactStoreBuilder {
             bucket: self.bucket,
             prefix: self.prefix,
             kms_key: self.kms_key,
+            part_size: self.part_size,
         })
     }
 }
@@ -162,6 +210,7 @@ pub struct S3ArtifactStore {
     bucket: String,
     prefix: String,
     kms_key: Option<String>,
+    part_size: u64,
 }
 
 impl fmt::Debug for S3ArtifactStore {
@@ -215,36 +264,142 @@ impl S3ArtifactStore {
         self.put_body(key, ByteStream::from(bytes)).await
     }
 
-    /// Stores the file at `path` under `key`, streamed from disk (one `PutObject`, so at most
-    /// 5 GB), encrypted at rest.
+    /// Stores the file at `path` under `key`, streamed from disk, encrypted at rest. A file
+    /// larger than the part size goes up as a multipart upload, one part at a time (so memory
+    /// stays flat and the 5 GB limit of one `PutObject` does not apply); a failed upload is
+    /// aborted, so no parts are left behind to be billed.
     pub async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
-        self.full_key(key)?;
-        let body = ByteStream::from_path(path).await.map_err(|e| {
-            Error::new(
-                ErrorKind::Unavailable,
-                format!("reading {} failed: {e}", path.display()),
+        let full = self.full_key(key)?;
+        let unreadable = |e: &dyn fmt::Display| read_failed(path, key, e);
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| unreadable(&e))?
+            .len();
+        if size <= self.part_size {
+            let body = ByteStream::from_path(path)
+                .await
+                .map_err(|e| unreadable(&e))?;
+            return self.put_body(key, body).await;
+        }
+        if size.div_ceil(self.part_size) > MAX_PARTS {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} is {size} bytes: more than {MAX_PARTS} parts of {} bytes",
+                    path.display(),
+                    self.part_size
+                ),
             )
             .with_operation("artifact put")
-            .with_context("key", key)
-        })?;
-        self.put_body(key, body).await
+            .with_context("key", key));
+        }
+        let create = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full);
+        let created = encrypted!(create, &self.kms_key)
+            .send()
+            .await
+            .map_err(|e| {
+                self.error(AwsFailure::sdk("CreateMultipartUpload", e), "artifact put")
+                    .with_context("key", key)
+            })?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let parts = self.put_parts(key, &full, &upload_id, path, size).await;
+        let completed = match parts {
+            Ok(parts) => self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| {
+                    self.error(
+                        AwsFailure::sdk("CompleteMultipartUpload", e),
+                        "artifact put",
+                    )
+                    .with_context("key", key)
+                }),
+            Err(e) => Err(e),
+        };
+        if completed.is_err() {
+            let aborted = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await;
+            if let Err(e) = aborted {
+                tracing::warn!(bucket = %self.bucket, key, error = %e, "aborting a failed multipart upload failed; S3 lifecycle rules must clean its parts");
+            }
+        }
+        completed
+    }
+
+    /// Uploads the file in parts of `part_size`, in order.
+    async fn put_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        path: &std::path::Path,
+        size: u64,
+    ) -> Result<Vec<CompletedPart>> {
+        let mut parts = Vec::new();
+        for (index, offset) in (0..size).step_by(self.part_size as usize).enumerate() {
+            let number = i32::try_from(index + 1).unwrap_or(i32::MAX);
+            let body = ByteStream::read_from()
+                .path(path)
+                .offset(offset)
+                .length(Length::Exact(self.part_size.min(size - offset)))
+                .build()
+                .await
+                .map_err(|e| read_failed(path, key, &e))?;
+            let uploaded = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| {
+                    self.error(AwsFailure::sdk("UploadPart", e), "artifact put")
+                        .with_context("key", key)
+                })?;
+            parts.push(
+                CompletedPart::builder()
+                    .set_e_tag(uploaded.e_tag().map(str::to_owned))
+                    .part_number(number)
+                    .build(),
+            );
+        }
+        Ok(parts)
     }
 
     async fn put_body(&self, key: &str, body: ByteStream) -> Result<()> {
         let full = self.full_key(key)?;
-        let mut call = self
+        let call = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
             .body(body);
-        call = match &self.kms_key {
-            Some(kms) => call
-                .server_side_encryption(ServerSideEncryption::AwsKms)
-                .ssekms_key_id(kms),
-            None => call.server_side_encryption(ServerSideEncryption::Aes256),
-        };
-        call.send()
+        encrypted!(call, &self.kms_key)
+            .send()
             .await
             .map_err(|e| self.error(AwsFailure::sdk("PutObject", e), "artifact put"))?;
         Ok(())

@@ -114,7 +114,8 @@ pub async fn provisioner(name: &str) -> Ec2Provisioner {
 /// Which requests a [`FaultProxy`] answers itself, with which AWS error.
 #[derive(Debug, Clone)]
 pub struct Fault {
-    /// Every one of these must occur in the request body (`Action=RunInstances`...).
+    /// Every one of these must occur in the request line or body (`Action=RunInstances`,
+    /// `partNumber=2`...).
     pub when: Vec<String>,
     /// HTTP status of the answer.
     pub status: u16,
@@ -218,11 +219,13 @@ async fn serve(
             buf.extend_from_slice(&chunk[..n]);
         }
         let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).to_string();
+        let request_line = head.lines().next().unwrap_or_default();
+        let matches = |w: &String| request_line.contains(w.as_str()) || body.contains(w.as_str());
         let fault = {
             let mut faults = faults.lock().unwrap();
             let hit = faults
                 .iter_mut()
-                .find(|f| f.times != Some(0) && f.when.iter().all(|w| body.contains(w.as_str())));
+                .find(|f| f.times != Some(0) && f.when.iter().all(matches));
             hit.map(|f| {
                 if let Some(n) = &mut f.times {
                     *n -= 1;
