@@ -259,6 +259,11 @@ impl S3ArtifactStore {
         }
     }
 
+    /// [`Self::error`] for a call about one key.
+    fn key_error(&self, failure: AwsFailure, operation: &'static str, key: &str) -> Error {
+        self.error(failure, operation).with_context("key", key)
+    }
+
     /// Stores `bytes` under `key` (replacing what was there), encrypted at rest.
     pub async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<()> {
         self.put_body(key, ByteStream::from(bytes)).await
@@ -302,8 +307,11 @@ impl S3ArtifactStore {
             .send()
             .await
             .map_err(|e| {
-                self.error(AwsFailure::sdk("CreateMultipartUpload", e), "artifact put")
-                    .with_context("key", key)
+                self.key_error(
+                    AwsFailure::sdk("CreateMultipartUpload", e),
+                    "artifact put",
+                    key,
+                )
             })?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
         let parts = self.put_parts(key, &full, &upload_id, path, size).await;
@@ -323,11 +331,11 @@ impl S3ArtifactStore {
                 .await
                 .map(drop)
                 .map_err(|e| {
-                    self.error(
+                    self.key_error(
                         AwsFailure::sdk("CompleteMultipartUpload", e),
                         "artifact put",
+                        key,
                     )
-                    .with_context("key", key)
                 }),
             Err(e) => Err(e),
         };
@@ -377,8 +385,7 @@ impl S3ArtifactStore {
                 .send()
                 .await
                 .map_err(|e| {
-                    self.error(AwsFailure::sdk("UploadPart", e), "artifact put")
-                        .with_context("key", key)
+                    self.key_error(AwsFailure::sdk("UploadPart", e), "artifact put", key)
                 })?;
             parts.push(
                 CompletedPart::builder()
@@ -441,10 +448,7 @@ impl S3ArtifactStore {
             .key(&full)
             .send()
             .await
-            .map_err(|e| {
-                self.error(AwsFailure::sdk("GetObject", e), "artifact get")
-                    .with_context("key", key)
-            })
+            .map_err(|e| self.key_error(AwsFailure::sdk("GetObject", e), "artifact get", key))
     }
 
     /// The bytes stored under `key`; [`ErrorKind::NotFound`] when there are none.
@@ -472,8 +476,7 @@ impl S3ArtifactStore {
             .send()
             .await
             .map_err(|e| {
-                self.error(AwsFailure::sdk("DeleteObject", e), "artifact delete")
-                    .with_context("key", key)
+                self.key_error(AwsFailure::sdk("DeleteObject", e), "artifact delete", key)
             })?;
         Ok(())
     }
