@@ -313,7 +313,14 @@ impl S3ArtifactStore {
                     key,
                 )
             })?;
-        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let Some(upload_id) = created.upload_id().map(str::to_owned) else {
+            return Err(Error::new(
+                ErrorKind::Provider,
+                "CreateMultipartUpload answered without an upload id",
+            )
+            .with_operation("artifact put")
+            .with_context("key", key));
+        };
         let parts = self.put_parts(key, &full, &upload_id, path, size).await;
         let completed = match parts {
             Ok(parts) => self

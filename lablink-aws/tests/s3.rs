@@ -112,7 +112,7 @@ async fn multipart_uploads(store: &lablink_aws::S3ArtifactStore) -> usize {
 async fn a_file_larger_than_a_part_goes_up_in_parts_encrypted_and_byte_identical() {
     const PART: u64 = 5 * 1024 * 1024;
     let bucket = common::deployment("multipart").to_lowercase();
-    let created = store_in(&bucket, true).await;
+    store_in(&bucket, true).await; // creates the bucket
     let config = common::sdk_config(&common::endpoint()).await;
     let store = S3ArtifactStoreBuilder::new(&bucket)
         .with_sdk_config(config)
@@ -121,7 +121,6 @@ async fn a_file_larger_than_a_part_goes_up_in_parts_encrypted_and_byte_identical
         .build()
         .await
         .unwrap();
-    drop(created);
     let (path, bytes) = big_file("multipart", 2 * PART as usize + 12_345);
     store
         .put_file("collections/vm-1/archive.tar", &path)
