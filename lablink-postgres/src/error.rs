@@ -27,6 +27,27 @@ pub(crate) enum PgError {
     },
 }
 
+/// What PostgreSQL reported, without its `DETAIL`, `HINT` and `WHERE`: for a failed CHECK
+/// the detail is the whole row ("Failing row contains (...)"), Chrome Remote Desktop command
+/// and PIN included, and an error's source ends up in debug output and logs.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (SQLSTATE {code})")]
+pub(crate) struct DatabaseFailure {
+    code: String,
+    constraint: Option<String>,
+    message: String,
+}
+
+impl From<&dyn sqlx::error::DatabaseError> for DatabaseFailure {
+    fn from(db: &dyn sqlx::error::DatabaseError) -> Self {
+        Self {
+            code: db.code().map(|c| c.into_owned()).unwrap_or_default(),
+            constraint: db.constraint().map(str::to_owned),
+            message: db.message().to_owned(),
+        }
+    }
+}
+
 /// Classifies `error` (raised while doing `operation`) into a LabLink error with a kind and a
 /// retry status. This is the only place where sqlx/PostgreSQL errors are interpreted.
 ///
@@ -81,9 +102,13 @@ pub(crate) fn classify(operation: &'static str, error: impl Into<PgError>) -> Er
         PgError::Corrupt { .. } => (K::Internal, false, "a stored VM record is unreadable"),
         PgError::OutOfRange { .. } => (K::InvalidInput, false, "a value is out of range"),
     };
-    let error = Error::new(kind, message)
-        .with_operation(operation)
-        .with_source(error);
+    let classified = Error::new(kind, message).with_operation(operation);
+    let error = match error {
+        PgError::Sqlx(sqlx::Error::Database(db)) => {
+            classified.with_source(DatabaseFailure::from(db.as_ref()))
+        }
+        other => classified.with_source(other),
+    };
     if temporary {
         error.temporary()
     } else {

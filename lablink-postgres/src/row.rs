@@ -78,8 +78,8 @@ macro_rules! vm_row {
 }
 pub(crate) use vm_row;
 
-/// The columns of `lablink_vms`, each `None` when SQL `NULL`.
-#[derive(Debug)]
+/// The columns of `lablink_vms`, each `None` when SQL `NULL`. No `Debug`: it holds the
+/// Chrome Remote Desktop command and the PIN in the clear.
 pub(crate) struct VmRow {
     pub hostname: Option<String>,
     pub instance_id: Option<String>,
@@ -113,8 +113,8 @@ pub(crate) struct VmRow {
 }
 
 /// The values bound to `$1..$29` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
-/// column of `lablink_vms`, in table order).
-#[derive(Debug)]
+/// column of `lablink_vms`, in table order). No `Debug`: it holds the Chrome Remote Desktop
+/// command and the PIN in the clear.
 pub(crate) struct VmArgs<'a> {
     pub hostname: &'a str,
     pub instance_id: Option<&'a str>,

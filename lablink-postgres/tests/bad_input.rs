@@ -272,3 +272,34 @@ async fn an_unreadable_row_is_an_internal_error(pool: PgPool) {
     .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Internal, "{err}");
 }
+
+/// A row PostgreSQL refuses for a CHECK reports it without the row: PostgreSQL's `DETAIL`
+/// ("Failing row contains (...)") would carry the Chrome Remote Desktop command and the PIN
+/// into debug output and logs.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn a_refused_row_keeps_its_command_and_pin_out_of_the_error(pool: PgPool) {
+    let store = PgVmStore::new(pool.clone());
+    let command = "DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0AsecretCODE\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=$(hostname)";
+    let mut refused = VmRecord::new(host("vm-refused"), None, Utc::now());
+    // Available with an assignment: the assignment-only-when-owned CHECK refuses it.
+    refused.assignment = Some(Assignment {
+        email: "ada@example.org".parse().unwrap(),
+        crd_command: command.parse().unwrap(),
+        pin: "987654".parse().unwrap(),
+        assigned_at: Utc::now(),
+    });
+    let err = store.insert(&[refused]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let debug = format!("{err:?}");
+    assert!(debug.contains("23514"), "the SQLSTATE is kept: {debug}");
+    for shown in [err.to_string(), debug] {
+        for secret in ["4/0AsecretCODE", "987654"] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+    assert!(store
+        .get(&host("vm-refused"))
+        .await
+        .unwrap_err()
+        .is_not_found());
+}
