@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{agent_process, free_addr, wait_until, Rig, Workdir, ADMIN, PASSWORD};
+use common::{agent_process, crd_command, free_addr, wait_until, Rig, Workdir, ADMIN, PASSWORD};
 use lablink::collect::{CollectSettings, Collector};
-use lablink::{ArtifactStore, LabLink, LocalDirArtifactStore};
+use lablink::{
+    AllocatorConfig, ArtifactStore, LabLink, LocalDirArtifactStore, OperationKind, SupervisorConfig,
+};
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -437,6 +439,75 @@ async fn destroy_collects_first_and_a_failed_collection_keeps_the_vm_unless_forc
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     rig.wait_for_vms("every VM to be destroyed", 0, |_| true)
         .await;
+    local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scheduled_destruction_collects_every_vm_before_destroying_it() {
+    let work = Workdir::new();
+    let addr = free_addr().await;
+    let url = format!("http://{addr}");
+    let local = work.provisioner(&url, &[]);
+    let mut settings = settings(&work, 10_000);
+    settings.destroy_collects_first = true;
+    settings.destroy_wait_seconds = 60;
+    let collector = Arc::new(Collector::new(
+        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
+        settings,
+    ));
+    // The end of the workshop is already due; the supervisor starts once the VMs are up.
+    let mut supervisor = SupervisorConfig {
+        tick: Duration::from_millis(200),
+        leader_lease: Duration::from_secs(5),
+        ..SupervisorConfig::default()
+    };
+    supervisor.destruction.at = Some(chrono::Utc::now());
+    let builder = LabLink::builder().with_config(AllocatorConfig {
+        supervisor,
+        ..AllocatorConfig::default()
+    });
+    let rig = Rig::start_with_collector(addr, builder, &local, collector).await;
+    let hostnames = rig.launch(2).await;
+    let mut expected = BTreeMap::new();
+    for h in &hostnames {
+        expected.insert(h.clone(), populate(&work, h, 10_000));
+    }
+    rig.wait_for_vms("agents to register", 2, |vm| vm["state"] == "available")
+        .await;
+    // One VM belongs to a participant.
+    let (status, body) = rig
+        .request_vm("ada@example.org", &crd_command("4/0AbCdEf"))
+        .await;
+    assert!(status.is_success(), "{body}");
+
+    let running = rig.lablink.start_supervisor().unwrap();
+    rig.wait_for_vms("the scheduled destruction", 0, |_| true)
+        .await;
+    running.stop().await;
+    let (_, entries) = download(&rig, "/api/v1/collections.zip").await;
+    assert_zip_holds(&entries, &expected);
+    // Each VM's collection was stored before the destroy started.
+    let destroys: Vec<_> = rig
+        .allocator
+        .operations(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|op| op.kind == OperationKind::Destroy)
+        .collect();
+    assert!(!destroys.is_empty());
+    let list = rig.admin_get("/api/v1/collections").await;
+    for vm in list.as_array().unwrap() {
+        let collected: chrono::DateTime<chrono::Utc> =
+            serde_json::from_value(vm["collected"]["completed_at"].clone()).unwrap();
+        let destroyed = destroys
+            .iter()
+            .filter(|op| op.hostnames.iter().any(|h| h.as_str() == vm["hostname"]))
+            .map(|op| op.started_at)
+            .min()
+            .expect("a destroy of every VM");
+        assert!(collected <= destroyed, "{vm:#}");
+    }
     local.shutdown().await;
 }
 

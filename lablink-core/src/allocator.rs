@@ -1,14 +1,15 @@
 //! The [`Allocator`] trait: everything a host app or the HTTP layer asks of LabLink.
 
 use std::fmt::Debug;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use crate::{
-    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Pin, Result,
-    SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
+    AgentToken, Assignment, BeforeDestroy, CrdCommand, Email, Error, ErrorKind, Hostname,
+    Operation, Pin, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 
 /// A participant asking for a VM.
@@ -126,6 +127,14 @@ pub trait Allocator: Send + Sync + Debug {
     /// when none runs (the default for allocators without one).
     fn supervision(&self) -> Option<SupervisorStatus> {
         None
+    }
+
+    /// Makes this allocator's supervisor run `hook` before it destroys VMs that may hold a
+    /// participant's work (see [`BeforeDestroy`]). `false` when this allocator has no such
+    /// automatic destroys (the default).
+    fn set_before_destroy(&self, hook: Arc<dyn BeforeDestroy>) -> bool {
+        let _ = hook;
+        false
     }
 }
 

@@ -10,11 +10,11 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
-    clean_lines, AgentStatus, AgentToken, Allocator, Assignment, ClaimRequest, Clock,
-    DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
-    MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin, Provisioner, Result,
-    SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord,
-    VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
+    clean_lines, AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, ClaimRequest,
+    Clock, DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname,
+    LaunchOptions, MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin,
+    Provisioner, Result, SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter,
+    VmLogs, VmRecord, VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
 };
 
 /// Settings of the default allocator. `Default` gives sensible workshop values.
@@ -109,6 +109,7 @@ pub struct LabLinkBuilder {
     notifier: Option<Arc<dyn Notifier>>,
     clock: Option<Arc<dyn Clock>>,
     config: AllocatorConfig,
+    before_destroy: Option<Arc<dyn BeforeDestroy>>,
 }
 
 impl LabLinkBuilder {
@@ -147,6 +148,13 @@ impl LabLinkBuilder {
         self
     }
 
+    /// What the supervisor runs before destroying VMs that may hold a participant's work
+    /// (default: nothing; see [`BeforeDestroy`]).
+    pub fn with_before_destroy(mut self, hook: Arc<dyn BeforeDestroy>) -> Self {
+        self.before_destroy = Some(hook);
+        self
+    }
+
     /// The allocator, or an [`ErrorKind::InvalidConfig`] error listing every problem.
     pub fn build(self) -> Result<LabLink> {
         let problems = self.config.problems();
@@ -167,6 +175,7 @@ impl LabLinkBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 config: self.config,
                 supervision: std::sync::Mutex::new(None),
+                before_destroy: std::sync::Mutex::new(self.before_destroy),
                 turned_away: crate::supervisor::TurnedAway::default(),
             }),
         })
@@ -188,6 +197,8 @@ pub(crate) struct Inner {
     pub(crate) config: AllocatorConfig,
     /// The status of the supervisor started on this allocator, if any.
     pub(crate) supervision: std::sync::Mutex<Option<Arc<crate::supervisor::Shared>>>,
+    /// What the supervisor runs before destroying VMs that may hold a participant's work.
+    pub(crate) before_destroy: std::sync::Mutex<Option<Arc<dyn BeforeDestroy>>>,
     /// Participants refused for lack of a free VM (demand for the warm pool).
     pub(crate) turned_away: crate::supervisor::TurnedAway,
 }
@@ -224,6 +235,25 @@ impl LabLink {
     /// The settings.
     pub fn config(&self) -> &AllocatorConfig {
         &self.inner.config
+    }
+
+    /// Replaces what the supervisor runs before destroying VMs that may hold a participant's
+    /// work (`None`: nothing); takes effect at its next tick.
+    pub fn set_before_destroy(&self, hook: Option<Arc<dyn BeforeDestroy>>) {
+        *self
+            .inner
+            .before_destroy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// What the supervisor runs before destroying VMs that may hold a participant's work.
+    pub fn before_destroy(&self) -> Option<Arc<dyn BeforeDestroy>> {
+        self.inner
+            .before_destroy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Applies the event `decide` picks for the current record, if any, with an optimistic
@@ -451,5 +481,10 @@ impl Allocator for LabLink {
 
     fn supervision(&self) -> Option<crate::SupervisorStatus> {
         LabLink::supervision(self)
+    }
+
+    fn set_before_destroy(&self, hook: Arc<dyn BeforeDestroy>) -> bool {
+        LabLink::set_before_destroy(self, Some(hook));
+        true
     }
 }

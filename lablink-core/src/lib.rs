@@ -51,8 +51,8 @@ pub use store::{
     ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore,
 };
 pub use supervisor::{
-    DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig,
-    PoolWindow, ReconcileConfig, Supervisor, SupervisorConfig, SupervisorCounters,
+    BeforeDestroy, DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig,
+    PoolConfig, PoolWindow, ReconcileConfig, Supervisor, SupervisorConfig, SupervisorCounters,
     SupervisorStatus, VmFlag,
 };
 

@@ -2,6 +2,7 @@
 //! leases and restarts, the recovery ladder, the warm pool under a scripted arrival curve,
 //! scheduled destruction, idle release, and stopping.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +10,9 @@ use chrono::Utc;
 use lablink_core::testing::fleet::{Fault, Fleet, Workshop};
 use lablink_core::testing::store::{command, email};
 use lablink_core::{
-    Allocator, AllocatorConfig, AllocatorExt, FakeProvisioner, FlagKind, Hostname, LabLink,
-    LabLinkBuilder, MemoryVmStore, PoolWindow, SupervisorConfig, Telemetry, TokioClock, VmFilter,
-    VmRequest, VmState,
+    Allocator, AllocatorConfig, AllocatorExt, BeforeDestroy, FakeProvisioner, FlagKind, Hostname,
+    LabLink, LabLinkBuilder, MemoryVmStore, PoolWindow, SupervisorConfig, Telemetry, TokioClock,
+    VmFilter, VmRecord, VmRequest, VmState,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -452,6 +453,103 @@ async fn idle_release_is_off_by_default_and_warns_before_releasing() {
     );
     assert_eq!(state(&lablink, &busy).await, VmState::Assigned);
     assert_eq!(supervisor.status().counters.idle_released, 1);
+    supervisor.stop().await;
+}
+
+/// A before-destroy step that takes `work` to run, keeps `keep`, and records each call:
+/// the VMs asked about and whether any of them was already going away.
+#[derive(Debug, Default)]
+struct Hook {
+    work: Duration,
+    keep: Option<Hostname>,
+    calls: std::sync::Mutex<Vec<(Vec<Hostname>, bool)>>,
+}
+
+#[async_trait::async_trait]
+impl BeforeDestroy for Hook {
+    async fn before_destroy(
+        &self,
+        vms: &[VmRecord],
+    ) -> lablink_core::Result<BTreeMap<Hostname, String>> {
+        tokio::time::sleep(self.work).await;
+        let going = vms.iter().any(|r| r.state == VmState::Terminating);
+        let names = vms.iter().map(|r| r.hostname.clone()).collect();
+        self.calls.lock().unwrap().push((names, going));
+        Ok(self
+            .keep
+            .iter()
+            .filter(|k| vms.iter().any(|r| &r.hostname == *k))
+            .map(|k| (k.clone(), "its collection failed".to_owned()))
+            .collect())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn scheduled_destruction_and_idle_release_run_the_before_destroy_step_and_keep_what_it_keeps()
+{
+    let fake = FakeProvisioner::new();
+    let clock = TokioClock::new();
+    let mut c = config();
+    c.destruction.at = Some(clock_now(&clock) + chrono::Duration::seconds(600));
+    let lablink = builder(c, &fake)
+        .with_clock(Arc::new(clock))
+        .build()
+        .unwrap();
+    let _fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+    let vms = ready(&lablink, 3).await;
+    // The step takes longer than the leader lease (15 s).
+    let hook = Arc::new(Hook {
+        work: 40 * SEC,
+        keep: Some(vms[1].clone()),
+        ..Default::default()
+    });
+    assert!(Allocator::set_before_destroy(&lablink, hook.clone()));
+    let supervisor = lablink.start_supervisor().unwrap();
+    wait(600 * SEC).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len(),
+        1,
+        "asked once, not again for the kept VM: {calls:?}"
+    );
+    let (asked, going) = &calls[0];
+    assert_eq!(asked, &vms, "asked about every VM");
+    assert!(!going, "asked before any was destroyed");
+    let left = lablink.vms(&VmFilter::default()).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(
+        (&left[0].hostname, left[0].state),
+        (&vms[1], VmState::Available)
+    );
+    let status = supervisor.status();
+    assert!(
+        status.leader && status.counters.became_leader == 1,
+        "{status:?}"
+    );
+    assert_eq!(status.flags.len(), 1, "{:?}", status.flags);
+    assert_eq!(
+        (&status.flags[0].hostname, status.flags[0].kind),
+        (&vms[1], FlagKind::DestroyHeld)
+    );
+    assert!(status.flags[0].message.contains("its collection failed"));
+    supervisor.stop().await;
+
+    // Idle release asks about the assigned VM before destroying it.
+    let fake = FakeProvisioner::new();
+    let mut c = config();
+    c.idle_release.enabled = true;
+    c.idle_release.after = 1800 * SEC;
+    let lablink = builder(c, &fake).build().unwrap();
+    let _fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+    ready(&lablink, 2).await;
+    let hook = Arc::new(Hook::default());
+    lablink.set_before_destroy(Some(hook.clone()));
+    let supervisor = lablink.start_supervisor().unwrap();
+    let idle = lablink.request_vm(&request("ada")).await.unwrap().hostname;
+    wait(1900 * SEC).await;
+    assert!(lablink.vm(&idle).await.unwrap_err().is_not_found());
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls, [(vec![idle], false)]);
     supervisor.stop().await;
 }
 

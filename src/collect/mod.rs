@@ -31,7 +31,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
-use lablink_core::{ArtifactStore, Error, ErrorKind, Hostname, MemoryArtifactStore, Result};
+use lablink_core::{
+    ArtifactStore, BeforeDestroy, Error, ErrorKind, Hostname, MemoryArtifactStore, Result,
+    VmRecord, VmState,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use utoipa::ToSchema;
@@ -54,7 +57,10 @@ pub struct CollectSettings {
     /// Most bytes of all VMs' collections together.
     pub max_total_bytes: u64,
     /// Destroy collects from the VMs first and does not destroy a VM whose collection
-    /// failed unless the request says `force`.
+    /// failed unless the request says `force`. This covers the supervisor's automatic
+    /// destroys of VMs that may hold a participant's work too (the scheduled destruction at
+    /// the end of a workshop, idle release): a VM whose collection failed is kept and
+    /// flagged (`destroy_held`) for the admin.
     pub destroy_collects_first: bool,
     /// How long destroy waits for the collections, seconds; a VM not done by then counts as
     /// failed.
@@ -755,6 +761,44 @@ impl Collector {
         .await
         .map_err(join)?
         .map_err(failure)
+    }
+}
+
+/// Whether a VM can have work to collect: its agent was heard from and it is not failed or
+/// going away.
+pub fn may_hold_work(vm: &VmRecord) -> bool {
+    vm.last_heartbeat.is_some()
+        && !matches!(
+            vm.state,
+            VmState::Failed | VmState::Terminating | VmState::Terminated
+        )
+}
+
+/// The supervisor's automatic destroys (the scheduled destruction at the end of a workshop,
+/// idle release of assigned VMs) collect first when
+/// [`destroy_collects_first`](CollectSettings::destroy_collects_first) is on, as the admin's
+/// destroy does: every VM that [may hold work](may_hold_work) is collected, waiting up to
+/// `destroy_wait_seconds`, and a VM whose collection failed is kept (flagged for the admin).
+#[async_trait::async_trait]
+impl BeforeDestroy for Collector {
+    async fn before_destroy(&self, vms: &[VmRecord]) -> Result<BTreeMap<Hostname, String>> {
+        if !self.settings.destroy_collects_first {
+            return Ok(BTreeMap::new());
+        }
+        let reachable: Vec<Hostname> = vms
+            .iter()
+            .filter(|vm| may_hold_work(vm))
+            .map(|vm| vm.hostname.clone())
+            .collect();
+        if reachable.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let wait = Duration::from_secs(self.settings.destroy_wait_seconds);
+        let mut failed = self.collect_and_wait(&reachable, wait).await?;
+        Ok(reachable
+            .into_iter()
+            .filter_map(|h| failed.remove(h.as_str()).map(|why| (h, why)))
+            .collect())
     }
 }
 

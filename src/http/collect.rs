@@ -23,7 +23,7 @@ use super::extract::{ApiQuery, PathText};
 use super::v1::ErrorBody;
 use super::views::OperationView;
 use super::HttpState;
-use crate::collect::{CollectedFile, CollectionStatus, CollectionTask, SkippedFile};
+use crate::collect::{may_hold_work, CollectedFile, CollectionStatus, CollectionTask, SkippedFile};
 
 /// Default hold of a task long-poll without `timeout`.
 const DEFAULT_HOLD: Duration = Duration::from_secs(30);
@@ -140,16 +140,6 @@ pub struct CollectedView {
     pub skipped: Vec<SkippedFile>,
 }
 
-/// Whether a VM's agent was ever heard from and the VM is not failed or going away: only
-/// those can have work to collect.
-fn has_agent(vm: &VmRecord) -> bool {
-    vm.last_heartbeat.is_some()
-        && !matches!(
-            vm.state,
-            VmState::Failed | VmState::Terminating | VmState::Terminated
-        )
-}
-
 async fn live_hostnames(state: &HttpState) -> ApiResult<Vec<VmRecord>> {
     let vms = state.allocator().vms(&VmFilter::default()).await?;
     Ok(vms
@@ -256,7 +246,7 @@ pub async fn start(
         (true, true) => live_hostnames(state)
             .await?
             .into_iter()
-            .filter(has_agent)
+            .filter(may_hold_work)
             .map(|vm| vm.hostname)
             .collect(),
         (false, false) => {

@@ -208,6 +208,7 @@ lablink_supervisor_leader {}", flag(s.leader));
         FlagKind::NeedsAdmin,
         FlagKind::LadderExhausted,
         FlagKind::IdleWarning,
+        FlagKind::DestroyHeld,
     ] {
         let n = s.flags.iter().filter(|f| f.kind == kind).count();
         let _ = writeln!(

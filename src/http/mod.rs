@@ -82,7 +82,10 @@ impl HttpState {
     }
 
     /// The state for `allocator` with `options`, collecting participants' work with
-    /// `collector`.
+    /// `collector`. With [`destroy_collects_first`](crate::collect::CollectSettings::destroy_collects_first)
+    /// this also installs `collector` as the allocator's
+    /// [`BeforeDestroy`](lablink_core::BeforeDestroy) step, so its supervisor collects before
+    /// the scheduled destruction and idle release destroy a VM.
     pub fn with_collector(
         allocator: Arc<dyn Allocator>,
         options: HttpOptions,
@@ -91,6 +94,13 @@ impl HttpState {
         if options.agent_auth == AgentAuthMode::Open {
             tracing::warn!(
                 "agent auth is OPEN: VM routes accept requests without a token; use only for local demos"
+            );
+        }
+        if collector.settings().destroy_collects_first
+            && !allocator.set_before_destroy(collector.clone())
+        {
+            tracing::warn!(
+                "destroy_collects_first is on but this allocator does not run the collector before its own destroys"
             );
         }
         let admin = admin_auth::AdminAuth::new(&options);

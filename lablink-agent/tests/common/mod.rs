@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use lablink::collect::Collector;
 use lablink::http::{hash_password, HttpOptions, HttpState};
-use lablink::{Allocator, AllocatorExt, LabLinkBuilder, LocalProcessProvisioner};
+use lablink::{Allocator, AllocatorExt, LabLink, LabLinkBuilder, LocalProcessProvisioner};
 use reqwest::header::ACCEPT;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
@@ -146,6 +146,8 @@ exit "$code""#,
 #[derive(Debug)]
 pub struct Rig {
     pub addr: SocketAddr,
+    /// The allocator (to start its supervisor); the same as `allocator`.
+    pub lablink: LabLink,
     pub allocator: Arc<dyn Allocator>,
     pub state: HttpState,
     pub client: Client,
@@ -185,14 +187,14 @@ impl Rig {
         provisioner: &LocalProcessProvisioner,
         collector: Arc<Collector>,
     ) -> Self {
-        let allocator: Arc<dyn Allocator> = Arc::new(
-            builder
-                .with_provisioner(Arc::new(provisioner.clone()))
-                .build()
-                .unwrap(),
-        );
+        let lablink = builder
+            .with_provisioner(Arc::new(provisioner.clone()))
+            .build()
+            .unwrap();
+        let allocator: Arc<dyn Allocator> = Arc::new(lablink.clone());
         let mut rig = Self {
             addr,
+            lablink,
             state: HttpState::with_collector(
                 allocator.clone(),
                 HttpOptions::new(ADMIN, admin_hash()),

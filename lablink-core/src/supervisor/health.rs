@@ -224,7 +224,8 @@ impl LabLink {
     }
 
     /// Destroys a VM in trouble unless someone got it in the meantime. `Ok(false)` when it
-    /// was no longer replaceable.
+    /// was no longer replaceable. Only VMs no participant holds are replaced, so no
+    /// `BeforeDestroy` step runs.
     async fn replace(&self, hostname: &Hostname) -> crate::Result<bool> {
         let taken = self
             .destroy_where(std::slice::from_ref(hostname), |r| {

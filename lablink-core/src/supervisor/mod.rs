@@ -12,6 +12,7 @@
 //! ends it, and so does dropping (abort) or [`stop`](Supervisor::stop)ping (graceful,
 //! resigns the lease) its handle.
 
+mod before_destroy;
 mod config;
 mod demand;
 mod health;
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
+pub use before_destroy::BeforeDestroy;
 pub use config::{
     DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
     ReconcileConfig, SupervisorConfig,
@@ -53,6 +55,10 @@ pub enum FlagKind {
     LadderExhausted,
     /// An assigned VM has not been in use for a while and will be released soon.
     IdleWarning,
+    /// An automatic destroy (scheduled destruction, idle release) keeps this VM because the
+    /// step before it failed (with `destroy_collects_first`: collecting the participant's
+    /// work); the admin collects again or destroys it, with `force`, from the admin page.
+    DestroyHeld,
 }
 
 impl FlagKind {
@@ -62,6 +68,7 @@ impl FlagKind {
             Self::NeedsAdmin => "needs_admin",
             Self::LadderExhausted => "ladder_exhausted",
             Self::IdleWarning => "idle_warning",
+            Self::DestroyHeld => "destroy_held",
         }
     }
 }
@@ -225,6 +232,8 @@ pub(crate) struct Memory {
     restarts: HashMap<Hostname, u32>,
     /// Per assigned VM and owner: since when it has been seen not in use.
     idle_since: HashMap<(Hostname, Email), DateTime<Utc>>,
+    /// VMs an automatic destroy keeps because the before-destroy step failed, with why.
+    kept: HashMap<Hostname, String>,
 }
 
 /// The ladder's record of one VM.
@@ -352,7 +361,12 @@ impl LabLink {
                 .await;
         }
         self.launch_pending(shared, memory).await;
-        self.scheduled_destruction(&config.destruction, &records, now, shared)
+        memory.kept.retain(|h, _| {
+            records.iter().any(|r| {
+                &r.hostname == h && !matches!(r.state, VmState::Terminating | VmState::Terminated)
+            })
+        });
+        self.scheduled_destruction(&config.destruction, &records, now, shared, memory)
             .await;
         self.keep_pool(&config, &records, now, shared).await;
         if config.idle_release.enabled {
@@ -366,7 +380,73 @@ impl LabLink {
             )
             .await;
         }
+        flags.extend(memory.kept.iter().map(|(hostname, why)| VmFlag {
+            hostname: hostname.clone(),
+            kind: FlagKind::DestroyHeld,
+            message: format!(
+                "kept, not destroyed: {why}; collect again and destroy it, or destroy it with force, from the admin page"
+            ),
+        }));
         shared.status().flags = flags;
+    }
+
+    /// Runs the [`BeforeDestroy`] step, if one is installed, on `vms` (leaving out those it
+    /// already kept); the hostnames that may be destroyed now, or `None` when the step
+    /// failed (nothing is destroyed; asked again next tick). The VMs it keeps are logged,
+    /// recorded as events and flagged until they are gone. The leader lease is renewed
+    /// every tick while the step runs, since a collection may take minutes.
+    pub(super) async fn cleared_for_destroy(
+        &self,
+        vms: &[&VmRecord],
+        now: DateTime<Utc>,
+        shared: &Shared,
+        memory: &mut Memory,
+    ) -> Option<Vec<Hostname>> {
+        let vms: Vec<VmRecord> = vms
+            .iter()
+            .filter(|r| !memory.kept.contains_key(&r.hostname))
+            .map(|r| (*r).clone())
+            .collect();
+        let hook = match self.before_destroy() {
+            Some(hook) if !vms.is_empty() => hook,
+            _ => return Some(vms.into_iter().map(|r| r.hostname).collect()),
+        };
+        let config = &self.inner.config.supervisor;
+        let id = shared.status().id.clone();
+        let answer = {
+            let asked = hook.before_destroy(&vms);
+            tokio::pin!(asked);
+            loop {
+                tokio::select! {
+                    answer = &mut asked => break answer,
+                    () = tokio::time::sleep(config.tick) => {
+                        let at = self.inner.clock.now();
+                        let until = at + span_of(config.leader_lease);
+                        if let Err(e) = self.inner.store.try_lead(&id, at, until).await {
+                            shared.error("leader lease", &e);
+                        }
+                    }
+                }
+            }
+        };
+        let kept = match answer {
+            Ok(kept) => kept,
+            Err(e) => {
+                shared.error("before destroy", &e);
+                return None;
+            }
+        };
+        for (hostname, why) in &kept {
+            tracing::warn!(hostname = %hostname, reason = %why, "not destroyed: the step before destroying it failed");
+            shared.event(now, format!("{hostname}: kept, not destroyed: {why}"));
+        }
+        let go = vms
+            .into_iter()
+            .map(|r| r.hostname)
+            .filter(|h| !kept.contains_key(h))
+            .collect();
+        memory.kept.extend(kept);
+        Some(go)
     }
 
     /// Destroys those of `hostnames` for which `pick` holds on the record at the moment it

@@ -83,6 +83,7 @@ impl LabLink {
         }
 
         // Scale down: free, ready VMs beyond K that sat idle for the TTL, longest idle first.
+        // No participant holds them (`Available`), so no `BeforeDestroy` step runs.
         let excess = free.saturating_sub(k + turned_away);
         if excess == 0 {
             return;
@@ -133,6 +134,7 @@ impl LabLink {
         records: &[VmRecord],
         now: DateTime<Utc>,
         shared: &Shared,
+        memory: &mut Memory,
     ) {
         let Some(at) = config.at else {
             let mut s = shared.status();
@@ -148,11 +150,14 @@ impl LabLink {
         if now < at {
             return;
         }
-        let left: Vec<Hostname> = records
+        let left: Vec<&VmRecord> = records
             .iter()
             .filter(|r| !matches!(r.state, VmState::Terminating | VmState::Terminated))
-            .map(|r| r.hostname.clone())
             .collect();
+        // Only these VMs, once cleared: a VM launched meanwhile waits for the next tick.
+        let Some(left) = self.cleared_for_destroy(&left, now, shared, memory).await else {
+            return;
+        };
         if left.is_empty() {
             return;
         }
@@ -196,6 +201,12 @@ impl LabLink {
             let idle = now - since;
             let release_at = since + span_of(config.after);
             if idle >= span_of(config.after) {
+                let cleared = self
+                    .cleared_for_destroy(&[record], now, shared, memory)
+                    .await;
+                if cleared.is_none_or(|go| go.is_empty()) {
+                    continue;
+                }
                 let email = assignment.email.clone();
                 let result = self
                     .destroy_where(std::slice::from_ref(&record.hostname), |r| {
