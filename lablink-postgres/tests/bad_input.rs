@@ -303,3 +303,25 @@ async fn a_refused_row_keeps_its_command_and_pin_out_of_the_error(pool: PgPool) 
         .unwrap_err()
         .is_not_found());
 }
+
+/// Constructors never migrate: a store on an empty database answers `InvalidConfig` naming
+/// `setup()` and creates no table; `setup()` from three replicas at once (and again later)
+/// then makes it usable.
+#[sqlx::test(migrations = false)]
+async fn an_unmigrated_database_is_reported_not_silently_migrated(pool: PgPool) {
+    let store = PgVmStore::new(pool.clone());
+    let err = store.get(&host("vm-a")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("setup()"), "{err}");
+    let tables: Option<String> = sqlx::query_scalar("SELECT to_regclass('lablink_vms')::text")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(tables, None, "a constructor created the tables");
+
+    let setups = join_all((0..3).map(|_| lablink_postgres::setup(&pool))).await;
+    assert!(setups.iter().all(Result::is_ok), "{setups:?}");
+    lablink_postgres::setup(&pool).await.unwrap();
+    seed_available(&store, 1).await;
+    assert_eq!(store.counts().await.unwrap().total, 1);
+}

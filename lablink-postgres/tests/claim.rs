@@ -3,6 +3,8 @@
 //! `MemoryVmStore::claim` makes from the same record; the picking rules (state, GPU health,
 //! same email → same VM, locked rows) hold.
 
+mod common;
+
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, TimeZone, Utc};
@@ -205,6 +207,46 @@ async fn concurrent_claims_for_one_email_get_one_vm(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(assigned.len(), 1);
+}
+
+/// Three processes (each its own store and pool, so no in-process grouping by email) claim
+/// for one email at the same moment, round after round: one VM per email, assigned once; a
+/// process that loses the race on the email's unique index gets that VM back, not an error.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn concurrent_claims_for_one_email_across_processes_get_one_vm(pool: PgPool) {
+    let mut stores = Vec::new();
+    for i in 0..3 {
+        stores.push(PgVmStore::new(
+            common::replica_pool(&pool, 4, &format!("replica-{i}")).await,
+        ));
+    }
+    let rounds = 30;
+    let vms: Vec<_> = (0..rounds)
+        .map(|i| in_state(&format!("vm-{i:02}"), VmState::Available))
+        .collect();
+    stores[0].insert(&vms).await.unwrap();
+    for round in 0..rounds {
+        let email = format!("same-{round}");
+        let request = claim_request(&email);
+        let results =
+            futures::future::join_all(stores.iter().map(|store| store.claim(&request, Utc::now())))
+                .await;
+        let results: Vec<_> = results.into_iter().map(|r| r.unwrap()).collect();
+        let hostname = &results[0].record.hostname;
+        assert!(
+            results.iter().all(|c| &c.record.hostname == hostname),
+            "{email} got two VMs"
+        );
+        assert_eq!(results.iter().filter(|c| c.newly_assigned).count(), 1);
+    }
+    let assigned = stores[1]
+        .list(&VmFilter {
+            states: vec![VmState::Assigned],
+            ..VmFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(assigned.len(), rounds);
 }
 
 /// When every free VM is locked by another transaction, the claim waits for it instead of

@@ -203,3 +203,59 @@ async fn keepalive_replaces_a_listen_connection_that_stopped_answering(pool: PgP
         "this notifier's and the assigner's"
     );
 }
+
+/// A NOTIFY carries the hostname and nothing else: anyone who can LISTEN on the database
+/// must not learn a participant's Chrome Remote Desktop command or PIN from it.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn a_notification_carries_only_the_hostname(pool: PgPool) {
+    seed_available(&PgVmStore::new(pool.clone()), 1).await;
+    let (allocator, notifier) = replica(&pool, "payload").await;
+    let mut raw = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    raw.listen(notifier.channel()).await.unwrap();
+
+    let asked = request(0);
+    let granted = allocator.request_vm(&asked).await.unwrap();
+    let heard = tokio::time::timeout(PATIENCE, raw.recv())
+        .await
+        .expect("no notification")
+        .unwrap();
+    assert_eq!(heard.payload(), granted.hostname.as_str());
+    assert!(!heard.payload().contains(granted.pin.expose()));
+    assert!(!heard.payload().contains(asked.crd_command.expose()));
+}
+
+/// The LISTEN connection is terminated under 50 subscribers: the notifier reconnects and
+/// tells every one of them to re-read (what it missed meanwhile is not known).
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn every_subscriber_is_told_to_resync_after_a_reconnect(pool: PgPool) {
+    let notifier = PgNotifier::connect(replica_pool(&pool, 2, "resync").await)
+        .await
+        .unwrap();
+    let mut subs = Vec::new();
+    for i in 0..50 {
+        subs.push(
+            notifier
+                .subscribe(&host(&format!("vm-{i:02}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'resync' \
+         AND query LIKE 'LISTEN %') AS t",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the LISTEN connection was not found");
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let wake = tokio::time::timeout(PATIENCE, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("subscriber {i} was never told to re-read"));
+        assert_eq!(wake, Some(Wake::Resync), "subscriber {i}");
+    }
+    assert_eq!(notifier.reconnects(), 1);
+}
