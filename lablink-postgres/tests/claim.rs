@@ -370,3 +370,40 @@ async fn a_rush_of_claims_matches_the_state_machine(pool: PgPool) {
     assert_eq!(newly, 25, "every free VM assigned once");
     assert_eq!(refused, 15);
 }
+
+/// The plan PostgreSQL picks for `sql/vm_claim.sql` on 5,000 VMs (half of them assigned).
+async fn claim_plan(pool: &PgPool, email: &str) -> String {
+    let request = claim_request(email);
+    let lines: Vec<String> =
+        sqlx::query_scalar(&format!("EXPLAIN {}", include_str!("../sql/vm_claim.sql")))
+            .bind(request.email.as_str())
+            .bind(request.crd_command.expose())
+            .bind(request.pin.expose())
+            .bind(Utc::now())
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    lines.join("\n")
+}
+
+/// "This email's VM" and "the first assignable VM" are index lookups, not scans of the
+/// whole table: the claim's cost does not grow with the pool.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn the_claim_finds_its_vm_through_indexes(pool: PgPool) {
+    let store = PgVmStore::new(pool.clone());
+    common::seed_available(&store, 5000).await;
+    for i in 0..2500 {
+        store
+            .claim(&claim_request(&format!("p{i}")), Utc::now())
+            .await
+            .unwrap();
+    }
+    sqlx::query("ANALYZE lablink_vms")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let plan = claim_plan(&pool, "newcomer").await;
+    assert!(plan.contains("lablink_vms_email_key"), "{plan}");
+    assert!(plan.contains("lablink_vms_assignable_idx"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
