@@ -57,7 +57,7 @@ pub struct CollectSettings {
     /// Most bytes of all VMs' collections together.
     pub max_total_bytes: u64,
     /// Destroy collects from the VMs first and does not destroy a VM whose collection
-    /// failed unless the request says `force`. This covers the supervisor's automatic
+    /// failed; a request that says `force` destroys at once without collecting. This covers the supervisor's automatic
     /// destroys of VMs that may hold a participant's work too (the scheduled destruction at
     /// the end of a workshop, idle release): a VM whose collection failed is kept and
     /// flagged (`destroy_held`) for the admin.

@@ -345,14 +345,16 @@ impl Destroyed {
 }
 
 /// Destroys `target`; with `destroy_collects_first`, collects from its VMs first and
-/// leaves the VMs whose collection failed unless `force`.
+/// leaves the VMs whose collection failed. `force` destroys at once without collecting:
+/// it is how an admin gets rid of a VM whose agent is dead, and waiting for that VM's
+/// collection to fail would hold the request for `destroy_wait_seconds`.
 pub async fn destroy(
     state: &HttpState,
     target: &DestroyTarget,
     force: bool,
 ) -> ApiResult<Destroyed> {
     let settings = state.collector().settings();
-    if !settings.destroy_collects_first {
+    if !settings.destroy_collects_first || force {
         let op = state.allocator().destroy(target).await?;
         return Ok(Destroyed {
             operation: Some(op),
@@ -372,23 +374,16 @@ pub async fn destroy(
     // Only VMs whose agent was ever heard from can have work to collect.
     let reachable: Vec<Hostname> = vms
         .iter()
-        .filter(|vm| vm.last_heartbeat.is_some())
-        .filter(|vm| {
-            !matches!(
-                vm.state,
-                VmState::Failed | VmState::Terminating | VmState::Terminated
-            )
-        })
+        .filter(|vm| may_hold_work(vm))
         .map(|vm| vm.hostname.clone())
         .collect();
-    let failed = state
+    let blocked = state
         .collector()
         .collect_and_wait(
             &reachable,
             Duration::from_secs(settings.destroy_wait_seconds),
         )
         .await?;
-    let blocked = if force { BTreeMap::new() } else { failed };
     let operation = if blocked.is_empty() {
         Some(state.allocator().destroy(target).await?)
     } else {

@@ -141,15 +141,16 @@ pub struct DestroyBody {
     /// Destroy these VMs.
     #[serde(default)]
     pub hostnames: Vec<String>,
-    /// With `[collect] destroy_collects_first`: destroy VMs whose collection failed too.
+    /// With `[collect] destroy_collects_first`: destroy at once, without collecting (for
+    /// VMs whose collection failed, e.g. a dead agent).
     #[serde(default)]
     pub force: bool,
 }
 
 /// Starts destroying VMs. With `[collect] destroy_collects_first`, first collects from them
-/// (waiting up to `destroy_wait_seconds`); VMs whose collection failed are not destroyed
-/// unless `force`, and the answer is then 409 naming them (`blocked`), with the operation
-/// destroying the others (`operation`, or null).
+/// (waiting up to `destroy_wait_seconds`); VMs whose collection failed are not destroyed,
+/// and the answer is then 409 naming them (`blocked`), with the operation destroying the
+/// others (`operation`, or null). `force` destroys at once without collecting.
 #[utoipa::path(post, path = "/api/v1/destroy", tag = "admin", request_body = DestroyBody,
     responses((status = 202, body = OperationView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
