@@ -449,6 +449,53 @@ async fn destroy_collects_first_and_a_failed_collection_keeps_the_vm_unless_forc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
+    let work = Workdir::new();
+    let addr = free_addr().await;
+    let url = format!("http://{addr}");
+    let local = work.provisioner(&url, &[]);
+    let mut settings = settings(&work, 10_000);
+    settings.destroy_collects_first = true;
+    settings.destroy_wait_seconds = 60;
+    let collector = Arc::new(Collector::new(
+        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
+        settings,
+    ));
+    let rig = Rig::start_with_collector(addr, LabLink::builder(), &local, collector).await;
+    let old = rig.launch(1).await.remove(0);
+    populate(&work, &old, 10_000);
+    rig.wait_for_vms("the agent to register", 1, |vm| vm["state"] == "available")
+        .await;
+    // The agent is paused, so the destroy waits for its collection while a VM is launched.
+    let (pid, _) = agent_process(&old, &url).expect("the agent process");
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill {name}");
+    };
+    signal("-STOP");
+    let destroy = admin_post(&rig, "/api/v1/destroy", json!({"all": true}));
+    let launch = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let new = rig.launch(1).await.remove(0);
+        signal("-CONT");
+        new
+    };
+    let ((status, body), new) = tokio::join!(destroy, launch);
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["hostnames"], json!([old]), "{body}");
+    let vms = rig
+        .wait_for_vms("the collected VM to be destroyed", 1, |vm| {
+            vm["hostname"] == new.as_str()
+        })
+        .await;
+    assert_ne!(vms[0]["state"], "terminating", "{:#}", vms[0]);
+    local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduled_destruction_collects_every_vm_before_destroying_it() {
     let work = Workdir::new();
     let addr = free_addr().await;

@@ -355,14 +355,14 @@ pub async fn destroy(
 ) -> ApiResult<Destroyed> {
     let settings = state.collector().settings();
     if !settings.destroy_collects_first || force {
-        let op = state.allocator().destroy(target).await?;
-        return Ok(Destroyed {
-            operation: Some(op),
-            blocked: BTreeMap::new(),
-        });
+        return destroy_now(state, target).await;
     }
     let vms: Vec<VmRecord> = match target {
-        DestroyTarget::All => live_hostnames(state).await?,
+        // Nothing to collect from, nor to wait for.
+        DestroyTarget::All => match live_hostnames(state).await? {
+            vms if vms.is_empty() => return destroy_now(state, target).await,
+            vms => vms,
+        },
         DestroyTarget::Hostnames(names) => {
             let mut vms = Vec::new();
             for name in names {
@@ -384,26 +384,33 @@ pub async fn destroy(
             Duration::from_secs(settings.destroy_wait_seconds),
         )
         .await?;
-    let operation = if blocked.is_empty() {
-        Some(state.allocator().destroy(target).await?)
+    // Only the VMs listed before the wait, less the blocked ones: a VM launched meanwhile
+    // was not collected, so "all" must not take it.
+    let rest: Vec<Hostname> = vms
+        .into_iter()
+        .map(|vm| vm.hostname)
+        .filter(|h| !blocked.contains_key(h.as_str()))
+        .collect();
+    let operation = if rest.is_empty() {
+        None
     } else {
-        let rest: Vec<Hostname> = vms
-            .into_iter()
-            .map(|vm| vm.hostname)
-            .filter(|h| !blocked.contains_key(h.as_str()))
-            .collect();
-        if rest.is_empty() {
-            None
-        } else {
-            Some(
-                state
-                    .allocator()
-                    .destroy(&DestroyTarget::Hostnames(rest))
-                    .await?,
-            )
-        }
+        Some(
+            state
+                .allocator()
+                .destroy(&DestroyTarget::Hostnames(rest))
+                .await?,
+        )
     };
     Ok(Destroyed { operation, blocked })
+}
+
+/// Destroys `target` without collecting.
+async fn destroy_now(state: &HttpState, target: &DestroyTarget) -> ApiResult<Destroyed> {
+    let op = state.allocator().destroy(target).await?;
+    Ok(Destroyed {
+        operation: Some(op),
+        blocked: BTreeMap::new(),
+    })
 }
 
 /// Whether a form asks to `force` (JSON `true` or form text `true`/`1`/`yes`/`on`).
