@@ -386,7 +386,8 @@ impl Agent {
     async fn collect(&self, task: &CollectionTask) -> Result<Manifest, CollectFailed> {
         let hostname = self.config.vm_name.to_string();
         let planned = task.clone();
-        let plan = tokio::task::spawn_blocking(move || collect::plan(&planned, &hostname))
+        let own = collect::own_files(self.config.state_dir.as_deref());
+        let plan = tokio::task::spawn_blocking(move || collect::plan(&planned, &hostname, &own))
             .await
             .map_err(|e| CollectFailed(e.to_string()))?
             .map_err(|e| CollectFailed(e.to_string()))?;

@@ -128,8 +128,23 @@ fn glob_set(patterns: &[String]) -> Result<GlobSet, TaskError> {
     set.build().map_err(|e| TaskError(e.to_string()))
 }
 
-/// Finds the files `task` asks for on this VM (`hostname`), within its size limit.
-pub fn plan(task: &CollectionTask, hostname: &str) -> Result<Plan, TaskError> {
+/// Where the shipped cloud-init (Terraform and EC2) writes the agent's environment,
+/// `agent.env` with its `API_TOKEN`.
+pub const AGENT_CONFIG_DIR: &str = "/etc/lablink";
+
+/// The agent's own files, never collected: [`AGENT_CONFIG_DIR`] and its state directory.
+pub fn own_files(state_dir: Option<&Path>) -> Vec<PathBuf> {
+    std::iter::once(Path::new(AGENT_CONFIG_DIR))
+        .chain(state_dir)
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()))
+        .collect()
+}
+
+/// Finds the files `task` asks for on this VM (`hostname`), within its size limit. Files
+/// under `own` (the agent's configuration and token, see [`own_files`]) are never taken: the
+/// agent runs as root, so a broad root or pattern would otherwise reach them; a matching one
+/// is reported as skipped.
+pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Plan, TaskError> {
     let globs = glob_set(&task.patterns)?;
     let roots = task
         .roots
@@ -147,6 +162,8 @@ pub fn plan(task: &CollectionTask, hostname: &str) -> Result<Plan, TaskError> {
             });
             continue;
         }
+        // Where the entries really are: nothing below the root is followed.
+        let real_root = std::fs::canonicalize(root).unwrap_or_else(|_| root.clone());
         let walk = walkdir::WalkDir::new(root)
             .follow_links(false)
             .sort_by_file_name();
@@ -184,6 +201,13 @@ pub fn plan(task: &CollectionTask, hostname: &str) -> Result<Plan, TaskError> {
                 });
                 continue;
             };
+            if own.iter().any(|p| real_root.join(rel).starts_with(p)) {
+                plan.skipped.push(Skipped {
+                    path: shown,
+                    reason: "the agent's own configuration or token; never collected".into(),
+                });
+                continue;
+            }
             if kind.is_symlink() {
                 plan.skipped.push(Skipped {
                     path: shown,
@@ -368,7 +392,7 @@ mod tests {
         std::fs::write(root.join("a/big.slp"), vec![0; 100]).unwrap();
         std::fs::write(dir.path().join("secret.slp"), b"outside").unwrap();
         std::os::unix::fs::symlink(dir.path().join("secret.slp"), root.join("link.slp")).unwrap();
-        let plan = plan(&task(&root, 10), "vm-1").unwrap();
+        let plan = plan(&task(&root, 10), "vm-1", &[]).unwrap();
         let names: Vec<_> = plan.files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["a/b/deep.slp", "top.slp"]);
         let reasons: Vec<_> = plan
@@ -412,9 +436,53 @@ mod tests {
     fn bad_patterns_and_relative_roots_are_task_errors() {
         let mut t = task(Path::new("/tmp"), 1);
         t.patterns = vec!["a[".into()];
-        assert!(plan(&t, "vm").is_err());
+        assert!(plan(&t, "vm", &[]).is_err());
         let t = task(Path::new("relative/dir"), 1);
-        assert!(plan(&t, "vm").is_err());
+        assert!(plan(&t, "vm", &[]).is_err());
+    }
+
+    #[test]
+    fn the_agents_own_configuration_and_state_are_never_collected_even_from_a_root_above_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("etc/lablink");
+        let state = dir.path().join("var/lib/lablink-agent");
+        std::fs::create_dir_all(&config).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::create_dir_all(dir.path().join("home/ada")).unwrap();
+        std::fs::write(config.join("agent.env"), b"API_TOKEN=secret").unwrap();
+        std::fs::write(state.join("assignment.json"), b"{}").unwrap();
+        std::fs::write(dir.path().join("home/ada/labels.slp"), b"work").unwrap();
+        let own = [config, state];
+        let mut t = task(dir.path(), 1 << 20);
+        t.patterns = vec!["**/*".into()];
+        // The root reached through a link to it counts as the same place.
+        let link = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(dir.path(), link.path().join("root")).unwrap();
+        t.roots.push(link.path().join("root").display().to_string());
+        let plan = plan(&t, "vm-1", &own).unwrap();
+        let names: Vec<_> = plan
+            .files
+            .iter()
+            .map(|f| f.name.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(names, ["labels.slp", "labels.slp"]);
+        let own = "the agent's own configuration or token; never collected";
+        let skipped: Vec<_> = plan
+            .skipped
+            .iter()
+            .filter(|s| s.reason == own)
+            .map(|s| s.path.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                "agent.env",
+                "assignment.json",
+                "agent.env",
+                "assignment.json"
+            ]
+        );
+        assert_eq!(own_files(None), [PathBuf::from(AGENT_CONFIG_DIR)]);
     }
 
     #[test]

@@ -110,6 +110,7 @@ pub struct AgentConfig {
     pub boot_id: String,
     /// Where the agent remembers, across its own restarts and reboots, the assignment it
     /// handled and how far each log file was shipped. `None` keeps that in memory only.
+    /// Never collected (nor is `/etc/lablink`, the agent's environment with its token).
     pub state_dir: Option<PathBuf>,
 }
 
