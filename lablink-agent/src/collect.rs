@@ -241,6 +241,14 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
             } else {
                 rel.to_owned()
             };
+            // The allocator would refuse the whole upload over this one name.
+            if let Some(problem) = lablink_core::collected_path_problem(&name) {
+                plan.skipped.push(Skipped {
+                    path: shown,
+                    reason: format!("{problem}, which the allocator does not accept"),
+                });
+                continue;
+            }
             candidates.push(Planned {
                 source: entry.path().to_owned(),
                 name,
@@ -483,6 +491,25 @@ mod tests {
             ]
         );
         assert_eq!(own_files(None), [PathBuf::from(AGENT_CONFIG_DIR)]);
+    }
+
+    #[test]
+    fn names_the_allocator_would_refuse_are_skipped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ok.slp"), b"fine").unwrap();
+        std::fs::write(dir.path().join("back\\slash.slp"), b"x").unwrap();
+        std::fs::write(dir.path().join("new\nline.slp"), b"x").unwrap();
+        let plan = plan(&task(dir.path(), 1 << 20), "vm-1", &[]).unwrap();
+        let names: Vec<_> = plan.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["ok.slp"]);
+        let skipped: Vec<_> = plan.skipped.iter().map(|s| s.reason.as_str()).collect();
+        assert_eq!(
+            skipped,
+            [
+                "the path has a backslash, which the allocator does not accept",
+                "the path has a control character, which the allocator does not accept"
+            ]
+        );
     }
 
     #[test]

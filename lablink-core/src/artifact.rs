@@ -65,6 +65,30 @@ pub trait ArtifactStore: Send + Sync + Debug {
     }
 }
 
+/// Longest path of a collected file, in bytes.
+pub const MAX_COLLECTED_PATH: usize = 4096;
+
+/// Why `path` cannot name a collected file inside a VM's folder of the admin's zip, or
+/// `None` when it can: 1 to [`MAX_COLLECTED_PATH`] bytes of `/`-separated non-empty segments
+/// other than `.` and `..`, without backslashes or control characters. The allocator refuses
+/// an upload holding such a path; the agent skips (and reports) such files instead.
+pub fn collected_path_problem(path: &str) -> Option<&'static str> {
+    if path.len() > MAX_COLLECTED_PATH {
+        Some("the path is longer than 4096 bytes")
+    } else if path.contains('\\') {
+        Some("the path has a backslash")
+    } else if path.chars().any(char::is_control) {
+        Some("the path has a control character")
+    } else if path
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        Some("the path has an empty, '.' or '..' part")
+    } else {
+        None
+    }
+}
+
 /// Checks `key` against the rules of [`ArtifactStore`].
 pub fn validate_artifact_key(key: &str) -> Result<()> {
     let valid = !key.is_empty()

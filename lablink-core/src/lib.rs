@@ -27,7 +27,8 @@ pub mod testing;
 
 pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
 pub use artifact::{
-    validate_artifact_key, ArtifactInfo, ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore,
+    collected_path_problem, validate_artifact_key, ArtifactInfo, ArtifactStore,
+    LocalDirArtifactStore, MemoryArtifactStore, MAX_COLLECTED_PATH,
 };
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, ErrorStatus, Result};

@@ -48,3 +48,24 @@ async fn clones_of_the_memory_store_share_blobs() {
     a.put("k", b"v".to_vec()).await.unwrap();
     assert_eq!(b.get("k").await.unwrap(), b"v");
 }
+
+#[test]
+fn collected_paths_follow_one_rule_with_a_reason_for_each_problem() {
+    let long = "a/".repeat(lablink_core::MAX_COLLECTED_PATH / 2) + "b";
+    for (path, problem) in [
+        ("a/b/labels.slp", None),
+        ("a\\b.slp", Some("backslash")),
+        ("a\nb.slp", Some("control character")),
+        ("a/\u{7f}.slp", Some("control character")),
+        (long.as_str(), Some("longer than 4096 bytes")),
+        ("", Some("empty")),
+        ("a//b", Some("empty")),
+        ("a/../b", Some("'..'")),
+    ] {
+        let got = lablink_core::collected_path_problem(path);
+        match problem {
+            None => assert_eq!(got, None, "{path:?}"),
+            Some(words) => assert!(got.is_some_and(|g| g.contains(words)), "{path:?}: {got:?}"),
+        }
+    }
+}

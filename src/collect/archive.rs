@@ -52,15 +52,10 @@ pub struct Verified {
     pub skipped: Vec<SkippedFile>,
 }
 
-/// Whether `path` is safe as a relative path inside a VM's folder of the zip.
+/// Whether `path` is safe as a relative path inside a VM's folder of the zip (the rule the
+/// agent applies too).
 fn safe_path(path: &str) -> bool {
-    !path.is_empty()
-        && path.len() <= 4096
-        && !path.contains('\\')
-        && !path.chars().any(char::is_control)
-        && path
-            .split('/')
-            .all(|s| !s.is_empty() && s != "." && s != "..")
+    lablink_core::collected_path_problem(path).is_none()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
