@@ -243,8 +243,9 @@ async fn without_auth_or_with_another_vms_token_nobody_uploads_or_downloads_a_vm
     ));
     let rig = Rig::start_with_collector(addr, LabLink::builder(), &local, collector.clone()).await;
     let hostnames = rig.launch(2).await;
+    let mut expected = BTreeMap::new();
     for h in &hostnames {
-        populate(&work, h, 10_000);
+        expected.insert(h.clone(), populate(&work, h, 10_000));
     }
     rig.wait_for_vms("agents to register", 2, |vm| vm["state"] == "available")
         .await;
@@ -283,15 +284,45 @@ async fn without_auth_or_with_another_vms_token_nobody_uploads_or_downloads_a_vm
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // vm2's token on its own URL with vm1's collection id: not vm2's collection.
+    let r = c
+        .put(rig.url(&format!("/api/v1/vms/{vm2}/collections/{id}")))
+        .bearer_auth(&token2)
+        .body("junk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 
-    // The real agent still completes it: nothing above was stored.
+    // The real agent still completes it: nothing above was stored. vm1's stored collection
+    // is its agent's files, byte for byte, and vm2 has none.
     wait_complete(&rig, std::slice::from_ref(vm1)).await;
-    let stored = collector.store().list("collections/").await.unwrap();
+    let manifest = collector
+        .manifest(vm1)
+        .await
+        .unwrap()
+        .expect("vm1's manifest");
+    assert_eq!(manifest.id, id);
+    let stored: BTreeMap<String, String> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.clone(), f.sha256.clone()))
+        .collect();
+    let real: BTreeMap<String, String> = expected[vm1]
+        .iter()
+        .map(|(path, bytes)| (path.clone(), sha(bytes)))
+        .collect();
+    assert_eq!(stored, real);
+    let (_, entries) = download(&rig, "/api/v1/collections.zip").await;
+    assert_zip_holds(
+        &entries,
+        &BTreeMap::from([(vm1.clone(), expected[vm1].clone())]),
+    );
+    let keys = collector.store().list("collections/").await.unwrap();
     assert!(
-        stored
-            .iter()
+        keys.iter()
             .all(|a| !a.key.starts_with(&format!("collections/{vm2}/"))),
-        "{stored:?}"
+        "{keys:?}"
     );
 
     // Downloads and status are for admins only: no auth, an agent token, a wrong password.
