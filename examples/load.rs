@@ -16,8 +16,9 @@
 //!   p50/p99, and correctness afterwards (every participant got a distinct VM, none free).
 //! - W2: 10,000 agents hold `/vm_startup`, then all are assigned: assignment→response
 //!   latency (from the participant's answer to the waiter's answer) and server RSS.
-//! - W3: telemetry posts (`/api/update_inuse_status`, `/api/gpu_health`) at full rate for
-//!   20 s over 64 keep-alive connections: requests per second.
+//! - W3: telemetry posts (`/api/update_inuse_status`, `/api/gpu_health`, `POST
+//!   /api/vm-status` in turn) at full rate for 20 s over 64 keep-alive connections: requests
+//!   per second.
 //!
 //! The same workloads at scale, with two replicas, a soak and faults: `examples/proof.rs`.
 
@@ -69,7 +70,7 @@ async fn w1_pg(http: &Client) -> Result<(), Error> {
 async fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let run = |w: &str| args.is_empty() || args.iter().any(|a| a == w);
-    let http = Client::builder().pool_max_idle_per_host(20_000).build()?;
+    let http = common::client()?;
     println!("{}", common::machine());
     if run("w1") {
         w1(&http).await?;
@@ -78,7 +79,7 @@ async fn main() -> Result<(), Error> {
         w1_pg(&http).await?;
     }
     if run("w2") {
-        common::w2(&http, 10_000).await?;
+        common::w2(&http, 10_000, &[], "in-memory store").await?;
     }
     if run("w3") {
         common::w3(&http, 20).await?;

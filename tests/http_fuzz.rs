@@ -20,7 +20,8 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// Every route, `{h}` standing for a hostname.
+/// Every route, `{h}` standing for a hostname. `GET /admin/events` is an endless event
+/// stream: [`send`] reads only its first event.
 const ROUTES: &[(&str, &str)] = &[
     ("POST", "/vm_startup"),
     ("POST", "/api/gpu_health"),
@@ -47,6 +48,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/admin/destroy"),
     ("POST", "/admin/reboot"),
     ("POST", "/admin/release"),
+    ("GET", "/admin/events"),
     ("GET", "/api/v1/openapi.json"),
     ("POST", "/api/v1/vms/{h}/ready"),
     ("GET", "/api/v1/vms/{h}/assignment"),
@@ -74,6 +76,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ];
+
+/// How long an event stream's first event is waited for.
+const EVENT_READ: Duration = Duration::from_secs(1);
 
 /// One server and runtime shared by the random cases (VMs `lablink-vm-1..3` exist, one
 /// assigned; a random case may destroy them).
@@ -208,6 +213,7 @@ fn fresh_client() -> &'static reqwest::Client {
         reqwest::Client::builder()
             .pool_max_idle_per_host(0)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .unwrap()
     })
@@ -244,7 +250,7 @@ async fn send(
             .header(CONTENT_TYPE, "application/json")
             .body(vec![b'['; *n]),
     };
-    let response = match req.send().await {
+    let mut response = match req.send().await {
         Ok(response) => response,
         // Refused before the upload finished (413/401 sent early, connection closed).
         Err(e) if matches!(body, Body::Huge(_)) && !e.is_timeout() => return (413, String::new()),
@@ -257,7 +263,16 @@ async fn send(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let text = response.text().await.unwrap_or_default();
+    let text = if content_type.starts_with("text/event-stream") {
+        // An open event stream never ends: its first event (sent at once), or nothing
+        // within a second, then the connection is dropped.
+        match tokio::time::timeout(EVENT_READ, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => String::from_utf8_lossy(&chunk).into_owned(),
+            _ => String::new(),
+        }
+    } else {
+        response.text().await.unwrap_or_default()
+    };
     if status >= 400 && !content_type.starts_with("text/html") {
         let parsed: Value = serde_json::from_str(&text)
             .unwrap_or_else(|_| panic!("{method} {path} → {status} not JSON: {text:?}"));

@@ -1,13 +1,17 @@
 //! The proof suite's short profile (`examples/proof.rs`, `scripts/proof.sh ci`), run by the
-//! test suite so CI runs it on every change: W1 with PostgreSQL on one and on two replicas,
-//! W2, W3, then a soak with real and simulated agents on two replicas while faults are
-//! injected (kill -9 of a replica, the LISTEN connection terminated, PostgreSQL restarted,
-//! an agent paused past its lease, 20% of launches failing), and the invariants checked.
+//! test suite so CI runs it on every change: W1 and W2 with PostgreSQL (W1 on one and on
+//! two replicas), W3, then a soak with real and simulated agents on two replicas while
+//! faults are injected (kill -9 of a replica, the LISTEN connection terminated, PostgreSQL
+//! restarted, an agent paused past its lease, 20% of launches failing), and the invariants
+//! checked.
 //!
 //! Built in the test's own profile (the debug build CI already made, so it adds a link, not
 //! a second release build). Needs `DATABASE_URL` with `LABLINK_PG_DATA` and `LABLINK_PG_BIN`
 //! (`scripts/with-postgres.sh`, which the test command uses), because one fault restarts
 //! PostgreSQL; it fails naming what is missing otherwise.
+//!
+//! Correctness fails the test; the workloads' speed targets do not (the proof prints "target
+//! met" or "target MISSED" for each): CI machines are shared, so a slow run is noise.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -119,5 +123,5 @@ fn the_proof_suite_short_profile_holds() {
     );
     // It did run the soak and check the invariants.
     let checks = lines.iter().filter(|l| l.ends_with("[ok]")).count();
-    assert!(checks >= 13, "only {checks} checks passed: {lines:#?}");
+    assert!(checks >= 14, "only {checks} checks passed: {lines:#?}");
 }

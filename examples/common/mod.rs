@@ -15,11 +15,31 @@ use serde_json::{json, Value};
 /// Any error of a run.
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// One participant's request: how long it took and the VM (hostname, PIN) it got.
-pub type Timed = (Duration, Result<(String, String), Error>);
+/// Participant `i`'s request: `i`, how long it took and the VM (hostname, PIN) it got.
+pub type Timed = (usize, Duration, Result<(String, String), Error>);
 
 /// The admin password every server of a run is given.
 pub const PASSWORD: &str = "load-generator-password";
+
+/// The generator's HTTP client: many idle connections per host, a 120 s bound on every
+/// request (the W2 waiters set their own), and no proxy, so an `HTTP_PROXY` in the
+/// environment cannot send the load off loopback.
+pub fn client() -> Result<Client, Error> {
+    Ok(Client::builder()
+        .pool_max_idle_per_host(20_000)
+        .timeout(Duration::from_secs(120))
+        .no_proxy()
+        .build()?)
+}
+
+/// Prints whether a measured figure met its target. Targets are reported, not enforced:
+/// on a shared machine a slow run is noise, not a defect (correctness checks do fail).
+pub fn verdict(target: &str, measured: &str, met: bool) {
+    println!(
+        "  target {target}: {measured}, {}",
+        if met { "target met" } else { "target MISSED" }
+    );
+}
 
 /// The `server` example as a child process, killed on drop. It can be killed with SIGKILL
 /// and started again on the same port with the same settings.
@@ -275,28 +295,29 @@ pub struct W1 {
 }
 
 /// W1: `n` ready VMs, then `n` concurrent participants, spread round-robin over `servers`
-/// (replicas on one database); afterwards every participant must hold a distinct VM and
-/// none may be free.
+/// (replicas on one database); afterwards every participant must hold a distinct VM, none
+/// may be free, and a participant asking again must get its own VM back.
 pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> Result<W1, Error> {
     servers[0].ready_vms(http, n).await?;
     let start = Instant::now();
-    let results: Vec<Timed> = stream::iter(0..n)
+    let mut results: Vec<Timed> = stream::iter(0..n)
         .map(|i| async move {
             let t = Instant::now();
             let r = servers[i % servers.len()].request_vm(http, i).await;
-            (t.elapsed(), r)
+            (i, t.elapsed(), r)
         })
         .buffer_unordered(n)
         .collect()
         .await;
     let wall = start.elapsed();
-    let mut latencies: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
+    results.sort_by_key(|(i, _, _)| *i);
+    let mut latencies: Vec<Duration> = results.iter().map(|(_, d, _)| *d).collect();
     latencies.sort();
     let hostnames: HashSet<String> = results
         .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(|(h, _)| h.clone()))
+        .filter_map(|(_, _, r)| r.as_ref().ok().map(|(h, _)| h.clone()))
         .collect();
-    let failures = results.iter().filter(|(_, r)| r.is_err()).count();
+    let failures = results.iter().filter(|(_, _, r)| r.is_err()).count();
     let mut free = Vec::new();
     for s in servers {
         let count: Value = http
@@ -307,7 +328,11 @@ pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> 
             .await?;
         free.push(count["count"].as_u64());
     }
-    let again = servers[servers.len() - 1].request_vm(http, 7).await?;
+    // One participant asks again, through the last server: it must get its own VM back.
+    let repeat = 7.min(n - 1);
+    let own = results[repeat].2.as_ref().ok().map(|(h, _)| h.clone());
+    let again = servers[servers.len() - 1].request_vm(http, repeat).await?.0;
+    let rejoined = own.as_deref() == Some(again.as_str());
     let result = W1 {
         throughput: n as f64 / wall.as_secs_f64(),
         p50: percentile(&latencies, 0.5),
@@ -323,21 +348,37 @@ pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> 
         ms(percentile(&latencies, 1.0))
     );
     println!(
-        "  correctness: {} ok, {failures} failed, {} distinct VMs, free as seen by each server {free:?}, rejoin same VM: {}",
+        "  correctness: {} ok, {failures} failed, {} distinct VMs, free as seen by each server {free:?}, participant {repeat} asked again and got {again} (its own: {})",
         n - failures,
         hostnames.len(),
-        hostnames.contains(&again.0)
+        own.as_deref().unwrap_or("none"),
     );
     if failures != 0 || hostnames.len() != n || free.iter().any(|f| *f != Some(0)) {
         return Err("W1 correctness: not every participant got a distinct VM".into());
     }
+    if !rejoined {
+        return Err(format!(
+            "W1 correctness: participant {repeat} asked again and got {again}, not its own VM"
+        )
+        .into());
+    }
     Ok(result)
 }
 
+/// What a W2 run measured.
+#[derive(Debug)]
+pub struct W2 {
+    /// Assignment → waiter's answer, 99th percentile.
+    pub p99: Duration,
+    /// Server RSS with every waiter held, MiB.
+    pub rss_held_mib: f64,
+}
+
 /// W2: `n` agents hold `/vm_startup`, then all are assigned: assignment→response latency
-/// and server RSS. Returns the p99.
-pub async fn w2(http: &Client, n: usize) -> Result<Duration, Error> {
-    let server = Server::start_with(http, &[]).await?;
+/// and server RSS. The server runs with `env` (none: the in-memory store), described as
+/// `what`.
+pub async fn w2(http: &Client, n: usize, env: &[(&str, &str)], what: &str) -> Result<W2, Error> {
+    let server = Server::start_with(http, env).await?;
     let hostnames = server.ready_vms(http, n).await?;
     let rss_idle = server.rss_mib();
     let waiters: Vec<_> = hostnames
@@ -417,17 +458,23 @@ pub async fn w2(http: &Client, n: usize) -> Result<Duration, Error> {
         }
     }
     latencies.sort();
-    println!("W2 {n} waiters on /vm_startup, then all assigned (256 participants at a time)");
+    println!(
+        "W2 {n} waiters on /vm_startup, then all assigned (256 participants at a time; {what})"
+    );
     println!("  server RSS: {rss_idle:.1} MiB with {n} ready VMs, {rss_held:.1} MiB with {n} waiters held ({:.1} KiB per waiter)", (rss_held - rss_idle) * 1024.0 / n as f64);
     println!("  assigning all took {:.3} s; assignment→response p50 {}, p99 {}, max {}; {failed} waiters failed, {unserved} participants unserved", assign_wall.as_secs_f64(), ms(percentile(&latencies, 0.5)), ms(percentile(&latencies, 0.99)), ms(percentile(&latencies, 1.0)));
     if failed != 0 || unserved != 0 {
         return Err("W2: not every waiter got its assignment".into());
     }
-    Ok(percentile(&latencies, 0.99))
+    Ok(W2 {
+        p99: percentile(&latencies, 0.99),
+        rss_held_mib: rss_held,
+    })
 }
 
-/// W3: telemetry posts at full rate for `seconds` over 64 keep-alive connections; returns
-/// the requests per second.
+/// W3: telemetry posts at full rate for `seconds` over 64 keep-alive connections, each
+/// connection rotating over `/api/update_inuse_status`, `/api/gpu_health` and
+/// `/api/vm-status`; returns the requests per second.
 pub async fn w3(http: &Client, seconds: u64) -> Result<f64, Error> {
     const VMS: usize = 64;
     let server = Server::start_with(http, &[]).await?;
@@ -436,27 +483,29 @@ pub async fn w3(http: &Client, seconds: u64) -> Result<f64, Error> {
     let start = Instant::now();
     let tasks: Vec<_> = (0..VMS)
         .map(|i| {
-            let (http, url_a, url_b, h) = (
+            let (http, in_use, gpu, status, h) = (
                 http.clone(),
                 server.url("/api/update_inuse_status"),
                 server.url("/api/gpu_health"),
+                server.url("/api/vm-status"),
                 hostnames[i].clone(),
             );
             tokio::spawn(async move {
                 let (mut ok, mut bad, mut n) = (0u64, 0u64, 0u64);
                 while Instant::now() < deadline {
                     n += 1;
-                    let r = if n % 2 == 0 {
-                        http.post(&url_a)
-                            .json(&json!({"hostname": h, "status": n % 4 == 0}))
-                            .send()
-                            .await
-                    } else {
-                        http.post(&url_b)
-                            .json(&json!({"hostname": h, "gpu_status": "Healthy"}))
-                            .send()
-                            .await
+                    let req = match n % 3 {
+                        0 => http
+                            .post(&in_use)
+                            .json(&json!({"hostname": h, "status": n % 2 == 0})),
+                        1 => http
+                            .post(&gpu)
+                            .json(&json!({"hostname": h, "gpu_status": "Healthy"})),
+                        _ => http
+                            .post(&status)
+                            .json(&json!({"hostname": h, "status": "running"})),
                     };
+                    let r = req.send().await;
                     match r {
                         Ok(r) if r.status().is_success() => ok += 1,
                         _ => bad += 1,
@@ -475,7 +524,7 @@ pub async fn w3(http: &Client, seconds: u64) -> Result<f64, Error> {
     let wall = start.elapsed().as_secs_f64();
     let rate = ok as f64 / wall;
     println!(
-        "W3 telemetry posts for {seconds} s over {VMS} keep-alive connections (in-memory store)"
+        "W3 telemetry posts (in-use, GPU health, VM status in turn) for {seconds} s over {VMS} keep-alive connections (in-memory store)"
     );
     println!(
         "  {ok} ok, {bad} failed: {rate:.0} req/s; server RSS {:.1} MiB",
