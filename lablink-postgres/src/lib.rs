@@ -7,6 +7,7 @@ mod leader;
 mod lock;
 mod logs;
 mod notifier;
+mod reads;
 mod row;
 mod store;
 

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::claim::Claims;
 use crate::error::{classify, PgError};
+use crate::reads::Reads;
 use crate::row::{required, to_i64, vm_row, Column, OperationRow, VmArgs, VmRow};
 use crate::{lock, logs};
 
@@ -37,6 +38,7 @@ pub struct PgVmStore {
     pool: PgPool,
     lock_key: i64,
     claims: Arc<Claims>,
+    reads: Arc<Reads>,
 }
 
 impl PgVmStore {
@@ -44,6 +46,7 @@ impl PgVmStore {
     pub fn new(pool: PgPool) -> Self {
         Self {
             claims: Arc::new(Claims::new(pool.clone())),
+            reads: Arc::new(Reads::new(pool.clone())),
             pool,
             lock_key: lock::DEFAULT_LOCK_KEY,
         }
@@ -255,10 +258,9 @@ impl VmStore for PgVmStore {
     }
 
     async fn get(&self, hostname: &Hostname) -> Result<VmRecord> {
-        let mut conn = self.pool.acquire().await.map_err(|e| classify("get", e))?;
-        fetch_record(&mut conn, hostname)
-            .await
-            .map_err(|e| classify("get", e))?
+        self.reads
+            .get(hostname)
+            .await?
             .ok_or_else(|| not_found(hostname))
     }
 

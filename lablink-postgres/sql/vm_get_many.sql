@@ -1,0 +1,1 @@
+SELECT * FROM lablink_vms WHERE hostname = ANY($1)
