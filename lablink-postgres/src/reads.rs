@@ -30,7 +30,7 @@ pub(crate) struct Reads {
 
 #[derive(Default)]
 struct Queue {
-    pending: Vec<(Hostname, oneshot::Sender<Result<Option<VmRecord>>>)>,
+    pending: Vec<(Hostname, Reply)>,
     workers: usize,
 }
 
@@ -67,8 +67,8 @@ impl Reads {
             start
         };
         if start_worker {
-            let guard = WorkerGuard(self.clone());
-            tokio::spawn(async move { guard.0.work().await });
+            let reads = self.clone();
+            tokio::spawn(async move { reads.work().await });
         }
         answer.await.map_err(|_| {
             Error::new(ErrorKind::Unavailable, "the read worker stopped").with_operation("get")
@@ -76,27 +76,39 @@ impl Reads {
     }
 
     /// A worker: answers batches until the queue is empty.
-    async fn work(&self) {
+    async fn work(self: Arc<Self>) {
+        let mut guard = WorkerGuard(Some(self.clone()));
         loop {
-            let batch: Vec<_> = {
+            // Hostname → every read waiting for it (two reads of one VM can share a batch).
+            let mut batch: HashMap<String, Vec<Reply>> = HashMap::new();
+            {
                 let mut queue = self.lock();
+                if queue.pending.is_empty() {
+                    // Under the lock `get` queues under: a read queued after this sees one
+                    // worker fewer and starts one.
+                    queue.workers -= 1;
+                    guard.0 = None;
+                    return;
+                }
                 let n = queue.pending.len().min(MAX_BATCH);
-                queue.pending.drain(..n).collect()
-            };
-            if batch.is_empty() {
-                return;
+                for (hostname, reply) in queue.pending.drain(..n) {
+                    batch
+                        .entry(hostname.as_str().to_owned())
+                        .or_default()
+                        .push(reply);
+                }
             }
-            let hostnames: Vec<String> = batch.iter().map(|(h, _)| h.as_str().to_owned()).collect();
+            let hostnames: Vec<&str> = batch.keys().map(String::as_str).collect();
             match self.fetch(&hostnames).await {
                 Ok(mut found) => {
-                    for (hostname, reply) in batch {
-                        let _ = reply.send(found.remove(hostname.as_str()).transpose());
+                    for (hostname, replies) in batch {
+                        answer_all(replies, found.remove(&hostname).transpose());
                     }
                 }
                 Err(e) => {
                     let e = classify("get", e);
-                    for (_, reply) in batch {
-                        let _ = reply.send(Err(same_error(&e)));
+                    for replies in batch.into_values() {
+                        answer_all(replies, Err(same_error(&e)));
                     }
                 }
             }
@@ -107,9 +119,9 @@ impl Reads {
     /// it cannot be).
     async fn fetch(
         &self,
-        hostnames: &[String],
+        hostnames: &[&str],
     ) -> Result<HashMap<String, Result<VmRecord>>, PgError> {
-        let rows = sqlx::query_file!("sql/vm_get_many.sql", hostnames)
+        let rows = sqlx::query_file!("sql/vm_get_many.sql", hostnames as &[&str])
             .fetch_all(&self.pool)
             .await?;
         Ok(rows
@@ -123,6 +135,23 @@ impl Reads {
     }
 }
 
+type Reply = oneshot::Sender<Result<Option<VmRecord>>>;
+
+/// Sends `answer` to every read in `replies` (the last gets the original, with its source).
+fn answer_all(mut replies: Vec<Reply>, answer: Result<Option<VmRecord>>) {
+    let Some(last) = replies.pop() else {
+        return;
+    };
+    for reply in replies {
+        let copy = match &answer {
+            Ok(record) => Ok(record.clone()),
+            Err(e) => Err(same_error(e)),
+        };
+        let _ = reply.send(copy);
+    }
+    let _ = last.send(answer);
+}
+
 /// `error` again, for another read of the batch that failed with it (the statement failed
 /// once; every read of it gets the same kind, message and retry status).
 fn same_error(error: &Error) -> Error {
@@ -134,25 +163,20 @@ fn same_error(error: &Error) -> Error {
     }
 }
 
-/// Keeps the worker count right however a worker ends (done, panic, runtime shutting down);
-/// reads it had taken get an `Unavailable` answer as their reply channels drop, and reads
-/// still queued are taken over by a new worker.
-struct WorkerGuard(Arc<Reads>);
+/// Keeps the worker count right if a worker ends early (a panic, its runtime shutting
+/// down): the reads it had taken get an `Unavailable` answer as their reply channels drop;
+/// if it was the last worker, so do the queued ones (nothing would run them; the next `get`
+/// starts a worker again).
+struct WorkerGuard(Option<Arc<Reads>>);
 
 impl Drop for WorkerGuard {
     fn drop(&mut self) {
-        let restart = {
-            let mut queue = self.0.lock();
-            let restart =
-                !queue.pending.is_empty() && tokio::runtime::Handle::try_current().is_ok();
-            if !restart {
-                queue.workers -= 1;
+        if let Some(reads) = self.0.take() {
+            let mut queue = reads.lock();
+            queue.workers -= 1;
+            if queue.workers == 0 {
+                queue.pending.clear();
             }
-            restart
-        };
-        if restart {
-            let guard = WorkerGuard(self.0.clone());
-            tokio::spawn(async move { guard.0.work().await });
         }
     }
 }

@@ -11,8 +11,10 @@ use sqlx::PgPool;
 
 use common::seed_available;
 
-/// 3,000 reads at once, a third of them of hostnames that do not exist: every existing one
-/// gets its own record, every missing one `NotFound` naming it, on a pool of 4 connections.
+/// 3,000 reads at once, a third of them of hostnames that do not exist and every existing VM
+/// read twice (so one statement often holds a hostname twice): every read of an existing VM
+/// gets its record, every read of a missing one `NotFound` naming it, on a pool of 4
+/// connections.
 #[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
 async fn concurrent_reads_each_get_their_own_answer(pool: PgPool) {
     let store = PgVmStore::new(common::replica_pool(&pool, 4, "reads").await);
@@ -20,9 +22,9 @@ async fn concurrent_reads_each_get_their_own_answer(pool: PgPool) {
     let answers: Vec<_> = stream::iter(0..3000)
         .map(|i| {
             let store = store.clone();
-            let asked = match hosts.get(i) {
-                Some(h) => h.clone(),
-                None => host(&format!("missing-{i}")),
+            let asked = match hosts.get(i / 2) {
+                Some(h) if i < 2000 => h.clone(),
+                _ => host(&format!("missing-{i}")),
             };
             async move { (asked.clone(), store.get(&asked).await) }
         })

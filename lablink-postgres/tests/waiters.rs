@@ -137,12 +137,13 @@ async fn waiters_survive_the_listen_connection_being_killed(pool: PgPool) {
     };
     // The first kill lands in the middle of the assignments, so waiters miss NOTIFYs sent
     // while the notifier is down and only the resync after the reconnect can save them.
-    while granted.load(Ordering::SeqCst) < 100 {
+    while granted.load(Ordering::SeqCst) < 100 && !assigner.is_finished() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let mut kills_mid_run = Vec::new();
     let mut killed = 0;
     while killed < 3 && !assigner.is_finished() {
+        let before = granted.load(Ordering::SeqCst);
         let n: i64 = sqlx::query_scalar(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
              WHERE datname = current_database() AND query LIKE 'LISTEN %' AND pid <> pg_backend_pid()",
@@ -151,7 +152,7 @@ async fn waiters_survive_the_listen_connection_being_killed(pool: PgPool) {
         .await
         .unwrap();
         if n > 0 {
-            kills_mid_run.push(granted.load(Ordering::SeqCst));
+            kills_mid_run.push(before);
         }
         killed += n;
         tokio::time::sleep(Duration::from_millis(100)).await;
