@@ -28,9 +28,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use lablink::config::Config;
 use lablink::http::{hash_password, HttpState};
-use lablink::{
-    Allocator, FakeProvisioner, LabLink, LocalProcessProvisioner, Provisioner, Supervisor,
-};
+use lablink::{FakeProvisioner, LabLink, LocalProcessProvisioner, Provisioner};
 use rand::distributions::{Alphanumeric, DistString};
 use tracing_subscriber::EnvFilter;
 
@@ -191,12 +189,12 @@ async fn provisioner(
     Ok((Arc::new(local.clone()), Some(local)))
 }
 
-/// The allocator, with its supervisor running (leases, recovery ladder, reconcile, and the
-/// warm pool, scheduled destruction and idle release when configured).
+/// The allocator; its supervisor is started by `serve` once the HTTP state has installed
+/// the collector, so an automatic destroy never runs before it can collect first.
 async fn allocator(
     config: &Config,
     provisioner: Arc<dyn Provisioner>,
-) -> Result<(Arc<dyn Allocator>, Supervisor), Box<dyn std::error::Error>> {
+) -> Result<LabLink, Box<dyn std::error::Error>> {
     #[allow(unused_mut)]
     let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
@@ -218,9 +216,7 @@ async fn allocator(
         provisioner = %config.provisioner.kind,
         "allocator configured"
     );
-    let lablink = builder.build()?;
-    let supervisor = lablink.start_supervisor()?;
-    Ok((Arc::new(lablink), supervisor))
+    Ok(builder.build()?)
 }
 
 async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
@@ -235,13 +231,19 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let addr = listener.local_addr()?;
     let (provisioner, local) = provisioner(&config, addr).await?;
-    let (allocator, supervisor) = allocator(&config, provisioner).await?;
+    let lablink = allocator(&config, provisioner).await?;
     let collector = lablink::collect::Collector::new(
         config.collect.artifact_store().await?,
         config.collect.settings(),
     );
-    let state =
-        HttpState::with_collector(allocator, config.http_options(hash), Arc::new(collector));
+    let state = HttpState::with_collector(
+        Arc::new(lablink.clone()),
+        config.http_options(hash),
+        Arc::new(collector),
+    );
+    // After the collector is installed: the supervisor's first tick may already be due to
+    // destroy (scheduled destruction, idle release).
+    let supervisor = lablink.start_supervisor()?;
     print_banner(addr, &config, generated.as_deref());
     let served = state.serve(listener, shutdown_signal()).await;
     supervisor.stop().await;
