@@ -553,6 +553,48 @@ async fn scheduled_destruction_and_idle_release_run_the_before_destroy_step_and_
     supervisor.stop().await;
 }
 
+/// The leader keeps its lease while a before-destroy step outlasts it: a second replica on
+/// the same store never takes over (and acts) in the middle of the step.
+#[tokio::test(start_paused = true)]
+async fn a_long_before_destroy_step_keeps_the_leader_lease() {
+    let fake = FakeProvisioner::new();
+    let store = MemoryVmStore::new();
+    let mut c = config();
+    c.destruction.at = Some(chrono::Utc::now() + chrono::Duration::seconds(600));
+    let a = builder(c.clone(), &fake)
+        .with_store(Arc::new(store.clone()))
+        .build()
+        .unwrap();
+    let b = builder(c, &fake)
+        .with_store(Arc::new(store.clone()))
+        .build()
+        .unwrap();
+    let _fleet = Fleet::start(&a, BOOT, HEARTBEAT);
+    let vms = ready(&a, 2).await;
+    // Four leases long.
+    let hook = Arc::new(Hook {
+        work: 60 * SEC,
+        ..Default::default()
+    });
+    assert!(Allocator::set_before_destroy(&a, hook.clone()));
+    let sa = a.start_supervisor().unwrap();
+    wait(SEC).await;
+    let sb = b.start_supervisor().unwrap();
+    wait(900 * SEC).await;
+    assert_eq!(hook.calls.lock().unwrap().len(), 1);
+    let (ta, tb) = (sa.status(), sb.status());
+    assert!(ta.leader && ta.counters.became_leader == 1, "{ta:?}");
+    assert_eq!(
+        tb.counters.became_leader, 0,
+        "the follower took over: {tb:?}"
+    );
+    for h in &vms {
+        assert!(a.vm(h).await.unwrap_err().is_not_found(), "{h} left");
+    }
+    sa.stop().await;
+    sb.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_supervisor_stops_with_its_handle_or_its_allocator() {
     let fake = FakeProvisioner::new();

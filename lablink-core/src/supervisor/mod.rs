@@ -392,9 +392,10 @@ impl LabLink {
 
     /// Runs the [`BeforeDestroy`] step, if one is installed, on `vms` (leaving out those it
     /// already kept); the hostnames that may be destroyed now, or `None` when the step
-    /// failed (nothing is destroyed; asked again next tick). The VMs it keeps are logged,
-    /// recorded as events and flagged until they are gone. The leader lease is renewed
-    /// every tick while the step runs, since a collection may take minutes.
+    /// failed or the leader lease was lost meanwhile (nothing is destroyed; asked again next
+    /// tick, as leader). The VMs it keeps are logged, recorded as events and flagged until
+    /// they are gone. The leader lease is renewed every tick while the step runs, since a
+    /// collection may take minutes, and checked once more when it ends.
     pub(super) async fn cleared_for_destroy(
         &self,
         vms: &[&VmRecord],
@@ -413,22 +414,37 @@ impl LabLink {
         };
         let config = &self.inner.config.supervisor;
         let id = shared.status().id.clone();
+        // Whether the lease is still this replica's; once it was not, the step's answer is
+        // not acted on (another replica may lead, and collect, by now).
+        let renew = || async {
+            let at = self.inner.clock.now();
+            let until = at + span_of(config.leader_lease);
+            match self.inner.store.try_lead(&id, at, until).await {
+                Ok(lease) => lease.holder == id,
+                Err(e) => {
+                    shared.error("leader lease", &e);
+                    false
+                }
+            }
+        };
+        let mut held = true;
         let answer = {
             let asked = hook.before_destroy(&vms);
             tokio::pin!(asked);
             loop {
                 tokio::select! {
                     answer = &mut asked => break answer,
-                    () = tokio::time::sleep(config.tick) => {
-                        let at = self.inner.clock.now();
-                        let until = at + span_of(config.leader_lease);
-                        if let Err(e) = self.inner.store.try_lead(&id, at, until).await {
-                            shared.error("leader lease", &e);
-                        }
-                    }
+                    () = tokio::time::sleep(config.tick) => held &= renew().await,
                 }
             }
         };
+        if !(held && renew().await) {
+            shared.event(
+                now,
+                "lost the leader lease while preparing VMs for destruction; destroyed none".into(),
+            );
+            return None;
+        }
         let kept = match answer {
             Ok(kept) => kept,
             Err(e) => {
