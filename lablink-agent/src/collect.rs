@@ -128,13 +128,17 @@ fn glob_set(patterns: &[String]) -> Result<GlobSet, TaskError> {
     set.build().map_err(|e| TaskError(e.to_string()))
 }
 
-/// Where the shipped cloud-init (Terraform and EC2) writes the agent's environment,
-/// `agent.env` with its `API_TOKEN`.
-pub const AGENT_CONFIG_DIR: &str = "/etc/lablink";
+/// Places on a VM that hold the agent's token, never collected: where the shipped cloud-init
+/// (Terraform and EC2) writes `agent.env` with its `API_TOKEN`, and cloud-init's own copies
+/// of the user data that carried it (`/var/lib/cloud/instance/user-data.txt`, its scripts,
+/// and the instance data under `/run/cloud-init`).
+pub const TOKEN_DIRS: [&str; 3] = ["/etc/lablink", "/var/lib/cloud", "/run/cloud-init"];
 
-/// The agent's own files, never collected: [`AGENT_CONFIG_DIR`] and its state directory.
+/// The agent's own files, never collected: [`TOKEN_DIRS`] and its state directory.
 pub fn own_files(state_dir: Option<&Path>) -> Vec<PathBuf> {
-    std::iter::once(Path::new(AGENT_CONFIG_DIR))
+    TOKEN_DIRS
+        .iter()
+        .map(Path::new)
         .chain(state_dir)
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned()))
         .collect()
@@ -490,7 +494,11 @@ mod tests {
                 "assignment.json"
             ]
         );
-        assert_eq!(own_files(None), [PathBuf::from(AGENT_CONFIG_DIR)]);
+        assert_eq!(
+            own_files(None),
+            TOKEN_DIRS.map(PathBuf::from),
+            "every token directory is guarded"
+        );
     }
 
     #[test]

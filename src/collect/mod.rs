@@ -48,8 +48,9 @@ pub struct CollectSettings {
     /// Directories searched on each VM. `~` is the agent's home directory, `{hostname}` the
     /// VM's name (for VMs sharing one file system, like local demo VMs). The agent never
     /// collects its own configuration (`/etc/lablink`, holding `agent.env` with its
-    /// `API_TOKEN`) or its state directory, even under a root of `/`; it reports such files
-    /// as skipped.
+    /// `API_TOKEN`), cloud-init's copies of the user data that carried the token
+    /// (`/var/lib/cloud`, `/run/cloud-init`) or its state directory, even under a root of
+    /// `/`; it reports such files as skipped.
     pub roots: Vec<String>,
     /// Glob patterns matched against paths relative to a root: `*` stays within a folder,
     /// `**` crosses folders (`**/*.slp` is every `.slp` file at any depth).
