@@ -12,7 +12,8 @@ use std::time::Duration;
 use common::{agent_process, crd_command, free_addr, wait_until, Rig, Workdir, ADMIN, PASSWORD};
 use lablink::collect::{CollectSettings, Collector};
 use lablink::{
-    AllocatorConfig, ArtifactStore, LabLink, LocalDirArtifactStore, OperationKind, SupervisorConfig,
+    AllocatorConfig, ArtifactStore, LabLink, LabLinkBuilder, LocalDirArtifactStore,
+    LocalProcessProvisioner, OperationKind, SupervisorConfig,
 };
 use reqwest::header::ACCEPT;
 use reqwest::StatusCode;
@@ -50,6 +51,36 @@ fn settings(work: &Workdir, max_vm_bytes: u64) -> CollectSettings {
         max_vm_bytes,
         max_total_bytes: 1 << 30,
         ..CollectSettings::default()
+    }
+}
+
+/// A server whose collector collects before every destroy, waiting up to `wait_seconds`
+/// for the uploads, with local agent processes as its VMs.
+struct CollectFirst {
+    work: Workdir,
+    url: String,
+    local: LocalProcessProvisioner,
+    rig: Rig,
+}
+
+async fn collect_first(wait_seconds: u64, builder: LabLinkBuilder) -> CollectFirst {
+    let work = Workdir::new();
+    let addr = free_addr().await;
+    let url = format!("http://{addr}");
+    let local = work.provisioner(&url, &[]);
+    let mut settings = settings(&work, 10_000);
+    settings.destroy_collects_first = true;
+    settings.destroy_wait_seconds = wait_seconds;
+    let collector = Arc::new(Collector::new(
+        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
+        settings,
+    ));
+    let rig = Rig::start_with_collector(addr, builder, &local, collector).await;
+    CollectFirst {
+        work,
+        url,
+        local,
+        rig,
     }
 }
 
@@ -395,18 +426,12 @@ async fn without_auth_or_with_another_vms_token_nobody_uploads_or_downloads_a_vm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_collects_first_and_a_failed_collection_keeps_the_vm_unless_forced() {
-    let work = Workdir::new();
-    let addr = free_addr().await;
-    let url = format!("http://{addr}");
-    let local = work.provisioner(&url, &[]);
-    let mut settings = settings(&work, 10_000);
-    settings.destroy_collects_first = true;
-    settings.destroy_wait_seconds = 6;
-    let collector = Arc::new(Collector::new(
-        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
-        settings,
-    ));
-    let rig = Rig::start_with_collector(addr, LabLink::builder(), &local, collector).await;
+    let CollectFirst {
+        work,
+        url,
+        local,
+        rig,
+    } = collect_first(6, LabLink::builder()).await;
     let hostnames = rig.launch(2).await;
     let mut expected = BTreeMap::new();
     for h in &hostnames {
@@ -488,18 +513,12 @@ async fn destroy_collects_first_and_a_failed_collection_keeps_the_vm_unless_forc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
-    let work = Workdir::new();
-    let addr = free_addr().await;
-    let url = format!("http://{addr}");
-    let local = work.provisioner(&url, &[]);
-    let mut settings = settings(&work, 10_000);
-    settings.destroy_collects_first = true;
-    settings.destroy_wait_seconds = 60;
-    let collector = Arc::new(Collector::new(
-        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
-        settings,
-    ));
-    let rig = Rig::start_with_collector(addr, LabLink::builder(), &local, collector).await;
+    let CollectFirst {
+        work,
+        url,
+        local,
+        rig,
+    } = collect_first(60, LabLink::builder()).await;
     let old = rig.launch(1).await.remove(0);
     populate(&work, &old, 10_000);
     rig.wait_for_vms("the agent to register", 1, |vm| vm["state"] == "available")
@@ -535,17 +554,6 @@ async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_scheduled_destruction_collects_every_vm_before_destroying_it() {
-    let work = Workdir::new();
-    let addr = free_addr().await;
-    let url = format!("http://{addr}");
-    let local = work.provisioner(&url, &[]);
-    let mut settings = settings(&work, 10_000);
-    settings.destroy_collects_first = true;
-    settings.destroy_wait_seconds = 60;
-    let collector = Arc::new(Collector::new(
-        Arc::new(LocalDirArtifactStore::new(work.path("artifacts"))),
-        settings,
-    ));
     // The end of the workshop is already due; the supervisor starts once the VMs are up.
     let mut supervisor = SupervisorConfig {
         tick: Duration::from_millis(200),
@@ -557,7 +565,9 @@ async fn the_scheduled_destruction_collects_every_vm_before_destroying_it() {
         supervisor,
         ..AllocatorConfig::default()
     });
-    let rig = Rig::start_with_collector(addr, builder, &local, collector).await;
+    let CollectFirst {
+        work, local, rig, ..
+    } = collect_first(60, builder).await;
     let hostnames = rig.launch(2).await;
     let mut expected = BTreeMap::new();
     for h in &hostnames {
