@@ -519,12 +519,16 @@ async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
         local,
         rig,
     } = collect_first(60, LabLink::builder()).await;
-    let old = rig.launch(1).await.remove(0);
-    populate(&work, &old, 10_000);
-    rig.wait_for_vms("the agent to register", 1, |vm| vm["state"] == "available")
+    let vms = rig.launch(2).await;
+    let (old, gone) = (&vms[0], &vms[1]);
+    for h in &vms {
+        populate(&work, h, 10_000);
+    }
+    rig.wait_for_vms("the agents to register", 2, |vm| vm["state"] == "available")
         .await;
-    // The agent is paused, so the destroy waits for its collection while a VM is launched.
-    let (pid, _) = agent_process(&old, &url).expect("the agent process");
+    // The first agent is paused, so the destroy waits for its collection; meanwhile the
+    // second VM is destroyed by someone else and a new VM is launched.
+    let (pid, _) = agent_process(old, &url).expect("the agent process");
     let signal = |name: &str| {
         let sent = std::process::Command::new("kill")
             .args([name, &pid.to_string()])
@@ -534,13 +538,37 @@ async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
     };
     signal("-STOP");
     let destroy = admin_post(&rig, "/api/v1/destroy", json!({"all": true}));
-    let launch = async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+    let meanwhile = async {
+        // The destroy has listed the VMs once it asked for their collections.
+        wait_until(
+            "the destroy to ask for a collection",
+            Duration::from_secs(60),
+            || async {
+                let list = rig.admin_get("/api/v1/collections").await;
+                list.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|vm| vm["hostname"] == old.as_str() && vm["current"]["state"].is_string())
+                    .then_some(())
+            },
+        )
+        .await;
+        let (status, body) = admin_post(
+            &rig,
+            "/api/v1/destroy",
+            json!({"hostnames": [gone], "force": true}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        rig.wait_for_vms("the other VM to be gone", 1, |vm| {
+            vm["hostname"] == old.as_str()
+        })
+        .await;
         let new = rig.launch(1).await.remove(0);
         signal("-CONT");
         new
     };
-    let ((status, body), new) = tokio::join!(destroy, launch);
+    let ((status, body), new) = tokio::join!(destroy, meanwhile);
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["hostnames"], json!([old]), "{body}");
     let vms = rig

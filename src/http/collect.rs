@@ -385,12 +385,19 @@ pub async fn destroy(
         )
         .await?;
     // Only the VMs listed before the wait, less the blocked ones: a VM launched meanwhile
-    // was not collected, so "all" must not take it.
-    let rest: Vec<Hostname> = vms
-        .into_iter()
-        .map(|vm| vm.hostname)
-        .filter(|h| !blocked.contains_key(h.as_str()))
-        .collect();
+    // was not collected, so "all" must not take it. One that is gone since (destroyed by
+    // someone else during the wait) is left out rather than failing the whole destroy.
+    let mut rest: Vec<Hostname> = Vec::new();
+    for vm in vms {
+        if blocked.contains_key(vm.hostname.as_str()) {
+            continue;
+        }
+        match state.allocator().vm(&vm.hostname).await {
+            Ok(_) => rest.push(vm.hostname),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let operation = if rest.is_empty() {
         None
     } else {
