@@ -658,16 +658,19 @@ impl Collector {
         loop {
             let mut still = Vec::new();
             for asked in pending {
-                match self.status(&asked.hostname).await? {
-                    Some(s) if s.id == asked.id && s.state == CollectionState::Complete => {}
-                    Some(s) if s.id == asked.id && s.state == CollectionState::Failed => {
-                        failed.insert(s.hostname, s.error.unwrap_or_default());
+                // The VM's current collection: the one asked for, or a newer request for the
+                // same VM (the admin, another destroy, the supervisor) that replaced it and
+                // whose outcome is now this VM's.
+                let Some(current) = self.status(&asked.hostname).await? else {
+                    failed.insert(asked.hostname, "its collection status is gone".into());
+                    continue;
+                };
+                match current.state {
+                    CollectionState::Complete => {}
+                    CollectionState::Failed => {
+                        failed.insert(current.hostname, current.error.unwrap_or_default());
                     }
-                    Some(s) if s.id == asked.id => still.push(asked),
-                    // Replaced by a newer request: that one carries on; this one is not done.
-                    _ => {
-                        failed.insert(asked.hostname, "replaced by a newer collection".into());
-                    }
+                    _ => still.push(current),
                 }
             }
             pending = still;
@@ -861,6 +864,46 @@ mod tests {
             overview[0].1.as_ref().unwrap().state,
             CollectionState::Failed
         );
+    }
+
+    /// The current collection of `vm` once it is not `except`.
+    async fn newer_than(c: &Collector, vm: &str, except: Option<&str>) -> String {
+        for _ in 0..1000 {
+            if let Some(s) = c.status(vm).await.unwrap() {
+                if Some(s.id.as_str()) != except {
+                    return s.id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no new collection of {vm}");
+    }
+
+    /// Two destroys (or a destroy and the supervisor) wait on one VM: the second request
+    /// replaces the first collection, and both follow it to its outcome instead of the first
+    /// reporting a failure of its own.
+    #[tokio::test]
+    async fn two_waits_on_one_vm_follow_its_newest_collection() {
+        let c = Arc::new(Collector::new(
+            Arc::new(MemoryArtifactStore::default()),
+            CollectSettings::default(),
+        ));
+        let vm: Hostname = "vm-1".parse().unwrap();
+        let wait = |c: Arc<Collector>, vm: Hostname| {
+            tokio::spawn(async move { c.collect_and_wait(&[vm], Duration::from_secs(60)).await })
+        };
+        let first = wait(c.clone(), vm.clone());
+        let id1 = newer_than(&c, "vm-1", None).await;
+        let second = wait(c.clone(), vm.clone());
+        let id2 = newer_than(&c, "vm-1", Some(&id1)).await;
+        c.fail("vm-1", &id2, "the agent refused").await.unwrap();
+        for waited in [first, second] {
+            let failed = waited.await.unwrap().unwrap();
+            assert_eq!(
+                failed.get("vm-1").map(String::as_str),
+                Some("the agent refused")
+            );
+        }
     }
 
     #[test]
