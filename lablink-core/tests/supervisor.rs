@@ -553,6 +553,45 @@ async fn scheduled_destruction_and_idle_release_run_the_before_destroy_step_and_
     supervisor.stop().await;
 }
 
+/// A VM claimed by a participant while the before-destroy step runs is not destroyed with
+/// the others (its work was never collected): it is asked about again on a later tick.
+#[tokio::test(start_paused = true)]
+async fn a_vm_claimed_during_the_before_destroy_step_is_asked_about_again() {
+    let fake = FakeProvisioner::new();
+    let clock = TokioClock::new();
+    let mut c = config();
+    let at = clock_now(&clock) + chrono::Duration::seconds(600);
+    c.destruction.at = Some(at);
+    let lablink = builder(c, &fake)
+        .with_clock(Arc::new(clock))
+        .build()
+        .unwrap();
+    let _fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+    ready(&lablink, 3).await;
+    let hook = Arc::new(Hook {
+        work: 40 * SEC,
+        ..Default::default()
+    });
+    assert!(Allocator::set_before_destroy(&lablink, hook.clone()));
+    let supervisor = lablink.start_supervisor().unwrap();
+    // In the middle of the step that asks about all three (due at `at`, one tick at most
+    // later, and 40 s long).
+    let to_due = (at - clock_now(&clock)).to_std().unwrap();
+    wait(to_due + 20 * SEC).await;
+    assert!(
+        hook.calls.lock().unwrap().is_empty(),
+        "the step ended early"
+    );
+    let claimed = lablink.request_vm(&request("ada")).await.unwrap().hostname;
+    wait(300 * SEC).await;
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert_eq!(calls[0].0.len(), 3, "{calls:?}");
+    assert_eq!(calls[1].0, [claimed], "{calls:?}");
+    assert!(lablink.vms(&VmFilter::default()).await.unwrap().is_empty());
+    supervisor.stop().await;
+}
+
 /// The leader keeps its lease while a before-destroy step outlasts it: a second replica on
 /// the same store never takes over (and acts) in the middle of the step.
 #[tokio::test(start_paused = true)]

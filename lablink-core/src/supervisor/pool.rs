@@ -1,10 +1,12 @@
 //! The warm pool, scheduled destruction and idle release.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 
 use super::{span_of, FlagKind, Memory, Shared, SupervisorConfig, VmFlag};
 use crate::{
-    DestructionConfig, Hostname, IdleReleaseConfig, LabLink, LaunchOptions, Phase, VmRecord,
+    DestructionConfig, Email, Hostname, IdleReleaseConfig, LabLink, LaunchOptions, Phase, VmRecord,
     VmState,
 };
 
@@ -161,7 +163,16 @@ impl LabLink {
         if left.is_empty() {
             return;
         }
-        match self.destroy_where(&left, |_| true).await {
+        // Who held each VM when the step looked at it: one claimed by a participant during
+        // the step (its work was not collected) waits for the next tick.
+        let owners: HashMap<&Hostname, Option<&Email>> = records
+            .iter()
+            .map(|r| (&r.hostname, r.assignment.as_ref().map(|a| &a.email)))
+            .collect();
+        let unchanged = |r: &VmRecord| {
+            owners.get(&r.hostname).copied().flatten() == r.assignment.as_ref().map(|a| &a.email)
+        };
+        match self.destroy_where(&left, unchanged).await {
             Ok(taken) if !taken.is_empty() => shared.event(
                 now,
                 format!("scheduled destruction: destroying {} VM(s)", taken.len()),
