@@ -91,7 +91,7 @@ async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
 }
 
 /// `POST /destroy`: destroys every VM (collecting first when configured; `force` destroys
-/// VMs whose collection failed too).
+/// at once, without collecting).
 pub async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Response {
     let outcome = async {
         let force = super::collect::force_field(&req.form)?;
