@@ -1281,7 +1281,7 @@ async fn soak_run(
     // A participant still running (or one that panicked) is a failure; it is stopped first,
     // so it cannot change what participants hold while the invariants are checked.
     let mut unfinished = 0;
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(120);
+    let give_up = tokio::time::Instant::from_std(end + Duration::from_secs(120));
     for mut p in participants {
         if !matches!(tokio::time::timeout_at(give_up, &mut p).await, Ok(Ok(()))) {
             p.abort();
