@@ -109,6 +109,9 @@ fn main() -> ExitCode {
         }
     };
     if command == Command::Validate {
+        for warning in config.warnings() {
+            println!("warning: {warning}");
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
@@ -243,6 +246,10 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     // After the collector is installed: the supervisor's first tick may already be due to
     // destroy (scheduled destruction, idle release).
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    seed_roster(&config, &lablink).await?;
     let supervisor = lablink.start_supervisor()?;
     print_banner(addr, &config, generated.as_deref());
     let served = state.serve(listener, shutdown_signal()).await;
@@ -252,6 +259,17 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     served?;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Stores the configured registered participants, unless the store already holds a list
+/// (one uploaded in the admin UI wins over the file, which gives only the first list).
+async fn seed_roster(config: &Config, lablink: &LabLink) -> Result<(), Box<dyn std::error::Error>> {
+    use lablink::Allocator as _;
+    let emails = config.participants.emails().map_err(|p| p.join("; "))?;
+    if !emails.is_empty() && lablink.roster().await?.is_empty() {
+        lablink.set_roster(&emails).await?;
+    }
     Ok(())
 }
 

@@ -45,6 +45,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Collecting participants' work off the VMs.
     pub collect: CollectConfig,
+    /// Who may take a VM, and how fast one address may ask.
+    pub participants: ParticipantsConfig,
 }
 
 /// `[collect]`: which files are collected from the VMs, the limits, where collections are
@@ -169,8 +171,8 @@ impl CollectConfig {
     }
 }
 
-/// Where and how the HTTP server listens.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Where and how the HTTP server listens. `Debug` hides the secrets.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address to bind (`host:port`).
@@ -183,6 +185,15 @@ pub struct ServerConfig {
     pub request_timeout_seconds: u64,
     /// Mark cookies `Secure` (set when behind HTTPS).
     pub secure_cookies: bool,
+    /// Reverse proxies (addresses or CIDR networks) whose `X-Forwarded-For` and
+    /// `X-Forwarded-Proto` are believed.
+    pub trusted_proxies: Vec<String>,
+    /// Bearer token `/metrics` asks for (empty: `/metrics` is open; `validate` warns when
+    /// the listener is not loopback).
+    pub metrics_token: String,
+    /// Secret (at least 32 characters) that signs participants' cookies; replicas behind one
+    /// load balancer must share it. Empty: each process makes its own.
+    pub cookie_secret: String,
 }
 
 impl Default for ServerConfig {
@@ -193,7 +204,129 @@ impl Default for ServerConfig {
             max_body_bytes: 2 * 1024 * 1024,
             request_timeout_seconds: 30,
             secure_cookies: false,
+            trusted_proxies: Vec::new(),
+            metrics_token: String::new(),
+            cookie_secret: String::new(),
         }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hidden = |s: &str| if s.is_empty() { "" } else { "***" };
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("max_wait_seconds", &self.max_wait_seconds)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout_seconds", &self.request_timeout_seconds)
+            .field("secure_cookies", &self.secure_cookies)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("metrics_token", &hidden(&self.metrics_token))
+            .field("cookie_secret", &hidden(&self.cookie_secret))
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// The trusted proxies as networks (a bare address is a network of one); the entries
+    /// that are neither are returned as problems.
+    pub fn trusted_proxy_networks(&self) -> Result<Vec<ipnet::IpNet>, Vec<String>> {
+        let mut nets = Vec::new();
+        let mut problems = Vec::new();
+        for entry in &self.trusted_proxies {
+            match entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            {
+                Ok(net) => nets.push(net),
+                Err(_) => problems.push(format!(
+                    "[server] trusted_proxies: {entry:?} is neither an address nor a network (10.0.0.0/8)"
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(nets)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// `[participants]`: who may take a VM and how fast one address may ask.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParticipantsConfig {
+    /// The event access code participants must type (empty: none). Compared in constant time.
+    pub access_code: String,
+    /// The registered participants' emails (empty: anyone may take a VM). Stored at start
+    /// when the store holds no list yet; the admin UI replaces it (CSV upload).
+    pub registered_emails: Vec<String>,
+    /// VM requests one client address may make at once.
+    pub requests_burst: u32,
+    /// VM requests one client address may make per minute after the burst.
+    pub requests_per_minute: u32,
+}
+
+impl Default for ParticipantsConfig {
+    fn default() -> Self {
+        let limit = HttpOptions::DEFAULT_PARTICIPANT_LIMIT;
+        Self {
+            access_code: String::new(),
+            registered_emails: Vec::new(),
+            requests_burst: limit.burst,
+            requests_per_minute: limit.per_minute,
+        }
+    }
+}
+
+impl fmt::Debug for ParticipantsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParticipantsConfig")
+            .field(
+                "access_code",
+                &if self.access_code.is_empty() {
+                    ""
+                } else {
+                    "***"
+                },
+            )
+            .field("registered_emails", &self.registered_emails.len())
+            .field("requests_burst", &self.requests_burst)
+            .field("requests_per_minute", &self.requests_per_minute)
+            .finish()
+    }
+}
+
+impl ParticipantsConfig {
+    /// The registered emails, parsed; the ones that are not emails are returned as problems.
+    pub fn emails(&self) -> Result<Vec<lablink_core::Email>, Vec<String>> {
+        let mut emails = Vec::new();
+        let mut problems = Vec::new();
+        for (i, raw) in self.registered_emails.iter().enumerate() {
+            match raw.parse() {
+                Ok(email) => emails.push(email),
+                Err(e) => problems.push(format!(
+                    "[participants] registered_emails[{i}]: {}",
+                    lablink_core::Error::message(&e)
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(emails)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = self.emails().err().unwrap_or_default();
+        if self.requests_burst == 0 {
+            problems.push("[participants] requests_burst must be at least 1".into());
+        }
+        if !self.access_code.is_empty() && self.access_code.trim() != self.access_code {
+            problems.push("[participants] access_code must not start or end with spaces".into());
+        }
+        problems
     }
 }
 
@@ -603,6 +736,7 @@ impl Config {
             "provisioner",
             "log",
             "collect",
+            "participants",
         ];
         if let Some(map) = tree.as_object() {
             for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
@@ -621,6 +755,7 @@ impl Config {
             provisioner: section(&tree, "provisioner", &mut problems),
             log: section(&tree, "log", &mut problems),
             collect: section(&tree, "collect", &mut problems),
+            participants: section(&tree, "participants", &mut problems),
         };
         problems.extend(config.problems());
         if problems.is_empty() {
@@ -698,7 +833,35 @@ impl Config {
             problems.push("[log] format must be text or json".into());
         }
         problems.extend(self.collect.problems());
+        problems.extend(self.participants.problems());
+        problems.extend(
+            self.server
+                .trusted_proxy_networks()
+                .err()
+                .unwrap_or_default(),
+        );
+        if !self.server.cookie_secret.is_empty() && self.server.cookie_secret.len() < 32 {
+            problems.push("[server] cookie_secret must be at least 32 characters".into());
+        }
         problems
+    }
+
+    /// What is allowed but unwise, one message each: a server reachable from other machines
+    /// that serves `/metrics` to anyone.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let loopback = self
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if !loopback && self.server.metrics_token.is_empty() {
+            warnings.push(format!(
+                "[server] listen {} is reachable from other machines and /metrics has no metrics_token: anyone can read it",
+                self.server.listen
+            ));
+        }
+        warnings
     }
 
     /// Whether an admin password or hash was configured (else one is generated).
@@ -715,6 +878,17 @@ impl Config {
         options.request_timeout = Duration::from_secs(self.server.request_timeout_seconds);
         options.secure_cookies = self.server.secure_cookies;
         options.sign_in_failures_per_minute = self.admin.sign_in_failures_per_minute;
+        options.trusted_proxies = self.server.trusted_proxy_networks().unwrap_or_default();
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        options.metrics_token = some(&self.server.metrics_token);
+        if !self.server.cookie_secret.is_empty() {
+            options.cookie_key = crate::http::CookieKey::from_secret(&self.server.cookie_secret);
+        }
+        options.access_code = some(&self.participants.access_code);
+        options.participant_limit = crate::http::RateLimit {
+            burst: self.participants.requests_burst,
+            per_minute: self.participants.requests_per_minute,
+        };
         options
     }
 }

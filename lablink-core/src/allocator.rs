@@ -62,7 +62,9 @@ pub enum DestroyTarget {
 ///
 /// - `request_vm` is idempotent per email: the same email gets the same VM and PIN back. No
 ///   VM goes to two emails. Without a free VM it fails with
-///   [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity).
+///   [`ErrorKind::NoCapacity`](crate::ErrorKind::NoCapacity); for an email missing from a
+///   non-empty [`roster`](Self::roster), with
+///   [`ErrorKind::PermissionDenied`](crate::ErrorKind::PermissionDenied) (and no VM).
 /// - `wait_for_assignment` subscribes before it reads, so an assignment made at any moment is
 ///   seen; it answers at once when the VM is already assigned and `Ok(None)` when `timeout`
 ///   (capped by the configured maximum) passes first.
@@ -122,6 +124,13 @@ pub trait Allocator: Send + Sync + Debug {
 
     /// The newest operations, newest first.
     async fn operations(&self, limit: usize) -> Result<Vec<Operation>>;
+
+    /// The registered participants' emails (empty: anyone may take a VM).
+    async fn roster(&self) -> Result<Vec<Email>>;
+
+    /// Replaces the registered participants' emails: from then on only they may take a VM
+    /// (empty: anyone). Kept in the store, so every replica applies it within seconds.
+    async fn set_roster(&self, emails: &[Email]) -> Result<()>;
 
     /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
     /// when none runs (the default for allocators without one).

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::{
     clean_lines, AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, ClaimRequest,
-    Clock, DestroyTarget, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname,
+    Clock, DestroyTarget, Email, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname,
     LaunchOptions, MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin,
     Provisioner, Result, SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter,
     VmLogs, VmRecord, VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
@@ -177,6 +177,7 @@ impl LabLinkBuilder {
                 supervision: std::sync::Mutex::new(None),
                 before_destroy: std::sync::Mutex::new(self.before_destroy),
                 turned_away: crate::supervisor::TurnedAway::default(),
+                roster: crate::roster::Roster::default(),
             }),
         })
     }
@@ -201,6 +202,8 @@ pub(crate) struct Inner {
     pub(crate) before_destroy: std::sync::Mutex<Option<Arc<dyn BeforeDestroy>>>,
     /// Participants refused for lack of a free VM (demand for the warm pool).
     pub(crate) turned_away: crate::supervisor::TurnedAway,
+    /// Who may take a VM (see [`Allocator::set_roster`]).
+    pub(crate) roster: crate::roster::Roster,
 }
 
 /// How often a state reaction is retried when another writer changed the record first.
@@ -335,6 +338,17 @@ impl Allocator for LabLink {
     async fn request_vm(&self, request: &VmRequest) -> Result<Granted> {
         let span = tracing::info_span!("request_vm", email = %request.email, hostname = tracing::field::Empty);
         async {
+            if !self
+                .inner
+                .roster
+                .admits(&*self.inner.store, &request.email)
+                .await?
+            {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    "this email is not on the list of registered participants; use the email you registered with, or ask the organisers",
+                ));
+            }
             let claim = ClaimRequest {
                 email: request.email.clone(),
                 crd_command: request.crd_command.clone(),
@@ -417,6 +431,9 @@ impl Allocator for LabLink {
         }
         telemetry.logs.retain(|a| !a.lines.is_empty());
         let now = self.inner.clock.now();
+        if let Some(timings) = &telemetry.timings {
+            timings.check_reported(now)?;
+        }
         let record = self
             .inner
             .store
@@ -477,6 +494,19 @@ impl Allocator for LabLink {
 
     async fn operations(&self, limit: usize) -> Result<Vec<Operation>> {
         self.inner.store.list_operations(limit).await
+    }
+
+    async fn roster(&self) -> Result<Vec<Email>> {
+        self.inner.store.roster().await
+    }
+
+    async fn set_roster(&self, emails: &[Email]) -> Result<()> {
+        self.inner
+            .roster
+            .replace(&*self.inner.store, emails)
+            .await?;
+        tracing::info!(emails = emails.len(), "registered participants replaced");
+        Ok(())
     }
 
     fn supervision(&self) -> Option<crate::SupervisorStatus> {

@@ -31,6 +31,7 @@ struct Inner {
     by_token: HashMap<TokenDigest, Hostname>,
     operations: HashMap<Uuid, Operation>,
     leader: Option<LeaderLease>,
+    roster: BTreeSet<Email>,
 }
 
 #[derive(Debug)]
@@ -365,6 +366,15 @@ impl VmStore for MemoryVmStore {
         if inner.leader.as_ref().is_some_and(|l| l.holder == candidate) {
             inner.leader = None;
         }
+        Ok(())
+    }
+
+    async fn roster(&self) -> Result<Vec<Email>> {
+        Ok(self.lock().roster.iter().cloned().collect())
+    }
+
+    async fn replace_roster(&self, emails: &[Email]) -> Result<()> {
+        self.lock().roster = emails.iter().cloned().collect();
         Ok(())
     }
 }

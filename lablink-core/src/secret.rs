@@ -38,12 +38,17 @@ macro_rules! redacted {
     };
 }
 
-/// The Chrome Remote Desktop command a participant pastes: a credential (it carries a one-time
-/// `--code`), delivered only to the assigned VM's agent.
+/// The Chrome Remote Desktop code a participant pastes: a credential, delivered only to the
+/// assigned VM's agent.
 ///
-/// Valid commands contain `--code=<value>` (quoted or not) whose value is 1–512 characters of
-/// `[A-Za-z0-9/_.~+-]`. The agent never runs the command itself: it takes [`CrdCommand::code`]
-/// and builds its own argument vector, so nothing else in the command can reach a shell.
+/// The pasted command is parsed once and only the validated code is kept: the command must
+/// be plain ASCII text, hold exactly one `--code` option spelled in full (`--code=<value>`
+/// or `--code <value>`, the value optionally quoted), and no other option that Python's
+/// argparse would read as `--code` (an abbreviation such as `--cod=`, a repeat, or a `--`
+/// that ends the options). The value is 1–512 characters of `[A-Za-z0-9/_-]`, the characters
+/// Google's codes use. VMs are never sent the participant's text: they get
+/// [`start_host_command`](Self::start_host_command), which LabLink builds itself, and the
+/// agent runs `start-host` from an argument vector, not a shell.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct CrdCommand(Arc<str>);
@@ -52,45 +57,132 @@ redacted!(CrdCommand);
 const MAX_COMMAND: usize = 4096;
 const MAX_CODE: usize = 512;
 
+/// Where Chrome Remote Desktop's `start-host` sends the browser after authorising.
+pub const CRD_REDIRECT_URL: &str = "https://remotedesktop.google.com/_/oauthredirect";
+
 impl CrdCommand {
-    /// The value of `--code`, validated when the command was parsed.
+    /// The validated `--code` value.
     pub fn code(&self) -> &str {
-        extract_code(&self.0).unwrap_or_default()
+        &self.0
+    }
+
+    /// The command a VM is given: `start-host --code=<code> --redirect-url=<Google's URL>
+    /// --name=<hostname>`, built from the validated code only.
+    pub fn start_host_command(&self, hostname: &crate::Hostname) -> String {
+        format!(
+            "start-host --code={} --redirect-url={CRD_REDIRECT_URL} --name={hostname}",
+            self.0
+        )
+    }
+
+    /// A code read back from a store: the bare code LabLink stores, or a whole command
+    /// stored by an earlier version (which kept the pasted text). An earlier version took the
+    /// first `--code` of a command this version refuses; its value was validated then, so
+    /// it is taken again, and the VM still gets only the rebuilt command.
+    pub fn from_stored(stored: &str) -> Result<Self> {
+        if valid_code(stored) {
+            return Ok(Self(stored.into()));
+        }
+        stored.parse().or_else(|e| {
+            let first = stored
+                .split_ascii_whitespace()
+                .find_map(|t| t.strip_prefix("--code="))
+                .map(unquote)
+                .filter(|code| valid_code(code));
+            first.map(|code| Self(code.into())).ok_or(e)
+        })
     }
 }
 
-fn extract_code(command: &str) -> Result<&str> {
-    let start = command
-        .find("--code")
-        .ok_or_else(|| Error::invalid_input("the Chrome Remote Desktop command has no --code"))?;
-    let rest = &command[start + "--code".len()..];
-    let rest = rest
-        .strip_prefix('=')
-        .or_else(|| rest.strip_prefix(' '))
-        .ok_or_else(|| Error::invalid_input("--code must be followed by '=' and a value"))?;
-    let (rest, quote) = match rest.chars().next() {
-        Some(q @ ('"' | '\'')) => (&rest[1..], Some(q)),
-        _ => (rest, None),
+fn valid_code(code: &str) -> bool {
+    (1..=MAX_CODE).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'))
+}
+
+/// `value` without one pair of matching surrounding quotes.
+fn unquote(value: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = value.strip_prefix(q).and_then(|v| v.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    value
+}
+
+/// Whether argparse, given a parser whose only long option is `--code` (and `--help`),
+/// would read `token` as the `--code` option: `--code`, or a prefix of it of at least
+/// `--c`, each optionally followed by `=value`.
+fn reads_as_code_option(token: &str) -> bool {
+    let name = token.split_once('=').map_or(token, |(name, _)| name);
+    name.len() >= 3 && "--code".starts_with(name)
+}
+
+/// The validated code of a pasted command.
+fn parse_code(command: &str) -> Result<&str> {
+    if command.len() > MAX_COMMAND {
+        return Err(Error::invalid_input(format!(
+            "the command is longer than {MAX_COMMAND} characters"
+        )));
+    }
+    if let Some(c) = command
+        .chars()
+        .find(|&c| !(c.is_ascii_graphic() || matches!(c, ' ' | '\t' | '\n' | '\r')))
+    {
+        return Err(Error::invalid_input(if c.is_ascii_control() {
+            "the command contains a control character".to_owned()
+        } else {
+            format!(
+                "the command contains {c:?}, which is not plain ASCII text (a look-alike of a letter, dash or quote?)"
+            )
+        }));
+    }
+    let tokens: Vec<&str> = command.split_ascii_whitespace().collect();
+    if tokens.contains(&"--") {
+        return Err(Error::invalid_input(
+            "the command contains a bare `--`, which a Chrome Remote Desktop command never has",
+        ));
+    }
+    let mut options = tokens
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| reads_as_code_option(t));
+    let Some((at, option)) = options.next() else {
+        return Err(Error::invalid_input("the command has no --code"));
     };
-    let end = match quote {
-        Some(q) => rest
-            .find(q)
-            .ok_or_else(|| Error::invalid_input("the --code value has no closing quote"))?,
-        None => rest.find(char::is_whitespace).unwrap_or(rest.len()),
+    if options.next().is_some() {
+        return Err(Error::invalid_input(
+            "the command has more than one --code option (or an abbreviation of it)",
+        ));
+    }
+    let value = match option.split_once('=') {
+        Some(("--code", value)) => value,
+        Some(_) => {
+            return Err(Error::invalid_input(
+                "write --code in full, not abbreviated",
+            ))
+        }
+        None if *option != "--code" => {
+            return Err(Error::invalid_input(
+                "write --code in full, not abbreviated",
+            ))
+        }
+        None => match tokens.get(at + 1) {
+            Some(next) if !next.starts_with('-') => next,
+            _ => return Err(Error::invalid_input("--code has no value")),
+        },
     };
-    let code = &rest[..end];
+    let code = unquote(value);
     if code.is_empty() {
         return Err(Error::invalid_input("the --code value is empty"));
     }
     if code.len() > MAX_CODE {
         return Err(Error::invalid_input("the --code value is too long"));
     }
-    if !code
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | '~' | '+' | '-'))
-    {
+    if !valid_code(code) {
         return Err(Error::invalid_input(
-            "the --code value may only contain letters, digits and / _ . ~ + -",
+            "the --code value may only contain letters, digits and / _ -",
         ));
     }
     Ok(code)
@@ -99,21 +191,14 @@ fn extract_code(command: &str) -> Result<&str> {
 impl FromStr for CrdCommand {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let s = s.trim();
-        if s.len() > MAX_COMMAND {
-            return Err(Error::invalid_input(format!(
-                "the Chrome Remote Desktop command is longer than {MAX_COMMAND} characters"
-            )));
-        }
-        extract_code(s)?;
-        Ok(Self(s.into()))
+        parse_code(s.trim()).map(|code| Self(code.into()))
     }
 }
 
 impl TryFrom<String> for CrdCommand {
     type Error = Error;
     fn try_from(s: String) -> Result<Self> {
-        s.parse()
+        Self::from_stored(&s)
     }
 }
 
@@ -277,20 +362,14 @@ mod tests {
     fn crd_command_keeps_only_a_valid_code() {
         let cmd: CrdCommand = CMD.parse().unwrap();
         assert_eq!(cmd.code(), "4/0AanRRrtSECRET-code_x");
-        assert_eq!(
-            "start-host --code=abc"
-                .parse::<CrdCommand>()
-                .unwrap()
-                .code(),
-            "abc"
-        );
-        assert_eq!(
-            "start-host --code 'abc'"
-                .parse::<CrdCommand>()
-                .unwrap()
-                .code(),
-            "abc"
-        );
+        for (ok, code) in [
+            ("start-host --code=abc", "abc"),
+            ("start-host --code 'abc'", "abc"),
+            ("  --code=\"4/0A-b_c\" --name=x\n", "4/0A-b_c"),
+            ("--redirect-url=x --code=a --name=--cx", "a"),
+        ] {
+            assert_eq!(ok.parse::<CrdCommand>().unwrap().code(), code, "{ok:?}");
+        }
         for bad in [
             "start-host",
             "--code=",
@@ -301,9 +380,47 @@ mod tests {
             "--code=`id`",
             "--code=\"a\nb\"",
             "--code='a b'",
+            "--code=a.b",
+            "--code",
+            "--code --name=x",
+            "--code=\"4/0Aok\" --code=$(touch${IFS}/tmp/x)",
+            "--code=\"4/0Aok\" --cod=$(touch${IFS}/tmp/x)",
+            "--code=ok --c=evil",
+            "--cod=ok",
+            "--co ok",
+            "--code=ok -- --code=evil",
+            "--code=ok\u{0}",
+            "\u{2014}code=ok",
+            "--code=\u{0430}bc",
+            "--code=ok --name=\u{ff04}(id)",
         ] {
             assert!(bad.parse::<CrdCommand>().is_err(), "{bad:?} accepted");
         }
+        assert!(format!("--code={}", "a".repeat(MAX_CODE + 1))
+            .parse::<CrdCommand>()
+            .is_err());
+        assert!(format!("--code=a {}", " ".repeat(MAX_COMMAND))
+            .parse::<CrdCommand>()
+            .is_err());
+    }
+
+    #[test]
+    fn vms_get_a_command_built_from_the_code_only() {
+        let cmd: CrdCommand = CMD.parse().unwrap();
+        let vm: crate::Hostname = "lablink-vm-1".parse().unwrap();
+        assert_eq!(
+            cmd.start_host_command(&vm),
+            "start-host --code=4/0AanRRrtSECRET-code_x \
+             --redirect-url=https://remotedesktop.google.com/_/oauthredirect --name=lablink-vm-1"
+        );
+        // What stores hold: the bare code; and what earlier versions stored: the pasted text,
+        // even one this version refuses (its first code was validated then).
+        assert_eq!(CrdCommand::from_stored("4/abc").unwrap().code(), "4/abc");
+        assert_eq!(CrdCommand::from_stored(CMD).unwrap(), cmd);
+        let legacy = "start-host --code=\"4/ok\" --code=$(touch${IFS}/tmp/x)";
+        assert_eq!(CrdCommand::from_stored(legacy).unwrap().code(), "4/ok");
+        assert!(CrdCommand::from_stored("--code=$(id)").is_err());
+        assert_eq!(String::from(cmd.clone()), "4/0AanRRrtSECRET-code_x");
     }
 
     #[test]

@@ -162,6 +162,8 @@ impl fmt::Debug for ProvisioningLock {
 ///   `candidate` until `until` when nobody holds it, `candidate` already holds it, or the
 ///   holder's lease ended at or before `now`; otherwise it changes nothing. Either way it
 ///   returns the lease as it now stands. `resign` ends the lease only if `candidate` holds it.
+/// - `replace_roster` replaces the whole list atomically (duplicates count once); `roster`
+///   returns it sorted (across processes for durable stores).
 /// - Stores never read a clock: callers pass `now`.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -231,4 +233,10 @@ pub trait VmStore: Send + Sync + Debug {
 
     /// Gives the leader lease up, if `candidate` holds it.
     async fn resign(&self, candidate: &str) -> Result<()>;
+
+    /// The registered participants' emails, in order (empty: no list is stored).
+    async fn roster(&self) -> Result<Vec<Email>>;
+
+    /// Replaces the registered participants' emails as a whole (empty: no list).
+    async fn replace_roster(&self, emails: &[Email]) -> Result<()>;
 }

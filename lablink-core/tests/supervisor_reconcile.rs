@@ -172,6 +172,12 @@ impl VmStore for CrashingStore {
     async fn resign(&self, candidate: &str) -> lablink_core::Result<()> {
         self.inner.resign(candidate).await
     }
+    async fn roster(&self) -> lablink_core::Result<Vec<lablink_core::Email>> {
+        self.inner.roster().await
+    }
+    async fn replace_roster(&self, emails: &[lablink_core::Email]) -> lablink_core::Result<()> {
+        self.inner.replace_roster(emails).await
+    }
 }
 
 /// Runs a launch of `count` VMs in a process of its own and kills that process at `at`.

@@ -344,6 +344,14 @@ impl Claims {
                 .claim_statement(Wait::ForLocked, request, now, held)
                 .await;
         }
+        if matches!(row, Ok(None)) {
+            // Still none. The wait may have been for a claim of this same email in another
+            // process (a double click landing on two replicas at the last free VM), which
+            // has committed by now: its VM is this email's answer, not `NoCapacity`. The
+            // statements above read the email's VM in a snapshot taken before that commit,
+            // so read it again.
+            row = self.email_vm(request, held).await;
+        }
         match row {
             Ok(Some(row)) => claimed_from_row(row).map(Some),
             Ok(None) => Err(Error::new(ErrorKind::NoCapacity, "no VM is free right now")
@@ -352,6 +360,33 @@ impl Claims {
             Err(e) if is_email_race(&e) => Ok(None),
             Err(e) => Err(classify(op, e)),
         }
+    }
+
+    /// The VM `request.email` holds now, as a claim's answer (`newly_assigned: false`).
+    async fn email_vm(
+        &self,
+        request: &ClaimRequest,
+        held: &mut Held,
+    ) -> Result<Option<ClaimRow>, PgError> {
+        let no_states: [&str; 0] = [];
+        let row = async {
+            let conn = held.get(&self.pool).await?;
+            let row = sqlx::query_file!(
+                "sql/vm_list.sql",
+                &no_states[..] as &[&str],
+                request.email.as_str(),
+                Some(1_i64)
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            Ok(row.map(|r| ClaimRow {
+                vm: vm_row!(r),
+                newly_assigned: Some(false),
+            }))
+        }
+        .await;
+        held.check(&row);
+        row
     }
 
     /// Runs one of the single-claim statements (auto-committed: one round trip).

@@ -9,8 +9,8 @@
 
 use chrono::{DateTime, Utc};
 use lablink_core::{
-    AgentStatus, Assignment, GpuHealth, Operation, OperationKind, OperationStatus, Phase,
-    StartupTimings, TokenDigest, VmRecord, VmState,
+    AgentStatus, Assignment, CrdCommand, GpuHealth, Operation, OperationKind, OperationStatus,
+    Phase, StartupTimings, TokenDigest, VmRecord, VmState,
 };
 use uuid::Uuid;
 
@@ -191,7 +191,7 @@ pub(crate) fn to_i64(what: &'static str, value: u64) -> Result<i64, PgError> {
     i64::try_from(value).map_err(|_| PgError::OutOfRange { what, value })
 }
 
-fn corrupt(column: &'static str, reason: impl std::fmt::Display) -> PgError {
+pub(crate) fn corrupt(column: &'static str, reason: impl std::fmt::Display) -> PgError {
     PgError::Corrupt {
         column,
         reason: reason.to_string(),
@@ -239,7 +239,9 @@ impl VmRow {
             None => None,
             Some(email) => Some(Assignment {
                 email,
-                crd_command: required("crd_command", parse("crd_command", self.crd_command)?)?,
+                crd_command: required("crd_command", self.crd_command).and_then(|c| {
+                    CrdCommand::from_stored(&c).map_err(|e| corrupt("crd_command", e))
+                })?,
                 pin: required("pin", parse("pin", self.pin)?)?,
                 assigned_at: required("assigned_at", self.assigned_at)?,
             }),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{
-    Assignment, ClaimRequest, Claimed, Error, Hostname, Operation, ProvisioningLock, Result,
+    Assignment, ClaimRequest, Claimed, Email, Error, Hostname, Operation, ProvisioningLock, Result,
     Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState, VmStore,
 };
 use sqlx::{PgConnection, PgPool};
@@ -494,5 +494,35 @@ impl VmStore for PgVmStore {
 
     async fn resign(&self, candidate: &str) -> Result<()> {
         crate::leader::resign(&self.pool, candidate).await
+    }
+
+    async fn roster(&self) -> Result<Vec<Email>> {
+        let op = "roster";
+        let rows = sqlx::query_file_scalar!("sql/roster_list.sql")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        rows.into_iter()
+            .map(|e| {
+                e.parse::<Email>()
+                    .map_err(|e| classify(op, crate::row::corrupt("email", e)))
+            })
+            .collect()
+    }
+
+    async fn replace_roster(&self, emails: &[Email]) -> Result<()> {
+        let op = "replace_roster";
+        let emails: Vec<&str> = emails.iter().map(Email::as_str).collect();
+        let replace = async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query!("DELETE FROM lablink_roster")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query_file!("sql/roster_replace.sql", &emails[..] as &[&str])
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        replace.await.map_err(|e| classify(op, e))
     }
 }

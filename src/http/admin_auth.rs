@@ -4,14 +4,14 @@
 //! Every admin handler takes [`Admin`] (reads) or [`AdminForm`] (writes: checks the CSRF
 //! token of a session, or that a Basic caller is a script, not a browser form).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordVerifier};
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -20,6 +20,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use super::client::{RateLimit, RateLimiter};
 use super::error::ApiError;
 use super::extract::{content_type_is, wants_json, FormOrJson};
 use super::{HttpOptions, HttpState};
@@ -50,7 +51,7 @@ pub fn random_token() -> String {
 }
 
 /// Constant-time string comparison.
-fn same(a: &str, b: &str) -> bool {
+pub(crate) fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
         && a.bytes()
             .zip(b.bytes())
@@ -64,22 +65,41 @@ struct Session {
     expires: Instant,
 }
 
-/// The admin credential, the live sessions and the sign-in failure counters.
+/// The admin credential, the live sessions and the sign-in limits.
+///
+/// Sign-ins are limited per client address before the password is checked: each address
+/// has a bucket of `sign_in_failures_per_minute` attempts, refilled at that rate; an attempt
+/// takes one before argon2 runs and a correct one gives it back, so only failures use the
+/// budget and an address that failed before is refused only until its next attempt is due
+/// (`Retry-After`), never for a fixed lock-out. One verification per address runs at a time
+/// (more get 429 at once), and at most [`VERIFY_PERMITS`] in all, so an attack from one
+/// address cannot slow down a sign-in from another.
 #[derive(Debug)]
 pub struct AdminAuth {
     user: String,
     hash: String,
     ttl: Duration,
-    secure: bool,
-    per_minute: u32,
     sessions: Mutex<HashMap<String, Session>>,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    attempts: RateLimiter,
+    verifying: Mutex<HashSet<IpAddr>>,
     basic_ok: Mutex<HashMap<[u8; 32], Instant>>,
     verify_gate: Semaphore,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks an address as having a verification in flight until dropped.
+struct Verifying<'a> {
+    set: &'a Mutex<HashSet<IpAddr>>,
+    addr: IpAddr,
+}
+
+impl Drop for Verifying<'_> {
+    fn drop(&mut self) {
+        lock(self.set).remove(&self.addr);
+    }
 }
 
 impl AdminAuth {
@@ -90,51 +110,47 @@ impl AdminAuth {
                 "the admin password hash is not a valid PHC string; no admin can sign in"
             );
         }
+        let per_minute = options.sign_in_failures_per_minute.max(1);
         Self {
             user: options.admin_user.clone(),
             hash: options.admin_password_hash.clone(),
             ttl: options.session_ttl,
-            secure: options.secure_cookies,
-            per_minute: options.sign_in_failures_per_minute.max(1),
             sessions: Mutex::default(),
-            failures: Mutex::default(),
+            attempts: RateLimiter::new(RateLimit {
+                burst: per_minute,
+                per_minute,
+            }),
+            verifying: Mutex::default(),
             basic_ok: Mutex::default(),
             verify_gate: Semaphore::new(VERIFY_PERMITS),
         }
     }
 
-    /// 429 when `addr` has used up its failed sign-ins for this minute.
-    fn check_rate(&self, addr: IpAddr) -> Result<(), ApiError> {
-        let failures = lock(&self.failures);
-        match failures.get(&addr) {
-            Some((since, n))
-                if since.elapsed() < Duration::from_secs(60) && *n >= self.per_minute =>
-            {
-                Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many failed sign-ins; wait a minute",
-                ))
-            }
-            _ => Ok(()),
+    /// Reserves a verification for `addr`: 429 when one is already running for it or its
+    /// attempts are used up.
+    fn reserve(&self, addr: IpAddr) -> Result<Verifying<'_>, ApiError> {
+        if !lock(&self.verifying).insert(addr) {
+            return Err(ApiError::too_many_requests(
+                "a sign-in from your address is being checked; try again in a moment",
+                Duration::from_secs(1),
+            ));
         }
+        let verifying = Verifying {
+            set: &self.verifying,
+            addr,
+        };
+        self.attempts.take(addr).map_err(|wait| {
+            ApiError::too_many_requests(
+                "too many failed sign-ins from your address; wait and try again",
+                wait,
+            )
+        })?;
+        Ok(verifying)
     }
 
-    fn record_failure(&self, addr: IpAddr) {
-        let mut failures = lock(&self.failures);
-        if failures.len() > 10_000 {
-            failures.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(60));
-        }
-        let entry = failures.entry(addr).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= Duration::from_secs(60) {
-            *entry = (Instant::now(), 0);
-        }
-        entry.1 += 1;
-        tracing::warn!(client = %addr, failures = entry.1, "failed admin sign-in");
-    }
-
-    /// Checks a user name and password (rate-limited per address; argon2 off the runtime).
+    /// Checks a user name and password (limited per address before argon2 runs; argon2 off
+    /// the runtime). A credential that was right within the last minutes is not checked again.
     pub async fn verify(&self, addr: IpAddr, user: &str, password: &str) -> Result<(), ApiError> {
-        self.check_rate(addr)?;
         let key: [u8; 32] = Sha256::new()
             .chain_update(user.as_bytes())
             .chain_update([0])
@@ -147,6 +163,7 @@ impl AdminAuth {
         {
             return Ok(());
         }
+        let _verifying = self.reserve(addr)?;
         let ok = {
             let _permit = self
                 .verify_gate
@@ -169,12 +186,13 @@ impl AdminAuth {
             .unwrap_or(false)
         };
         if ok {
+            self.attempts.give_back(addr);
             let mut cache = lock(&self.basic_ok);
             cache.retain(|_, t| t.elapsed() < BASIC_CACHE_TTL);
             cache.insert(key, Instant::now());
             Ok(())
         } else {
-            self.record_failure(addr);
+            tracing::warn!(client = %addr, "failed admin sign-in");
             Err(ApiError::unauthorized("wrong user name or password"))
         }
     }
@@ -207,18 +225,35 @@ impl AdminAuth {
             .map(|s| s.csrf.clone())
     }
 
-    /// `Set-Cookie` value for `name=value` with the session attributes.
-    pub fn cookie(&self, name: &str, value: &str, max_age: Duration) -> String {
-        format!(
-            "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
-            max_age.as_secs(),
-            if self.secure { "; Secure" } else { "" }
-        )
-    }
-
     /// `Set-Cookie` for a new session.
-    pub fn session_cookie(&self, id: &str) -> String {
-        self.cookie(SESSION_COOKIE, id, self.ttl)
+    pub fn session_cookie(&self, id: &str, secure: bool) -> String {
+        cookie(SESSION_COOKIE, id, self.ttl, secure)
+    }
+}
+
+/// `Set-Cookie` value for `name=value`: HttpOnly, SameSite=Strict, `Secure` when the
+/// client's request was HTTPS.
+pub fn cookie(name: &str, value: &str, max_age: Duration, secure: bool) -> String {
+    format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        max_age.as_secs(),
+        if secure { "; Secure" } else { "" }
+    )
+}
+
+impl HttpState {
+    /// [`AdminAuth::verify`], counting refusals by the limit in `/metrics`.
+    pub(crate) async fn verify_admin(
+        &self,
+        addr: IpAddr,
+        user: &str,
+        password: &str,
+    ) -> Result<(), ApiError> {
+        let verified = self.inner.admin.verify(addr, user, password).await;
+        if matches!(&verified, Err(e) if e.status() == StatusCode::TOO_MANY_REQUESTS) {
+            self.metrics().sign_in_rate_limited();
+        }
+        verified
     }
 }
 
@@ -232,15 +267,6 @@ pub fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
-}
-
-/// The client's address (from `ConnectInfo`), or unspecified when the router is served
-/// without it.
-pub fn client_addr(extensions: &axum::http::Extensions) -> IpAddr {
-    extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
 /// A signed-in admin.
@@ -304,8 +330,8 @@ impl Admin {
             }
         }
         if let Some((user, password)) = basic_credentials(&parts.headers) {
-            let addr = client_addr(&parts.extensions);
-            auth.verify(addr, &user, &password).await?;
+            let addr = state.client_addr(parts);
+            state.verify_admin(addr, &user, &password).await?;
             return Ok(Some(Self::Basic));
         }
         Ok(None)

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 
 use super::admin_api::{answer, form_hostname, parse_count, started};
 use super::admin_auth::{
-    client_addr, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
+    cookie, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
 };
 use super::error::{ApiError, ApiResult};
 use super::extract::{wants_json, ApiQuery, FormOrJson, PathText};
@@ -262,15 +262,17 @@ async fn login_page(State(state): State<HttpState>, req: Request) -> Response {
     ) {
         return Redirect::to("/admin").into_response();
     }
-    login_form(&state, StatusCode::OK, None)
+    login_form(&state, state.is_https(&parts), StatusCode::OK, None)
 }
 
-fn login_form(state: &HttpState, status: StatusCode, error: Option<&str>) -> Response {
+fn login_form(
+    state: &HttpState,
+    secure: bool,
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response {
     let csrf = random_token();
-    let cookie = state
-        .inner
-        .admin
-        .cookie(LOGIN_COOKIE, &csrf, Duration::from_secs(3600));
+    let cookie = cookie(LOGIN_COOKIE, &csrf, Duration::from_secs(3600), secure);
     let page = state.inner.templates.page(
         status,
         "login.html",
@@ -280,7 +282,10 @@ fn login_form(state: &HttpState, status: StatusCode, error: Option<&str>) -> Res
 }
 
 async fn login(State(state): State<HttpState>, req: Request) -> Response {
-    let addr = client_addr(req.extensions());
+    let (parts, body) = req.into_parts();
+    let addr = state.client_addr(&parts);
+    let secure = state.is_https(&parts);
+    let req = Request::from_parts(parts, body);
     let sent_cookie = cookie_value(req.headers(), LOGIN_COOKIE);
     let form = match <FormOrJson as FromRequest<HttpState>>::from_request(req, &state).await {
         Ok(form) => form,
@@ -291,6 +296,7 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
     if !csrf_ok {
         return login_form(
             &state,
+            secure,
             StatusCode::FORBIDDEN,
             Some("The sign-in form expired; please try again."),
         );
@@ -299,16 +305,16 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
         form.text("username").unwrap_or(""),
         form.text("password").unwrap_or(""),
     );
-    match state.inner.admin.verify(addr, user, password).await {
+    match state.verify_admin(addr, user, password).await {
         Ok(()) => {
             let (session, _csrf) = state.inner.admin.start_session();
             tracing::info!(client = %addr, "admin signed in");
-            let clear = state.inner.admin.cookie(LOGIN_COOKIE, "", Duration::ZERO);
+            let clear = cookie(LOGIN_COOKIE, "", Duration::ZERO, secure);
             (
                 AppendHeaders([
                     (
                         header::SET_COOKIE,
-                        state.inner.admin.session_cookie(&session),
+                        state.inner.admin.session_cookie(&session, secure),
                     ),
                     (header::SET_COOKIE, clear),
                 ]),
@@ -316,7 +322,14 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
             )
                 .into_response()
         }
-        Err(e) => login_form(&state, e.status(), Some(e.message())),
+        Err(e) => {
+            let mut page = login_form(&state, secure, e.status(), Some(e.message()));
+            if let Some(seconds) = e.retry_after_seconds() {
+                page.headers_mut()
+                    .insert(header::RETRY_AFTER, seconds.into());
+            }
+            page
+        }
     }
 }
 
@@ -324,7 +337,7 @@ async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminF
     if let Some(id) = cookie_value(&headers, SESSION_COOKIE) {
         state.inner.admin.end_session(&id);
     }
-    let clear = state.inner.admin.cookie(SESSION_COOKIE, "", Duration::ZERO);
+    let clear = cookie(SESSION_COOKIE, "", Duration::ZERO, false);
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
 }
 

@@ -93,7 +93,7 @@ pub async fn vm_startup(
     match outcome {
         Some(assignment) => Ok(Json(json!({
             "status": "success",
-            "command": assignment.crd_command.expose(),
+            "command": assignment.crd_command.start_host_command(&hostname),
             "pin": assignment.pin.expose(),
         }))
         .into_response()),

@@ -26,6 +26,7 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    retry_after: Option<std::time::Duration>,
 }
 
 /// `Result` whose error answers as JSON.
@@ -37,6 +38,15 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `message`, telling the client (`Retry-After`) when to try again.
+    pub fn too_many_requests(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, message)
         }
     }
 
@@ -69,6 +79,13 @@ impl ApiError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// The `Retry-After` header's value in whole seconds (at least 1), if the answer has one.
+    pub fn retry_after_seconds(&self) -> Option<u64> {
+        self.retry_after
+            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+            .map(|s| s.max(1))
+    }
 }
 
 impl From<Error> for ApiError {
@@ -92,11 +109,18 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let retry_after = self.retry_after_seconds();
+        let mut response = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

@@ -8,12 +8,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use lablink_core::{FlagKind, SupervisorStatus, VmFilter, VmRecord};
 
-use super::error::ApiResult;
+use super::error::{ApiError, ApiResult};
 use super::HttpState;
 
 /// Upper bounds (seconds) of the duration histogram buckets.
@@ -29,6 +29,10 @@ pub struct Metrics {
     claims_rejoined: AtomicU64,
     claims_no_capacity: AtomicU64,
     claims_rejected: AtomicU64,
+    claims_rate_limited: AtomicU64,
+    claims_refused: AtomicU64,
+    claims_unproven: AtomicU64,
+    sign_ins_rate_limited: AtomicU64,
     waiters: AtomicI64,
     waits_answered: AtomicU64,
     waits_timed_out: AtomicU64,
@@ -45,6 +49,13 @@ pub enum ClaimOutcome {
     NoCapacity,
     /// The request was invalid.
     Rejected,
+    /// The client's address sent too many requests (429).
+    RateLimited,
+    /// Wrong or missing access code, or an email not on the list (403).
+    Refused,
+    /// A repeat for an email that holds a VM, from a browser that cannot show it is the
+    /// one that got it (409, nothing revealed).
+    Unproven,
 }
 
 /// Counts one waiting agent while alive (the handler future holds it; dropping the future on
@@ -76,8 +87,16 @@ impl Metrics {
             ClaimOutcome::Rejoined => &self.claims_rejoined,
             ClaimOutcome::NoCapacity => &self.claims_no_capacity,
             ClaimOutcome::Rejected => &self.claims_rejected,
+            ClaimOutcome::RateLimited => &self.claims_rate_limited,
+            ClaimOutcome::Refused => &self.claims_refused,
+            ClaimOutcome::Unproven => &self.claims_unproven,
         };
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records one admin sign-in refused by the per-address limit.
+    pub fn sign_in_rate_limited(&self) {
+        self.sign_ins_rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a waiter until the guard drops.
@@ -121,6 +140,9 @@ impl Metrics {
             ("rejoined", &self.claims_rejoined),
             ("no_capacity", &self.claims_no_capacity),
             ("rejected", &self.claims_rejected),
+            ("rate_limited", &self.claims_rate_limited),
+            ("refused", &self.claims_refused),
+            ("unproven", &self.claims_unproven),
         ] {
             let _ = writeln!(
                 out,
@@ -128,6 +150,7 @@ impl Metrics {
                 counter.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(out, "# HELP lablink_sign_ins_rate_limited_total Admin sign-ins refused (429) by the per-address limit.\n# TYPE lablink_sign_ins_rate_limited_total counter\nlablink_sign_ins_rate_limited_total {}", self.sign_ins_rate_limited.load(Ordering::Relaxed));
         let _ = writeln!(out, "# HELP lablink_waiters Agents holding a wait-for-assignment request.\n# TYPE lablink_waiters gauge\nlablink_waiters {}", self.waiters());
         let _ = writeln!(out, "# HELP lablink_waits_total Finished waits, by outcome.\n# TYPE lablink_waits_total counter\nlablink_waits_total{{outcome=\"assigned\"}} {}\nlablink_waits_total{{outcome=\"timed_out\"}} {}",
             self.waits_answered.load(Ordering::Relaxed), self.waits_timed_out.load(Ordering::Relaxed));
@@ -293,8 +316,20 @@ pub async fn count_requests(State(state): State<HttpState>, req: Request, next: 
     response
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub async fn metrics(State(state): State<HttpState>) -> ApiResult<Response> {
+/// `GET /metrics`: Prometheus text format; with a `metrics_token` configured, only for
+/// `Authorization: Bearer <token>`.
+pub async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(token) = &state.options().metrics_token {
+        let sent = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !sent.is_some_and(|s| super::admin_auth::same(s.trim(), token)) {
+            return Err(ApiError::unauthorized(
+                "/metrics needs Authorization: Bearer with the metrics token",
+            ));
+        }
+    }
     let vms = state.allocator().vms(&VmFilter::default()).await?;
     let supervision = state.allocator().supervision();
     let body = state.inner.metrics.render(&vms, supervision.as_ref());

@@ -27,6 +27,7 @@ mod admin_api;
 mod admin_auth;
 mod admin_ui;
 mod agent_auth;
+mod client;
 mod collect;
 mod compat;
 mod error;
@@ -35,7 +36,9 @@ mod metrics;
 mod ops;
 mod options;
 mod public;
+mod roster;
 mod serve;
+mod signed;
 mod templates;
 mod v1;
 mod views;
@@ -52,9 +55,11 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use admin_auth::hash_password;
+pub use client::RateLimit;
 pub use error::{status_for, ApiError, ApiResult};
 pub use metrics::Metrics;
 pub use options::{AgentAuthMode, HttpOptions};
+pub use signed::CookieKey;
 pub use v1::ApiDoc;
 
 /// Everything the handlers share. Cheap to clone.
@@ -72,6 +77,8 @@ struct Inner {
     templates: templates::Templates,
     shutdown: watch::Sender<bool>,
     collector: Arc<crate::collect::Collector>,
+    /// VM requests per client address.
+    participants: client::RateLimiter,
 }
 
 impl HttpState {
@@ -106,6 +113,7 @@ impl HttpState {
         let admin = admin_auth::AdminAuth::new(&options);
         Self {
             inner: Arc::new(Inner {
+                participants: client::RateLimiter::new(options.participant_limit),
                 allocator,
                 metrics: Arc::new(Metrics::default()),
                 admin,
@@ -135,6 +143,17 @@ impl HttpState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The client's address: the peer, or what a trusted proxy says it forwarded for.
+    pub(crate) fn client_addr(&self, parts: &axum::http::request::Parts) -> std::net::IpAddr {
+        client::client_addr(parts, &self.inner.options.trusted_proxies)
+    }
+
+    /// Whether the client's request was HTTPS (so cookies get `Secure`).
+    pub(crate) fn is_https(&self, parts: &axum::http::request::Parts) -> bool {
+        self.inner.options.secure_cookies
+            || client::forwarded_https(parts, &self.inner.options.trusted_proxies)
     }
 
     /// Ends every held request (waiters answer "not assigned yet", event streams close), so
@@ -180,10 +199,6 @@ impl HttpState {
             // Collections: long-poll, streamed uploads (no body limit but the VM's budget),
             // and destroys that may wait for collections first.
             .route("/api/v1/vms/{hostname}/tasks", get(collect::tasks))
-            .route(
-                "/api/v1/vms/{hostname}/collections/{id}",
-                put(collect::upload).layer(DefaultBodyLimit::disable()),
-            )
             .route("/api/v1/destroy", post(v1::destroy))
             .route("/destroy", post(admin_api::destroy_all))
             .route(
@@ -191,12 +206,23 @@ impl HttpState {
                 get(admin_ui::confirm_destroy).post(admin_ui::destroy),
             )
             .route("/api/v1/collections.zip", get(collect::download))
-            .route("/api/scp-client", get(collect::download));
+            .route("/api/scp-client", get(collect::download))
+            .route_layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                ops::read_body_in_time,
+            ));
+        // Streamed uploads: no body read up front (their time is bounded per chunk by the
+        // collector), so they join after the layer above.
+        let held = held.route(
+            "/api/v1/vms/{hostname}/collections/{id}",
+            put(collect::upload).layer(DefaultBodyLimit::disable()),
+        );
         let quick = Router::new()
             .merge(compat::routes())
             .merge(public::routes())
             .merge(admin_api::routes())
             .merge(admin_ui::routes())
+            .merge(roster::routes())
             .merge(v1::routes())
             .route("/healthz", get(ops::healthz))
             .route("/metrics", get(metrics::metrics))
@@ -212,10 +238,20 @@ impl HttpState {
                 metrics::count_requests,
             ))
             .layer(DefaultBodyLimit::max(self.inner.options.max_body_bytes))
+            .layer(axum::middleware::from_fn(ops::limit_head))
             .layer(PropagateRequestIdLayer::x_request_id())
-            .layer(TraceLayer::new_for_http().make_span_with(ops::make_span))
+            // 5xx answers are not logged as failures here: a 503 "no VM free" is an
+            // answer, not an error, and anyone could flood the error log with it. Real
+            // failures are logged where they happen (`ApiError::from`, the panic guard).
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(ops::make_span)
+                    .on_failure(()),
+            )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+            .layer(axum::middleware::from_fn(ops::check_request_id))
             .layer(CatchPanicLayer::custom(ops::panic_response))
+            .layer(axum::middleware::from_fn(ops::security_headers))
             .with_state(self.clone())
     }
 }

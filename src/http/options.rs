@@ -3,7 +3,11 @@
 use std::fmt;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+use super::client::RateLimit;
+use super::signed::CookieKey;
 
 /// How VM routes authenticate agents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -39,6 +43,18 @@ pub struct HttpOptions {
     pub sign_in_failures_per_minute: u32,
     /// How often the admin event stream looks for changes.
     pub admin_refresh: Duration,
+    /// Proxies (addresses or networks) whose `X-Forwarded-For` and `X-Forwarded-Proto` are
+    /// believed; everyone else's are ignored.
+    pub trusted_proxies: Vec<IpNet>,
+    /// How many VM requests one client address may make (participant routes). The default
+    /// lets a whole room behind one NAT address press the button at once.
+    pub participant_limit: RateLimit,
+    /// The event access code participants must type, if any (compared in constant time).
+    pub access_code: Option<String>,
+    /// The bearer token `/metrics` asks for, if any.
+    pub metrics_token: Option<String>,
+    /// Signs the cookies that prove a participant's browser (replicas must share it).
+    pub cookie_key: CookieKey,
 }
 
 impl fmt::Debug for HttpOptions {
@@ -57,11 +73,25 @@ impl fmt::Debug for HttpOptions {
                 &self.sign_in_failures_per_minute,
             )
             .field("admin_refresh", &self.admin_refresh)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("participant_limit", &self.participant_limit)
+            .field("access_code", &self.access_code.as_ref().map(|_| "***"))
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
+            .field("cookie_key", &self.cookie_key)
             .finish()
     }
 }
 
 impl HttpOptions {
+    /// 400 requests at once from one address, then 200 a minute: a room of 300 behind one
+    /// NAT address pressing "get a VM" together (and some pressing twice) is served; a
+    /// script cannot claim a large pool in a second. An access code or a list of registered
+    /// emails is what keeps strangers out.
+    pub const DEFAULT_PARTICIPANT_LIMIT: RateLimit = RateLimit {
+        burst: 400,
+        per_minute: 200,
+    };
+
     /// Default settings with the admin `user` whose argon2 hash is `password_hash`.
     pub fn new(user: impl Into<String>, password_hash: impl Into<String>) -> Self {
         Self {
@@ -75,6 +105,11 @@ impl HttpOptions {
             session_ttl: Duration::from_secs(12 * 3600),
             sign_in_failures_per_minute: 5,
             admin_refresh: Duration::from_secs(1),
+            trusted_proxies: Vec::new(),
+            participant_limit: Self::DEFAULT_PARTICIPANT_LIMIT,
+            access_code: None,
+            metrics_token: None,
+            cookie_key: CookieKey::generate(),
         }
     }
 

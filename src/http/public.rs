@@ -1,13 +1,17 @@
 //! The participant side: the page at `/`, `POST /api/request_vm` and the free-VM count.
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use std::time::Duration;
+
+use axum::extract::{FromRequest, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use lablink_core::{CrdCommand, Email, ErrorKind, Granted, VmRequest};
 use serde_json::json;
 
+use super::admin_auth::{cookie, cookie_value};
 use super::error::ApiError;
 use super::extract::{wants_json, FormOrJson};
 use super::metrics::ClaimOutcome;
@@ -28,10 +32,11 @@ async fn index(State(state): State<HttpState>) -> Response {
         .await
         .map(|c| c.assignable)
         .unwrap_or(0);
-    state
-        .inner
-        .templates
-        .page(StatusCode::OK, "index.html", json!({ "free": free }))
+    state.inner.templates.page(
+        StatusCode::OK,
+        "index.html",
+        json!({ "free": free, "access_code": state.options().access_code.is_some() }),
+    )
 }
 
 async fn unassigned_count(
@@ -53,24 +58,110 @@ pub fn parse_request(form: &FormOrJson) -> Result<VmRequest, ApiError> {
     })?;
     let crd_command: CrdCommand = command.parse().map_err(|e: lablink_core::Error| {
         ApiError::bad_request(format!(
-            "Invalid Chrome Remote Desktop command: {}. Copy the whole Debian Linux command, including --code.",
+            "Invalid Chrome Remote Desktop command: {}. Copy the whole Debian Linux command again, exactly as shown.",
             e.message()
         ))
     })?;
     Ok(VmRequest { email, crd_command })
 }
 
-/// Asks the allocator for a VM, counting the outcome.
-pub async fn claim(state: &HttpState, request: &VmRequest) -> Result<Granted, ApiError> {
-    match state.allocator().request_vm(request).await {
-        Ok(granted) => {
-            state.metrics().claim(if granted.newly_assigned {
-                ClaimOutcome::Assigned
+/// The name of the cookie by which a participant's browser shows it is the one that got the
+/// VM of an email.
+pub const PARTICIPANT_COOKIE: &str = "lablink_participant";
+/// How long that cookie lasts.
+const PARTICIPANT_COOKIE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// What the participant cookie's signature is for.
+const PARTICIPANT_PURPOSE: &str = "participant";
+
+/// A VM given to a participant, and the cookie that lets the same browser see it again.
+#[derive(Debug)]
+pub struct Taken {
+    /// The VM and its PIN.
+    pub granted: Granted,
+    /// `Set-Cookie` for the participant cookie.
+    pub cookie: String,
+}
+
+/// Serves a participant's request for a VM, in this order: the per-address rate limit
+/// (429), the event access code when one is set (403), the request's fields (400), the
+/// allocator's claim (403 for an email missing from the registered list, 503 without a free
+/// VM). A repeat for an email that already holds a VM shows that VM only to the browser that
+/// got it (its signed participant cookie); anyone else gets 409 and learns neither the
+/// hostname nor the PIN. Every outcome is counted.
+pub async fn take_vm(
+    state: &HttpState,
+    parts: &Parts,
+    form: &FormOrJson,
+) -> Result<Taken, ApiError> {
+    let counted = |outcome: ClaimOutcome, e: ApiError| {
+        state.metrics().claim(outcome);
+        e
+    };
+    let addr = state.client_addr(parts);
+    state
+        .inner
+        .participants
+        .take(addr)
+        .map_err(|wait| {
+            counted(
+                ClaimOutcome::RateLimited,
+                ApiError::too_many_requests(
+                    "Too many requests from your network right now. Please wait a moment and try again.",
+                    wait,
+                ),
+            )
+        })?;
+    if let Some(expected) = &state.options().access_code {
+        let given = form.text("access_code").unwrap_or("");
+        if !super::admin_auth::same(given.trim(), expected) {
+            let message = if given.is_empty() {
+                "Please enter the access code the organisers announced."
             } else {
-                ClaimOutcome::Rejoined
-            });
-            Ok(granted)
+                "That access code is not right. Please check what the organisers announced."
+            };
+            return Err(counted(ClaimOutcome::Refused, ApiError::forbidden(message)));
         }
+    }
+    let request = parse_request(form).map_err(|e| counted(ClaimOutcome::Rejected, e))?;
+    let granted = claim(state, &request).await?;
+    let key = &state.options().cookie_key;
+    let now = chrono::Utc::now().timestamp();
+    if !granted.newly_assigned {
+        let proven = cookie_value(&parts.headers, PARTICIPANT_COOKIE)
+            .and_then(|value| key.verify(PARTICIPANT_PURPOSE, &value, now))
+            .is_some_and(|email| email == request.email.as_str());
+        if !proven {
+            return Err(counted(
+                ClaimOutcome::Unproven,
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "This email already has a VM. Open this page in the browser you first used, or ask the organisers: they can release the VM so you can ask again.",
+                ),
+            ));
+        }
+    }
+    state.metrics().claim(if granted.newly_assigned {
+        ClaimOutcome::Assigned
+    } else {
+        ClaimOutcome::Rejoined
+    });
+    let expires = now + PARTICIPANT_COOKIE_TTL.as_secs() as i64;
+    let value = key.sign(PARTICIPANT_PURPOSE, request.email.as_str(), expires);
+    Ok(Taken {
+        granted,
+        cookie: cookie(
+            PARTICIPANT_COOKIE,
+            &value,
+            PARTICIPANT_COOKIE_TTL,
+            state.is_https(parts),
+        ),
+    })
+}
+
+/// Asks the allocator for a VM; counts the outcomes that end here.
+async fn claim(state: &HttpState, request: &VmRequest) -> Result<Granted, ApiError> {
+    match state.allocator().request_vm(request).await {
+        Ok(granted) => Ok(granted),
         Err(e) if e.kind() == ErrorKind::NoCapacity => {
             state.metrics().claim(ClaimOutcome::NoCapacity);
             Err(ApiError::new(
@@ -79,33 +170,40 @@ pub async fn claim(state: &HttpState, request: &VmRequest) -> Result<Granted, Ap
             ))
         }
         Err(e) => {
-            state.metrics().claim(ClaimOutcome::Rejected);
+            state
+                .metrics()
+                .claim(if e.kind() == ErrorKind::PermissionDenied {
+                    ClaimOutcome::Refused
+                } else {
+                    ClaimOutcome::Rejected
+                });
             Err(e.into())
         }
     }
 }
 
-async fn request_vm(
-    State(state): State<HttpState>,
-    headers: HeaderMap,
-    form: FormOrJson,
-) -> Response {
-    let json = wants_json(&headers);
-    let outcome = match parse_request(&form) {
-        Ok(request) => claim(&state, &request).await,
-        Err(e) => {
-            state.metrics().claim(ClaimOutcome::Rejected);
-            Err(e)
-        }
-    };
+async fn request_vm(State(state): State<HttpState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let json = wants_json(&parts.headers);
+    let outcome =
+        match FormOrJson::from_request(Request::from_parts(parts.clone(), body), &state).await {
+            Ok(form) => take_vm(&state, &parts, &form).await,
+            Err(e) => {
+                state.metrics().claim(ClaimOutcome::Rejected);
+                Err(e)
+            }
+        };
     let templates = &state.inner.templates;
     match (outcome, json) {
-        (Ok(granted), true) => Json(json!({
-            "hostname": granted.hostname,
-            "pin": granted.pin.expose(),
-        }))
-        .into_response(),
-        (Ok(granted), false) => {
+        (Ok(taken), true) => (
+            [(header::SET_COOKIE, taken.cookie)],
+            Json(json!({
+                "hostname": taken.granted.hostname,
+                "pin": taken.granted.pin.expose(),
+            })),
+        )
+            .into_response(),
+        (Ok(Taken { granted, cookie }), false) => {
             let (title, message, outcome) = if granted.newly_assigned {
                 (
                     "Your VM is ready",
@@ -119,27 +217,36 @@ async fn request_vm(
                     "already_assigned",
                 )
             };
-            templates.page(
+            let page = templates.page(
                 StatusCode::OK,
                 "result.html",
                 json!({
                     "title": title, "message": message, "kind": "success", "outcome": outcome,
                     "hostname": granted.hostname, "pin": granted.pin.expose(),
                 }),
-            )
+            );
+            ([(header::SET_COOKIE, cookie)], page).into_response()
         }
         (Err(e), true) => e.into_response(),
         (Err(e), false) => {
             let (title, outcome) = match e.status() {
                 StatusCode::SERVICE_UNAVAILABLE => ("No VM free", "no_vm"),
                 StatusCode::BAD_REQUEST => ("Please check your input", "invalid"),
+                StatusCode::FORBIDDEN => ("Not admitted", "refused"),
+                StatusCode::CONFLICT => ("This email already has a VM", "already_taken"),
+                StatusCode::TOO_MANY_REQUESTS => ("Please wait a moment", "rate_limited"),
                 _ => ("Something went wrong", "error"),
             };
-            templates.page(
+            let mut page = templates.page(
                 e.status(),
                 "result.html",
                 json!({ "title": title, "message": e.message(), "kind": "error", "outcome": outcome }),
-            )
+            );
+            if let Some(seconds) = e.retry_after_seconds() {
+                page.headers_mut()
+                    .insert(header::RETRY_AFTER, seconds.into());
+            }
+            page
         }
     }
 }

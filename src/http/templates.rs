@@ -35,6 +35,7 @@ impl Templates {
             "vm.html",
             "confirm.html",
             "message.html",
+            "participants.html",
         ) {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("template {name} does not compile: {e}"));

@@ -60,6 +60,7 @@ macro_rules! vm_store_conformance {
             claim_returns_the_same_vm_for_the_same_email,
             claim_without_capacity_is_no_capacity,
             concurrent_claims_are_exactly_once,
+            one_email_racing_for_the_last_vm_gets_it_every_time,
             release_frees_the_vm_and_the_email,
             an_email_never_owns_two_vms,
             telemetry_updates_fields_and_counts_restarts,
@@ -71,6 +72,7 @@ macro_rules! vm_store_conformance {
             operations_round_trip_newest_first,
             provisioning_lock_is_exclusive,
             leadership_is_exclusive_until_the_lease_ends,
+            roster_is_replaced_as_a_whole,
         );
     };
 }

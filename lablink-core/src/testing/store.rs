@@ -349,6 +349,26 @@ pub async fn concurrent_claims_are_exactly_once(store: &dyn VmStore) {
     }
 }
 
+/// Several claims for one email racing for the last free VM (a double click, or two
+/// replicas): every one of them answers with that VM, none with `NoCapacity`, and only one
+/// says it newly assigned it.
+pub async fn one_email_racing_for_the_last_vm_gets_it_every_time(store: &dyn VmStore) {
+    let hosts = seed_available(store, 12).await;
+    for (round, vm) in hosts.iter().enumerate() {
+        let who = format!("racer{round}");
+        let results = join_all((0..6).map(|_| store.claim_owned(claim_request(&who)))).await;
+        let mut newly = 0;
+        for result in results {
+            let claimed = result.unwrap_or_else(|e| panic!("{who}: {e} although it holds a VM"));
+            assert_eq!(&claimed.record.hostname, vm, "{who} got another VM");
+            newly += usize::from(claimed.newly_assigned);
+        }
+        assert_eq!(newly, 1, "{who}: one claim assigns, the others rejoin");
+    }
+    let late = store.claim_owned(claim_request("late")).await.unwrap_err();
+    assert_eq!(late.kind(), ErrorKind::NoCapacity);
+}
+
 /// `Release` frees the VM for someone else and the email for another VM.
 pub async fn release_frees_the_vm_and_the_email(store: &dyn VmStore) {
     let hosts = seed_available(store, 2).await;
@@ -706,4 +726,21 @@ impl ClaimOwned for dyn VmStore + '_ {
     ) -> futures::future::BoxFuture<'_, crate::Result<crate::Claimed>> {
         Box::pin(async move { self.claim(&request, t0()).await })
     }
+}
+
+/// The roster is stored as a whole, sorted, duplicates once; an empty one removes it.
+pub async fn roster_is_replaced_as_a_whole(store: &dyn VmStore) {
+    assert!(store.roster().await.unwrap().is_empty(), "no list at first");
+    store
+        .replace_roster(&[email("zoe"), email("ada"), email("zoe")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.roster().await.unwrap(),
+        vec![email("ada"), email("zoe")]
+    );
+    store.replace_roster(&[email("bob")]).await.unwrap();
+    assert_eq!(store.roster().await.unwrap(), vec![email("bob")]);
+    store.replace_roster(&[]).await.unwrap();
+    assert!(store.roster().await.unwrap().is_empty());
 }

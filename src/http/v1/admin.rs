@@ -1,8 +1,8 @@
 //! `/api/v1` participant and admin routes: request a VM, list/read VMs and logs, launch,
 //! destroy, reboot, release, operations with progress, pool settings.
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lablink_core::{DestroyTarget, Hostname, LaunchOptions, VmFilter};
@@ -15,7 +15,7 @@ use crate::http::admin_auth::{Admin, AdminForm};
 use crate::http::agent_auth::AdminOrAgent;
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{ApiQuery, FormOrJson, PathText};
-use crate::http::public::{claim, parse_request};
+use crate::http::public::take_vm;
 use crate::http::views::{CountsView, LogsView, OperationView, VmView};
 use crate::http::{AgentAuthMode, HttpState};
 
@@ -24,7 +24,7 @@ fn path_hostname(name: &str) -> ApiResult<Hostname> {
         .map_err(|_| ApiError::not_found("VM not found."))
 }
 
-/// Body of a participant request (the schema of what [`parse_request`] reads).
+/// Body of a participant request (the schema of what [`take_vm`] reads).
 #[derive(Debug, Deserialize, ToSchema)]
 #[allow(dead_code)]
 pub struct RequestBody {
@@ -32,6 +32,8 @@ pub struct RequestBody {
     pub email: String,
     /// Their Chrome Remote Desktop command (must contain `--code`).
     pub crd_command: String,
+    /// The event's access code, when the organisers set one.
+    pub access_code: Option<String>,
 }
 
 /// The VM a participant got.
@@ -47,18 +49,25 @@ pub struct GrantedBody {
 
 /// Gives the participant a VM (the same one again for the same email).
 #[utoipa::path(post, path = "/api/v1/requests", tag = "participant", request_body = RequestBody,
-    responses((status = 200, body = GrantedBody), (status = 400, body = ErrorBody), (status = 503, description = "No VM free", body = ErrorBody)))]
-pub async fn request_vm(
-    State(state): State<HttpState>,
-    form: FormOrJson,
-) -> ApiResult<Json<GrantedBody>> {
-    let request = parse_request(&form)?;
-    let granted = claim(&state, &request).await?;
-    Ok(Json(GrantedBody {
-        hostname: granted.hostname.to_string(),
-        pin: granted.pin.expose().to_owned(),
-        newly_assigned: granted.newly_assigned,
-    }))
+    responses((status = 200, description = "The VM; sets the participant cookie that a repeat for this email must send", body = GrantedBody), (status = 400, body = ErrorBody),
+        (status = 403, description = "Wrong or missing access code, or an email not on the registered list", body = ErrorBody),
+        (status = 409, description = "The email already has a VM and this client is not the one that got it", body = ErrorBody),
+        (status = 429, description = "Too many requests from this address (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "No VM free", body = ErrorBody)))]
+pub async fn request_vm(State(state): State<HttpState>, req: Request) -> ApiResult<Response> {
+    let (parts, body) = req.into_parts();
+    let form = FormOrJson::from_request(Request::from_parts(parts.clone(), body), &state).await?;
+    let taken = take_vm(&state, &parts, &form).await?;
+    let granted = taken.granted;
+    Ok((
+        [(header::SET_COOKIE, taken.cookie)],
+        Json(GrantedBody {
+            hostname: granted.hostname.to_string(),
+            pin: granted.pin.expose().to_owned(),
+            newly_assigned: granted.newly_assigned,
+        }),
+    )
+        .into_response())
 }
 
 /// Every VM.

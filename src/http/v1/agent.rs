@@ -90,7 +90,8 @@ pub struct WaitQuery {
 pub struct AssignmentBody {
     /// The VM.
     pub hostname: String,
-    /// The participant's whole CRD command.
+    /// The `start-host` command LabLink built from the validated code (never the text the
+    /// participant pasted).
     pub command: String,
     /// Its `--code` value, validated (build the `start-host` invocation from this).
     pub code: String,
@@ -133,7 +134,7 @@ pub async fn wait_assignment(
     Ok(match outcome {
         Some(a) => Json(AssignmentBody {
             hostname: hostname.to_string(),
-            command: a.crd_command.expose().to_owned(),
+            command: a.crd_command.start_host_command(&hostname),
             code: a.crd_command.code().to_owned(),
             pin: a.pin.expose().to_owned(),
             assigned_at: a.assigned_at,

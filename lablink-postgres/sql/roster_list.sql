@@ -1,0 +1,1 @@
+SELECT email FROM lablink_roster ORDER BY email

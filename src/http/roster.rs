@@ -1,0 +1,186 @@
+//! The registered participants: `GET`/`PUT /api/v1/roster` and the admin page
+//! `/admin/participants`, where the organisers upload a CSV of the emails that may take a VM.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use lablink_core::Email;
+use serde_json::{json, Value};
+
+use super::admin_auth::{Admin, AdminForm};
+use super::error::{ApiError, ApiResult};
+use super::extract::wants_json;
+use super::HttpState;
+
+/// Most emails one list may hold.
+pub const MAX_ROSTER: usize = 100_000;
+
+/// The roster routes.
+pub fn routes() -> Router<HttpState> {
+    Router::new()
+        .route("/api/v1/roster", get(get_roster).put(put_roster))
+        .route("/admin/participants", get(page).post(upload))
+}
+
+/// The emails of a CSV (or any text with one participant per line): on each line the first
+/// cell holding an `@` is the email; lines without one (a header, blank lines) are skipped.
+/// A cell that holds an `@` but is not an email is a 400 naming its line.
+pub fn emails_from_csv(text: &str) -> Result<Vec<Email>, ApiError> {
+    let mut emails = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let cell = line
+            .split([',', ';', '\t'])
+            .map(|c| c.trim().trim_matches('"').trim())
+            .find(|c| c.contains('@'));
+        if let Some(cell) = cell {
+            let email = cell.parse().map_err(|e: lablink_core::Error| {
+                ApiError::bad_request(format!("line {}: {}", i + 1, e.message()))
+            })?;
+            emails.push(email);
+        }
+        if emails.len() > MAX_ROSTER {
+            return Err(ApiError::bad_request(format!(
+                "a list may hold at most {MAX_ROSTER} emails"
+            )));
+        }
+    }
+    Ok(emails)
+}
+
+/// The emails of a request body: JSON `{"emails": [...]}` or a `csv` field.
+fn emails_from(form: &super::extract::FormOrJson) -> Result<Vec<Email>, ApiError> {
+    match (form.get("emails"), form.get("csv")) {
+        (Some(Value::Array(items)), None) => {
+            if items.len() > MAX_ROSTER {
+                return Err(ApiError::bad_request(format!(
+                    "a list may hold at most {MAX_ROSTER} emails"
+                )));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    item.as_str()
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!("emails[{i}] is not a string"))
+                        })?
+                        .parse()
+                        .map_err(|e: lablink_core::Error| {
+                            ApiError::bad_request(format!("emails[{i}]: {}", e.message()))
+                        })
+                })
+                .collect()
+        }
+        (None, Some(Value::String(csv))) => emails_from_csv(csv),
+        _ => Err(ApiError::bad_request(
+            "send either \"emails\" (a list) or \"csv\" (text with one participant per line)",
+        )),
+    }
+}
+
+async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
+    let emails = state.allocator().roster().await?;
+    Ok(Json(json!({ "count": emails.len(), "emails": emails })))
+}
+
+async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
+    let emails = emails_from(&req.form)?;
+    state.allocator().set_roster(&emails).await?;
+    let stored = state.allocator().roster().await?;
+    Ok(Json(json!({ "count": stored.len(), "emails": stored })))
+}
+
+async fn page(
+    State(state): State<HttpState>,
+    admin: Admin,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let emails = state.allocator().roster().await?;
+    if wants_json(&headers) {
+        return Ok(Json(json!({ "count": emails.len(), "emails": emails })).into_response());
+    }
+    Ok(render(&state, &admin, StatusCode::OK, &emails, None))
+}
+
+fn render(
+    state: &HttpState,
+    admin: &Admin,
+    status: StatusCode,
+    emails: &[Email],
+    notice: Option<(&str, &str)>,
+) -> Response {
+    state.inner.templates.page(
+        status,
+        "participants.html",
+        json!({
+            "csrf": admin.csrf(),
+            "emails": emails,
+            "access_code": state.options().access_code.is_some(),
+            "notice": notice.map(|n| n.0),
+            "notice_kind": notice.map(|n| n.1),
+        }),
+    )
+}
+
+async fn upload(State(state): State<HttpState>, admin: Admin, req: AdminForm) -> Response {
+    let outcome = async {
+        let emails = emails_from(&req.form)?;
+        state.allocator().set_roster(&emails).await?;
+        Ok::<_, ApiError>(state.allocator().roster().await?)
+    }
+    .await;
+    match (outcome, req.wants_json) {
+        (Ok(emails), true) => {
+            Json(json!({ "count": emails.len(), "emails": emails })).into_response()
+        }
+        (Err(e), true) => e.into_response(),
+        (Ok(emails), false) => {
+            let notice = if emails.is_empty() {
+                "The list is empty: anyone may take a VM.".to_owned()
+            } else {
+                format!(
+                    "{} registered participants: only they may take a VM.",
+                    emails.len()
+                )
+            };
+            render(
+                &state,
+                &admin,
+                StatusCode::OK,
+                &emails,
+                Some((&notice, "success")),
+            )
+        }
+        (Err(e), false) => {
+            let emails = state.allocator().roster().await.unwrap_or_default();
+            render(
+                &state,
+                &admin,
+                e.status(),
+                &emails,
+                Some((e.message(), "error")),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_csv_gives_the_first_email_of_each_line() {
+        let csv = "name,email\n\"Ada\",\"Ada@Lab.org\"\n\nBob;bob@lab.org;x\n\tcy@lab.org\n";
+        let emails: Vec<String> = emails_from_csv(csv)
+            .unwrap()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(emails, ["ada@lab.org", "bob@lab.org", "cy@lab.org"]);
+        let e = emails_from_csv("ok@lab.org\nbad@@lab.org\n").unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert!(e.message().starts_with("line 2:"), "{}", e.message());
+    }
+}
