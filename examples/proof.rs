@@ -311,6 +311,9 @@ struct Record {
     agent_errors: Mutex<Vec<Instant>>,
     /// "No VM free" answers.
     no_vm: AtomicU64,
+    /// Repeats refused because the browser could not show it got the email's VM (its
+    /// answer was lost); the organisers released the VM.
+    unproven: AtomicU64,
     /// Releases done.
     releases: AtomicU64,
     /// Requests sent, in total.
@@ -563,8 +566,10 @@ async fn simulated_agent(
 }
 
 /// A participant: asks for a VM, holds it, releases it, asks again, until `end`. A request
-/// whose answer was lost is asked again with the same code (the allocator answers the same
-/// VM to the same email), so each code names one assignment.
+/// whose answer was lost is asked again with the same code and the participant cookie of
+/// its browser; if the lost answer had assigned a VM (which only that answer's cookie would
+/// show), the organisers release it and the participant asks with a fresh code, so each
+/// code names one assignment.
 async fn participant(
     http: Client,
     replicas: Arc<Replicas>,
@@ -577,25 +582,30 @@ async fn participant(
     // Arrivals spread over the first 10 seconds.
     tokio::time::sleep(jitter(0, 10_000)).await;
     let mut round = 0u32;
+    // The participant cookie of this participant's browser: a repeat for the email shows
+    // the VM only with it.
+    let mut cookie: Option<String> = None;
     while Instant::now() < end {
         round += 1;
-        let code = format!("4/proof-{i}-{round}");
+        let mut code = format!("4/proof-{i}-{round}");
         // Ask until answered or told there is no VM (bounded: 60 s of failures).
         let asked = Instant::now();
         let mut sent;
         let answer = loop {
             record.requests.fetch_add(1, Ordering::Relaxed);
             sent = Instant::now();
-            let r = http
+            let mut request = http
                 .post(format!("{}/api/request_vm", replicas.pick()))
                 .header(ACCEPT, "application/json")
                 .form(&[
                     ("email", email.clone()),
                     ("crd_command", format!("start-host --code={code}")),
                 ])
-                .timeout(Duration::from_secs(30))
-                .send()
-                .await;
+                .timeout(Duration::from_secs(30));
+            if let Some(cookie) = &cookie {
+                request = request.header(reqwest::header::COOKIE, cookie);
+            }
+            let r = request.send().await;
             if failed(&r) {
                 record
                     .participant_errors
@@ -610,6 +620,18 @@ async fn participant(
             }
             let Ok(r) = r else { continue };
             let status = r.status();
+            if status == StatusCode::CONFLICT {
+                // The email holds a VM this browser never heard of: an earlier answer was
+                // lost (a replica killed mid-request). As the page says, the organisers
+                // release it; then the participant asks again, with a fresh code.
+                record.unproven.fetch_add(1, Ordering::Relaxed);
+                release_email(&http, &replicas, &record, &email).await;
+                code = format!("{code}-again");
+                continue;
+            }
+            if let Some(c) = common::participant_cookie(&r) {
+                cookie = Some(c);
+            }
             let body: Value = r.json().await.unwrap_or(Value::Null);
             match (body["hostname"].as_str(), status.is_success()) {
                 (Some(h), true) => {
@@ -710,6 +732,34 @@ async fn release(http: &Client, replicas: &Replicas, record: &Record, hostname: 
         return false;
     }
     false
+}
+
+/// Releases the VM `email` holds, as an organiser helping a participant does: finds it by
+/// email (admin API), then releases it.
+async fn release_email(http: &Client, replicas: &Replicas, record: &Record, email: &str) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let r = http
+            .get(format!("{}/api/v1/vms", replicas.pick()))
+            .query(&[("email", email)])
+            .basic_auth("admin", Some(PASSWORD))
+            .header(ACCEPT, "application/json")
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await;
+        if failed(&r) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let Ok(r) = r else { continue };
+        let vms: Value = r.json().await.unwrap_or(Value::Null);
+        for vm in vms.as_array().into_iter().flatten() {
+            if let Some(hostname) = vm["hostname"].as_str() {
+                release(http, replicas, record, hostname).await;
+            }
+        }
+        return;
+    }
 }
 
 /// One fault's outcome.
@@ -1300,12 +1350,13 @@ async fn soak_run(
     let mut waits = record.waits.lock().unwrap().clone();
     waits.sort();
     println!(
-        "  {:.0} s: {} requests, {} answered with a VM, {} \"no VM free\", {} releases",
+        "  {:.0} s: {} requests, {} answered with a VM, {} \"no VM free\", {} releases, {} repeats without the first answer's cookie (VM released by the organisers)",
         wall.as_secs_f64(),
         record.requests.load(Ordering::Relaxed),
         answers.len(),
         record.no_vm.load(Ordering::Relaxed),
         record.releases.load(Ordering::Relaxed),
+        record.unproven.load(Ordering::Relaxed),
     );
     println!(
         "  time to a VM from the participant's first ask (retries included): p50 {}, p99 {}, max {}; per answered attempt: p50 {}, p99 {}",
@@ -1435,7 +1486,7 @@ async fn check_invariants(
         .filter(|(email, (h, code))| {
             db_assigned
                 .get(email.as_str())
-                .is_none_or(|(dh, cmd)| dh != h || !cmd.ends_with(&format!("--code={code}")))
+                .is_none_or(|(dh, stored)| dh != h || stored != code)
         })
         .count();
     let unknown = db_assigned

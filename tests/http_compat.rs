@@ -4,7 +4,7 @@ mod http_support;
 
 use std::time::Duration;
 
-use http_support::{crd_command, expect_error, json_of, TestServer};
+use http_support::{crd_command, expect_error, json_of, start_host, TestServer};
 use lablink::http::AgentAuthMode;
 use lablink::{FakeProvisioner, LabLink, VmState};
 use reqwest::header::ACCEPT;
@@ -31,7 +31,7 @@ async fn vm_startup_answers_at_once_when_assigned_with_command_and_string_pin() 
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "success");
-    assert_eq!(body["command"], crd_command("4/abc_DEF-1"));
+    assert_eq!(body["command"], start_host("4/abc_DEF-1", h));
     assert!(body["pin"].is_string(), "{body}");
     assert_eq!(body["pin"], granted["pin"]);
 }
@@ -52,7 +52,7 @@ async fn vm_startup_holds_until_the_vm_is_assigned() {
     let (status, body) = json_of(waiter.await.unwrap().unwrap()).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "success");
-    assert_eq!(body["command"], crd_command("4/held"));
+    assert_eq!(body["command"], start_host("4/held", &h));
 }
 
 #[tokio::test]
@@ -425,7 +425,7 @@ async fn participants_get_a_vm_the_same_vm_again_or_a_clear_refusal() {
     let (_, again) = json_of(s.request_vm("ADA@lab.org", "4/y").await).await;
     assert_eq!(again, first, "same email, same VM and PIN");
     let page = s
-        .client
+        .browser
         .post(s.url("/api/request_vm"))
         .form(&[
             ("email", "bo@lab.org"),

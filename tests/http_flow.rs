@@ -7,7 +7,7 @@ mod http_support;
 use std::collections::{HashMap, HashSet};
 
 use futures::future::join_all;
-use http_support::{crd_command, json_of, TestServer};
+use http_support::{json_of, start_host, TestServer};
 use reqwest::header::ACCEPT;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -58,7 +58,7 @@ async fn whole_workshop(s: TestServer) {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "success");
         let (code, pin) = &granted[h];
-        assert_eq!(body["command"], crd_command(code));
+        assert_eq!(body["command"], start_host(code, h));
         assert!(body["pin"].is_string());
         assert_eq!(body["pin"], pin.as_str());
     }

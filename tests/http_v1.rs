@@ -5,7 +5,7 @@ mod http_support;
 
 use std::time::Duration;
 
-use http_support::{crd_command, expect_error, json_of, TestServer};
+use http_support::{crd_command, expect_error, json_of, start_host, TestServer};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -132,7 +132,7 @@ async fn an_agent_registers_waits_gets_its_assignment_and_reports_in_one_call() 
     let (st, assignment) = json_of(held.await.unwrap().unwrap()).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(assignment["code"], "4/v1code");
-    assert_eq!(assignment["command"], crd_command("4/v1code"));
+    assert_eq!(assignment["command"], start_host("4/v1code", h));
     assert!(assignment["pin"].is_string());
     assert_eq!(assignment["pin"], granted["pin"]);
 

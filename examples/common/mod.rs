@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 /// Participant `i`'s request: `i`, how long it took and the VM (hostname, PIN) it got.
-pub type Timed = (usize, Duration, Result<(String, String), Error>);
+pub type Timed = (usize, Duration, Result<Granted, Error>);
 
 /// The admin password every server of a run is given.
 pub const PASSWORD: &str = "load-generator-password";
@@ -191,13 +191,19 @@ impl Server {
         Ok(hostnames)
     }
 
-    /// `POST /api/request_vm` for participant `i`.
-    pub async fn request_vm(&self, http: &Client, i: usize) -> Result<(String, String), Error> {
+    /// `POST /api/request_vm` for participant `i` (with its cookie, when it asks again).
+    pub async fn request_vm(
+        &self,
+        http: &Client,
+        i: usize,
+        cookie: Option<&str>,
+    ) -> Result<Granted, Error> {
         request_vm(
             http,
             self.base(),
             &format!("p{i}@load.test"),
             &format!("4/load-{i}"),
+            cookie,
         )
         .await
     }
@@ -225,6 +231,8 @@ fn spawn_server(
         .env("LABLINK_ADMIN__PASSWORD", PASSWORD)
         .env("LABLINK_ALLOCATOR__MAX_LAUNCH", "20000")
         .env("LABLINK_ALLOCATOR__MAX_WAIT", "600")
+        // Every simulated participant comes from 127.0.0.1.
+        .env("LABLINK_PARTICIPANTS__REQUESTS_BURST", "1000000")
         .env("LABLINK_PROVISIONER__KIND", "fake")
         .env("LABLINK_PROVISIONER__FAKE_LATENCY_SECONDS", "0")
         .env("LABLINK_LOG__FILTER", "error")
@@ -246,28 +254,57 @@ fn spawn_server(
     })
 }
 
-/// `POST /api/request_vm` as the participant page's script does: the VM (hostname, PIN).
+/// A participant's VM: hostname, PIN, and the participant cookie its browser keeps.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub hostname: String,
+    pub pin: String,
+    /// `name=value` of the participant cookie (sent back on a repeat for the same email).
+    pub cookie: Option<String>,
+}
+
+/// `POST /api/request_vm` as the participant page's script does, with the participant
+/// cookie of an earlier answer if there is one.
 pub async fn request_vm(
     http: &Client,
     base: &str,
     email: &str,
     code: &str,
-) -> Result<(String, String), Error> {
-    let body: Value = http
+    cookie: Option<&str>,
+) -> Result<Granted, Error> {
+    let mut request = http
         .post(format!("{base}/api/request_vm"))
         .header(ACCEPT, "application/json")
         .form(&[
             ("email", email.to_owned()),
             ("crd_command", format!("start-host --code={code}")),
-        ])
-        .send()
-        .await?
-        .json()
-        .await?;
+        ]);
+    if let Some(cookie) = cookie {
+        request = request.header(reqwest::header::COOKIE, cookie);
+    }
+    let response = request.send().await?;
+    let cookie = participant_cookie(&response);
+    let body: Value = response.json().await?;
     match (body["hostname"].as_str(), body["pin"].as_str()) {
-        (Some(h), Some(p)) => Ok((h.to_owned(), p.to_owned())),
+        (Some(h), Some(p)) => Ok(Granted {
+            hostname: h.to_owned(),
+            pin: p.to_owned(),
+            cookie,
+        }),
         _ => Err(format!("no VM: {body}").into()),
     }
+}
+
+/// The `name=value` of the participant cookie a response sets, if any.
+pub fn participant_cookie(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("lablink_participant="))
+        .and_then(|v| v.split(';').next())
+        .map(str::to_owned)
 }
 
 /// The `p`-quantile of sorted durations.
@@ -303,7 +340,7 @@ pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> 
     let mut results: Vec<Timed> = stream::iter(0..n)
         .map(|i| async move {
             let t = Instant::now();
-            let r = servers[i % servers.len()].request_vm(http, i).await;
+            let r = servers[i % servers.len()].request_vm(http, i, None).await;
             (i, t.elapsed(), r)
         })
         .buffer_unordered(n)
@@ -315,7 +352,7 @@ pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> 
     latencies.sort();
     let hostnames: HashSet<String> = results
         .iter()
-        .filter_map(|(_, _, r)| r.as_ref().ok().map(|(h, _)| h.clone()))
+        .filter_map(|(_, _, r)| r.as_ref().ok().map(|g| g.hostname.clone()))
         .collect();
     let failures = results.iter().filter(|(_, _, r)| r.is_err()).count();
     let mut free = Vec::new();
@@ -330,8 +367,13 @@ pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> 
     }
     // One participant asks again, through the last server: it must get its own VM back.
     let repeat = 7.min(n - 1);
-    let own = results[repeat].2.as_ref().ok().map(|(h, _)| h.clone());
-    let again = servers[servers.len() - 1].request_vm(http, repeat).await?.0;
+    let first = results[repeat].2.as_ref().ok();
+    let own = first.map(|g| g.hostname.clone());
+    let cookie = first.and_then(|g| g.cookie.as_deref());
+    let again = servers[servers.len() - 1]
+        .request_vm(http, repeat, cookie)
+        .await?
+        .hostname;
     let rejoined = own.as_deref() == Some(again.as_str());
     let result = W1 {
         throughput: n as f64 / wall.as_secs_f64(),
@@ -435,9 +477,12 @@ pub async fn w2(http: &Client, n: usize, env: &[(&str, &str)], what: &str) -> Re
         .map(|i| {
             let (server, assigned_at) = (&server, assigned_at.clone());
             async move {
-                match server.request_vm(http, i).await {
-                    Ok((h, _)) => {
-                        assigned_at.lock().unwrap().insert(h, Instant::now());
+                match server.request_vm(http, i, None).await {
+                    Ok(granted) => {
+                        assigned_at
+                            .lock()
+                            .unwrap()
+                            .insert(granted.hostname, Instant::now());
                         0
                     }
                     Err(_) => 1,

@@ -3,7 +3,6 @@
 //! the per-request tracing span and the panic guard.
 
 use std::any::Any;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -78,21 +77,19 @@ pub fn panic_response(_panic: Box<dyn Any + Send + 'static>) -> Response {
     .into_response()
 }
 
-/// How long a client of a held route (whose answer may take minutes) may take to send its
-/// body: a held route is not bounded by the request timeout, and a client trickling its
-/// body would otherwise keep its connection as long as it likes.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Reads the whole body of a held request within [`BODY_READ_TIMEOUT`] (and the body
-/// limit) before the handler runs: 408 when it does not arrive in time.
+/// Reads the whole body of a held request (whose answer may take minutes) within
+/// `body_read_timeout` and the body limit before the handler runs: 408 when it does not
+/// arrive in time. Held routes are not bounded by the request timeout, and a client
+/// trickling its body would otherwise keep its connection as long as it likes.
 pub async fn read_body_in_time(
     State(state): State<HttpState>,
     req: Request,
     next: Next,
 ) -> Response {
     let (parts, body) = req.into_parts();
-    let limit = state.options().max_body_bytes;
-    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+    let options = state.options();
+    let read = axum::body::to_bytes(body, options.max_body_bytes);
+    match tokio::time::timeout(options.body_read_timeout, read).await {
         Ok(Ok(bytes)) => {
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await

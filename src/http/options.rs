@@ -35,6 +35,9 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
     /// Longest an ordinary (not held) request may take.
     pub request_timeout: Duration,
+    /// Longest a client of a held route may take to send its request body (held routes are
+    /// not bounded by `request_timeout`).
+    pub body_read_timeout: Duration,
     /// Mark cookies `Secure` (set when served over HTTPS).
     pub secure_cookies: bool,
     /// How long an admin session lasts.
@@ -66,6 +69,7 @@ impl fmt::Debug for HttpOptions {
             .field("max_wait", &self.max_wait)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
+            .field("body_read_timeout", &self.body_read_timeout)
             .field("secure_cookies", &self.secure_cookies)
             .field("session_ttl", &self.session_ttl)
             .field(
@@ -101,6 +105,7 @@ impl HttpOptions {
             max_wait: Duration::from_secs(120),
             max_body_bytes: 2 * 1024 * 1024,
             request_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(15),
             secure_cookies: false,
             session_ttl: Duration::from_secs(12 * 3600),
             sign_in_failures_per_minute: 5,

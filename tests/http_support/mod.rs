@@ -68,6 +68,8 @@ pub struct TestServer {
     pub allocator: Arc<dyn Allocator>,
     pub provisioner: TokenProvisioner,
     pub client: Client,
+    /// A participant's browser: keeps cookies (the participant cookie a repeat must show).
+    pub browser: Client,
 }
 
 impl TestServer {
@@ -125,6 +127,7 @@ impl TestServer {
             allocator,
             provisioner,
             client,
+            browser: browser(),
         }
     }
 
@@ -192,9 +195,9 @@ impl TestServer {
         hostnames
     }
 
-    /// Requests a VM as a participant (JSON).
+    /// Requests a VM as a participant (JSON), from [`browser`](Self::browser).
     pub async fn request_vm(&self, email: &str, code: &str) -> reqwest::Response {
-        self.client
+        self.browser
             .post(self.url("/api/request_vm"))
             .header(ACCEPT, "application/json")
             .form(&[
@@ -212,6 +215,24 @@ impl TestServer {
             .await
             .unwrap()
     }
+}
+
+/// A client that keeps cookies, as a participant's browser does.
+pub fn browser() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(0)
+        .cookie_store(true)
+        .build()
+        .unwrap()
+}
+
+/// The command a VM is given for `code`: built by LabLink, never the pasted text.
+pub fn start_host(code: &str, hostname: &str) -> String {
+    format!(
+        "start-host --code={code} --redirect-url=https://remotedesktop.google.com/_/oauthredirect \
+         --name={hostname}"
+    )
 }
 
 /// A CRD command as a participant pastes it.

@@ -70,14 +70,31 @@ pub async fn request_vm(State(state): State<HttpState>, req: Request) -> ApiResu
         .into_response())
 }
 
-/// Every VM.
-#[utoipa::path(get, path = "/api/v1/vms", tag = "admin",
-    responses((status = 200, body = [VmView]), (status = 401, body = ErrorBody)), security(("admin_basic" = [])))]
+/// Query of [`list_vms`].
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// Only the VM assigned to this email (to help a participant: release or look it up).
+    pub email: Option<String>,
+}
+
+/// Every VM, or the one an email holds.
+#[utoipa::path(get, path = "/api/v1/vms", tag = "admin", params(ListQuery),
+    responses((status = 200, body = [VmView]), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)), security(("admin_basic" = [])))]
 pub async fn list_vms(
     State(state): State<HttpState>,
     _admin: Admin,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<Vec<VmView>>> {
-    let vms = state.allocator().vms(&VmFilter::default()).await?;
+    let email = query
+        .email
+        .map(|e| e.parse())
+        .transpose()
+        .map_err(|e: lablink_core::Error| ApiError::bad_request(e.message().to_owned()))?;
+    let filter = VmFilter {
+        email,
+        ..VmFilter::default()
+    };
+    let vms = state.allocator().vms(&filter).await?;
     Ok(Json(vms.iter().map(VmView::from).collect()))
 }
 
