@@ -160,15 +160,7 @@ async fn whole_workshop(s: TestServer) {
     assert!(dashboard.contains(&format!("data-hostname=\"{h}\"")));
 
     // Metrics and health.
-    let text = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     for line in [
         format!("lablink_claims_total{{outcome=\"assigned\"}} {N}"),
         format!("lablink_vms{{state=\"assigned\"}} {N}"),

@@ -7,12 +7,13 @@ mod http_support;
 
 use std::net::IpAddr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use http_support::{
-    browser, crd_command, expect_error, json_of, TestServer, ADMIN_PASSWORD, ADMIN_USER,
+    browser, captured_logs, crd_command, expect_error, json_of, TestServer, ADMIN_PASSWORD,
+    ADMIN_USER,
 };
 use lablink::http::AgentAuthMode;
 use lablink::LabLink;
@@ -293,15 +294,7 @@ async fn an_access_code_and_a_registered_list_decide_who_gets_a_vm() {
     let (st, _) = json_of(ask("bo@lab.org", Some("blue-heron-42")).await.unwrap()).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(s.allocator.counts().await.unwrap().assignable, 1);
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("lablink_claims_total{outcome=\"refused\"} 3"),
         "{metrics}"
@@ -344,15 +337,7 @@ async fn a_room_behind_one_address_is_served_and_a_flood_gets_429_with_retry_aft
     assert!(retry >= 1);
     expect_error(r, 429).await;
     let assigned = s.allocator.counts().await.unwrap().assigned;
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(
         metrics.contains("lablink_claims_total{outcome=\"rate_limited\"} 1"),
         "{metrics}"
@@ -471,15 +456,7 @@ async fn parallel_wrong_passwords_are_limited_before_argon2_runs() {
         ratio < 10.0,
         "correct sign-in took {admin_took:?}, one verification {one:?}"
     );
-    let metrics = s
-        .client
-        .get(s.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics().await;
     assert!(metrics.contains(&format!("lablink_sign_ins_rate_limited_total {limited}")));
 }
 
@@ -509,37 +486,6 @@ async fn metrics_with_a_token_refuse_everyone_else() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.text().await.unwrap().contains("lablink_claims_total"));
-}
-
-/// Every tracing line of this test binary (one global subscriber: the server's tasks log
-/// from whatever thread runs them).
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || Captured(sink.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per binary");
-        buffer
-    })
-    .clone()
-}
-
-/// A log writer the test reads back.
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]

@@ -4,42 +4,12 @@
 
 mod http_support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-
-use http_support::{crd_command, expect_error, json_of, TestServer, ADMIN_PASSWORD, ADMIN_USER};
+use http_support::{
+    captured_logs, crd_command, expect_error, json_of, TestServer, ADMIN_PASSWORD, ADMIN_USER,
+};
 use reqwest::header::{ACCEPT, COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
-
-/// Every tracing line of this test binary, at TRACE level.
-fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(move || Capture(sink.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one subscriber per binary");
-        buffer
-    })
-    .clone()
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 const ADMIN_ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin"),

@@ -173,9 +173,9 @@ mod tests {
 
     #[test]
     fn the_argument_vector_is_built_from_the_code_alone() {
-        let cmd = "DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0Ab-x_y.z~+\" \
+        let cmd = "DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0Ab-x_y-z\" \
                    --redirect-url=\"https://evil.example\" --name=$(hostname)";
-        let inv = HostInvocation::from_assignment(&assignment(cmd, "4/0Ab-x_y.z~+")).unwrap();
+        let inv = HostInvocation::from_assignment(&assignment(cmd, "4/0Ab-x_y-z")).unwrap();
         let args = inv.args(
             "https://remotedesktop.google.com/_/oauthredirect",
             "vm-7",
@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(
             args,
             [
-                "--code=4/0Ab-x_y.z~+",
+                "--code=4/0Ab-x_y-z",
                 "--redirect-url=https://remotedesktop.google.com/_/oauthredirect",
                 "--name=vm-7"
             ]

@@ -88,7 +88,7 @@ async fn request_all(rig: &Rig, participants: &[(String, String)]) -> Vec<(Strin
 
 fn participants(n: usize, tag: &str) -> Vec<(String, String)> {
     (0..n)
-        .map(|i| (format!("p{i}@{tag}.org"), format!("4/{tag}-code_{i}.x~y+z")))
+        .map(|i| (format!("p{i}@{tag}.org"), format!("4/{tag}-code_{i}-x_y-z")))
         .collect()
 }
 

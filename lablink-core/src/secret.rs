@@ -399,7 +399,7 @@ mod tests {
         assert!(format!("--code={}", "a".repeat(MAX_CODE + 1))
             .parse::<CrdCommand>()
             .is_err());
-        assert!(format!("--code=a {}", " ".repeat(MAX_COMMAND))
+        assert!(format!("--code=a {}", "x".repeat(MAX_COMMAND))
             .parse::<CrdCommand>()
             .is_err());
     }
