@@ -73,6 +73,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/collections.zip"),
     ("GET", "/api/scp-client"),
     ("POST", "/admin/collect"),
+    ("GET", "/api/v1/roster"),
+    ("PUT", "/api/v1/roster"),
+    ("GET", "/admin/participants"),
+    ("POST", "/admin/participants"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ];

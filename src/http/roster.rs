@@ -80,12 +80,39 @@ fn emails_from(form: &super::extract::FormOrJson) -> Result<Vec<Email>, ApiError
     }
 }
 
-async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
+/// Body of `PUT /api/v1/roster`: one of the two fields.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct RosterBody {
+    /// The emails.
+    pub emails: Option<Vec<String>>,
+    /// Or a CSV: on each line the first cell with an `@` is the email; other lines are skipped.
+    pub csv: Option<String>,
+}
+
+/// The registered participants.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RosterView {
+    /// How many.
+    pub count: usize,
+    /// The emails, in order (empty: anyone may take a VM).
+    pub emails: Vec<String>,
+}
+
+/// The registered participants (empty: anyone may take a VM).
+#[utoipa::path(get, path = "/api/v1/roster", tag = "admin",
+    responses((status = 200, body = RosterView), (status = 401, body = super::v1::ErrorBody)), security(("admin_basic" = [])))]
+pub async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
     let emails = state.allocator().roster().await?;
     Ok(Json(json!({ "count": emails.len(), "emails": emails })))
 }
 
-async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
+/// Replaces the registered participants: from then on only they may take a VM (every
+/// replica within 2 s); an empty list lets anyone in.
+#[utoipa::path(put, path = "/api/v1/roster", tag = "admin", request_body = RosterBody,
+    responses((status = 200, body = RosterView), (status = 400, description = "A line or entry that is not an email, named", body = super::v1::ErrorBody), (status = 401, body = super::v1::ErrorBody)),
+    security(("admin_basic" = [])))]
+pub async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
     let emails = emails_from(&req.form)?;
     state.allocator().set_roster(&emails).await?;
     let stored = state.allocator().roster().await?;

@@ -30,6 +30,7 @@ pub use agent::wait_assignment;
         admin::pool, openapi_json,
         crate::http::collect::tasks, crate::http::collect::upload, crate::http::collect::list,
         crate::http::collect::one, crate::http::collect::request, crate::http::collect::download,
+        crate::http::roster::get_roster, crate::http::roster::put_roster,
     ),
     modifiers(&Security),
     tags(
