@@ -905,6 +905,54 @@ mod tests {
     }
 
     #[test]
+    fn participant_and_proxy_settings_are_checked_and_secrets_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lablink.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"0.0.0.0:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n\
+             cookie_secret = \"a secret of thirty-two characters!!\"\n\
+             [participants]\naccess_code = \"blue-heron-42\"\nregistered_emails = [\"Ada@Lab.org\"]\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path), env(&[])).unwrap();
+        let options = config.http_options("hash".into());
+        assert_eq!(options.trusted_proxies.len(), 2);
+        assert_eq!(options.access_code.as_deref(), Some("blue-heron-42"));
+        assert_eq!(
+            config.participants.emails().unwrap()[0].as_str(),
+            "ada@lab.org"
+        );
+        let shown = format!("{config:?} {options:?}");
+        for secret in ["blue-heron-42", "thirty-two", "Ada@Lab"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        // Reachable from other machines without a metrics token: a warning, not a problem.
+        assert_eq!(config.warnings().len(), 1, "{:?}", config.warnings());
+        assert!(Config::default().warnings().is_empty(), "loopback is fine");
+
+        std::fs::write(
+            &path,
+            "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"proxy\"]\ncookie_secret = \"short\"\n\
+             [participants]\nregistered_emails = [\"ok@lab.org\", \"not an email\"]\nrequests_burst = 0\n",
+        )
+        .unwrap();
+        let problems = Config::load(Some(&path), env(&[])).unwrap_err();
+        for expected in [
+            "\"10.0.0.0/33\"",
+            "\"proxy\"",
+            "cookie_secret",
+            "registered_emails[1]",
+            "requests_burst",
+        ] {
+            assert!(
+                problems.iter().any(|p| p.contains(expected)),
+                "{expected}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
     fn no_file_and_no_variables_is_the_embedded_default() {
         assert_eq!(Config::load(None, env(&[])).unwrap(), Config::default());
         assert!(!Config::default().has_admin_password());

@@ -299,6 +299,29 @@ async fn an_access_code_and_a_registered_list_decide_who_gets_a_vm() {
         metrics.contains("lablink_claims_total{outcome=\"refused\"} 3"),
         "{metrics}"
     );
+    // The admin page takes the same CSV (here as a script would post it) and shows the list.
+    let (st, roster) = json_of(
+        s.admin(reqwest::Method::POST, "/admin/participants")
+            .form(&[("csv", "bo@lab.org\ncy@lab.org\ndi@lab.org\n")])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{roster}");
+    assert_eq!(roster["count"], 3);
+    let page = s
+        .client
+        .get(s.url("/admin/participants"))
+        .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("3 registered") && html.contains("di@lab.org"),
+        "{html}"
+    );
     // A bad line names itself and changes nothing.
     let message = expect_error(
         s.admin(reqwest::Method::PUT, "/api/v1/roster")
@@ -310,7 +333,7 @@ async fn an_access_code_and_a_registered_list_decide_who_gets_a_vm() {
     )
     .await;
     assert!(message.contains("line 2"), "{message}");
-    assert_eq!(s.allocator.roster().await.unwrap().len(), 2);
+    assert_eq!(s.allocator.roster().await.unwrap().len(), 3);
 }
 
 #[tokio::test]
