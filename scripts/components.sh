@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs or finds every real component the tests need, so that `bash scripts/test.sh` passes
+# on a fresh machine with nothing installed beforehand. Sourced by scripts/test.sh and .ci/run
+# (it exports PATH); run on its own, it only installs and checks.
+#
+# - PostgreSQL 15 server binaries (/usr/lib/postgresql/*/bin): must be there; the tests start
+#   a throwaway cluster with scripts/with-postgres.sh.
+# - terraform on PATH, with the hashicorp/aws provider mirror the Terraform tests use.
+# - Chromium and ChromeDriver for the browser tests: Debian's chromium and chromium-driver.
+# - The AWS API emulator moto_server: moto[server] from PyPI, one pinned version.
+# Anything missing that cannot be installed stops here with a message naming it.
+
+# One moto version for every run: 5.2.1 answers CompleteMultipartUpload with a root element
+# the SDK rejects, so "newest" would make the multipart tests depend on the install day.
+LABLINK_MOTO_VERSION=5.2.5
+
+lablink_components() {
+    local missing=()
+    command -v terraform >/dev/null || missing+=("terraform (the Terraform provisioner tests run the real binary)")
+    ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 \
+        || missing+=("PostgreSQL server binaries in /usr/lib/postgresql/*/bin (Debian: postgresql)")
+    if ((${#missing[@]})); then
+        printf 'scripts/components.sh: missing: %s\n' "${missing[@]}" >&2
+        return 1
+    fi
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        echo "scripts/components.sh: installing chromium and chromium-driver for the browser tests" >&2
+        local sudo=()
+        [[ $(id -u) == 0 ]] || sudo=(sudo)
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -qq >/dev/null \
+            && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null \
+            || { echo "scripts/components.sh: could not install chromium and chromium-driver" >&2; return 1; }
+    fi
+    if [[ "$(python3 -m pip show moto 2>/dev/null | sed -n 's/^Version: //p')" != "$LABLINK_MOTO_VERSION" ]]; then
+        echo "scripts/components.sh: installing the AWS emulator moto_server $LABLINK_MOTO_VERSION" >&2
+        python3 -m pip install --quiet "moto[server]==$LABLINK_MOTO_VERSION" \
+            || { echo "scripts/components.sh: could not pip install moto[server]==$LABLINK_MOTO_VERSION" >&2; return 1; }
+    fi
+    # pip puts moto_server in the interpreter's scripts directory; a pyenv Python has no shim
+    # for it until a rehash, so put that directory on PATH.
+    PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+    export PATH
+    command -v moto_server >/dev/null \
+        || { echo "scripts/components.sh: moto_server is not on PATH after installing moto[server]" >&2; return 1; }
+}
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    set -euo pipefail
+    lablink_components
+    terraform version | head -n 1
+    chromium --version
+    moto_server --version 2>/dev/null || true
+fi
