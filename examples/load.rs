@@ -3,12 +3,12 @@
 //! the load generator can act as the VMs, with the in-memory store and the fake provisioner.
 //!
 //! ```text
-//! cargo build --release --example server --example load
+//! cargo build --release --bin lablink --example load
 //! target/release/examples/load            # all three workloads
 //! target/release/examples/load w1 w3      # some of them
 //!
 //! # W1 with PostgreSQL behind the server (a fresh database on DATABASE_URL):
-//! cargo build --release --features postgres --example server --example load
+//! cargo build --release --features postgres --bin lablink --example load
 //! scripts/with-postgres.sh target/release/examples/load w1-pg
 //! ```
 //!

@@ -4,7 +4,7 @@
 //! what it needs and starts PostgreSQL; by hand:
 //!
 //! ```text
-//! cargo build --release --features postgres --example server --example proof
+//! cargo build --release --features postgres --bin lablink --example proof
 //! cargo build --release -p lablink-agent
 //! scripts/with-postgres.sh target/release/examples/proof ci      # or full
 //! scripts/with-postgres.sh target/release/examples/proof full soak   # only some parts

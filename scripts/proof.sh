@@ -48,7 +48,7 @@ for part in "$@"; do
     esac
 done
 
-cargo build --release --features postgres --example server --example proof
+cargo build --release --features postgres --bin lablink --example proof
 cargo build --release -p lablink-agent
 TARGET=$(cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')

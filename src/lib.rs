@@ -35,3 +35,7 @@ pub mod config;
 /// Collecting participants' work off the VMs (through their agents) into an artifact store.
 #[cfg(feature = "server")]
 pub mod collect;
+
+/// A whole allocator built from a [`config::Config`] and run until a shutdown signal.
+#[cfg(feature = "server")]
+pub mod server;

@@ -62,8 +62,8 @@ fn the_proof_suite_short_profile_holds() {
     let built = build(&[
         "--workspace",
         "--all-features",
-        "--example",
-        "server",
+        "--bin",
+        "lablink",
         "--example",
         "proof",
         "--bin",

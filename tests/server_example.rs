@@ -1,6 +1,6 @@
-//! The `server` example as a user runs it: built with cargo, started as its own process.
+//! The `lablink` program as a user runs it: built with cargo, started as its own process.
 //!
-//! - The README's promise: `cargo run --example server` on a fresh machine, with no
+//! - The README's promise: `cargo run` on a fresh machine, with no
 //!   configuration, prints the admin URL and a generated password once, serves `/healthz`,
 //!   the participant page and the admin UI, and the printed password signs in.
 //! - Graceful shutdown: SIGTERM while agents hold `/vm_startup` and `/api/v1` waits answers
@@ -22,28 +22,30 @@ use serde_json::{json, Value};
 const START_PATIENCE: Duration = Duration::from_secs(120);
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Builds the example the way `cargo run --example server` does and returns its path.
+/// Builds the program the way `cargo run` does and returns its path.
 fn build_server() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(&cargo)
         .args([
             "build",
-            "--example",
-            "server",
+            "--bin",
+            "lablink",
+            // The features `scripts/test.sh` builds with, so the build is the one already made.
+            "--all-features",
             "--message-format=json-render-diagnostics",
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stderr(Stdio::inherit())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cargo}: {e}"));
-    assert!(out.status.success(), "cargo build --example server failed");
+    assert!(out.status.success(), "cargo build --bin lablink failed");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "server")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "lablink")
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo reported no server executable")
+        .expect("cargo reported no lablink executable")
 }
 
 /// The server process; killed on drop if still running.

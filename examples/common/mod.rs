@@ -214,8 +214,13 @@ fn spawn_server(
     env: &[(String, String)],
     log: Option<&std::path::Path>,
 ) -> Result<Child, Error> {
+    // The `lablink` program of the same profile: target/<profile>/lablink beside examples/.
     let exe = std::env::current_exe()?;
-    let server = exe.with_file_name("server");
+    let server = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map(|d| d.join("lablink"))
+        .ok_or("no target directory")?;
     let mut command = Command::new(&server);
     // Only the settings below: an inherited LABLINK_* variable (scripts/with-postgres.sh
     // exports LABLINK_PG_BIN, for instance) would be an unknown setting to the server.
@@ -247,7 +252,7 @@ fn spawn_server(
     }
     command.spawn().map_err(|e| {
         format!(
-            "cannot start {}: {e} (build it with --example server)",
+            "cannot start {}: {e} (build it with cargo build --bin lablink)",
             server.display()
         )
         .into()

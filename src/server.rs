@@ -1,0 +1,214 @@
+//! A whole allocator built from a [`Config`]: store and notifier (memory or PostgreSQL), the
+//! configured provisioner (EC2 calls wrapped in retry), the artifact store and collector,
+//! the registered participants, the supervisor and the HTTP server, run until a shutdown
+//! signal. The `lablink` binary and the `server` example are thin shells around it; an
+//! embedder calls it, or composes the same parts itself.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use lablink::config::Config;
+//! use lablink::server::{shutdown_signal, Server};
+//!
+//! let config = Config::default();
+//! let hash = lablink::http::hash_password("a long admin password")?;
+//! let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
+//! let server = Server::build(&config, hash, listener).await?;
+//! println!("listening on http://{}", server.local_addr());
+//! server.run(shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lablink_core::{Allocator as _, FakeProvisioner, LabLink, Provisioner};
+
+use crate::config::Config;
+use crate::http::HttpState;
+use crate::LocalProcessProvisioner;
+
+/// What building or running a server can fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An allocator server, built and ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    lablink: LabLink,
+    state: HttpState,
+    local: Option<LocalProcessProvisioner>,
+}
+
+impl Server {
+    /// Builds everything `config` describes, serving on `listener`, with the admin password
+    /// whose argon2 hash is `admin_password_hash`. Migrates the PostgreSQL schema when a
+    /// database is configured and stores the configured registered participants when the
+    /// store holds no list yet. Nothing is served and no supervisor runs until
+    /// [`run`](Self::run).
+    pub async fn build(
+        config: &Config,
+        admin_password_hash: String,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Self, BoxError> {
+        let addr = listener.local_addr()?;
+        let (provisioner, local) = provisioner(config, addr).await?;
+        let lablink = allocator(config, provisioner).await?;
+        seed_roster(config, &lablink).await?;
+        let collector = crate::collect::Collector::new(
+            config.collect.artifact_store().await?,
+            config.collect.settings(),
+        );
+        let state = HttpState::with_collector(
+            Arc::new(lablink.clone()),
+            config.http_options(admin_password_hash),
+            Arc::new(collector),
+        );
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        Ok(Self {
+            listener,
+            addr,
+            lablink,
+            state,
+            local,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The HTTP state (allocator, options, metrics, collector).
+    pub fn state(&self) -> &HttpState {
+        &self.state
+    }
+
+    /// Starts the supervisor and serves until `shutdown` resolves; then ends held requests,
+    /// finishes the others, stops the supervisor and the local agent processes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BoxError> {
+        // After the HTTP state installed the collector: the supervisor's first tick may
+        // already be due to destroy (scheduled destruction, idle release), which collects
+        // first.
+        let supervisor = self.lablink.start_supervisor()?;
+        let served = self.state.serve(self.listener, shutdown).await;
+        supervisor.stop().await;
+        if let Some(local) = self.local {
+            local.shutdown().await;
+        }
+        served?;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// The configured provisioner, and the local one again when it is that (stopped at exit);
+/// local agents reach the allocator at `addr`.
+async fn provisioner(
+    config: &Config,
+    addr: SocketAddr,
+) -> Result<(Arc<dyn Provisioner>, Option<LocalProcessProvisioner>), BoxError> {
+    let p = &config.provisioner;
+    // EC2 (feature `aws`): capacity and throttling errors are retried with backoff.
+    #[cfg(feature = "aws")]
+    if p.kind == "aws" {
+        let ec2 = Arc::new(p.aws.builder().build().await?);
+        let retry = lablink_core::RetryProvisioner::new(ec2, lablink_core::RetryPolicy::default());
+        return Ok((Arc::new(retry), None));
+    }
+    if p.kind == "fake" {
+        let mut fake = FakeProvisioner::new()
+            .with_latency(Duration::from_secs_f64(p.fake_latency_seconds))
+            .with_failure_rate(p.fake_failure_rate);
+        if !p.fake_inventory_dir.is_empty() {
+            std::fs::create_dir_all(&p.fake_inventory_dir)?;
+            fake = fake.with_inventory_dir(&p.fake_inventory_dir);
+        }
+        return Ok((Arc::new(fake), None));
+    }
+    let mut url_addr = addr;
+    if url_addr.ip().is_unspecified() {
+        url_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{url_addr}");
+    let mut builder = if p.local_agent_program.is_empty() {
+        LocalProcessProvisioner::builder(std::env::current_exe()?, url).arg("agent")
+    } else {
+        LocalProcessProvisioner::builder(&p.local_agent_program, url)
+    };
+    builder = builder.env("LABLINK_START_HOST", &p.local_start_host);
+    if !p.local_log_dir.is_empty() {
+        std::fs::create_dir_all(&p.local_log_dir)?;
+        builder = builder.log_dir(&p.local_log_dir);
+    }
+    let local = builder.build();
+    Ok((Arc::new(local.clone()), Some(local)))
+}
+
+/// The allocator on the configured store and notifier (PostgreSQL migrated first).
+async fn allocator(
+    config: &Config,
+    provisioner: Arc<dyn Provisioner>,
+) -> Result<LabLink, BoxError> {
+    #[allow(unused_mut)]
+    let mut builder = LabLink::builder()
+        .with_config(config.allocator.clone())
+        .with_provisioner(provisioner);
+    #[cfg(feature = "postgres")]
+    if !config.database.url.is_empty() {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .connect(&config.database.url)
+            .await?;
+        lablink_postgres::setup(&pool).await?;
+        let notifier = lablink_postgres::PgNotifier::connect(pool.clone()).await?;
+        builder = builder
+            .with_store(Arc::new(lablink_postgres::PgVmStore::new(pool)))
+            .with_notifier(Arc::new(notifier));
+    }
+    tracing::info!(
+        store = if config.database.url.is_empty() { "memory" } else { "postgres" },
+        provisioner = %config.provisioner.kind,
+        "allocator configured"
+    );
+    Ok(builder.build()?)
+}
+
+/// Stores the configured registered participants, unless the store already holds a list
+/// (one uploaded in the admin UI wins over the file, which gives only the first list).
+async fn seed_roster(config: &Config, lablink: &LabLink) -> Result<(), BoxError> {
+    let emails = config.participants.emails().map_err(|p| p.join("; "))?;
+    if !emails.is_empty() && lablink.roster().await?.is_empty() {
+        lablink.set_roster(&emails).await?;
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
