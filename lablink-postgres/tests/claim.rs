@@ -249,6 +249,27 @@ async fn concurrent_claims_for_one_email_across_processes_get_one_vm(pool: PgPoo
     assert_eq!(assigned.len(), rounds);
 }
 
+/// Waits until a backend of this database is blocked on a row lock (the spawned `claim`
+/// waiting for a VM another transaction holds); fails if the claim returns first or never
+/// blocks within 5 s.
+async fn wait_until_blocked<T: std::fmt::Debug>(pool: &PgPool, claim: &tokio::task::JoinHandle<T>) {
+    for _ in 0..500 {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if n > 0 {
+            return;
+        }
+        assert!(!claim.is_finished(), "the claim returned without waiting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the claim never waited for the locked VM");
+}
+
 /// When every free VM is locked by another transaction, the claim waits for it instead of
 /// answering `NoCapacity`, then takes the VM if it is still free.
 #[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
@@ -267,28 +288,47 @@ async fn claim_waits_for_locked_free_vms(pool: PgPool) {
         let store = store.clone();
         async move { store.claim(&claim_request("patient"), Utc::now()).await }
     });
-    // Wait until the claim's backend is blocked on the row lock.
-    let mut blocked = false;
-    for _ in 0..500 {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if n > 0 {
-            blocked = true;
-            break;
-        }
-        assert!(!claim.is_finished(), "claim returned {:?}", claim.await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(blocked, "the claim never waited for the locked VM");
+    wait_until_blocked(&pool, &claim).await;
     locker.commit().await.unwrap();
     let claimed = claim.await.unwrap().unwrap();
     assert_eq!(claimed.record.hostname, host("vm-a"));
     assert!(claimed.newly_assigned);
+}
+
+/// A double click landing on two replicas at the last free VM, made deterministic: another
+/// process's claim for the same email holds the VM (its transaction not yet committed), so
+/// this claim finds no free VM and waits for it; once that claim commits, this one answers
+/// with the email's VM (`newly_assigned: false`), not `NoCapacity`.
+#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]
+async fn a_claim_that_waited_for_the_same_emails_claim_returns_its_vm(pool: PgPool) {
+    let store = PgVmStore::new(pool.clone());
+    store
+        .insert(&[in_state("vm-a", VmState::Available)])
+        .await
+        .unwrap();
+    // The other replica's claim of vm-a for twice@example.org, in flight.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE lablink_vms SET state = 'assigned', email = 'twice@example.org', \
+         crd_command = '4/twice', pin = '123456', assigned_at = now(), in_use = false, \
+         state_changed_at = now(), updated_at = now(), generation = generation + 1 \
+         WHERE hostname = 'vm-a'",
+    )
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let claim = tokio::spawn({
+        let store = store.clone();
+        async move { store.claim(&claim_request("twice"), Utc::now()).await }
+    });
+    wait_until_blocked(&pool, &claim).await;
+    other.commit().await.unwrap();
+    let claimed = claim
+        .await
+        .unwrap()
+        .expect("the email's own VM, not NoCapacity");
+    assert_eq!(claimed.record.hostname, host("vm-a"));
+    assert!(!claimed.newly_assigned);
 }
 
 /// A rush of concurrent claims (grouped into batch statements): every newly assigned record
