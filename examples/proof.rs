@@ -703,13 +703,16 @@ fn jitter(lo: u64, hi: u64) -> Duration {
     Duration::from_millis(rand::thread_rng().gen_range(lo..hi))
 }
 
-/// Releases `hostname` (admin API), retrying failures for at most 60 s. A 409 means it was
-/// already released (a retry of a release whose answer was lost).
-async fn release(http: &Client, replicas: &Replicas, record: &Record, hostname: &str) -> bool {
+/// An admin API call to some replica, retried on failures (counted) for at most 60 s; the
+/// first answer that is not a failure, if any.
+async fn admin_call(
+    replicas: &Replicas,
+    record: &Record,
+    request: impl Fn(&str) -> reqwest::RequestBuilder,
+) -> Option<reqwest::Response> {
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
-        let r = http
-            .post(format!("{}/api/v1/vms/{hostname}/release", replicas.pick()))
+        let r = request(replicas.pick())
             .basic_auth("admin", Some(PASSWORD))
             .header(ACCEPT, "application/json")
             .timeout(Duration::from_secs(30))
@@ -724,41 +727,46 @@ async fn release(http: &Client, replicas: &Replicas, record: &Record, hostname: 
             tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
-        let Ok(r) = r else { continue };
-        if r.status().is_success() || r.status() == StatusCode::CONFLICT {
-            return true;
+        if let Ok(r) = r {
+            return Some(r);
         }
-        println!("  release of {hostname}: {}", r.status());
-        return false;
     }
+    None
+}
+
+/// Releases `hostname` (admin API). A 409 means it was already released (a retry of a
+/// release whose answer was lost).
+async fn release(http: &Client, replicas: &Replicas, record: &Record, hostname: &str) -> bool {
+    let Some(r) = admin_call(replicas, record, |base| {
+        http.post(format!("{base}/api/v1/vms/{hostname}/release"))
+    })
+    .await
+    else {
+        return false;
+    };
+    if r.status().is_success() || r.status() == StatusCode::CONFLICT {
+        return true;
+    }
+    println!("  release of {hostname}: {}", r.status());
     false
 }
 
 /// Releases the VM `email` holds, as an organiser helping a participant does: finds it by
 /// email (admin API), then releases it.
 async fn release_email(http: &Client, replicas: &Replicas, record: &Record, email: &str) {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let r = http
-            .get(format!("{}/api/v1/vms", replicas.pick()))
+    let Some(r) = admin_call(replicas, record, |base| {
+        http.get(format!("{base}/api/v1/vms"))
             .query(&[("email", email)])
-            .basic_auth("admin", Some(PASSWORD))
-            .header(ACCEPT, "application/json")
-            .timeout(Duration::from_secs(30))
-            .send()
-            .await;
-        if failed(&r) {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let Ok(r) = r else { continue };
-        let vms: Value = r.json().await.unwrap_or(Value::Null);
-        for vm in vms.as_array().into_iter().flatten() {
-            if let Some(hostname) = vm["hostname"].as_str() {
-                release(http, replicas, record, hostname).await;
-            }
-        }
+    })
+    .await
+    else {
         return;
+    };
+    let vms: Value = r.json().await.unwrap_or(Value::Null);
+    for vm in vms.as_array().into_iter().flatten() {
+        if let Some(hostname) = vm["hostname"].as_str() {
+            release(http, replicas, record, hostname).await;
+        }
     }
 }
 

@@ -323,6 +323,12 @@ impl ParticipantsConfig {
         if self.requests_burst == 0 {
             problems.push("[participants] requests_burst must be at least 1".into());
         }
+        if self.requests_per_minute == 0 {
+            problems.push(
+                "[participants] requests_per_minute must be at least 1 (0 would lock an address out for good)"
+                    .into(),
+            );
+        }
         if !self.access_code.is_empty() && self.access_code.trim() != self.access_code {
             problems.push("[participants] access_code must not start or end with spaces".into());
         }
@@ -855,6 +861,12 @@ impl Config {
             .listen
             .parse::<SocketAddr>()
             .is_ok_and(|a| a.ip().is_loopback());
+        if !self.database.url.is_empty() && self.server.cookie_secret.is_empty() {
+            warnings.push(
+                "[server] cookie_secret is not set: each replica (and each restart) signs participant cookies with its own key, so a participant's repeat on another replica must show the same code again"
+                    .into(),
+            );
+        }
         if !loopback && self.server.metrics_token.is_empty() {
             warnings.push(format!(
                 "[server] listen {} is reachable from other machines and /metrics has no metrics_token: anyone can read it",

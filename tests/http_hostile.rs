@@ -649,6 +649,30 @@ async fn implausible_timings_are_refused_and_nothing_is_stored() {
 }
 
 #[tokio::test]
+async fn a_batch_with_an_implausible_timing_still_makes_the_vm_ready() {
+    let s = TestServer::start().await;
+    let h = &s.launch(1).await[0];
+    let batch = json!({"status": "running", "boot_id": "boot-1",
+        "timings": {"cloud_init_start": "5138-11-16T09:46:39Z", "cloud_init_duration_seconds": 42.0,
+                    "container_startup_duration_seconds": -3.0}});
+    let r = s
+        .vm_post(h, &format!("/api/v1/vms/{h}/telemetry"), batch)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let record = s.record(h).await;
+    assert_eq!(
+        record.state,
+        lablink::VmState::Available,
+        "the status was applied"
+    );
+    assert_eq!(record.timings.cloud_init_start, None);
+    assert_eq!(record.timings.container_startup_duration_seconds, None);
+    assert_eq!(record.timings.cloud_init_duration_seconds, Some(42.0));
+}
+
+#[tokio::test]
 async fn oversized_heads_get_json_errors() {
     let s = TestServer::start().await;
     let addr = s.base.trim_start_matches("http://").to_owned();
@@ -696,10 +720,55 @@ async fn a_participant_cookie_signed_with_another_key_proves_nothing() {
         )
         .form(&[
             ("email", "ada@lab.org"),
-            ("crd_command", &crd_command("4/a")),
+            ("crd_command", &crd_command("4/other")),
         ])
         .send()
         .await
         .unwrap();
     assert!(expect_error(r, 409).await.contains("already has a VM"));
+}
+
+#[tokio::test]
+async fn the_same_code_proves_a_retry_and_an_old_cookie_proves_nothing_after_a_release() {
+    let s = TestServer::start().await;
+    s.launch_ready(2).await;
+    let (st, first) = json_of(s.request_vm("ada@lab.org", "4/ada-1").await).await;
+    assert_eq!(st, StatusCode::OK);
+    // A retry whose first answer was lost (no cookie), with the same one-time code: the VM.
+    let retry = s
+        .client
+        .post(s.url("/api/v1/requests"))
+        .json(&json!({"email": "ada@lab.org", "crd_command": crd_command("4/ada-1")}))
+        .send()
+        .await
+        .unwrap();
+    let (st, again) = json_of(retry).await;
+    assert_eq!(st, StatusCode::OK, "{again}");
+    assert_eq!(again["pin"], first["pin"]);
+    // Someone got ada's VM first; the organisers release it and ada gets another one. The
+    // squatter's cookie was signed for the first assignment: it shows nothing now.
+    let hostname = first["hostname"].as_str().unwrap();
+    let release = s
+        .admin(
+            reqwest::Method::POST,
+            &format!("/api/v1/vms/{hostname}/release"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(release.status().is_success());
+    let ada = browser();
+    let (st, second) = json_of(
+        ada.post(s.url("/api/v1/requests"))
+            .json(&json!({"email": "ada@lab.org", "crd_command": crd_command("4/ada-2")}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    let squatter = s.request_vm("ada@lab.org", "4/guess").await;
+    assert_eq!(squatter.status(), StatusCode::CONFLICT);
+    let text = squatter.text().await.unwrap();
+    assert!(!text.contains(second["pin"].as_str().unwrap()), "{text}");
 }

@@ -30,6 +30,10 @@ pub struct Granted {
     pub pin: Pin,
     /// `false` when the email already held this VM.
     pub newly_assigned: bool,
+    /// The request carried the same Chrome Remote Desktop code as the assignment (compared
+    /// in constant time): a repeat from whoever pasted that one-time code, such as a double
+    /// click or a retry whose first answer was lost.
+    pub same_code: bool,
 }
 
 /// How many VMs to launch. `Default` is one.

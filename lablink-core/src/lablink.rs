@@ -371,14 +371,14 @@ impl Allocator for LabLink {
             // notifier failed, or the claim committed but its answer did not arrive), the
             // participant's retry is what wakes the agent, instead of its long-poll timing out.
             self.publish(&hostname).await;
-            let pin = claimed
+            let assignment = claimed
                 .record
                 .assignment
-                .map(|a| a.pin)
                 .ok_or_else(|| Error::internal("a claimed VM has no assignment"))?;
             Ok(Granted {
                 hostname,
-                pin,
+                same_code: assignment.crd_command == request.crd_command,
+                pin: assignment.pin,
                 newly_assigned: claimed.newly_assigned,
             })
         }
@@ -431,8 +431,14 @@ impl Allocator for LabLink {
         }
         telemetry.logs.retain(|a| !a.lines.is_empty());
         let now = self.inner.clock.now();
-        if let Some(timings) = &telemetry.timings {
-            timings.check_reported(now)?;
+        if let Some(timings) = telemetry.timings.take() {
+            // Dropped, not refused: the same batch may carry the status that makes the VM
+            // ready, and a VM whose clock jumped must still become ready.
+            let (kept, dropped) = timings.plausible(now);
+            if !dropped.is_empty() {
+                tracing::warn!(%hostname, fields = ?dropped, "implausible start-up timings dropped");
+            }
+            telemetry.timings = Some(kept);
         }
         let record = self
             .inner

@@ -145,43 +145,53 @@ impl StartupTimings {
         *self != before
     }
 
-    /// Checks times and durations a VM reported: times between 2000 and a day after `now`
-    /// (clocks drift, years do not), durations between 0 and 30 days. A VM that reports
-    /// something else gets [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming
-    /// the field, and nothing is stored.
-    pub fn check_reported(&self, now: DateTime<Utc>) -> Result<()> {
+    /// These timings without the times and durations a VM could not plausibly have
+    /// measured: times before 2000 or more than a day after `now` (clocks drift, years do
+    /// not), durations below 0 or above 30 days. Returns the names of the fields dropped.
+    pub fn plausible(&self, now: DateTime<Utc>) -> (StartupTimings, Vec<&'static str>) {
         const MAX_DURATION: f64 = 30.0 * 86_400.0;
         let earliest = DateTime::<Utc>::from_timestamp(946_684_800, 0).unwrap_or_default();
         let latest = now + chrono::Duration::days(1);
+        let mut kept = self.clone();
+        let mut dropped = Vec::new();
         for (name, at) in [
-            ("cloud_init_start", self.cloud_init_start),
-            ("cloud_init_end", self.cloud_init_end),
-            ("container_start", self.container_start),
-            ("container_end", self.container_end),
+            ("cloud_init_start", &mut kept.cloud_init_start),
+            ("cloud_init_end", &mut kept.cloud_init_end),
+            ("container_start", &mut kept.container_start),
+            ("container_end", &mut kept.container_end),
         ] {
             if at.is_some_and(|at| at < earliest || at > latest) {
-                return Err(Error::invalid_input(format!(
-                    "{name} is not a plausible time (between 2000 and a day from now)"
-                )));
+                *at = None;
+                dropped.push(name);
             }
         }
         for (name, seconds) in [
             (
                 "cloud_init_duration_seconds",
-                self.cloud_init_duration_seconds,
+                &mut kept.cloud_init_duration_seconds,
             ),
             (
                 "container_startup_duration_seconds",
-                self.container_startup_duration_seconds,
+                &mut kept.container_startup_duration_seconds,
             ),
         ] {
             if seconds.is_some_and(|s| !(0.0..=MAX_DURATION).contains(&s)) {
-                return Err(Error::invalid_input(format!(
-                    "{name} is not a plausible duration (0 to 30 days)"
-                )));
+                *seconds = None;
+                dropped.push(name);
             }
         }
-        Ok(())
+        (kept, dropped)
+    }
+
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the first field
+    /// [`plausible`](Self::plausible) would drop.
+    pub fn check_reported(&self, now: DateTime<Utc>) -> Result<()> {
+        match self.plausible(now).1.first() {
+            None => Ok(()),
+            Some(name) => Err(Error::invalid_input(format!(
+                "{name} is not plausible (times between 2000 and a day from now, durations from 0 to 30 days)"
+            ))),
+        }
     }
 
     /// Provisioning time, when both ends are known.

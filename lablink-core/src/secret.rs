@@ -49,10 +49,24 @@ macro_rules! redacted {
 /// Google's codes use. VMs are never sent the participant's text: they get
 /// [`start_host_command`](Self::start_host_command), which LabLink builds itself, and the
 /// agent runs `start-host` from an argument vector, not a shell.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct CrdCommand(Arc<str>);
 redacted!(CrdCommand);
+
+impl PartialEq for CrdCommand {
+    /// Compared in constant time (for codes of equal length): the code is a credential.
+    fn eq(&self, other: &Self) -> bool {
+        constant_time_eq(self.0.as_bytes(), other.0.as_bytes())
+    }
+}
+
+impl Eq for CrdCommand {}
+
+/// Whether `a` and `b` are equal, looking at every byte when their lengths match.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 const MAX_COMMAND: usize = 4096;
 const MAX_CODE: usize = 512;
@@ -83,15 +97,32 @@ impl CrdCommand {
         if valid_code(stored) {
             return Ok(Self(stored.into()));
         }
-        stored.parse().or_else(|e| {
-            let first = stored
-                .split_ascii_whitespace()
-                .find_map(|t| t.strip_prefix("--code="))
-                .map(unquote)
-                .filter(|code| valid_code(code));
-            first.map(|code| Self(code.into())).ok_or(e)
-        })
+        stored
+            .parse()
+            .or_else(|e| legacy_code(stored).map(|code| Self(code.into())).ok_or(e))
     }
+}
+
+/// The code an earlier version kept from a pasted command: the value of the first
+/// `--code` (`=` or a space, optionally quoted), of `[A-Za-z0-9/_.~+-]` (its rule; none of
+/// these characters means anything to a shell inside a word). Used only for stored records.
+fn legacy_code(command: &str) -> Option<&str> {
+    let rest = &command[command.find("--code")? + "--code".len()..];
+    let rest = rest.strip_prefix('=').or_else(|| rest.strip_prefix(' '))?;
+    let (rest, quote) = match rest.chars().next() {
+        Some(q @ ('"' | '\'')) => (&rest[1..], Some(q)),
+        _ => (rest, None),
+    };
+    let end = match quote {
+        Some(q) => rest.find(q)?,
+        None => rest.find(char::is_whitespace).unwrap_or(rest.len()),
+    };
+    let code = &rest[..end];
+    ((1..=MAX_CODE).contains(&code.len())
+        && code.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'.' | b'~' | b'+' | b'-')
+        }))
+    .then_some(code)
 }
 
 fn valid_code(code: &str) -> bool {
@@ -420,6 +451,13 @@ mod tests {
         let legacy = "start-host --code=\"4/ok\" --code=$(touch${IFS}/tmp/x)";
         assert_eq!(CrdCommand::from_stored(legacy).unwrap().code(), "4/ok");
         assert!(CrdCommand::from_stored("--code=$(id)").is_err());
+        // An earlier version's rule allowed . ~ + and `--code 'x'`: its records still read.
+        assert_eq!(
+            CrdCommand::from_stored("start-host --code '4/a.b~c+d'")
+                .unwrap()
+                .code(),
+            "4/a.b~c+d"
+        );
         assert_eq!(String::from(cmd.clone()), "4/0AanRRrtSECRET-code_x");
     }
 

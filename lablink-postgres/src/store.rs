@@ -515,6 +515,12 @@ impl VmStore for PgVmStore {
         let emails: Vec<&str> = emails.iter().map(Email::as_str).collect();
         let replace = async {
             let mut tx = self.pool.begin().await?;
+            // One writer at a time (replicas seeding or admins uploading together): the list
+            // is replaced as a whole, never merged, and never fails on the other's rows.
+            // Readers are not blocked.
+            sqlx::query!("LOCK TABLE lablink_roster IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
             sqlx::query!("DELETE FROM lablink_roster")
                 .execute(&mut *tx)
                 .await?;

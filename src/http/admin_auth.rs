@@ -50,13 +50,14 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// Constant-time string comparison.
+/// Constant-time string comparison, of SHA-256 digests so that not even the length of the
+/// secret shows in the time taken.
 pub(crate) fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 #[derive(Debug)]
@@ -129,6 +130,7 @@ impl AdminAuth {
     /// Reserves a verification for `addr`: 429 when one is already running for it or its
     /// attempts are used up.
     fn reserve(&self, addr: IpAddr) -> Result<Verifying<'_>, ApiError> {
+        let addr = super::client::limit_key(addr);
         if !lock(&self.verifying).insert(addr) {
             return Err(ApiError::too_many_requests(
                 "a sign-in from your address is being checked; try again in a moment",

@@ -322,14 +322,7 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
             )
                 .into_response()
         }
-        Err(e) => {
-            let mut page = login_form(&state, secure, e.status(), Some(e.message()));
-            if let Some(seconds) = e.retry_after_seconds() {
-                page.headers_mut()
-                    .insert(header::RETRY_AFTER, seconds.into());
-            }
-            page
-        }
+        Err(e) => e.retry_after(login_form(&state, secure, e.status(), Some(e.message()))),
     }
 }
 
@@ -337,6 +330,8 @@ async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminF
     if let Some(id) = cookie_value(&headers, SESSION_COOKIE) {
         state.inner.admin.end_session(&id);
     }
+    // The cookie is cleared with the attributes it was set with (`Secure` only matters for
+    // setting it; browsers accept the clearing either way).
     let clear = cookie(SESSION_COOKIE, "", Duration::ZERO, false);
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
 }

@@ -12,11 +12,11 @@ use axum::http::HeaderMap;
 use ipnet::IpNet;
 
 /// The address of the peer that opened the connection (unspecified when the router is
-/// served without `ConnectInfo`).
+/// served without `ConnectInfo`); an IPv4 peer of an IPv6 listener as IPv4.
 fn peer(extensions: &axum::http::Extensions) -> IpAddr {
     extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
+        .map(|c| c.0.ip().to_canonical())
         .unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
 
@@ -25,51 +25,83 @@ fn trusted(addr: IpAddr, proxies: &[IpNet]) -> bool {
 }
 
 /// The client's address: the peer, or, when the peer is one of `proxies`, the nearest
-/// address in `X-Forwarded-For` that is not a trusted proxy itself. `X-Forwarded-For` from
-/// anyone else is ignored, so a client cannot choose the address it is counted under.
+/// address in `X-Forwarded-For` that is not a trusted proxy itself (read from the right,
+/// the end our own proxies wrote, up to the first entry that is not an address).
+/// `X-Forwarded-For` from anyone else is ignored, so a client cannot choose the address it
+/// is counted under.
 pub fn client_addr(parts: &Parts, proxies: &[IpNet]) -> IpAddr {
-    let peer = peer(&parts.extensions);
-    if !trusted(peer, proxies) {
-        return peer;
+    let mut client = peer(&parts.extensions);
+    if !trusted(client, proxies) {
+        return client;
     }
-    let forwarded: Vec<IpAddr> = forwarded_for(&parts.headers);
-    forwarded
-        .iter()
-        .rev()
-        .find(|a| !trusted(**a, proxies))
-        .or(forwarded.first())
-        .copied()
-        .unwrap_or(peer)
-}
-
-/// Every address of every `X-Forwarded-For` header, in order; a malformed entry ends the
-/// list there (what comes before it was added by proxies we trust... or not: stop).
-fn forwarded_for(headers: &HeaderMap) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    for value in headers.get_all("x-forwarded-for") {
-        let Ok(text) = value.to_str() else {
-            return Vec::new();
-        };
-        for item in text.split(',') {
-            match item.trim().parse::<IpAddr>() {
-                Ok(addr) => out.push(addr),
-                Err(_) => return Vec::new(),
+    for hop in forwarded_for(&parts.headers) {
+        match hop {
+            Some(addr) => {
+                client = addr;
+                if !trusted(addr, proxies) {
+                    break;
+                }
             }
+            None => break,
         }
     }
-    out
+    client
+}
+
+/// The entries of every `X-Forwarded-For` header, nearest first (`None` for one that is not
+/// an address; a port or IPv6 brackets are accepted).
+fn forwarded_for(headers: &HeaderMap) -> Vec<Option<IpAddr>> {
+    let mut hops: Vec<Option<IpAddr>> = Vec::new();
+    for value in headers.get_all("x-forwarded-for") {
+        match value.to_str() {
+            Ok(text) => hops.extend(text.split(',').map(|item| parse_hop(item.trim()))),
+            Err(_) => hops.push(None),
+        }
+    }
+    hops.reverse();
+    hops
+}
+
+/// `1.2.3.4`, `1.2.3.4:5678`, `2001:db8::1` or `[2001:db8::1]:5678`.
+fn parse_hop(item: &str) -> Option<IpAddr> {
+    if let Ok(addr) = item.parse::<IpAddr>() {
+        return Some(addr.to_canonical());
+    }
+    item.parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
+        .or_else(|| {
+            item.strip_prefix('[')
+                .and_then(|i| i.strip_suffix(']'))
+                .and_then(|i| i.parse::<IpAddr>().ok())
+        })
 }
 
 /// Whether the client's request was HTTPS as far as we can tell: only a trusted proxy's
-/// `X-Forwarded-Proto: https` says so (TLS served by this process is set by the caller).
+/// `X-Forwarded-Proto` says so, and only its own (last) entry counts (TLS served by this
+/// process is the caller's to add).
 pub fn forwarded_https(parts: &Parts, proxies: &[IpNet]) -> bool {
     trusted(peer(&parts.extensions), proxies)
         && parts
             .headers
-            .get("x-forwarded-proto")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
+            .get_all("x-forwarded-proto")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .last()
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// The key a client is limited under: its IPv4 address, or the /64 network of its IPv6
+/// address (one IPv6 client holds a whole /64, so it cannot take a fresh bucket per address).
+pub(crate) fn limit_key(addr: IpAddr) -> IpAddr {
+    match addr.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & (u128::MAX << 64);
+            IpAddr::V6(bits.into())
+        }
+        v4 => v4,
+    }
 }
 
 /// How many requests a client address may make: a burst, then a steady rate.
@@ -86,7 +118,14 @@ pub struct RateLimit {
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: RateLimit,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_client: HashMap<IpAddr, Bucket>,
+    /// When full buckets were last forgotten.
+    swept: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,11 +134,16 @@ struct Bucket {
     at: Instant,
 }
 
-/// Addresses remembered before full buckets are forgotten.
+/// Clients remembered at most. Beyond it (after forgetting full buckets, at most once a
+/// second), new clients share one overflow bucket, so a flood of addresses costs bounded
+/// memory and time.
 const MAX_TRACKED: usize = 10_000;
 
+/// The key of the shared overflow bucket.
+const OVERFLOW: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+
 impl RateLimiter {
-    /// A limiter with `limit` per address (`burst` 0 refuses everything).
+    /// A limiter with `limit` per client (`burst` 0 refuses everything).
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
@@ -121,15 +165,25 @@ impl RateLimiter {
     /// Takes a token for `addr`, or says how long until one is free.
     pub fn take(&self, addr: IpAddr) -> Result<(), Duration> {
         let now = Instant::now();
+        let mut key = limit_key(addr);
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&addr) {
-            let full = f64::from(self.limit.burst);
-            buckets.retain(|_, b| {
-                self.refill(b, now);
-                b.tokens < full
-            });
+        if !buckets.by_client.contains_key(&key) && buckets.by_client.len() >= MAX_TRACKED {
+            if buckets
+                .swept
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+            {
+                let full = f64::from(self.limit.burst);
+                buckets.by_client.retain(|_, b| {
+                    self.refill(b, now);
+                    b.tokens < full
+                });
+                buckets.swept = Some(now);
+            }
+            if buckets.by_client.len() >= MAX_TRACKED {
+                key = OVERFLOW;
+            }
         }
-        let bucket = buckets.entry(addr).or_insert(Bucket {
+        let bucket = buckets.by_client.entry(key).or_insert(Bucket {
             tokens: f64::from(self.limit.burst),
             at: now,
         });
@@ -149,7 +203,7 @@ impl RateLimiter {
     /// Gives back a token taken for `addr`.
     pub fn give_back(&self, addr: IpAddr) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(bucket) = buckets.get_mut(&addr) {
+        if let Some(bucket) = buckets.by_client.get_mut(&limit_key(addr)) {
             bucket.tokens = (bucket.tokens + 1.0).min(f64::from(self.limit.burst));
         }
     }
@@ -186,15 +240,57 @@ mod tests {
             client_addr(&parts("203.0.113.9", &xff), &proxies),
             "203.0.113.9".parse::<IpAddr>().unwrap()
         );
-        // A malformed header is ignored too.
-        let junk = [("x-forwarded-for", "1.2.3.4, nonsense")];
+        // Read from our end: junk a client put in front does not matter; junk after its
+        // address stops the walk at the last good hop.
+        let junk = [("x-forwarded-for", "nonsense, 198.51.100.7:5678")];
+        assert_eq!(
+            client_addr(&parts("10.0.0.2", &junk), &proxies),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        let junk = [("x-forwarded-for", "198.51.100.7, nonsense")];
         assert_eq!(
             client_addr(&parts("10.0.0.2", &junk), &proxies),
             "10.0.0.2".parse::<IpAddr>().unwrap()
         );
-        let https = [("x-forwarded-proto", "https")];
+        // An IPv4 proxy seen through an IPv6 listener is still trusted.
+        assert_eq!(
+            client_addr(&parts("::ffff:10.0.0.2", &xff), &proxies),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
+        let https = [("x-forwarded-proto", "http, https")];
         assert!(forwarded_https(&parts("10.0.0.2", &https), &proxies));
         assert!(!forwarded_https(&parts("203.0.113.9", &https), &proxies));
+        let spoofed = [("x-forwarded-proto", "https, http")];
+        assert!(!forwarded_https(&parts("10.0.0.2", &spoofed), &proxies));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_limited_by_its_64_and_a_flood_of_addresses_shares_one_bucket() {
+        let limiter = RateLimiter::new(RateLimit {
+            burst: 1,
+            per_minute: 1,
+        });
+        limiter.take("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        assert!(limiter.take("2001:db8:1:2::ffff".parse().unwrap()).is_err());
+        limiter.take("2001:db8:1:3::1".parse().unwrap()).unwrap();
+        let flood = RateLimiter::new(RateLimit {
+            burst: 1,
+            per_minute: 1,
+        });
+        for i in 0..MAX_TRACKED as u32 {
+            flood.take(IpAddr::from(i.to_be_bytes())).unwrap();
+        }
+        let len = flood.buckets.lock().unwrap().by_client.len();
+        assert_eq!(len, MAX_TRACKED);
+        flood.take("198.51.100.1".parse().unwrap()).unwrap();
+        assert!(
+            flood.take("198.51.100.2".parse().unwrap()).is_err(),
+            "overflow bucket"
+        );
+        assert_eq!(
+            flood.buckets.lock().unwrap().by_client.len(),
+            MAX_TRACKED + 1
+        );
     }
 
     #[test]

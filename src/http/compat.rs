@@ -233,6 +233,10 @@ async fn post_vm_metrics(
         container_startup_duration_seconds: seconds(&body, "container_startup_duration_seconds")?,
         ..Default::default()
     };
+    // This route carries nothing but timings: an implausible one is refused, not dropped.
+    timings
+        .check_reported(chrono::Utc::now())
+        .map_err(ApiError::from)?;
     let telemetry = Telemetry {
         timings: Some(timings),
         ..Default::default()

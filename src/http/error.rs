@@ -80,11 +80,16 @@ impl ApiError {
         &self.message
     }
 
-    /// The `Retry-After` header's value in whole seconds (at least 1), if the answer has one.
-    pub fn retry_after_seconds(&self) -> Option<u64> {
-        self.retry_after
-            .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
-            .map(|s| s.max(1))
+    /// `response` (an answer rendered for this error, e.g. an HTML page) with this error's
+    /// `Retry-After` header, if it has one (whole seconds, rounded up, at least 1).
+    pub fn retry_after(&self, mut response: Response) -> Response {
+        if let Some(wait) = self.retry_after {
+            let seconds = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -109,18 +114,12 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let retry_after = self.retry_after_seconds();
-        let mut response = (
+        let response = (
             self.status,
-            Json(serde_json::json!({ "error": self.message })),
+            Json(serde_json::json!({ "error": &self.message })),
         )
             .into_response();
-        if let Some(seconds) = retry_after {
-            response
-                .headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, seconds.into());
-        }
-        response
+        self.retry_after(response)
     }
 }
 

@@ -32,6 +32,7 @@ pub struct Metrics {
     claims_rate_limited: AtomicU64,
     claims_refused: AtomicU64,
     claims_unproven: AtomicU64,
+    claims_failed: AtomicU64,
     sign_ins_rate_limited: AtomicU64,
     waiters: AtomicI64,
     waits_answered: AtomicU64,
@@ -56,6 +57,8 @@ pub enum ClaimOutcome {
     /// A repeat for an email that holds a VM, from a browser that cannot show it is the
     /// one that got it (409, nothing revealed).
     Unproven,
+    /// The allocator could not answer (its store is unavailable, for instance).
+    Failed,
 }
 
 /// Counts one waiting agent while alive (the handler future holds it; dropping the future on
@@ -90,6 +93,7 @@ impl Metrics {
             ClaimOutcome::RateLimited => &self.claims_rate_limited,
             ClaimOutcome::Refused => &self.claims_refused,
             ClaimOutcome::Unproven => &self.claims_unproven,
+            ClaimOutcome::Failed => &self.claims_failed,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -143,6 +147,7 @@ impl Metrics {
             ("rate_limited", &self.claims_rate_limited),
             ("refused", &self.claims_refused),
             ("unproven", &self.claims_unproven),
+            ("failed", &self.claims_failed),
         ] {
             let _ = writeln!(
                 out,

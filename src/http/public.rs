@@ -53,6 +53,14 @@ pub fn parse_request(form: &FormOrJson) -> Result<VmRequest, ApiError> {
             "Please give both your email and the Chrome Remote Desktop command.",
         ));
     };
+    // Plain ASCII only at the door (stored records from earlier versions may hold other
+    // emails): a look-alike letter from another alphabet would make a second participant who
+    // looks like the first one in every list.
+    if !email.is_ascii() {
+        return Err(ApiError::bad_request(
+            "Invalid email: write it in plain ASCII letters, digits and punctuation.",
+        ));
+    }
     let email: Email = email.parse().map_err(|e: lablink_core::Error| {
         ApiError::bad_request(format!("Invalid email: {}", e.message()))
     })?;
@@ -85,8 +93,10 @@ pub struct Taken {
 /// Serves a participant's request for a VM, in this order: the per-address rate limit
 /// (429), the event access code when one is set (403), the request's fields (400), the
 /// allocator's claim (403 for an email missing from the registered list, 503 without a free
-/// VM). A repeat for an email that already holds a VM shows that VM only to the browser that
-/// got it (its signed participant cookie); anyone else gets 409 and learns neither the
+/// VM). A repeat for an email that already holds a VM shows that VM only to whoever proves
+/// being the one who got it: the browser that got it (its participant cookie, signed for that
+/// assignment) or a request with the same one-time Chrome Remote Desktop code (a double
+/// click, a retry whose first answer was lost). Anyone else gets 409 and learns neither the
 /// hostname nor the PIN. Every outcome is counted.
 pub async fn take_vm(
     state: &HttpState,
@@ -126,9 +136,17 @@ pub async fn take_vm(
     let granted = claim(state, &request).await?;
     let key = &state.options().cookie_key;
     let now = chrono::Utc::now().timestamp();
-    if !granted.newly_assigned {
+    // The cookie is signed for this assignment (VM and PIN, which never leaves the
+    // signature), so a cookie from an earlier assignment of the email proves nothing once
+    // the VM was released and the email got another.
+    let purpose = format!(
+        "{PARTICIPANT_PURPOSE}\0{}\0{}",
+        granted.hostname,
+        granted.pin.expose()
+    );
+    if !granted.newly_assigned && !granted.same_code {
         let proven = cookie_value(&parts.headers, PARTICIPANT_COOKIE)
-            .and_then(|value| key.verify(PARTICIPANT_PURPOSE, &value, now))
+            .and_then(|value| key.verify(&purpose, &value, now))
             .is_some_and(|email| email == request.email.as_str());
         if !proven {
             return Err(counted(
@@ -146,7 +164,7 @@ pub async fn take_vm(
         ClaimOutcome::Rejoined
     });
     let expires = now + PARTICIPANT_COOKIE_TTL.as_secs() as i64;
-    let value = key.sign(PARTICIPANT_PURPOSE, request.email.as_str(), expires);
+    let value = key.sign(&purpose, request.email.as_str(), expires);
     Ok(Taken {
         granted,
         cookie: cookie(
@@ -170,13 +188,11 @@ async fn claim(state: &HttpState, request: &VmRequest) -> Result<Granted, ApiErr
             ))
         }
         Err(e) => {
-            state
-                .metrics()
-                .claim(if e.kind() == ErrorKind::PermissionDenied {
-                    ClaimOutcome::Refused
-                } else {
-                    ClaimOutcome::Rejected
-                });
+            state.metrics().claim(match e.kind() {
+                ErrorKind::PermissionDenied => ClaimOutcome::Refused,
+                ErrorKind::InvalidInput => ClaimOutcome::Rejected,
+                _ => ClaimOutcome::Failed,
+            });
             Err(e.into())
         }
     }
@@ -237,16 +253,12 @@ async fn request_vm(State(state): State<HttpState>, req: Request) -> Response {
                 StatusCode::TOO_MANY_REQUESTS => ("Please wait a moment", "rate_limited"),
                 _ => ("Something went wrong", "error"),
             };
-            let mut page = templates.page(
+            let page = templates.page(
                 e.status(),
                 "result.html",
                 json!({ "title": title, "message": e.message(), "kind": "error", "outcome": outcome }),
             );
-            if let Some(seconds) = e.retry_after_seconds() {
-                page.headers_mut()
-                    .insert(header::RETRY_AFTER, seconds.into());
-            }
-            page
+            e.retry_after(page)
         }
     }
 }

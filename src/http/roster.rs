@@ -49,8 +49,22 @@ pub fn emails_from_csv(text: &str) -> Result<Vec<Email>, ApiError> {
     Ok(emails)
 }
 
-/// The emails of a request body: JSON `{"emails": [...]}` or a `csv` field.
+/// The emails of a request body: JSON `{"emails": [...]}`, a `csv` field holding at least
+/// one email, or `clear` (true) to remove the list. A CSV without any email is refused
+/// rather than taken as "anyone may take a VM".
 fn emails_from(form: &super::extract::FormOrJson) -> Result<Vec<Email>, ApiError> {
+    if matches!(form.get("clear"), Some(Value::Bool(true))) || form.text("clear") == Some("true") {
+        return Ok(Vec::new());
+    }
+    if let (None, Some(Value::String(csv))) = (form.get("emails"), form.get("csv")) {
+        let emails = emails_from_csv(csv)?;
+        if emails.is_empty() {
+            return Err(ApiError::bad_request(
+                "the CSV holds no email (a cell with an @); to let anyone take a VM, remove the list instead",
+            ));
+        }
+        return Ok(emails);
+    }
     match (form.get("emails"), form.get("csv")) {
         (Some(Value::Array(items)), None) => {
             if items.len() > MAX_ROSTER {
@@ -73,9 +87,8 @@ fn emails_from(form: &super::extract::FormOrJson) -> Result<Vec<Email>, ApiError
                 })
                 .collect()
         }
-        (None, Some(Value::String(csv))) => emails_from_csv(csv),
         _ => Err(ApiError::bad_request(
-            "send either \"emails\" (a list) or \"csv\" (text with one participant per line)",
+            "send \"emails\" (a list), \"csv\" (text with one participant per line) or \"clear\": true",
         )),
     }
 }
@@ -88,6 +101,8 @@ pub struct RosterBody {
     pub emails: Option<Vec<String>>,
     /// Or a CSV: on each line the first cell with an `@` is the email; other lines are skipped.
     pub csv: Option<String>,
+    /// Or `true`: remove the list (anyone may take a VM).
+    pub clear: Option<bool>,
 }
 
 /// The registered participants.
@@ -103,8 +118,11 @@ pub struct RosterView {
 #[utoipa::path(get, path = "/api/v1/roster", tag = "admin",
     responses((status = 200, body = RosterView), (status = 401, body = super::v1::ErrorBody)), security(("admin_basic" = [])))]
 pub async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
-    let emails = state.allocator().roster().await?;
-    Ok(Json(json!({ "count": emails.len(), "emails": emails })))
+    Ok(view(&state.allocator().roster().await?))
+}
+
+fn view(emails: &[Email]) -> Json<Value> {
+    Json(json!({ "count": emails.len(), "emails": emails }))
 }
 
 /// Replaces the registered participants: from then on only they may take a VM (every
@@ -115,8 +133,7 @@ pub async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiRes
 pub async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
     let emails = emails_from(&req.form)?;
     state.allocator().set_roster(&emails).await?;
-    let stored = state.allocator().roster().await?;
-    Ok(Json(json!({ "count": stored.len(), "emails": stored })))
+    Ok(view(&state.allocator().roster().await?))
 }
 
 async fn page(
@@ -126,7 +143,7 @@ async fn page(
 ) -> ApiResult<Response> {
     let emails = state.allocator().roster().await?;
     if wants_json(&headers) {
-        return Ok(Json(json!({ "count": emails.len(), "emails": emails })).into_response());
+        return Ok(view(&emails).into_response());
     }
     Ok(render(&state, &admin, StatusCode::OK, &emails, None))
 }
