@@ -377,13 +377,25 @@ pub async fn destroy(
         .filter(|vm| may_hold_work(vm))
         .map(|vm| vm.hostname.clone())
         .collect();
-    let blocked = state
+    let mut blocked = state
         .collector()
         .collect_and_wait(
             &reachable,
             Duration::from_secs(settings.destroy_wait_seconds),
         )
         .await?;
+    // A VM destroyed by someone else during the wait (a forced destroy) is gone, not held.
+    let mut gone = Vec::new();
+    for hostname in blocked.keys() {
+        if let Ok(h) = hostname.parse::<Hostname>() {
+            if matches!(state.allocator().vm(&h).await, Err(e) if e.is_not_found()) {
+                gone.push(hostname.clone());
+            }
+        }
+    }
+    for hostname in gone {
+        blocked.remove(&hostname);
+    }
     // Only the VMs listed before the wait, less the blocked ones: a VM launched meanwhile
     // was not collected, so "all" must not take it. One that is gone since (destroyed by
     // someone else during the wait) is left out rather than failing the whole destroy.
@@ -411,9 +423,25 @@ pub async fn destroy(
     Ok(Destroyed { operation, blocked })
 }
 
-/// Destroys `target` without collecting.
+/// Destroys `target` without collecting. A collection still pending for a VM destroyed so
+/// fails at once ("destroyed without collecting"), so a destroy waiting for it (another
+/// admin's destroy of all VMs) does not wait for an upload that cannot come.
 async fn destroy_now(state: &HttpState, target: &DestroyTarget) -> ApiResult<Destroyed> {
     let op = state.allocator().destroy(target).await?;
+    if let DestroyTarget::Hostnames(hostnames) = target {
+        for hostname in hostnames {
+            if let Some(current) = state.collector().status(hostname.as_str()).await? {
+                state
+                    .collector()
+                    .fail(
+                        hostname.as_str(),
+                        &current.id,
+                        "destroyed without collecting",
+                    )
+                    .await?;
+            }
+        }
+    }
     Ok(Destroyed {
         operation: Some(op),
         blocked: BTreeMap::new(),
