@@ -1,4 +1,4 @@
-//! PROTOCOL.md part A over real HTTP: every route's documented success and error answers.
+//! docs/protocol.md, part A over real HTTP: every route's documented success and error answers.
 
 mod http_support;
 

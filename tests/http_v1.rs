@@ -1,4 +1,4 @@
-//! PROTOCOL.md part B over real HTTP: the `/api/v1` agent and admin routes and the OpenAPI
+//! docs/protocol.md, part B over real HTTP: the `/api/v1` agent and admin routes and the OpenAPI
 //! document generated from them.
 
 mod http_support;

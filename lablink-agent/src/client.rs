@@ -1,4 +1,4 @@
-//! The allocator's `/api/v1` agent routes (PROTOCOL.md part B), and the retry pacing every
+//! The allocator's `/api/v1` agent routes (docs/protocol.md, part B), and the retry pacing every
 //! caller shares.
 
 use std::time::Duration;

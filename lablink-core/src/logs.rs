@@ -21,7 +21,7 @@ impl LogStream {
     /// All streams, in display order.
     pub const ALL: [LogStream; 3] = [Self::CloudInit, Self::Container, Self::Agent];
 
-    /// The stream a PROTOCOL.md `log_group` goes to: a group ending in `-docker` is the
+    /// The stream a compatibility `log_group` (docs/protocol.md) goes to: a group ending in `-docker` is the
     /// container log, anything else cloud-init.
     pub fn from_log_group(group: &str) -> Self {
         if group.ends_with("-docker") {

@@ -86,7 +86,7 @@ wire_enum!(
 );
 
 wire_enum!(
-    /// The status the agent reports about itself (PROTOCOL.md `/api/vm-status`;
+    /// The status the agent reports about itself (docs/protocol.md, `/api/vm-status`;
     /// `Default`: `Unknown`).
     AgentStatus {
         /// Booting, installing, starting the container.

@@ -1,4 +1,4 @@
-//! PROTOCOL.md part A admin routes: launch, destroy, reboot and the status map. Each answers
+//! docs/protocol.md, part A admin routes: launch, destroy, reboot and the status map. Each answers
 //! JSON to `Accept: application/json` and otherwise sends the browser back to the admin page.
 
 use std::collections::BTreeMap;

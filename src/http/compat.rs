@@ -1,4 +1,4 @@
-//! PROTOCOL.md part A: the routes VMs built for the Python client (release 0.1.2) call, with
+//! docs/protocol.md, part A: the routes VMs built for the Python client (release 0.1.2) call, with
 //! the same paths, fields, JSON types and status codes.
 
 use axum::extract::State;

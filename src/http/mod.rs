@@ -1,6 +1,6 @@
 //! The allocator's HTTP layer: an axum [`Router`] any host app can mount.
 //!
-//! It serves the compatibility routes of PROTOCOL.md part A (so VMs built for the Python
+//! It serves the compatibility routes of docs/protocol.md, part A (so VMs built for the Python
 //! client work unchanged), the versioned `/api/v1` surface with its OpenAPI document, the
 //! participant page (`/`), the admin UI (`/admin`), `/healthz` and `/metrics`.
 //!

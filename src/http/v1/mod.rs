@@ -1,4 +1,4 @@
-//! PROTOCOL.md part B: the versioned `/api/v1` surface for our agent and integrators,
+//! docs/protocol.md, part B: the versioned `/api/v1` surface for our agent and integrators,
 //! documented by an OpenAPI document generated from these handlers (utoipa) and served at
 //! `/api/v1/openapi.json`.
 
