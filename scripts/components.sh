@@ -47,7 +47,7 @@ lablink_components() {
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     set -euo pipefail
     lablink_components
-    terraform version | head -n 1
+    terraform version | sed -n 1p  # sed reads all of it: head would close the pipe early (SIGPIPE under pipefail)
     chromium --version
     moto_server --version 2>/dev/null || true
 fi
