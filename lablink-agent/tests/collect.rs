@@ -518,7 +518,10 @@ async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
         url,
         local,
         rig,
-    } = collect_first(60, LabLink::builder()).await;
+    // The destroy's wait must outlast the steps below on a loaded machine: were it to run
+    // out, the destroy would go ahead and destroy the other VM itself. The paused agent is
+    // resumed at the end, so a long wait costs nothing.
+    } = collect_first(600, LabLink::builder()).await;
     let vms = rig.launch(2).await;
     let (old, gone) = (&vms[0], &vms[1]);
     for h in &vms {
@@ -537,6 +540,14 @@ async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
         assert!(sent.success(), "kill {name}");
     };
     signal("-STOP");
+    wait_until("the agent to stop", Duration::from_secs(10), || async {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains("stopped"))
+            .then_some(())
+    })
+    .await;
     let destroy = admin_post(&rig, "/api/v1/destroy", json!({"all": true}));
     let meanwhile = async {
         // The destroy has listed the VMs once it asked for their collections.
