@@ -16,7 +16,7 @@
 //! shared); correctness checks do.
 //!
 //! The soak. Two replicas of the real server binary share one database and one fake "cloud":
-//! a directory of machine files (`provisioner.fake_inventory_dir`), so both see the same
+//! a directory of machine files (`provisioner.inventory_dir` of the fake provisioner), so both see the same
 //! inventory and it outlives a killed replica. The generator plays the cloud's machines: it
 //! watches that directory and boots an agent for every machine that appears (and stops it
 //! when the machine is destroyed). The first machines get real `lablink-agent` processes
@@ -176,7 +176,7 @@ fn replica_env(db: &str, dir: Option<&Path>, heartbeat: u64) -> Vec<(String, Str
     ];
     if let Some(dir) = dir {
         env.push((
-            "LABLINK_PROVISIONER__FAKE_INVENTORY_DIR",
+            "LABLINK_PROVISIONER__INVENTORY_DIR",
             dir.display().to_string(),
         ));
     }

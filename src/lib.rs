@@ -21,7 +21,7 @@ pub use lablink_aws as aws;
 #[cfg(feature = "local")]
 pub mod local;
 #[cfg(feature = "local")]
-pub use local::LocalProcessProvisioner;
+pub use local::{LocalConfig, LocalProcessProvisioner};
 
 /// The allocator's HTTP layer: an axum router with the compatibility routes, `/api/v1`, the
 /// participant page and the admin UI.

@@ -62,6 +62,72 @@ impl fmt::Debug for LocalProcessProvisioner {
     }
 }
 
+/// `[provisioner] kind = "local"` of the allocator's configuration (the embedded default):
+/// VMs as agent processes on the allocator's machine.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The agent program (none: this program, run as `<program> agent`).
+    pub agent_program: Option<PathBuf>,
+    /// What the agents run to start a desktop: `dry-run` (log only) or a `start-host` path.
+    pub start_host: String,
+    /// Each agent's output goes to `<log_dir>/<hostname>.log` (none: discarded).
+    pub log_dir: Option<PathBuf>,
+}
+
+impl Default for LocalConfig {
+    fn default() -> Self {
+        Self {
+            agent_program: None,
+            start_host: "dry-run".into(),
+            log_dir: None,
+        }
+    }
+}
+
+impl LocalConfig {
+    /// The provisioner, its agents calling `allocator_url` (the log directory is created
+    /// when missing).
+    pub fn build(&self, allocator_url: impl Into<String>) -> Result<LocalProcessProvisioner> {
+        let url = allocator_url.into();
+        let mut builder = match &self.agent_program {
+            Some(program) => LocalProcessProvisioner::builder(program, url),
+            None => {
+                let me = std::env::current_exe().map_err(|e| {
+                    Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!("cannot find this program: {e}"),
+                    )
+                })?;
+                LocalProcessProvisioner::builder(me, url).arg("agent")
+            }
+        };
+        builder = builder.env("LABLINK_START_HOST", &self.start_host);
+        if let Some(dir) = &self.log_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!(
+                        "cannot create the agents' log directory {}: {e}",
+                        dir.display()
+                    ),
+                )
+            })?;
+            builder = builder.log_dir(dir);
+        }
+        Ok(builder.build())
+    }
+
+    /// Every problem with these settings, one message each (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        if self.start_host.trim().is_empty() {
+            vec!["[provisioner] start_host must be dry-run or a start-host path".into()]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// Builds a [`LocalProcessProvisioner`].
 #[derive(Debug)]
 pub struct LocalProcessBuilder {

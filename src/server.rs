@@ -13,7 +13,7 @@
 //! let hash = lablink::http::hash_password("a long admin password")?;
 //! let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
 //! let server = Server::build(&config, hash, listener).await?;
-//! println!("listening on http://{}", server.local_addr());
+//! println!("listening on {}", server.url());
 //! server.run(shutdown_signal()).await?;
 //! # Ok(()) }
 //! ```
@@ -21,12 +21,11 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use lablink_core::{Allocator as _, FakeProvisioner, LabLink, Provisioner};
+use lablink_core::{Allocator as _, LabLink, Provisioner};
 
 use crate::config::Config;
-use crate::http::HttpState;
+use crate::http::{HttpState, ReloadingCertResolver};
 use crate::LocalProcessProvisioner;
 
 /// What building or running a server can fail with.
@@ -40,6 +39,7 @@ pub struct Server {
     lablink: LabLink,
     state: HttpState,
     local: Option<LocalProcessProvisioner>,
+    tls: Option<Arc<ReloadingCertResolver>>,
 }
 
 impl Server {
@@ -54,12 +54,17 @@ impl Server {
         listener: tokio::net::TcpListener,
     ) -> Result<Self, BoxError> {
         let addr = listener.local_addr()?;
-        let (provisioner, local) = provisioner(config, addr).await?;
+        // Certificate files that are missing or bad stop the start, before anything else.
+        let tls = match &config.server.tls {
+            Some(tls) => Some(Arc::new(ReloadingCertResolver::load(tls)?)),
+            None => None,
+        };
+        let (provisioner, local) = provisioner(config, addr, tls.is_some()).await?;
         let lablink = allocator(config, provisioner).await?;
         seed_roster(config, &lablink).await?;
         let collector = crate::collect::Collector::new(
             config.collect.artifact_store().await?,
-            config.collect.settings(),
+            config.collect.settings.clone(),
         );
         let state = HttpState::with_collector(
             Arc::new(lablink.clone()),
@@ -75,12 +80,19 @@ impl Server {
             lablink,
             state,
             local,
+            tls,
         })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Its base URL: `https://` when it serves TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The HTTP state (allocator, options, metrics, collector).
@@ -98,7 +110,14 @@ impl Server {
         // already be due to destroy (scheduled destruction, idle release), which collects
         // first.
         let supervisor = self.lablink.start_supervisor()?;
-        let served = self.state.serve(self.listener, shutdown).await;
+        let served = match self.tls {
+            Some(certificates) => {
+                self.state
+                    .serve_tls(self.listener, certificates, shutdown)
+                    .await
+            }
+            None => self.state.serve(self.listener, shutdown).await,
+        };
         supervisor.stop().await;
         if let Some(local) = self.local {
             local.shutdown().await;
@@ -110,46 +129,22 @@ impl Server {
 }
 
 /// The configured provisioner, and the local one again when it is that (stopped at exit);
-/// local agents reach the allocator at `addr`.
+/// local agents reach the allocator at `addr` (over HTTPS with `tls`: its certificate must
+/// be one they trust).
 async fn provisioner(
     config: &Config,
     addr: SocketAddr,
+    tls: bool,
 ) -> Result<(Arc<dyn Provisioner>, Option<LocalProcessProvisioner>), BoxError> {
-    let p = &config.provisioner;
-    // EC2 (feature `aws`): capacity and throttling errors are retried with backoff.
-    #[cfg(feature = "aws")]
-    if p.kind == "aws" {
-        let ec2 = Arc::new(p.aws.builder().build().await?);
-        let retry = lablink_core::RetryProvisioner::new(ec2, lablink_core::RetryPolicy::default());
-        return Ok((Arc::new(retry), None));
-    }
-    if p.kind == "fake" {
-        let mut fake = FakeProvisioner::new()
-            .with_latency(Duration::from_secs_f64(p.fake_latency_seconds))
-            .with_failure_rate(p.fake_failure_rate);
-        if !p.fake_inventory_dir.is_empty() {
-            std::fs::create_dir_all(&p.fake_inventory_dir)?;
-            fake = fake.with_inventory_dir(&p.fake_inventory_dir);
-        }
-        return Ok((Arc::new(fake), None));
-    }
     let mut url_addr = addr;
     if url_addr.ip().is_unspecified() {
         url_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let url = format!("http://{url_addr}");
-    let mut builder = if p.local_agent_program.is_empty() {
-        LocalProcessProvisioner::builder(std::env::current_exe()?, url).arg("agent")
-    } else {
-        LocalProcessProvisioner::builder(&p.local_agent_program, url)
-    };
-    builder = builder.env("LABLINK_START_HOST", &p.local_start_host);
-    if !p.local_log_dir.is_empty() {
-        std::fs::create_dir_all(&p.local_log_dir)?;
-        builder = builder.log_dir(&p.local_log_dir);
-    }
-    let local = builder.build();
-    Ok((Arc::new(local.clone()), Some(local)))
+    let scheme = if tls { "https" } else { "http" };
+    Ok(config
+        .provisioner
+        .build(&format!("{scheme}://{url_addr}"))
+        .await?)
 }
 
 /// The allocator on the configured store and notifier (PostgreSQL migrated first).
@@ -174,8 +169,12 @@ async fn allocator(
             .with_notifier(Arc::new(notifier));
     }
     tracing::info!(
-        store = if config.database.url.is_empty() { "memory" } else { "postgres" },
-        provisioner = %config.provisioner.kind,
+        store = if config.database.url.is_empty() {
+            "memory"
+        } else {
+            "postgres"
+        },
+        provisioner = config.provisioner.kind(),
         "allocator configured"
     );
     Ok(builder.build()?)

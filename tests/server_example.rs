@@ -8,7 +8,7 @@
 //!   cleanly.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -67,16 +67,22 @@ impl Server {
     /// Starts the server in an empty directory, with no `LABLINK_*` variable but `env` (and
     /// an ephemeral port, so runs on one machine do not collide), and reads its banner.
     fn start(env: &[(&str, &str)]) -> (Self, tempfile::TempDir) {
-        let binary = build_server();
         let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new(&binary);
+        let server = Self::start_in(&build_server(), dir.path(), &[], env);
+        (server, dir)
+    }
+
+    /// Starts `binary` with `args` in `dir`, as [`start`](Self::start) does.
+    fn start_in(binary: &Path, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(binary);
         for (key, _) in std::env::vars() {
             if key.starts_with("LABLINK_") || key == "DATABASE_URL" {
                 command.env_remove(key);
             }
         }
         command
-            .current_dir(dir.path())
+            .args(args)
+            .current_dir(dir)
             .env("LABLINK_SERVER__LISTEN", "127.0.0.1:0")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -133,7 +139,7 @@ impl Server {
             .expect("the banner names the address")
             .trim()
             .to_owned();
-        (server, dir)
+        server
     }
 
     fn banner_value(&self, label: &str) -> Option<String> {
@@ -308,8 +314,7 @@ async fn sigterm_answers_held_waiters_and_exits_cleanly() {
         ("LABLINK_ADMIN__PASSWORD", admin_password),
         ("LABLINK_AGENTS__AUTH", "open"),
         ("LABLINK_PROVISIONER__KIND", "fake"),
-        ("LABLINK_PROVISIONER__FAKE_LATENCY_SECONDS", "0"),
-        ("LABLINK_SERVER__MAX_WAIT_SECONDS", "600"),
+        ("LABLINK_PROVISIONER__LATENCY_SECONDS", "0"),
         ("LABLINK_ALLOCATOR__MAX_WAIT", "600"),
     ]);
     let http = client();
@@ -422,5 +427,263 @@ async fn sigterm_answers_held_waiters_and_exits_cleanly() {
         "the server exited with {}; stderr: {}",
         status.0,
         status.1
+    );
+}
+
+/// Copies the program to `<root>/bin/lablink`, where `cargo install --root <root>` puts it:
+/// what the tests below run is the installed file, not cargo's build output.
+fn install(root: &Path) -> PathBuf {
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let installed = bin.join("lablink");
+    std::fs::copy(build_server(), &installed).unwrap();
+    installed
+}
+
+const ADMIN_PASSWORD: &str = "every-kind-admin-password";
+
+/// How long one launch or destroy may take (Terraform initialises its working directory on
+/// the first one).
+const OPERATION_PATIENCE: Duration = Duration::from_secs(180);
+
+/// An admin API call that must succeed; its JSON answer.
+async fn admin_call(request: reqwest::RequestBuilder) -> Value {
+    let r = request
+        .basic_auth("admin", Some(ADMIN_PASSWORD))
+        .timeout(OPERATION_PATIENCE)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+/// Waits for operation `op` to succeed.
+async fn finish(http: &Client, server: &Server, op: Value) -> Value {
+    let id = op["id"].as_str().expect("an operation").to_owned();
+    let deadline = tokio::time::Instant::now() + OPERATION_PATIENCE;
+    loop {
+        let op = admin_call(http.get(server.url(&format!("/api/v1/operations/{id}")))).await;
+        if op["status"] == "succeeded" {
+            break op;
+        }
+        assert_ne!(op["status"], "failed", "{op}");
+        assert!(tokio::time::Instant::now() < deadline, "hung: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `lablink serve --config <file holding config>` from the installed program in an
+/// empty directory, launches two VMs through the admin API, checks the allocator's records,
+/// destroys every VM and sees the records go. Returns the records as they were listed.
+async fn launch_and_destroy_through(config: &str, env: &[(&str, &str)]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let program = install(&dir.path().join("root"));
+    let file = dir.path().join("lablink.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut env = env.to_vec();
+    env.push(("LABLINK_ADMIN__PASSWORD", ADMIN_PASSWORD));
+    let server = Server::start_in(
+        &program,
+        dir.path(),
+        &["serve", "--config", file.to_str().unwrap()],
+        &env,
+    );
+    let http = client();
+    let launched = finish(
+        &http,
+        &server,
+        admin_call(
+            http.post(server.url("/api/v1/launch"))
+                .json(&json!({"count": 2})),
+        )
+        .await,
+    )
+    .await;
+    let vms = admin_call(http.get(server.url("/api/v1/vms"))).await;
+    let vms = vms.as_array().expect("a list of VMs").clone();
+    let mut listed: Vec<&str> = vms
+        .iter()
+        .filter_map(|vm| vm["hostname"].as_str())
+        .collect();
+    listed.sort_unstable();
+    assert_eq!(json!(listed), launched["hostnames"], "{vms:?}");
+    for vm in &vms {
+        assert!(vm["instance_id"].is_string(), "no instance: {vm}");
+    }
+    finish(
+        &http,
+        &server,
+        admin_call(
+            http.post(server.url("/api/v1/destroy"))
+                .json(&json!({"all": true})),
+        )
+        .await,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + OPERATION_PATIENCE;
+    loop {
+        let left = admin_call(http.get(server.url("/api/v1/vms"))).await;
+        if left.as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not destroyed: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    vms
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_local_agent_processes() {
+    // The local agents are the installed program itself, run as `lablink agent`.
+    let vms = launch_and_destroy_through(
+        "[provisioner]\nkind = \"local\"\n",
+        &[],
+    )
+    .await;
+    assert!(
+        vms.iter()
+            .all(|vm| vm["instance_id"].as_str().unwrap().starts_with("local-")),
+        "{vms:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_the_fake_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[provisioner]\nkind = \"fake\"\nlatency_seconds = 0\ninventory_dir = {:?}\n",
+        dir.path().join("cloud")
+    );
+    launch_and_destroy_through(&config, &[]).await;
+    // The machines were files in the inventory, and are gone with the VMs.
+    let left = std::fs::read_dir(dir.path().join("cloud")).unwrap().count();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_terraform_on_a_module() {
+    let module =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("lablink-terraform/tests/fixtures/module");
+    let work = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[provisioner]\nkind = \"terraform\"\nmodule_dir = {module:?}\nworking_dir = {:?}\ndeployment = \"kinds\"\n\
+         [provisioner.variables]\nallocator_url = \"http://127.0.0.1:1\"\n",
+        work.path().join("tf")
+    );
+    launch_and_destroy_through(&config, &[]).await;
+    // Terraform's own state records the apply and the destroy.
+    let state = std::fs::read_to_string(work.path().join("tf/terraform.tfstate"))
+        .expect("terraform kept its state in the working directory");
+    assert!(state.contains("\"serial\""), "{state}");
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_ec2_on_the_emulator() {
+    let endpoint = std::env::var("LABLINK_AWS_TEST_ENDPOINT").expect(
+        "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
+         through scripts/with-moto.sh (the README's test command does)",
+    );
+    // An image the emulator knows (it validates AMIs).
+    let images = Client::new()
+        .post(&endpoint)
+        .header(
+            "Authorization",
+            "AWS4-HMAC-SHA256 Credential=lablink-test/20260101/us-east-1/ec2/aws4_request, \
+             SignedHeaders=host, Signature=0",
+        )
+        .form(&[
+            ("Action", "DescribeImages"),
+            ("Version", "2016-11-15"),
+            ("Owner.1", "amazon"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ami = images
+        .split("<imageId>")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .unwrap_or_else(|| panic!("the emulator listed no image: {images}"));
+    let config = format!(
+        "[provisioner]\nkind = \"aws\"\nregion = \"us-east-1\"\nendpoint_url = {endpoint:?}\nami = {ami:?}\n\
+         deployment = \"kinds-{}\"\nallocator_url = \"http://127.0.0.1:1\"\n",
+        std::process::id()
+    );
+    let credentials: Vec<(String, String)> = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        .iter()
+        .map(|k| {
+            (
+                k.to_string(),
+                std::env::var(k).unwrap_or_else(|_| "lablink-test".into()),
+            )
+        })
+        .collect();
+    let env: Vec<(&str, &str)> = credentials
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let vms = launch_and_destroy_through(&config, &env).await;
+    assert!(
+        vms.iter()
+            .all(|vm| vm["instance_id"].as_str().unwrap().starts_with("i-")),
+        "{vms:?}"
+    );
+}
+
+#[test]
+fn validate_lists_every_problem_of_a_broken_config_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = install(&dir.path().join("root"));
+    let file = dir.path().join("broken.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"everywhere\"\n[allocator]\npin_length = 2\n\
+         [provisioner]\nkind = \"terraform\"\nbinary = \"/opt/none/terraform\"\n\
+         [provisioner.variables]\nregoin = \"eu-west-1\"\n\
+         [collect.store]\nkind = \"local\"\ndir = \"\"\n",
+    )
+    .unwrap();
+    let out = Command::new(&program)
+        .args(["validate", "--config", file.to_str().unwrap()])
+        .env_remove("LABLINK_CONFIG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for expected in [
+        "listen \"everywhere\"",
+        "pin_length",
+        "/opt/none/terraform",
+        "regoin",
+        "allocator_url must be set",
+        "dir must be set",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "{expected} missing from:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("6 problem(s)"), "{stderr}");
+
+    // The same file, fixed, passes.
+    std::fs::write(&file, "[provisioner]\nkind = \"fake\"\n").unwrap();
+    let out = Command::new(&program)
+        .args(["validate", "--config", file.to_str().unwrap()])
+        .env_remove("LABLINK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

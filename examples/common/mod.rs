@@ -231,7 +231,6 @@ fn spawn_server(
     }
     command
         .env("LABLINK_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("LABLINK_SERVER__MAX_WAIT_SECONDS", "600")
         .env("LABLINK_AGENTS__AUTH", "open")
         .env("LABLINK_ADMIN__PASSWORD", PASSWORD)
         .env("LABLINK_ALLOCATOR__MAX_LAUNCH", "20000")
@@ -239,7 +238,7 @@ fn spawn_server(
         // Every simulated participant comes from 127.0.0.1.
         .env("LABLINK_PARTICIPANTS__REQUESTS_BURST", "1000000")
         .env("LABLINK_PROVISIONER__KIND", "fake")
-        .env("LABLINK_PROVISIONER__FAKE_LATENCY_SECONDS", "0")
+        .env("LABLINK_PROVISIONER__LATENCY_SECONDS", "0")
         .env("LABLINK_LOG__FILTER", "error")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null());

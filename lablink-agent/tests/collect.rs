@@ -513,14 +513,14 @@ async fn destroy_collects_first_and_a_failed_collection_keeps_the_vm_unless_forc
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroying_all_leaves_a_vm_launched_while_it_collects() {
+    // The destroy's wait must outlast the steps below on a loaded machine: were it to run
+    // out, the destroy would go ahead and destroy the other VM itself. The paused agent is
+    // resumed at the end, so a long wait costs nothing.
     let CollectFirst {
         work,
         url,
         local,
         rig,
-    // The destroy's wait must outlast the steps below on a loaded machine: were it to run
-    // out, the destroy would go ahead and destroy the other VM itself. The paused agent is
-    // resumed at the end, so a long wait costs nothing.
     } = collect_first(600, LabLink::builder()).await;
     let vms = rig.launch(2).await;
     let (old, gone) = (&vms[0], &vms[1]);

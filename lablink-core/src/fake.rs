@@ -15,6 +15,66 @@ use crate::{
     Capabilities, Error, ErrorKind, Hostname, LaunchRequest, ProvisionedVm, Provisioner, Result,
 };
 
+/// `[provisioner] kind = "fake"` of the allocator's configuration: a [`FakeProvisioner`]'s
+/// settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FakeConfig {
+    /// How long each call waits, seconds.
+    pub latency_seconds: f64,
+    /// Probability that one VM of a launch fails (0..=1).
+    pub failure_rate: f64,
+    /// Machines kept as files in this directory, shared by every process using it (see
+    /// [`FakeProvisioner::with_inventory_dir`]); none: in memory.
+    pub inventory_dir: Option<PathBuf>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        Self {
+            latency_seconds: 0.5,
+            failure_rate: 0.0,
+            inventory_dir: None,
+        }
+    }
+}
+
+impl FakeConfig {
+    /// The provisioner (the inventory directory is created when missing).
+    pub fn build(&self) -> Result<FakeProvisioner> {
+        let mut fake = FakeProvisioner::new()
+            .with_latency(Duration::from_secs_f64(
+                self.latency_seconds.clamp(0.0, 3600.0),
+            ))
+            .with_failure_rate(self.failure_rate);
+        if let Some(dir) = &self.inventory_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!(
+                        "cannot create the inventory directory {}: {e}",
+                        dir.display()
+                    ),
+                )
+            })?;
+            fake = fake.with_inventory_dir(dir);
+        }
+        Ok(fake)
+    }
+
+    /// Every problem with these settings, one message each (empty when valid).
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            problems.push("[provisioner] failure_rate must be between 0 and 1".into());
+        }
+        if !(0.0..=3600.0).contains(&self.latency_seconds) {
+            problems.push("[provisioner] latency_seconds must be between 0 and 3600".into());
+        }
+        problems
+    }
+}
+
 /// An in-memory [`Provisioner`]. `Clone` shares the inventory.
 ///
 /// Each launch waits `latency` (on tokio's clock, so paused-time tests do not wait), then

@@ -33,7 +33,7 @@ pub use artifact::{
 };
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, ErrorStatus, Result};
-pub use fake::{FakeProvisioner, FAILURE_RATE_FILE};
+pub use fake::{FakeConfig, FakeProvisioner, FAILURE_RATE_FILE};
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
 pub use logs::{clean_lines, fit_lines, BoundedLog, LogAppend, LogStream, VmLogs};

@@ -2,6 +2,7 @@
 #![warn(missing_docs)]
 
 mod builder;
+mod config;
 mod error;
 mod module;
 mod outputs;
@@ -10,6 +11,7 @@ mod runner;
 mod vars;
 
 pub use builder::{TerraformProvisionerBuilder, DEFAULT_SHUTDOWN_GRACE, DEFAULT_TIMEOUT};
+pub use config::{StateBackend, TerraformConfig};
 pub use module::AWS_MODULE_FILES;
 pub use provisioner::TerraformProvisioner;
 

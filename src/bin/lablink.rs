@@ -166,13 +166,12 @@ async fn serve(config: Config) -> Result<(), lablink::server::BoxError> {
     };
     let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
     let server = Server::build(&config, hash, listener).await?;
-    print_banner(server.local_addr(), &config, generated.as_deref());
+    print_banner(&server.url(), &config, generated.as_deref());
     server.run(shutdown_signal()).await
 }
 
 /// The one-time banner: where to go, and the generated password (never logged).
-fn print_banner(addr: std::net::SocketAddr, config: &Config, generated: Option<&str>) {
-    let base = format!("http://{addr}");
+fn print_banner(base: &str, config: &Config, generated: Option<&str>) {
     println!("LabLink allocator listening on {base}");
     println!("  participant page: {base}/");
     println!("  admin UI:         {base}/admin");

@@ -40,6 +40,7 @@ mod roster;
 mod serve;
 mod signed;
 mod templates;
+mod tls;
 mod v1;
 mod views;
 
@@ -60,6 +61,9 @@ pub use error::{status_for, ApiError, ApiResult};
 pub use metrics::Metrics;
 pub use options::{AgentAuthMode, HttpOptions};
 pub use signed::CookieKey;
+pub use tls::{ReloadingCertResolver, ServedOverTls, TlsConfig, TlsError};
+/// The rustls [`ReloadingCertResolver`] and [`ReloadingCertResolver::server_config`] work with.
+pub use tokio_rustls::rustls;
 pub use v1::ApiDoc;
 
 /// Everything the handlers share. Cheap to clone.
@@ -153,6 +157,7 @@ impl HttpState {
     /// Whether the client's request was HTTPS (so cookies get `Secure`).
     pub(crate) fn is_https(&self, parts: &axum::http::request::Parts) -> bool {
         self.inner.options.secure_cookies
+            || parts.extensions.get::<ServedOverTls>().is_some()
             || client::forwarded_https(parts, &self.inner.options.trusted_proxies)
     }
 
@@ -178,7 +183,32 @@ impl HttpState {
         listener: tokio::net::TcpListener,
         stop: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        serve::serve(self.router(), listener, stop, || {
+        self.serve_on(listener, None, stop).await
+    }
+
+    /// Like [`serve`](Self::serve), over TLS with `certificates` (HTTP/1.1; a handshake
+    /// has 10 seconds; requests count as HTTPS, so cookies get `Secure`). While serving,
+    /// `certificates` [keeps reloading](ReloadingCertResolver::keep_reloading) its files, so
+    /// a renewed certificate is served without a restart.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        certificates: Arc<ReloadingCertResolver>,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(certificates.server_config());
+        // Ends when serving ends, or when this future is dropped.
+        let _reloading = tls::Reloading::spawn(certificates);
+        self.serve_on(listener, Some(acceptor), stop).await
+    }
+
+    async fn serve_on(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        stop: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        serve::serve(self.router(), listener, tls, stop, || {
             tracing::info!("shutting down: ending held requests, finishing the others");
             self.shutdown();
         })

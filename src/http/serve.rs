@@ -1,5 +1,5 @@
-//! Serving the router on a TCP listener: hyper's HTTP/1 connections driven directly, with
-//! graceful shutdown.
+//! Serving the router on a TCP listener, plain or over TLS: hyper's HTTP/1 connections
+//! driven directly, with graceful shutdown.
 //!
 //! Why not `axum::serve`: it runs each connection through hyper-util's protocol-detecting
 //! builder with upgrade support, which costs about 3.4 KiB more per connection holding a
@@ -16,19 +16,24 @@ use axum::http::Request;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
+
+use super::tls::{ServedOverTls, HANDSHAKE_TIMEOUT};
 
 /// How long a client may take to send a request's head (slow-header protection).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `router` on `listener` until `stop` resolves; then calls `on_stop` (which ends
-/// held requests), stops accepting, lets every connection finish its current request, and
-/// returns once all connections are closed.
+/// Serves `router` on `listener` (over TLS with `tls`) until `stop` resolves; then calls
+/// `on_stop` (which ends held requests), stops accepting, lets every connection finish its
+/// current request, and returns once all connections are closed.
 pub(crate) async fn serve(
     router: Router,
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     stop: impl Future<Output = ()> + Send + 'static,
     on_stop: impl FnOnce() + Send,
 ) -> std::io::Result<()> {
@@ -52,13 +57,18 @@ pub(crate) async fn serve(
         };
         // Nagle stays on, as with `axum::serve`: with TCP_NODELAY, W3 (small requests on
         // keep-alive connections) fell from ~36,000 to ~20,000 requests/s.
-        tokio::spawn(connection(
-            router.clone(),
-            stream,
-            addr,
-            closing_rx.clone(),
-            alive_tx.clone(),
-        ));
+        let (router, closing, alive) = (router.clone(), closing_rx.clone(), alive_tx.clone());
+        match &tls {
+            None => tokio::spawn(connection(router, stream, addr, false, closing, alive)),
+            Some(tls) => tokio::spawn(tls_connection(
+                tls.clone(),
+                router,
+                stream,
+                addr,
+                closing,
+                alive,
+            )),
+        };
     }
     on_stop();
     drop(closing_tx);
@@ -67,17 +77,51 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// One HTTP/1 connection; on shutdown it finishes its current request, then closes.
-async fn connection(
+/// A TLS handshake (bounded by [`HANDSHAKE_TIMEOUT`], abandoned on shutdown), then HTTP/1
+/// over it with every request marked [`ServedOverTls`]. A failed handshake only closes
+/// this connection.
+async fn tls_connection(
+    tls: TlsAcceptor,
     router: Router,
-    stream: tokio::net::TcpStream,
+    stream: TcpStream,
     addr: SocketAddr,
     mut closing: watch::Receiver<()>,
-    _alive: mpsc::Sender<()>,
+    alive: mpsc::Sender<()>,
 ) {
+    let stream = tokio::select! {
+        handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)) => match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %addr, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client = %addr, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = closing.changed() => return,
+    };
+    connection(router, stream, addr, true, closing, alive).await;
+}
+
+/// One HTTP/1 connection; on shutdown it finishes its current request, then closes.
+async fn connection<S>(
+    router: Router,
+    stream: S,
+    addr: SocketAddr,
+    https: bool,
+    mut closing: watch::Receiver<()>,
+    _alive: mpsc::Sender<()>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         // What `into_make_service_with_connect_info` provides: the client address.
         req.extensions_mut().insert(ConnectInfo(addr));
+        if https {
+            req.extensions_mut().insert(ServedOverTls);
+        }
         router.clone().oneshot(req)
     });
     let conn = hyper::server::conn::http1::Builder::new()

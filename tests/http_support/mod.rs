@@ -9,12 +9,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lablink::http::{HttpOptions, HttpState};
+use lablink::http::{HttpOptions, HttpState, ReloadingCertResolver};
 use lablink::{
     AgentToken, Allocator, AllocatorExt, Capabilities, FakeProvisioner, Hostname, LabLink,
     LaunchRequest, ProvisionedVm, Provisioner, Result,
 };
-use reqwest::header::ACCEPT;
+use reqwest::header::{ACCEPT, COOKIE, SET_COOKIE};
 use reqwest::{Client, RequestBuilder, StatusCode};
 use serde_json::{json, Value};
 
@@ -93,6 +93,28 @@ impl TestServer {
         fake: FakeProvisioner,
         tune: impl FnOnce(&mut HttpOptions),
     ) -> Self {
+        Self::start_serving(builder, fake, tune, None).await
+    }
+
+    /// A server on the default allocator serving HTTPS with `certificates`; its clients
+    /// trust only `root` (a CA certificate, DER) and reach it as `https://127.0.0.1:port`.
+    pub async fn start_https(certificates: Arc<ReloadingCertResolver>, root: &[u8]) -> Self {
+        let root = reqwest::Certificate::from_der(root).unwrap();
+        Self::start_serving(
+            LabLink::builder(),
+            FakeProvisioner::new(),
+            |_| {},
+            Some((certificates, root)),
+        )
+        .await
+    }
+
+    async fn start_serving(
+        builder: lablink::LabLinkBuilder,
+        fake: FakeProvisioner,
+        tune: impl FnOnce(&mut HttpOptions),
+        tls: Option<(Arc<ReloadingCertResolver>, reqwest::Certificate)>,
+    ) -> Self {
         let provisioner = TokenProvisioner {
             inner: fake,
             tokens: Arc::default(),
@@ -109,26 +131,37 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = state.clone();
+        let root = tls.as_ref().map(|(_, root)| root.clone());
         tokio::spawn(async move {
-            serving
-                .serve(listener, std::future::pending())
-                .await
-                .unwrap();
+            match tls {
+                None => serving.serve(listener, std::future::pending()).await,
+                Some((certificates, _)) => {
+                    serving
+                        .serve_tls(listener, certificates, std::future::pending())
+                        .await
+                }
+            }
+            .unwrap();
         });
         // No pooled connections: the server closes a connection after refusing a request
         // whose body it did not read (401/403/413), and reusing it would fail the next one.
-        let client = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .pool_max_idle_per_host(0)
-            .build()
-            .unwrap();
+        let client = trusting(
+            Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .pool_max_idle_per_host(0),
+            root.clone(),
+        )
+        .build()
+        .unwrap();
+        let browser = trusting(browser_builder(), root.clone()).build().unwrap();
+        let scheme = if root.is_some() { "https" } else { "http" };
         Self {
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             state,
             allocator,
             provisioner,
             client,
-            browser: browser(),
+            browser,
         }
     }
 
@@ -216,6 +249,74 @@ impl TestServer {
         response.text().await.unwrap()
     }
 
+    /// Signs in through the form as a browser does (the form's own cookie and token);
+    /// returns the session cookie (`name=value`) and the CSRF token the admin page shows.
+    pub async fn sign_in(
+        &self,
+        password: &str,
+    ) -> std::result::Result<(String, String), StatusCode> {
+        let page = self
+            .client
+            .get(self.url("/admin/login"))
+            .send()
+            .await
+            .unwrap();
+        let login_cookie = page.headers()[SET_COOKIE]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        let csrf = form_csrf(&page.text().await.unwrap());
+        let r = self
+            .client
+            .post(self.url("/admin/login"))
+            .header(COOKIE, &login_cookie)
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("username", ADMIN_USER),
+                ("password", password),
+            ])
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::SEE_OTHER {
+            return Err(r.status());
+        }
+        let session = r
+            .headers()
+            .get_all(SET_COOKIE)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .find(|v| v.starts_with("lablink_admin="))
+            .unwrap();
+        assert!(
+            session.contains("HttpOnly") && session.contains("SameSite=Strict"),
+            "{session}"
+        );
+        let session = session.split(';').next().unwrap().to_owned();
+        let csrf = self.admin_page_csrf(&session).await;
+        Ok((session, csrf))
+    }
+
+    /// The CSRF token the admin page shows to the browser sending `session` (a cookie).
+    pub async fn admin_page_csrf(&self, session: &str) -> String {
+        let page = self
+            .client
+            .get(self.url("/admin"))
+            .header(COOKIE, session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            page.status(),
+            StatusCode::OK,
+            "the admin page for {session}"
+        );
+        form_csrf(&page.text().await.unwrap())
+    }
+
     pub async fn record(&self, hostname: &str) -> lablink::VmRecord {
         self.allocator
             .vm(&hostname.parse::<Hostname>().unwrap())
@@ -224,14 +325,98 @@ impl TestServer {
     }
 }
 
+/// The value of the first `csrf` form field of a page.
+pub fn form_csrf(html: &str) -> String {
+    html.split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no csrf field in {html}"))
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// A fresh database on the PostgreSQL server `DATABASE_URL` points at, migrated; dropped by
+/// [`drop_database`](Self::drop_database). Fails (never skips) when `DATABASE_URL` is unset.
+#[cfg(feature = "postgres")]
+pub struct TestDatabase {
+    pub options: sqlx::postgres::PgConnectOptions,
+    name: String,
+    server: sqlx::PgConnection,
+}
+
+#[cfg(feature = "postgres")]
+impl TestDatabase {
+    pub async fn create() -> Self {
+        use sqlx::{ConnectOptions, Executor};
+        use std::str::FromStr;
+
+        let url = std::env::var("DATABASE_URL").expect(
+            "DATABASE_URL must point at a PostgreSQL server for this test (scripts/with-postgres.sh starts one)",
+        );
+        let server_options = sqlx::postgres::PgConnectOptions::from_str(&url)
+            .expect("DATABASE_URL is a postgres URL");
+        let name = format!("lablink_http_{}", uuid::Uuid::new_v4().simple());
+        let mut server = server_options
+            .connect()
+            .await
+            .expect("PostgreSQL answers at DATABASE_URL");
+        server
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        let db = Self {
+            options: server_options.database(&name),
+            name,
+            server,
+        };
+        let pool = db.pool(2).await;
+        lablink::postgres::setup(&pool).await.unwrap();
+        pool.close().await;
+        db
+    }
+
+    /// A pool of its own on the database, as each replica has.
+    pub async fn pool(&self, max_connections: u32) -> sqlx::PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(self.options.clone())
+            .await
+            .unwrap()
+    }
+
+    pub async fn drop_database(mut self) {
+        use sqlx::Executor;
+        let _ = self
+            .server
+            .execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str())
+            .await;
+    }
+}
+
 /// A client that keeps cookies, as a participant's browser does.
 pub fn browser() -> Client {
+    browser_builder().build().unwrap()
+}
+
+fn browser_builder() -> reqwest::ClientBuilder {
     Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .pool_max_idle_per_host(0)
         .cookie_store(true)
-        .build()
-        .unwrap()
+}
+
+/// `builder` trusting only `root` when there is one (the system's roots otherwise).
+fn trusting(
+    builder: reqwest::ClientBuilder,
+    root: Option<reqwest::Certificate>,
+) -> reqwest::ClientBuilder {
+    match root {
+        Some(root) => builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(root),
+        None => builder,
+    }
 }
 
 /// The command a VM is given for `code`: built by LabLink, never the pasted text.
