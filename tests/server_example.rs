@@ -687,3 +687,28 @@ fn validate_lists_every_problem_of_a_broken_config_at_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn every_sample_configuration_in_the_docs_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let program = install(&dir.path().join("root"));
+    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&samples).unwrap() {
+        let path = entry.unwrap().path();
+        let out = Command::new(&program)
+            .args(["validate", "--config", path.to_str().unwrap()])
+            .env_remove("LABLINK_CONFIG")
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 4, "samples in {}", samples.display());
+}
