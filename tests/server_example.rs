@@ -541,11 +541,7 @@ async fn launch_and_destroy_through(config: &str, env: &[(&str, &str)]) -> Vec<V
 #[tokio::test]
 async fn the_installed_program_serves_with_local_agent_processes() {
     // The local agents are the installed program itself, run as `lablink agent`.
-    let vms = launch_and_destroy_through(
-        "[provisioner]\nkind = \"local\"\n",
-        &[],
-    )
-    .await;
+    let vms = launch_and_destroy_through("[provisioner]\nkind = \"local\"\n", &[]).await;
     assert!(
         vms.iter()
             .all(|vm| vm["instance_id"].as_str().unwrap().starts_with("local-")),
