@@ -453,3 +453,152 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
     assert!(destroyed.is_err(), "lablink-vm-1 was destroyed");
     driver.call(reqwest::Method::DELETE, "", json!({})).await;
 }
+
+/// Two replicas on one store, as behind a round-robin load balancer: the browser signs in
+/// once on A, then uses B's and A's pages in turn (cookies do not tell ports apart, so both
+/// origins on 127.0.0.1 get the one session cookie), launches and uploads the participants
+/// with B's CSRF-protected forms, and signs out on B; the copied cookie is then refused by A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
+    use std::sync::Arc;
+
+    let driver = Driver::start().await;
+    let store = lablink::MemoryVmStore::new();
+    let replica = || {
+        TestServer::start_with(
+            LabLink::builder().with_store(Arc::new(store.clone())),
+            |o| o.admin_refresh = Duration::from_millis(300),
+        )
+    };
+    let (a, b) = (replica().await, replica().await);
+    let at = |s: &TestServer, path: &str, also: &str| {
+        format!(
+            "return location.origin === '{}' && location.pathname === '{path}' && document.readyState === 'complete'{also}",
+            s.base
+        )
+    };
+
+    // Sign in once, on A.
+    driver.go(&a.url("/admin")).await;
+    driver
+        .wait_for("A's sign-in page", &at(&a, "/admin/login", ""))
+        .await;
+    driver.type_into("#username", ADMIN_USER).await;
+    driver.type_into("#password", ADMIN_PASSWORD).await;
+    driver.click("#sign-in").await;
+    driver
+        .wait_for(
+            "A's dashboard",
+            &at(&a, "/admin", " && !!document.querySelector('#launch')"),
+        )
+        .await;
+
+    // B's dashboard, without signing in there: launch 2 VMs with B's form (CSRF token).
+    driver.go(&b.url("/admin")).await;
+    driver
+        .wait_for(
+            "B's dashboard (not its sign-in page)",
+            &at(&b, "/admin", " && !!document.querySelector('#launch')"),
+        )
+        .await;
+    driver.type_into("#num_vms", "2").await;
+    driver.click_and_load("#launch").await;
+    driver
+        .wait_for("B's dashboard after the launch", &at(&b, "/admin", ""))
+        .await;
+    assert_eq!(
+        b.allocator.counts().await.unwrap().total,
+        2,
+        "B's form launched"
+    );
+
+    // A's dashboard shows them.
+    driver.go(&a.url("/admin")).await;
+    driver
+        .wait_for(
+            "the VMs launched through B, on A",
+            &at(
+                &a,
+                "/admin",
+                " && document.querySelectorAll('#vms tr[data-hostname]').length === 2",
+            ),
+        )
+        .await;
+
+    // B's participants page: replace the list with its form.
+    driver.go(&b.url("/admin/participants")).await;
+    driver
+        .wait_for(
+            "B's participants page",
+            &at(
+                &b,
+                "/admin/participants",
+                " && !!document.querySelector('#csv')",
+            ),
+        )
+        .await;
+    driver.type_into("#csv", "ada@lab.org\ngrace@lab.org").await;
+    driver.click_and_load("#replace-roster").await;
+    let roster = a.allocator.roster().await.unwrap();
+    assert_eq!(roster.len(), 2, "B's form replaced the list: {roster:?}");
+
+    // A shows the list.
+    driver.go(&a.url("/admin/participants")).await;
+    driver
+        .wait_for(
+            "the list on A",
+            &at(
+                &a,
+                "/admin/participants",
+                " && document.querySelectorAll('#roster li').length === 2",
+            ),
+        )
+        .await;
+
+    // Sign out on B. The browser drops the cookie; a copy of it is refused by A as well.
+    let cookie = driver
+        .call(reqwest::Method::GET, "/cookie/lablink_admin", json!({}))
+        .await;
+    driver.go(&b.url("/admin")).await;
+    driver
+        .wait_for(
+            "B's dashboard",
+            &at(&b, "/admin", " && !!document.querySelector('#logout')"),
+        )
+        .await;
+    driver.click_and_load("#logout").await;
+    driver
+        .wait_for("B's sign-in page", &at(&b, "/admin/login", ""))
+        .await;
+    driver
+        .call(
+            reqwest::Method::POST,
+            "/cookie",
+            json!({"cookie": {"name": "lablink_admin", "value": cookie["value"], "path": "/",
+                              "httpOnly": true, "sameSite": "Strict"}}),
+        )
+        .await;
+    driver.go(&a.url("/admin")).await;
+    driver
+        .wait_for(
+            "A's sign-in page for the signed-out session",
+            &at(&a, "/admin/login", ""),
+        )
+        .await;
+    let kept = driver
+        .call(reqwest::Method::GET, "/cookie/lablink_admin", json!({}))
+        .await;
+    assert_eq!(
+        kept["value"], cookie["value"],
+        "the browser sent the old cookie, and A refused it"
+    );
+    driver.go(&b.url("/admin")).await;
+    driver
+        .wait_for(
+            "B's sign-in page for the signed-out session",
+            &at(&b, "/admin/login", ""),
+        )
+        .await;
+    assert_eq!(b.allocator.counts().await.unwrap().total, 2);
+    driver.call(reqwest::Method::DELETE, "", json!({})).await;
+}

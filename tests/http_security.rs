@@ -7,7 +7,7 @@ mod http_support;
 use http_support::{
     captured_logs, crd_command, expect_error, json_of, TestServer, ADMIN_PASSWORD, ADMIN_USER,
 };
-use reqwest::header::{ACCEPT, COOKIE, LOCATION, SET_COOKIE};
+use reqwest::header::{ACCEPT, COOKIE, LOCATION};
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
@@ -106,77 +106,10 @@ async fn every_admin_route_refuses_anonymous_and_wrong_credentials() {
     );
 }
 
-/// Signs in through the form; returns the session cookie and its CSRF token.
-async fn sign_in(s: &TestServer, password: &str) -> Result<(String, String), StatusCode> {
-    let page = s.client.get(s.url("/admin/login")).send().await.unwrap();
-    let login_cookie = page.headers()[SET_COOKIE]
-        .to_str()
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let html = page.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
-    let r = s
-        .client
-        .post(s.url("/admin/login"))
-        .header(COOKIE, &login_cookie)
-        .form(&[
-            ("csrf", csrf.as_str()),
-            ("username", ADMIN_USER),
-            ("password", password),
-        ])
-        .send()
-        .await
-        .unwrap();
-    if r.status() != StatusCode::SEE_OTHER {
-        return Err(r.status());
-    }
-    let session = r
-        .headers()
-        .get_all(SET_COOKIE)
-        .iter()
-        .map(|v| v.to_str().unwrap())
-        .find(|v| v.starts_with("lablink_admin="))
-        .unwrap();
-    assert!(
-        session.contains("HttpOnly") && session.contains("SameSite=Strict"),
-        "{session}"
-    );
-    let session = session.split(';').next().unwrap().to_owned();
-    let admin = s
-        .client
-        .get(s.url("/admin"))
-        .header(COOKIE, &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = admin
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .unwrap()
-        .split('"')
-        .next()
-        .unwrap()
-        .to_owned();
-    Ok((session, csrf))
-}
-
 #[tokio::test]
 async fn session_forms_need_the_csrf_token_and_logout_ends_the_session() {
     let s = TestServer::start().await;
-    let (session, csrf) = sign_in(&s, ADMIN_PASSWORD).await.unwrap();
+    let (session, csrf) = s.sign_in(ADMIN_PASSWORD).await.unwrap();
     let launch = |csrf: Option<&str>| {
         let mut form = vec![("num_vms", "1")];
         if let Some(c) = csrf {
@@ -240,12 +173,12 @@ async fn failed_sign_ins_are_rate_limited_per_address() {
     let s = TestServer::start().await;
     for _ in 0..5 {
         assert_eq!(
-            sign_in(&s, "wrong").await.unwrap_err(),
+            s.sign_in("wrong").await.unwrap_err(),
             StatusCode::UNAUTHORIZED
         );
     }
     assert_eq!(
-        sign_in(&s, ADMIN_PASSWORD).await.unwrap_err(),
+        s.sign_in(ADMIN_PASSWORD).await.unwrap_err(),
         StatusCode::TOO_MANY_REQUESTS
     );
     let r = s.admin(Method::GET, "/api/v1/vms").send().await.unwrap();

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
@@ -79,6 +80,10 @@ pub enum DestroyTarget {
 /// - Agent reports are idempotent; retries are safe.
 /// - Bad input gives [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) and changes
 ///   nothing.
+/// - `shared_secret`, `end_admin_session` and `admin_session_ended` are kept in the store
+///   ([`VmStore::shared_secret`](crate::VmStore::shared_secret),
+///   [`VmStore::end_session`](crate::VmStore::end_session)), so every allocator on one
+///   durable store agrees on a secret and sees a session ended by any of them at once.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Allocator: Send + Sync + Debug {
@@ -135,6 +140,17 @@ pub trait Allocator: Send + Sync + Debug {
     /// Replaces the registered participants' emails: from then on only they may take a VM
     /// (empty: anyone). Kept in the store, so every replica applies it within seconds.
     async fn set_roster(&self, emails: &[Email]) -> Result<()>;
+
+    /// The secret every replica on this store shares as `name`: the stored one, or
+    /// `candidate` once stored. Never log it.
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+
+    /// Signs admin session `id` out for every replica until `until` (when its credential
+    /// expires anyway).
+    async fn end_admin_session(&self, id: &str, until: DateTime<Utc>) -> Result<()>;
+
+    /// Whether admin session `id` was signed out (and has not expired since).
+    async fn admin_session_ended(&self, id: &str) -> Result<bool>;
 
     /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
     /// when none runs (the default for allocators without one).

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -513,6 +514,20 @@ impl Allocator for LabLink {
             .await?;
         tracing::info!(emails = emails.len(), "registered participants replaced");
         Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        self.inner.store.shared_secret(name, candidate).await
+    }
+
+    async fn end_admin_session(&self, id: &str, until: DateTime<Utc>) -> Result<()> {
+        let now = self.inner.clock.now();
+        self.inner.store.end_session(id, until, now).await
+    }
+
+    async fn admin_session_ended(&self, id: &str) -> Result<bool> {
+        let now = self.inner.clock.now();
+        self.inner.store.session_ended(id, now).await
     }
 
     fn supervision(&self) -> Option<crate::SupervisorStatus> {

@@ -32,6 +32,19 @@ struct Inner {
     operations: HashMap<Uuid, Operation>,
     leader: Option<LeaderLease>,
     roster: BTreeSet<Email>,
+    secrets: Secrets,
+    /// Ended sessions and until when.
+    ended_sessions: HashMap<String, DateTime<Utc>>,
+}
+
+/// Shared secrets by name; `Debug` shows the names only.
+#[derive(Default)]
+struct Secrets(HashMap<String, Vec<u8>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 #[derive(Debug)]
@@ -376,5 +389,31 @@ impl VmStore for MemoryVmStore {
     async fn replace_roster(&self, emails: &[Email]) -> Result<()> {
         self.lock().roster = emails.iter().cloned().collect();
         Ok(())
+    }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        Ok(self
+            .lock()
+            .secrets
+            .0
+            .entry(name.to_owned())
+            .or_insert_with(|| candidate.to_vec())
+            .clone())
+    }
+
+    async fn end_session(&self, id: &str, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
+        let mut inner = self.lock();
+        inner.ended_sessions.retain(|_, u| *u > now);
+        let ended = inner.ended_sessions.entry(id.to_owned()).or_insert(until);
+        *ended = (*ended).max(until);
+        Ok(())
+    }
+
+    async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        Ok(self
+            .lock()
+            .ended_sessions
+            .get(id)
+            .is_some_and(|until| now < *until))
     }
 }

@@ -164,6 +164,13 @@ impl fmt::Debug for ProvisioningLock {
 ///   returns the lease as it now stands. `resign` ends the lease only if `candidate` holds it.
 /// - `replace_roster` replaces the whole list atomically (duplicates count once); `roster`
 ///   returns it sorted (across processes for durable stores).
+/// - `shared_secret` is insert-if-absent and atomic (across processes for durable stores):
+///   the first `candidate` stored under a name is what every call with that name returns,
+///   whatever it passes, so replicas starting together agree on one secret. Stores never log
+///   or show a secret (nor `Debug`-print one).
+/// - `end_session` marks a session id ended until `until` (a repeat keeps the later time)
+///   and forgets every session whose `until` is at or before `now`; `session_ended` is true
+///   while a session is marked and `now < until` (across processes for durable stores).
 /// - Stores never read a clock: callers pass `now`.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -239,4 +246,14 @@ pub trait VmStore: Send + Sync + Debug {
 
     /// Replaces the registered participants' emails as a whole (empty: no list).
     async fn replace_roster(&self, emails: &[Email]) -> Result<()>;
+
+    /// The secret stored as `name`, storing `candidate` first when there is none.
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>>;
+
+    /// Marks session `id` ended until `until` (when its credential expires anyway), and
+    /// forgets the sessions whose `until` is at or before `now`.
+    async fn end_session(&self, id: &str, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<()>;
+
+    /// Whether session `id` is marked ended at `now`.
+    async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> Result<bool>;
 }

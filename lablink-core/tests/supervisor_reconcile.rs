@@ -178,6 +178,20 @@ impl VmStore for CrashingStore {
     async fn replace_roster(&self, emails: &[lablink_core::Email]) -> lablink_core::Result<()> {
         self.inner.replace_roster(emails).await
     }
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> lablink_core::Result<Vec<u8>> {
+        self.inner.shared_secret(name, candidate).await
+    }
+    async fn end_session(
+        &self,
+        id: &str,
+        until: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> lablink_core::Result<()> {
+        self.inner.end_session(id, until, now).await
+    }
+    async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> lablink_core::Result<bool> {
+        self.inner.session_ended(id, now).await
+    }
 }
 
 /// Runs a launch of `count` VMs in a process of its own and kills that process at `at`.

@@ -531,4 +531,35 @@ impl VmStore for PgVmStore {
         };
         replace.await.map_err(|e| classify(op, e))
     }
+
+    async fn shared_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>> {
+        let op = "shared_secret";
+        sqlx::query_file_scalar!("sql/shared_secret.sql", name, candidate)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| classify(op, e).with_context("name", name))
+    }
+
+    async fn end_session(&self, id: &str, until: DateTime<Utc>, now: DateTime<Utc>) -> Result<()> {
+        let op = "end_session";
+        // Pruning first, apart: it is housekeeping, and one statement may not both delete
+        // and upsert the same row.
+        sqlx::query_file!("sql/session_prune.sql", now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        sqlx::query_file!("sql/session_end.sql", id, until)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        Ok(())
+    }
+
+    async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        let op = "session_ended";
+        sqlx::query_file_scalar!("sql/session_ended.sql", id, now)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))
+    }
 }

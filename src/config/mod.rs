@@ -241,6 +241,11 @@ impl Config {
         if !self.server.cookie_secret.is_empty() {
             options.cookie_key = crate::http::CookieKey::from_secret(&self.server.cookie_secret);
         }
+        if !self.admin.session_secret.is_empty() {
+            options.session_key = Some(crate::http::CookieKey::from_secret(
+                &self.admin.session_secret,
+            ));
+        }
         options.access_code = some(&self.participants.access_code);
         options.participant_limit = crate::http::RateLimit {
             burst: self.participants.requests_burst,
@@ -270,6 +275,7 @@ mod tests {
             &path,
             "[server]\nlisten = \"0.0.0.0:8080\"\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.7\"]\n\
              cookie_secret = \"a secret of thirty-two characters!!\"\n\
+             [admin]\nsession_secret = \"another secret, of forty characters....\"\n\
              [participants]\naccess_code = \"blue-heron-42\"\nregistered_emails = [\"Ada@Lab.org\"]\n",
         )
         .unwrap();
@@ -282,7 +288,8 @@ mod tests {
             "ada@lab.org"
         );
         let shown = format!("{config:?} {options:?}");
-        for secret in ["blue-heron-42", "thirty-two", "Ada@Lab"] {
+        assert!(options.session_key.is_some());
+        for secret in ["blue-heron-42", "thirty-two", "Ada@Lab", "forty characters"] {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         // Reachable from other machines without a metrics token: a warning, not a problem.

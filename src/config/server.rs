@@ -50,7 +50,6 @@ impl Default for ServerConfig {
 
 impl fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hidden = |s: &str| if s.is_empty() { "" } else { "***" };
         f.debug_struct("ServerConfig")
             .field("listen", &self.listen)
             .field("max_body_bytes", &self.max_body_bytes)
@@ -145,11 +144,7 @@ impl fmt::Debug for ParticipantsConfig {
         f.debug_struct("ParticipantsConfig")
             .field(
                 "access_code",
-                &if self.access_code.is_empty() {
-                    ""
-                } else {
-                    "***"
-                },
+                &hidden(&self.access_code),
             )
             .field("registered_emails", &self.registered_emails.len())
             .field("requests_burst", &self.requests_burst)
@@ -210,6 +205,10 @@ pub struct AdminConfig {
     pub password: String,
     /// Failed sign-ins allowed per client address per minute.
     pub sign_in_failures_per_minute: u32,
+    /// Secret (at least 32 characters) that signs admin session cookies. Empty: a key made
+    /// once and kept in the store, so replicas on one PostgreSQL share it without setting
+    /// anything.
+    pub session_secret: String,
 }
 
 impl Default for AdminConfig {
@@ -219,6 +218,7 @@ impl Default for AdminConfig {
             password_hash: String::new(),
             password: String::new(),
             sign_in_failures_per_minute: 5,
+            session_secret: String::new(),
         }
     }
 }
@@ -240,6 +240,9 @@ impl AdminConfig {
         if !self.password.is_empty() && self.password.len() < 12 {
             problems.push("[admin] password must be at least 12 characters".into());
         }
+        if !self.session_secret.is_empty() && self.session_secret.len() < 32 {
+            problems.push("[admin] session_secret must be at least 32 characters".into());
+        }
         problems
     }
 }
@@ -254,6 +257,7 @@ impl fmt::Debug for AdminConfig {
                 "sign_in_failures_per_minute",
                 &self.sign_in_failures_per_minute,
             )
+            .field("session_secret", &hidden(&self.session_secret))
             .finish()
     }
 }
@@ -301,7 +305,7 @@ impl DatabaseConfig {
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseConfig")
-            .field("url", &if self.url.is_empty() { "" } else { "***" })
+            .field("url", &hidden(&self.url))
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -333,5 +337,14 @@ impl LogConfig {
         } else {
             vec!["[log] format must be text or json".into()]
         }
+    }
+}
+
+/// How a secret setting shows in `Debug`: whether it is set, never its value.
+fn hidden(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "***"
     }
 }

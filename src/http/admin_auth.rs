@@ -1,6 +1,14 @@
 //! Admin authentication: argon2 password, sessions with an HttpOnly SameSite cookie and a
 //! CSRF token, HTTP Basic for scripts, and a per-address limit on failed sign-ins.
 //!
+//! A session lives in its cookie, not in this process: the cookie carries a random session
+//! id and its expiry, signed (HMAC-SHA256, [`CookieKey`]) with the session key, and the
+//! session's CSRF token is derived from the id with the same key. So any replica holding the
+//! key accepts the session. The key is [`HttpOptions::session_key`] when configured, else a
+//! secret kept in the allocator's store, made by whichever replica needs it first. Signing
+//! out marks the id ended in the store until the cookie expires, which every replica checks
+//! (one lookup per session request).
+//!
 //! Every admin handler takes [`Admin`] (reads) or [`AdminForm`] (writes: checks the CSRF
 //! token of a session, or that a Basic caller is a script, not a browser form).
 
@@ -16,13 +24,16 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use lablink_core::Allocator;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::client::{RateLimit, RateLimiter};
 use super::error::ApiError;
 use super::extract::{content_type_is, wants_json, FormOrJson};
+use super::signed::CookieKey;
 use super::{HttpOptions, HttpState};
 
 /// Name of the admin session cookie.
@@ -33,6 +44,12 @@ pub const LOGIN_COOKIE: &str = "lablink_login";
 const BASIC_CACHE_TTL: Duration = Duration::from_secs(600);
 /// Concurrent argon2 verifications; more wait, so sign-ins cannot burn every core.
 const VERIFY_PERMITS: usize = 2;
+/// Name of the session key among the store's shared secrets.
+const SESSION_SECRET: &str = "admin_session_key";
+/// [`CookieKey`] purpose of session cookies.
+const SESSION_PURPOSE: &str = "admin session";
+/// [`CookieKey`] purpose of the CSRF token derived from a session id.
+const CSRF_PURPOSE: &str = "admin csrf";
 
 /// Hashes a human password with argon2id (PHC string).
 pub fn hash_password(password: &str) -> lablink_core::Result<String> {
@@ -60,13 +77,7 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
         == 0
 }
 
-#[derive(Debug)]
-struct Session {
-    csrf: String,
-    expires: Instant,
-}
-
-/// The admin credential, the live sessions and the sign-in limits.
+/// The admin credential, the session key and the sign-in limits.
 ///
 /// Sign-ins are limited per client address before the password is checked: each address
 /// has a bucket of `sign_in_failures_per_minute` attempts, refilled at that rate; an attempt
@@ -80,7 +91,8 @@ pub struct AdminAuth {
     user: String,
     hash: String,
     ttl: Duration,
-    sessions: Mutex<HashMap<String, Session>>,
+    /// The session key: configured, or fetched from the store on first use.
+    key: OnceCell<CookieKey>,
     attempts: RateLimiter,
     verifying: Mutex<HashSet<IpAddr>>,
     basic_ok: Mutex<HashMap<[u8; 32], Instant>>,
@@ -116,7 +128,7 @@ impl AdminAuth {
             user: options.admin_user.clone(),
             hash: options.admin_password_hash.clone(),
             ttl: options.session_ttl,
-            sessions: Mutex::default(),
+            key: OnceCell::new_with(options.session_key.clone()),
             attempts: RateLimiter::new(RateLimit {
                 burst: per_minute,
                 per_minute,
@@ -199,37 +211,71 @@ impl AdminAuth {
         }
     }
 
-    /// Starts a session; returns its cookie value and CSRF token.
-    pub fn start_session(&self) -> (String, String) {
-        let id = random_token();
-        let csrf = random_token();
-        let mut sessions = lock(&self.sessions);
-        sessions.retain(|_, s| s.expires > Instant::now());
-        sessions.insert(
-            id.clone(),
-            Session {
-                csrf: csrf.clone(),
-                expires: Instant::now() + self.ttl,
-            },
-        );
-        (id, csrf)
+    /// The session key: the configured one, or the store's shared secret (stored by the
+    /// first replica asking; an error leaves it to be asked again).
+    async fn key(&self, allocator: &dyn Allocator) -> Result<&CookieKey, ApiError> {
+        self.key
+            .get_or_try_init(|| async {
+                let mut candidate = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut candidate);
+                let secret = allocator.shared_secret(SESSION_SECRET, &candidate).await?;
+                Ok::<_, ApiError>(CookieKey::from_bytes(&secret))
+            })
+            .await
     }
 
-    /// Ends a session.
-    pub fn end_session(&self, id: &str) {
-        lock(&self.sessions).remove(id);
+    /// Starts a session; returns its cookie value (the signed session id and expiry).
+    pub async fn start_session(&self, allocator: &dyn Allocator) -> Result<String, ApiError> {
+        let key = self.key(allocator).await?;
+        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX);
+        let expires = Utc::now().timestamp().saturating_add(ttl);
+        Ok(key.sign(SESSION_PURPOSE, &random_token(), expires))
     }
 
-    fn session_csrf(&self, id: &str) -> Option<String> {
-        lock(&self.sessions)
-            .get(id)
-            .filter(|s| s.expires > Instant::now())
-            .map(|s| s.csrf.clone())
+    /// The session id and expiry a cookie value proves: signed with the session key and
+    /// not expired. Says nothing about sign-out.
+    async fn open(
+        &self,
+        allocator: &dyn Allocator,
+        cookie: &str,
+    ) -> Result<Option<(String, i64)>, ApiError> {
+        let key = self.key(allocator).await?;
+        Ok(key.verify_until(SESSION_PURPOSE, cookie, Utc::now().timestamp()))
     }
 
-    /// `Set-Cookie` for a new session.
-    pub fn session_cookie(&self, id: &str, secure: bool) -> String {
-        cookie(SESSION_COOKIE, id, self.ttl, secure)
+    /// Signs the session of a cookie value out on every replica, until it would expire.
+    pub async fn end_session(
+        &self,
+        allocator: &dyn Allocator,
+        cookie: &str,
+    ) -> Result<(), ApiError> {
+        if let Some((id, expires)) = self.open(allocator, cookie).await? {
+            let until = DateTime::from_timestamp(expires, 0).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            allocator.end_admin_session(&id, until).await?;
+        }
+        Ok(())
+    }
+
+    /// The CSRF token of the session of a cookie value, if the session is live: signed,
+    /// not expired, not signed out.
+    async fn session_csrf(
+        &self,
+        allocator: &dyn Allocator,
+        cookie: &str,
+    ) -> Result<Option<String>, ApiError> {
+        let Some((id, _)) = self.open(allocator, cookie).await? else {
+            return Ok(None);
+        };
+        if allocator.admin_session_ended(&id).await? {
+            return Ok(None);
+        }
+        let key = self.key(allocator).await?;
+        Ok(Some(key.token(CSRF_PURPOSE, &id)))
+    }
+
+    /// `Set-Cookie` for a new session (the value [`start_session`](Self::start_session) gave).
+    pub fn session_cookie(&self, value: &str, secure: bool) -> String {
+        cookie(SESSION_COOKIE, value, self.ttl, secure)
     }
 }
 
@@ -326,8 +372,8 @@ impl Admin {
     /// (`Ok(None)` when the request carries neither).
     pub async fn identify(parts: &Parts, state: &HttpState) -> Result<Option<Self>, ApiError> {
         let auth = &state.inner.admin;
-        if let Some(id) = cookie_value(&parts.headers, SESSION_COOKIE) {
-            if let Some(csrf) = auth.session_csrf(&id) {
+        if let Some(value) = cookie_value(&parts.headers, SESSION_COOKIE) {
+            if let Some(csrf) = auth.session_csrf(&**state.allocator(), &value).await? {
                 return Ok(Some(Self::Session { csrf }));
             }
         }

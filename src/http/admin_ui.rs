@@ -307,7 +307,10 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
     );
     match state.verify_admin(addr, user, password).await {
         Ok(()) => {
-            let (session, _csrf) = state.inner.admin.start_session();
+            let session = match state.inner.admin.start_session(&**state.allocator()).await {
+                Ok(session) => session,
+                Err(e) => return e.into_response(),
+            };
             tracing::info!(client = %addr, "admin signed in");
             let clear = cookie(LOGIN_COOKIE, "", Duration::ZERO, secure);
             (
@@ -327,8 +330,16 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
 }
 
 async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminForm) -> Response {
-    if let Some(id) = cookie_value(&headers, SESSION_COOKIE) {
-        state.inner.admin.end_session(&id);
+    // Signed out on every replica (kept in the store until the cookie would expire).
+    if let Some(value) = cookie_value(&headers, SESSION_COOKIE) {
+        if let Err(e) = state
+            .inner
+            .admin
+            .end_session(&**state.allocator(), &value)
+            .await
+        {
+            return e.into_response();
+        }
     }
     // The cookie is cleared with the attributes it was set with (`Secure` only matters for
     // setting it; browsers accept the clearing either way).

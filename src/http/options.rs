@@ -42,6 +42,11 @@ pub struct HttpOptions {
     pub secure_cookies: bool,
     /// How long an admin session lasts.
     pub session_ttl: Duration,
+    /// Signs admin session cookies, so every replica holding it accepts them. `None` (the
+    /// default): a key kept in the allocator's store
+    /// ([`Allocator::shared_secret`](lablink_core::Allocator::shared_secret)), made by the
+    /// first replica that needs it, so replicas on one PostgreSQL share it unconfigured.
+    pub session_key: Option<CookieKey>,
     /// Failed admin sign-ins allowed per client address per minute.
     pub sign_in_failures_per_minute: u32,
     /// How often the admin event stream looks for changes.
@@ -72,6 +77,7 @@ impl fmt::Debug for HttpOptions {
             .field("body_read_timeout", &self.body_read_timeout)
             .field("secure_cookies", &self.secure_cookies)
             .field("session_ttl", &self.session_ttl)
+            .field("session_key", &self.session_key)
             .field(
                 "sign_in_failures_per_minute",
                 &self.sign_in_failures_per_minute,
@@ -108,6 +114,7 @@ impl HttpOptions {
             body_read_timeout: Duration::from_secs(15),
             secure_cookies: false,
             session_ttl: Duration::from_secs(12 * 3600),
+            session_key: None,
             sign_in_failures_per_minute: 5,
             admin_refresh: Duration::from_secs(1),
             trusted_proxies: Vec::new(),

@@ -41,6 +41,12 @@ impl CookieKey {
         Self(Sha256::digest(secret.as_bytes()).into())
     }
 
+    /// The key derived from a shared secret kept in the store (see
+    /// [`Allocator::shared_secret`](lablink_core::Allocator::shared_secret)).
+    pub fn from_bytes(secret: &[u8]) -> Self {
+        Self(Sha256::digest(secret).into())
+    }
+
     fn mac(&self, purpose: &str, payload: &str, expires: i64) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key length");
         for part in [
@@ -67,6 +73,12 @@ impl CookieKey {
     /// The payload of a value [`sign`](Self::sign)ed for `purpose` with this key, if it has
     /// not expired at `now` (Unix seconds). The tag is compared in constant time.
     pub fn verify(&self, purpose: &str, value: &str, now: i64) -> Option<String> {
+        self.verify_until(purpose, value, now)
+            .map(|(payload, _)| payload)
+    }
+
+    /// Like [`verify`](Self::verify), also giving the value's expiry (Unix seconds).
+    pub fn verify_until(&self, purpose: &str, value: &str, now: i64) -> Option<(String, i64)> {
         let mut parts = value.splitn(3, '.');
         let payload = String::from_utf8(URL_SAFE_NO_PAD.decode(parts.next()?).ok()?).ok()?;
         let expires: i64 = parts.next()?.parse().ok()?;
@@ -74,7 +86,13 @@ impl CookieKey {
         self.mac(purpose, &payload, expires)
             .verify_slice(&tag)
             .ok()?;
-        (now < expires).then_some(payload)
+        (now < expires).then_some((payload, expires))
+    }
+
+    /// A token bound to `payload` for `purpose` (URL-safe): whoever holds the key computes
+    /// the same one, nobody else can. Use a purpose of its own, never one of signed values.
+    pub fn token(&self, purpose: &str, payload: &str) -> String {
+        URL_SAFE_NO_PAD.encode(self.mac(purpose, payload, 0).finalize().into_bytes())
     }
 }
 
@@ -110,5 +128,25 @@ mod tests {
             .verify("participant", &shared.sign("participant", "x", 10), 0)
             .is_some());
         assert!(!format!("{shared:?}").contains("secret"));
+        assert_eq!(
+            key.verify_until("participant", &value, 999),
+            Some(("ada@example.org".to_owned(), 1_000))
+        );
+    }
+
+    #[test]
+    fn a_token_is_the_same_for_the_same_key_purpose_and_payload_only() {
+        let key = CookieKey::from_bytes(b"stored secret");
+        let token = key.token("csrf", "session-1");
+        assert_eq!(
+            token,
+            CookieKey::from_bytes(b"stored secret").token("csrf", "session-1")
+        );
+        assert_ne!(token, key.token("csrf", "session-2"));
+        assert_ne!(token, key.token("other", "session-1"));
+        assert_ne!(
+            token,
+            CookieKey::from_bytes(b"another secret").token("csrf", "session-1")
+        );
     }
 }

@@ -73,6 +73,8 @@ macro_rules! vm_store_conformance {
             provisioning_lock_is_exclusive,
             leadership_is_exclusive_until_the_lease_ends,
             roster_is_replaced_as_a_whole,
+            a_shared_secret_is_stored_once_and_agreed_on,
+            an_ended_session_stays_ended_until_it_expires,
         );
     };
 }

@@ -744,3 +744,66 @@ pub async fn roster_is_replaced_as_a_whole(store: &dyn VmStore) {
     store.replace_roster(&[]).await.unwrap();
     assert!(store.roster().await.unwrap().is_empty());
 }
+
+/// The first candidate stored under a name is the secret for good: later and concurrent
+/// callers with other candidates all get it back; names are independent.
+pub async fn a_shared_secret_is_stored_once_and_agreed_on(store: &dyn VmStore) {
+    let first = store.shared_secret("cookies", b"first").await.unwrap();
+    assert_eq!(
+        first, b"first",
+        "the candidate is stored when there is none"
+    );
+    let again = store.shared_secret("cookies", b"second").await.unwrap();
+    assert_eq!(again, b"first", "a stored secret is never replaced");
+    let other = store.shared_secret("sessions", b"other").await.unwrap();
+    assert_eq!(other, b"other", "another name has its own secret");
+    // Replicas starting together, each with its own candidate, agree on one of them.
+    let candidates: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i; 32]).collect();
+    let got = join_all(
+        candidates
+            .iter()
+            .map(|c| store.shared_secret("together", c)),
+    )
+    .await;
+    let got: Vec<Vec<u8>> = got.into_iter().map(Result::unwrap).collect();
+    assert!(candidates.contains(&got[0]), "one of the candidates won");
+    assert!(
+        got.iter().all(|g| *g == got[0]),
+        "every concurrent caller got the same secret"
+    );
+    assert_eq!(
+        store.shared_secret("together", b"late").await.unwrap(),
+        got[0]
+    );
+}
+
+/// An ended session stays ended until its `until` (a repeat keeps the later one); other ids
+/// are not ended; ending another session later forgets the ones whose time has passed.
+pub async fn an_ended_session_stays_ended_until_it_expires(store: &dyn VmStore) {
+    let t = |s: i64| t0() + chrono::Duration::seconds(s);
+    assert!(!store.session_ended("s1", t(0)).await.unwrap());
+    store.end_session("s1", t(60), t(0)).await.unwrap();
+    assert!(store.session_ended("s1", t(1)).await.unwrap());
+    assert!(store.session_ended("s1", t(59)).await.unwrap());
+    assert!(
+        !store.session_ended("s1", t(60)).await.unwrap(),
+        "ended only until its until"
+    );
+    assert!(!store.session_ended("s2", t(1)).await.unwrap());
+    // Ending it again with an earlier time keeps the later one; a later one extends it.
+    store.end_session("s1", t(30), t(2)).await.unwrap();
+    assert!(store.session_ended("s1", t(45)).await.unwrap());
+    store.end_session("s1", t(90), t(3)).await.unwrap();
+    assert!(store.session_ended("s1", t(75)).await.unwrap());
+    store.end_session("s2", t(200), t(4)).await.unwrap();
+    assert!(store.session_ended("s2", t(5)).await.unwrap());
+    // At t(100) s1's time has passed: ending s3 then forgets it (asking about an earlier
+    // moment shows it is gone), s2 stays.
+    store.end_session("s3", t(160), t(100)).await.unwrap();
+    assert!(
+        !store.session_ended("s1", t(5)).await.unwrap(),
+        "sessions whose time passed are forgotten"
+    );
+    assert!(store.session_ended("s2", t(100)).await.unwrap());
+    assert!(store.session_ended("s3", t(100)).await.unwrap());
+}
