@@ -7,6 +7,7 @@
 #   a throwaway cluster with scripts/with-postgres.sh.
 # - terraform on PATH, with the hashicorp/aws provider mirror the Terraform tests use.
 # - Chromium and ChromeDriver for the browser tests: Debian's chromium and chromium-driver.
+# - systemd-analyze, which checks the shipped systemd unit: Debian's systemd.
 # - The AWS API emulator moto_server: moto[server] from PyPI, one pinned version.
 # Anything missing that cannot be installed stops here with a message naming it.
 
@@ -17,19 +18,27 @@ LABLINK_MOTO_VERSION=5.2.5
 lablink_components() {
     local missing=()
     command -v terraform >/dev/null || missing+=("terraform (the Terraform provisioner tests run the real binary)")
+    [[ -d "${LABLINK_TF_PLUGIN_MIRROR:-/opt/tf-plugins}/registry.terraform.io/hashicorp/aws" ]] \
+        || missing+=("the hashicorp/aws provider in the filesystem mirror ${LABLINK_TF_PLUGIN_MIRROR:-/opt/tf-plugins} (set LABLINK_TF_PLUGIN_MIRROR)")
     ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 \
         || missing+=("PostgreSQL server binaries in /usr/lib/postgresql/*/bin (Debian: postgresql)")
     if ((${#missing[@]})); then
         printf 'scripts/components.sh: missing: %s\n' "${missing[@]}" >&2
         return 1
     fi
-    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-        echo "scripts/components.sh: installing chromium and chromium-driver for the browser tests" >&2
+    local packages=()
+    command -v chromium >/dev/null || packages+=(chromium)
+    command -v chromedriver >/dev/null || packages+=(chromium-driver)
+    command -v systemd-analyze >/dev/null || packages+=(systemd)
+    if ((${#packages[@]})); then
+        echo "scripts/components.sh: installing ${packages[*]} from Debian's packages" >&2
         local sudo=()
         [[ $(id -u) == 0 ]] || sudo=(sudo)
-        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -qq >/dev/null \
-            && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq chromium chromium-driver >/dev/null \
-            || { echo "scripts/components.sh: could not install chromium and chromium-driver" >&2; return 1; }
+        if ! { DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get update -qq >/dev/null \
+            && DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${packages[@]}" >/dev/null; }; then
+            echo "scripts/components.sh: could not install ${packages[*]}" >&2
+            return 1
+        fi
     fi
     if [[ "$(python3 -m pip show moto 2>/dev/null | sed -n 's/^Version: //p')" != "$LABLINK_MOTO_VERSION" ]]; then
         echo "scripts/components.sh: installing the AWS emulator moto_server $LABLINK_MOTO_VERSION" >&2
