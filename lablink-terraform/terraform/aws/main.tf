@@ -1,5 +1,6 @@
 # One EC2 instance per entry of `var.vms` (for_each keyed by hostname), plus the resources they
-# share: a security group, an SSH key pair and an instance profile.
+# share while there is at least one: a security group, an instance profile and, when a public
+# key is given, an SSH key pair. With no VM left, nothing is left.
 #
 # Existing instances are never replaced or restarted by a later apply: their token never
 # changes (the provisioner keeps it), and changes of user data or of the AMI (a newer AMI
@@ -8,6 +9,7 @@
 locals {
   prefix    = var.resource_prefix != "" ? var.resource_prefix : "${var.deployment}-lablink-client"
   hostnames = nonsensitive(toset(keys(var.vms)))
+  shared    = length(local.hostnames) > 0 ? 1 : 0
 
   common_tags = merge(var.extra_tags, {
     deployment = var.deployment
@@ -15,12 +17,12 @@ locals {
   })
 
   ami_id = (var.client_ami_id != "" ? var.client_ami_id
-    : var.gpu_support ? data.aws_ami.gpu[0].id
-  : data.aws_ami.ubuntu[0].id)
+    : var.gpu_support ? one(data.aws_ami.gpu[*].id)
+  : one(data.aws_ami.ubuntu[*].id))
 }
 
 data "aws_ami" "ubuntu" {
-  count       = var.client_ami_id == "" && !var.gpu_support ? 1 : 0
+  count       = var.client_ami_id == "" && !var.gpu_support ? local.shared : 0
   most_recent = true
   owners      = ["099720109477"] # Canonical
 
@@ -31,7 +33,7 @@ data "aws_ami" "ubuntu" {
 }
 
 data "aws_ami" "gpu" {
-  count       = var.client_ami_id == "" && var.gpu_support ? 1 : 0
+  count       = var.client_ami_id == "" && var.gpu_support ? local.shared : 0
   most_recent = true
   owners      = ["amazon"]
 
@@ -42,11 +44,12 @@ data "aws_ami" "gpu" {
 }
 
 data "aws_vpc" "default" {
-  count   = var.vpc_id == "" ? 1 : 0
+  count   = var.vpc_id == "" ? local.shared : 0
   default = true
 }
 
 resource "aws_security_group" "client" {
+  count       = local.shared
   name        = "${local.prefix}-sg"
   description = "LabLink client VMs of ${var.deployment}"
   vpc_id      = var.vpc_id != "" ? var.vpc_id : data.aws_vpc.default[0].id
@@ -74,7 +77,8 @@ resource "aws_security_group" "client" {
 }
 
 resource "aws_iam_role" "client" {
-  name = "${local.prefix}-vm-role"
+  count = local.shared
+  name  = "${local.prefix}-vm-role"
   assume_role_policy = jsonencode({
     Version = "2012-10-17"
     Statement = [{
@@ -86,24 +90,25 @@ resource "aws_iam_role" "client" {
 }
 
 resource "aws_iam_instance_profile" "client" {
-  name = "${local.prefix}-instance-profile"
-  role = aws_iam_role.client.name
-}
-
-resource "tls_private_key" "client" {
-  algorithm = "RSA"
-  rsa_bits  = 4096
+  count = local.shared
+  name  = "${local.prefix}-instance-profile"
+  role  = aws_iam_role.client[0].name
 }
 
 resource "aws_key_pair" "client" {
+  count      = var.ssh_public_key != "" ? local.shared : 0
   key_name   = "${local.prefix}-keypair"
-  public_key = tls_private_key.client.public_key_openssh
+  public_key = var.ssh_public_key
 }
 
-# When the apply that creates each VM started.
-resource "time_static" "start" {
+# When the apply that creates each VM started (kept: later applies do not move it).
+resource "terraform_data" "start" {
   for_each = local.hostnames
-  triggers = { hostname = each.key }
+  input    = timestamp()
+
+  lifecycle {
+    ignore_changes = [input]
+  }
 }
 
 resource "aws_instance" "vm" {
@@ -112,9 +117,9 @@ resource "aws_instance" "vm" {
   ami                    = local.ami_id
   instance_type          = var.machine_type
   subnet_id              = var.subnet_id != "" ? var.subnet_id : null
-  vpc_security_group_ids = [aws_security_group.client.id]
-  key_name               = aws_key_pair.client.key_name
-  iam_instance_profile   = aws_iam_instance_profile.client.name
+  vpc_security_group_ids = [aws_security_group.client[0].id]
+  key_name               = var.ssh_public_key != "" ? aws_key_pair.client[0].key_name : null
+  iam_instance_profile   = aws_iam_instance_profile.client[0].name
 
   # Every value is passed base64-encoded and decoded on the VM, so no value can break out of
   # the script. The token is this VM's own.
@@ -144,7 +149,7 @@ resource "aws_instance" "vm" {
   tags = {
     Name              = each.key
     hostname          = each.key
-    LaunchRequestedAt = time_static.start[each.key].rfc3339
+    LaunchRequestedAt = terraform_data.start[each.key].output
   }
 
   lifecycle {
@@ -152,8 +157,13 @@ resource "aws_instance" "vm" {
   }
 }
 
-# When each VM's creation finished.
-resource "time_static" "end" {
-  for_each = local.hostnames
-  triggers = { instance_id = aws_instance.vm[each.key].id }
+# When each VM's creation finished (a new instance makes a new end).
+resource "terraform_data" "end" {
+  for_each         = local.hostnames
+  input            = timestamp()
+  triggers_replace = [aws_instance.vm[each.key].id]
+
+  lifecycle {
+    ignore_changes = [input]
+  }
 }

@@ -27,42 +27,55 @@ output "vm_tokens" {
   sensitive   = true
 }
 
-output "lablink_private_key_pem" {
-  description = "The SSH key of the client VMs."
-  value       = tls_private_key.client.private_key_pem
-  sensitive   = true
-}
-
 output "instance_terraform_apply_times" {
   description = "Hostname => how long creating the VM took: seconds, HHh:MMm:SSs, start and end (RFC 3339)."
   value = {
-    for h, vm in aws_instance.vm : h => {
-      seconds = time_static.end[h].unix - time_static.start[h].unix
-      formatted = format("%02dh:%02dm:%02ds",
-        floor((time_static.end[h].unix - time_static.start[h].unix) / 3600),
-        floor((time_static.end[h].unix - time_static.start[h].unix) % 3600 / 60),
-      (time_static.end[h].unix - time_static.start[h].unix) % 60)
-      start_time = time_static.start[h].rfc3339
-      end_time   = time_static.end[h].rfc3339
+    for h, t in local.apply_seconds : h => {
+      seconds    = t
+      formatted  = format("%02dh:%02dm:%02ds", floor(t / 3600), floor(t % 3600 / 60), t % 60)
+      start_time = terraform_data.start[h].output
+      end_time   = terraform_data.end[h].output
     }
   }
 }
 
 locals {
-  apply_seconds = [for h, t in time_static.end : t.unix - time_static.start[h].unix]
+  # Seconds since 1970 of the start and end times (RFC 3339, UTC; Terraform has no such
+  # function): days from the civil date (Howard Hinnant's days_from_civil), plus the time of
+  # day. `y` counts years from March, so February's leap day ends a year.
+  apply_edges = {
+    for h, vm in aws_instance.vm : h => {
+      for edge, at in { start = terraform_data.start[h].output, end = terraform_data.end[h].output } : edge => {
+        y                     = tonumber(formatdate("YYYY", at)) - (tonumber(formatdate("M", at)) <= 2 ? 1 : 0)
+        m                     = tonumber(formatdate("M", at))
+        d                     = tonumber(formatdate("D", at))
+        sod                   = tonumber(formatdate("H", at)) * 3600 + tonumber(formatdate("m", at)) * 60 + tonumber(formatdate("s", at))
+      }
+    }
+  }
+  epoch_seconds = {
+    for h, edges in local.apply_edges : h => {
+      for edge, p in edges : edge => (
+        floor(p.y / 400) * 146097 + (p.y % 400) * 365 + floor((p.y % 400) / 4) - floor((p.y % 400) / 100)
+        + floor((153 * (p.m + (p.m > 2 ? -3 : 9)) + 2) / 5) + p.d - 1 - 719468
+      ) * 86400 + p.sod
+    }
+  }
+  apply_seconds = { for h, e in local.epoch_seconds : h => e.end - e.start }
+  all_seconds   = values(local.apply_seconds)
 }
 
 output "terraform_apply_avg_seconds" {
   description = "Mean creation time of the VMs, in seconds (null without VMs)."
-  value       = length(local.apply_seconds) > 0 ? sum(local.apply_seconds) / length(local.apply_seconds) : null
+  value       = length(local.all_seconds) > 0 ? sum(local.all_seconds) / length(local.all_seconds) : null
 }
 
 output "terraform_apply_max_seconds" {
   description = "Longest creation time of a VM, in seconds (null without VMs)."
-  value       = length(local.apply_seconds) > 0 ? max(local.apply_seconds...) : null
+  value       = length(local.all_seconds) > 0 ? max(local.all_seconds...) : null
 }
 
 output "terraform_apply_min_seconds" {
   description = "Shortest creation time of a VM, in seconds (null without VMs)."
-  value       = length(local.apply_seconds) > 0 ? min(local.apply_seconds...) : null
+  value       = length(local.all_seconds) > 0 ? min(local.all_seconds...) : null
 }

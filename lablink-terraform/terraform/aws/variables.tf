@@ -75,6 +75,12 @@ variable "vpc_id" {
   default     = ""
 }
 
+variable "ssh_public_key" {
+  description = "An OpenSSH public key allowed on the VMs (empty: no SSH key pair)."
+  type        = string
+  default     = ""
+}
+
 variable "ssh_cidr_blocks" {
   description = "Networks allowed to reach the client VMs over SSH. Empty: no SSH ingress."
   type        = list(string)

@@ -2,17 +2,11 @@ terraform {
   required_version = ">= 1.6.0, < 2.0.0"
 
   required_providers {
+    # Only the AWS provider: apply times come from `terraform_data` and built-in functions,
+    # and the SSH key is one you bring (a generated one would sit in the state).
     aws = {
       source  = "hashicorp/aws"
-      version = "~> 6.25"
-    }
-    time = {
-      source  = "hashicorp/time"
-      version = "~> 0.13"
-    }
-    tls = {
-      source  = "hashicorp/tls"
-      version = "~> 4.1"
+      version = ">= 5.100, < 7.0"
     }
   }
 }
