@@ -477,8 +477,17 @@ async fn finish(http: &Client, server: &Server, op: Value) -> Value {
 
 /// Runs `lablink serve --config <file holding config>` from the installed program in an
 /// empty directory, launches two VMs through the admin API, checks the allocator's records,
-/// destroys every VM and sees the records go. Returns the records as they were listed.
-async fn launch_and_destroy_through(config: &str, env: &[(&str, &str)]) -> Vec<Value> {
+/// runs `while_up` on them, destroys every VM and sees the records go. Returns the records
+/// as they were listed.
+async fn launch_and_destroy_through<F, Fut>(
+    config: &str,
+    env: &[(&str, &str)],
+    while_up: F,
+) -> Vec<Value>
+where
+    F: FnOnce(Vec<Value>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = tempfile::tempdir().unwrap();
     let program = install(&dir.path().join("root"));
     let file = dir.path().join("lablink.toml");
@@ -513,6 +522,7 @@ async fn launch_and_destroy_through(config: &str, env: &[(&str, &str)]) -> Vec<V
     for vm in &vms {
         assert!(vm["instance_id"].is_string(), "no instance: {vm}");
     }
+    while_up(vms.clone()).await;
     finish(
         &http,
         &server,
@@ -541,7 +551,8 @@ async fn launch_and_destroy_through(config: &str, env: &[(&str, &str)]) -> Vec<V
 #[tokio::test]
 async fn the_installed_program_serves_with_local_agent_processes() {
     // The local agents are the installed program itself, run as `lablink agent`.
-    let vms = launch_and_destroy_through("[provisioner]\nkind = \"local\"\n", &[]).await;
+    let vms =
+        launch_and_destroy_through("[provisioner]\nkind = \"local\"\n", &[], |_| async {}).await;
     assert!(
         vms.iter()
             .all(|vm| vm["instance_id"].as_str().unwrap().starts_with("local-")),
@@ -556,7 +567,7 @@ async fn the_installed_program_serves_with_the_fake_cloud() {
         "[provisioner]\nkind = \"fake\"\nlatency_seconds = 0\ninventory_dir = {:?}\n",
         dir.path().join("cloud")
     );
-    launch_and_destroy_through(&config, &[]).await;
+    launch_and_destroy_through(&config, &[], |_| async {}).await;
     // The machines were files in the inventory, and are gone with the VMs.
     let left = std::fs::read_dir(dir.path().join("cloud")).unwrap().count();
     assert_eq!(left, 0);
@@ -572,43 +583,125 @@ async fn the_installed_program_serves_with_terraform_on_a_module() {
          [provisioner.variables]\nallocator_url = \"http://127.0.0.1:1\"\n",
         work.path().join("tf")
     );
-    launch_and_destroy_through(&config, &[]).await;
+    launch_and_destroy_through(&config, &[], |_| async {}).await;
     // Terraform's own state records the apply and the destroy.
     let state = std::fs::read_to_string(work.path().join("tf/terraform.tfstate"))
         .expect("terraform kept its state in the working directory");
     assert!(state.contains("\"serial\""), "{state}");
 }
 
-#[tokio::test]
-async fn the_installed_program_serves_with_ec2_on_the_emulator() {
-    let endpoint = std::env::var("LABLINK_AWS_TEST_ENDPOINT").expect(
+/// Where the AWS emulator listens; the test fails, naming what to run, without it.
+fn emulator() -> String {
+    std::env::var("LABLINK_AWS_TEST_ENDPOINT").expect(
         "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
          through scripts/with-moto.sh (the README's test command does)",
-    );
-    // An image the emulator knows (it validates AMIs).
-    let images = Client::new()
-        .post(&endpoint)
+    )
+}
+
+/// One EC2 query to the emulator (which does not check signatures); its XML answer.
+async fn emulator_query(endpoint: &str, params: &[(&str, &str)]) -> String {
+    let mut form = vec![("Version", "2016-11-15")];
+    form.extend_from_slice(params);
+    Client::new()
+        .post(endpoint)
         .header(
             "Authorization",
             "AWS4-HMAC-SHA256 Credential=lablink-test/20260101/us-east-1/ec2/aws4_request, \
              SignedHeaders=host, Signature=0",
         )
-        .form(&[
-            ("Action", "DescribeImages"),
-            ("Version", "2016-11-15"),
-            ("Owner.1", "amazon"),
-        ])
+        .form(&form)
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    let ami = images
+        .unwrap()
+}
+
+/// An image the emulator knows (it validates AMIs).
+async fn emulator_ami(endpoint: &str) -> String {
+    let images = emulator_query(
+        endpoint,
+        &[("Action", "DescribeImages"), ("Owner.1", "amazon")],
+    )
+    .await;
+    images
         .split("<imageId>")
         .nth(1)
         .and_then(|rest| rest.split('<').next())
-        .unwrap_or_else(|| panic!("the emulator listed no image: {images}"));
+        .unwrap_or_else(|| panic!("the emulator listed no image: {images}"))
+        .to_owned()
+}
+
+/// The instances of `deployment` the emulator has running, sorted.
+async fn running_instances(endpoint: &str, deployment: &str) -> Vec<String> {
+    let answer = emulator_query(
+        endpoint,
+        &[
+            ("Action", "DescribeInstances"),
+            ("Filter.1.Name", "tag:deployment"),
+            ("Filter.1.Value.1", deployment),
+            ("Filter.2.Name", "instance-state-name"),
+            ("Filter.2.Value.1", "running"),
+        ],
+    )
+    .await;
+    let mut ids: Vec<String> = answer
+        .split("<instanceId>")
+        .skip(1)
+        .filter_map(|rest| rest.split('<').next())
+        .map(str::to_owned)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_terraform_on_the_shipped_module_and_the_emulator() {
+    let endpoint = emulator();
+    let ami = emulator_ami(&endpoint).await;
+    let work = tempfile::tempdir().unwrap();
+    let mirror = std::env::var("LABLINK_TF_PLUGIN_MIRROR").unwrap_or("/opt/tf-plugins".into());
+    let cli_config = work.path().join("terraform.rc");
+    std::fs::write(
+        &cli_config,
+        format!(
+            "provider_installation {{\n  filesystem_mirror {{\n    path = {mirror:?}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let deployment = format!("served{}", std::process::id());
+    // The shipped module (no module_dir), its provider from the mirror, talking to the emulator.
+    let config = format!(
+        "[provisioner]\nkind = \"terraform\"\nworking_dir = {:?}\ndeployment = {deployment:?}\n\
+         [provisioner.variables]\nallocator_url = \"http://127.0.0.1:1\"\nregion = \"us-east-1\"\n\
+         client_ami_id = {ami:?}\nmachine_type = \"t3.micro\"\n\
+         [provisioner.env]\nTF_CLI_CONFIG_FILE = {cli_config:?}\nAWS_ENDPOINT_URL = {endpoint:?}\n\
+         AWS_ACCESS_KEY_ID = \"lablink-test\"\nAWS_SECRET_ACCESS_KEY = \"lablink-test\"\n\
+         AWS_CONFIG_FILE = \"/dev/null\"\nAWS_SHARED_CREDENTIALS_FILE = \"/dev/null\"\n",
+        work.path().join("tf"),
+    );
+    // The records name the instances the emulator runs; after the destroy none runs.
+    let (at, of) = (&endpoint, &deployment);
+    launch_and_destroy_through(&config, &[], |vms| async move {
+        let mut ids: Vec<String> = vms
+            .iter()
+            .map(|vm| vm["instance_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort();
+        assert_eq!(running_instances(at, of).await, ids);
+    })
+    .await;
+    assert_eq!(
+        running_instances(&endpoint, &deployment).await,
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test]
+async fn the_installed_program_serves_with_ec2_on_the_emulator() {
+    let endpoint = emulator();
+    let ami = emulator_ami(&endpoint).await;
     let config = format!(
         "[provisioner]\nkind = \"aws\"\nregion = \"us-east-1\"\nendpoint_url = {endpoint:?}\nami = {ami:?}\n\
          deployment = \"kinds-{}\"\nallocator_url = \"http://127.0.0.1:1\"\n",
@@ -627,7 +720,7 @@ async fn the_installed_program_serves_with_ec2_on_the_emulator() {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let vms = launch_and_destroy_through(&config, &env).await;
+    let vms = launch_and_destroy_through(&config, &env, |_| async {}).await;
     assert!(
         vms.iter()
             .all(|vm| vm["instance_id"].as_str().unwrap().starts_with("i-")),

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tracing::Instrument;
@@ -22,7 +23,26 @@ use crate::{
 /// can serve; far more than a deployment launches).
 const OPERATIONS_SCANNED_FOR_NAMES: usize = 100_000;
 
+/// How long a launch or destroy waits for another provisioning operation to finish.
+const LOCK_PATIENCE: Duration = Duration::from_secs(20);
+
 impl LabLink {
+    /// The provisioning lock for an admin's launch or destroy. Another operation may hold it
+    /// for a moment (the supervisor's periodic reconcile lists the machines), so this waits
+    /// up to [`LOCK_PATIENCE`] before answering `Conflict`, instead of failing an admin's
+    /// click because a background check happened to run.
+    async fn lock_provisioning_patiently(&self) -> Result<ProvisioningLock> {
+        let deadline = tokio::time::Instant::now() + LOCK_PATIENCE;
+        loop {
+            match self.inner.store.lock_provisioning().await {
+                Err(e) if e.is_conflict() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     pub(crate) async fn start_launch(&self, options: &LaunchOptions) -> Result<Operation> {
         let max = self.inner.config.max_launch;
         if options.count == 0 || options.count > max {
@@ -31,7 +51,7 @@ impl LabLink {
             ))
             .with_operation("launch"));
         }
-        let lock = self.inner.store.lock_provisioning().await?;
+        let lock = self.lock_provisioning_patiently().await?;
         let now = self.inner.clock.now();
         let specs = self.new_specs(options.count).await?;
         let records: Vec<VmRecord> = specs
@@ -242,7 +262,7 @@ impl LabLink {
                 records
             }
         };
-        let lock = self.inner.store.lock_provisioning().await?;
+        let lock = self.lock_provisioning_patiently().await?;
         let now = self.inner.clock.now();
         let mut machines = Vec::new();
         for record in &records {
