@@ -772,3 +772,78 @@ async fn the_same_code_proves_a_retry_and_an_old_cookie_proves_nothing_after_a_r
     let text = squatter.text().await.unwrap();
     assert!(!text.contains(second["pin"].as_str().unwrap()), "{text}");
 }
+
+/// Sign-in failures sent through a trusted proxy count against the client the proxy names:
+/// that client is locked out, another client behind the same proxy is not. From an address
+/// that is not a trusted proxy, `X-Forwarded-For` is ignored: the failures count against the
+/// sender itself, whatever client it names.
+#[tokio::test]
+async fn sign_in_failures_through_a_trusted_proxy_lock_out_that_client_only() {
+    let s = TestServer::start_with(LabLink::builder(), |o| {
+        o.trusted_proxies = vec!["127.0.0.10/32".parse().unwrap()];
+    })
+    .await;
+    let sign_in = |from: &str, client: &str, password: &str| {
+        client_from(from)
+            .get(s.url("/api/v1/vms"))
+            .basic_auth(ADMIN_USER, Some(password.to_owned()))
+            .header(ACCEPT, "application/json")
+            .header("X-Forwarded-For", client)
+            .send()
+    };
+    let proxy = "127.0.0.10";
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(
+            sign_in(proxy, "198.51.100.7", "guess")
+                .await
+                .unwrap()
+                .status(),
+        );
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    let locked = sign_in(proxy, "198.51.100.7", ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(
+        locked.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the guesser stays locked out"
+    );
+    let other = sign_in(proxy, "198.51.100.8", ADMIN_PASSWORD)
+        .await
+        .unwrap();
+    assert_eq!(
+        other.status(),
+        StatusCode::OK,
+        "another client behind the proxy signs in"
+    );
+
+    // An untrusted sender naming a fresh client each time is still one client.
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let named = format!("203.0.113.{i}");
+        statuses.push(
+            sign_in("127.0.0.11", &named, "guess")
+                .await
+                .unwrap()
+                .status(),
+        );
+    }
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    // A guess: the right password is cached since the other client's sign-in.
+    let spoofed = sign_in("127.0.0.11", "203.0.113.200", "guess")
+        .await
+        .unwrap();
+    assert_eq!(
+        spoofed.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the header chose nothing"
+    );
+}
