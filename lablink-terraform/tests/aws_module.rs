@@ -136,9 +136,8 @@ fn the_aws_module_creates_one_tagged_instance_per_vm_with_its_own_token() {
         );
     }
     assert!(user_data.contains("systemctl enable --now lablink-agent.service"));
-    assert!(
-        read(&dir, "outputs.tf").contains("apply_seconds = { for h, e in local.epoch_seconds : h => e.end - e.start }")
-    );
+    assert!(read(&dir, "outputs.tf")
+        .contains("apply_seconds = { for h, e in local.epoch_seconds : h => e.end - e.start }"));
 }
 
 #[test]

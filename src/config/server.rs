@@ -142,10 +142,7 @@ impl Default for ParticipantsConfig {
 impl fmt::Debug for ParticipantsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ParticipantsConfig")
-            .field(
-                "access_code",
-                &hidden(&self.access_code),
-            )
+            .field("access_code", &hidden(&self.access_code))
             .field("registered_emails", &self.registered_emails.len())
             .field("requests_burst", &self.requests_burst)
             .field("requests_per_minute", &self.requests_per_minute)
