@@ -179,6 +179,7 @@ impl LabLinkBuilder {
                 before_destroy: std::sync::Mutex::new(self.before_destroy),
                 turned_away: crate::supervisor::TurnedAway::default(),
                 roster: crate::roster::Roster::default(),
+                reconciling: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -205,6 +206,9 @@ pub(crate) struct Inner {
     pub(crate) turned_away: crate::supervisor::TurnedAway,
     /// Who may take a VM (see [`Allocator::set_roster`]).
     pub(crate) roster: crate::roster::Roster,
+    /// Set while this process's reconcile holds the provisioning lock: an admin's launch or
+    /// destroy waits for it instead of answering `Conflict`.
+    pub(crate) reconciling: std::sync::atomic::AtomicBool,
 }
 
 /// How often a state reaction is retried when another writer changed the record first.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -23,20 +24,25 @@ use crate::{
 /// can serve; far more than a deployment launches).
 const OPERATIONS_SCANNED_FOR_NAMES: usize = 100_000;
 
-/// How long a launch or destroy waits for another provisioning operation to finish.
+/// How long a launch or destroy waits for this process's reconcile to finish.
 const LOCK_PATIENCE: Duration = Duration::from_secs(20);
 
 impl LabLink {
-    /// The provisioning lock for an admin's launch or destroy. Another operation may hold it
-    /// for a moment (the supervisor's periodic reconcile lists the machines), so this waits
-    /// up to [`LOCK_PATIENCE`] before answering `Conflict`, instead of failing an admin's
-    /// click because a background check happened to run.
+    /// The provisioning lock for an admin's launch or destroy. This process's periodic
+    /// reconcile holds it for a moment while it lists the machines; that is waited for (up
+    /// to [`LOCK_PATIENCE`]) rather than failing an admin's click because a background check
+    /// happened to run. Another launch or destroy is a `Conflict` at once, so a double click
+    /// never launches twice.
     async fn lock_provisioning_patiently(&self) -> Result<ProvisioningLock> {
         let deadline = tokio::time::Instant::now() + LOCK_PATIENCE;
         loop {
             match self.inner.store.lock_provisioning().await {
-                Err(e) if e.is_conflict() && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                Err(e)
+                    if e.is_conflict()
+                        && self.inner.reconciling.load(Ordering::Acquire)
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 other => return other,
             }

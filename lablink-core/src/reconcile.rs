@@ -130,6 +130,7 @@ impl LabLink {
                 }
                 _ => e,
             })?;
+        let _reconciling = Reconciling::mark(&self.inner.reconciling);
         let machines = provisioner.list().await?;
         let records = self.inner.store.list(&VmFilter::default()).await?;
         let mut report = ReconcileReport {
@@ -324,5 +325,21 @@ fn step_for(record: &VmRecord, machine: Option<ProvisionedVm>) -> Option<Step> {
         }
         (state, None) if lost_applies(state) => Some(Step::FailLost),
         _ => None,
+    }
+}
+
+/// Marks this process's reconcile as holding the provisioning lock until dropped.
+struct Reconciling<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Reconciling<'a> {
+    fn mark(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        Self(flag)
+    }
+}
+
+impl Drop for Reconciling<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
