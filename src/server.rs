@@ -11,7 +11,7 @@
 //!
 //! let config = Config::default();
 //! let hash = lablink::http::hash_password("a long admin password")?;
-//! let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
+//! let listener = lablink::server::bind(config.server.listen.parse()?)?;
 //! let server = Server::build(&config, hash, listener).await?;
 //! println!("listening on {}", server.url());
 //! server.run(shutdown_signal()).await?;
@@ -188,6 +188,23 @@ async fn seed_roster(config: &Config, lablink: &LabLink) -> Result<(), BoxError>
         lablink.set_roster(&emails).await?;
     }
     Ok(())
+}
+
+/// How many connections may wait to be accepted: a room of participants pressing "get a VM"
+/// at once opens that many, and the usual default of 128 drops the rest for a one-second
+/// retry (the kernel caps it at `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

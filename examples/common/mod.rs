@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,65 @@ pub fn client() -> Result<Client, Error> {
         .pool_max_idle_per_host(20_000)
         .timeout(Duration::from_secs(120))
         .no_proxy()
+        .build()?)
+}
+
+/// A self-signed certificate for 127.0.0.1 (ECDSA P-256, made at run time) and its key, as
+/// PEM files in a temporary directory with a configuration file naming them: a server
+/// started with [`Server::start_https`] serves HTTPS with it, and clients of
+/// [`client_trusting`] trust it.
+pub struct SelfSigned {
+    dir: tempfile::TempDir,
+    der: Vec<u8>,
+}
+
+impl SelfSigned {
+    /// Makes the certificate and writes `cert.pem`, `key.pem` and `tls.toml`.
+    pub fn generate() -> Result<Self, Error> {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])?;
+        let dir = tempfile::tempdir()?;
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, made.cert.pem())?;
+        std::fs::write(&key, made.key_pair.serialize_pem())?;
+        // A file, not LABLINK_SERVER__TLS__* variables: the server takes a variable only
+        // for a setting its defaults hold, and `[server.tls]` is absent by default.
+        let config = format!("[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n");
+        std::fs::write(dir.path().join("tls.toml"), config)?;
+        Ok(Self {
+            dir,
+            der: made.cert.der().to_vec(),
+        })
+    }
+}
+
+/// A client with the settings of [`client`] that also trusts `tls`'s certificate and never
+/// resumes a TLS session (every new connection is a full handshake, as from a separate
+/// browser). With `pooled: false` it keeps no idle connection, so every request opens a
+/// new one. Each new connection (plain or TLS) counts one in `connects`.
+pub fn client_trusting(
+    tls: &SelfSigned,
+    pooled: bool,
+    connects: &Arc<AtomicUsize>,
+) -> Result<Client, Error> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(tls.der.clone().into())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    let connects = connects.clone();
+    Ok(Client::builder()
+        .pool_max_idle_per_host(if pooled { 20_000 } else { 0 })
+        .timeout(Duration::from_secs(120))
+        .no_proxy()
+        .use_preconfigured_tls(config)
+        .connector_layer(tower::util::MapRequestLayer::new(move |target| {
+            connects.fetch_add(1, Ordering::Relaxed);
+            target
+        }))
         .build()?)
 }
 
@@ -72,6 +132,22 @@ impl Server {
         env: &[(&str, &str)],
         log: Option<&std::path::Path>,
     ) -> Result<Self, Error> {
+        Self::start_scheme(http, env, log, "http").await
+    }
+
+    /// Like [`start_with`](Self::start_with) with no other settings, serving HTTPS with
+    /// `tls`'s certificate (`http` must trust it: [`client_trusting`]).
+    pub async fn start_https(http: &Client, tls: &SelfSigned) -> Result<Self, Error> {
+        let config = tls.dir.path().join("tls.toml").display().to_string();
+        Self::start_scheme(http, &[("LABLINK_CONFIG", &config)], None, "https").await
+    }
+
+    async fn start_scheme(
+        http: &Client,
+        env: &[(&str, &str)],
+        log: Option<&std::path::Path>,
+        scheme: &str,
+    ) -> Result<Self, Error> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -85,7 +161,7 @@ impl Server {
             port,
             env,
             log,
-            base: format!("http://127.0.0.1:{port}"),
+            base: format!("{scheme}://127.0.0.1:{port}"),
         };
         server.wait_up(http).await?;
         Ok(server)
@@ -136,6 +212,11 @@ impl Server {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
             .map_or(f64::NAN, |kib| kib / 1024.0)
+    }
+
+    /// CPU time the server process has used so far (user + system), seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        process_cpu_seconds(self.child.id())
     }
 
     /// Launches `n` VMs (admin API) and returns their hostnames once the launch finished.
@@ -340,6 +421,16 @@ pub struct W1 {
 /// may be free, and a participant asking again must get its own VM back.
 pub async fn w1_on(http: &Client, servers: &[&Server], n: usize, what: &str) -> Result<W1, Error> {
     servers[0].ready_vms(http, n).await?;
+    w1_burst(http, servers, n, what).await
+}
+
+/// W1 without its set-up: the burst and its checks, once `n` VMs are ready.
+pub async fn w1_burst(
+    http: &Client,
+    servers: &[&Server],
+    n: usize,
+    what: &str,
+) -> Result<W1, Error> {
     let start = Instant::now();
     let mut results: Vec<Timed> = stream::iter(0..n)
         .map(|i| async move {
@@ -629,6 +720,40 @@ impl Database {
             .await?;
         Ok(())
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, seconds, in clock ticks of 10 ms.
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name in parentheses: the state (field 3), ... utime and stime
+    // (fields 14 and 15), in USER_HZ (100 on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or_else(Vec::new, |(_, rest)| rest.split_whitespace().collect());
+    match (fields.get(11), fields.get(12)) {
+        (Some(user), Some(system)) => {
+            let ticks = |v: &str| v.parse::<f64>().unwrap_or(f64::NAN);
+            (ticks(user) + ticks(system)) / 100.0
+        }
+        _ => f64::NAN,
+    }
+}
+
+/// Connections the kernel refused because a listen queue was full (`TcpExt:
+/// ListenOverflows`; counts every program of this network namespace). Each costs its
+/// client a SYN retried after 1 s (then 3 s, 7 s...).
+pub fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut tcp_ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (tcp_ext.next(), tcp_ext.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "ListenOverflows")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `machine: 2 CPUs (model), 23.4 GiB RAM`.

@@ -164,7 +164,7 @@ async fn serve(config: Config) -> Result<(), lablink::server::BoxError> {
         (None, true) => hash_password(&config.admin.password)?,
         (None, false) => config.admin.password_hash.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(&config.server.listen).await?;
+    let listener = lablink::server::bind(config.server.listen.parse()?)?;
     let server = Server::build(&config, hash, listener).await?;
     print_banner(&server.url(), &config, generated.as_deref());
     server.run(shutdown_signal()).await

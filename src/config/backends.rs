@@ -22,10 +22,10 @@ pub enum ProvisionerConfig {
     Fake(FakeConfig),
     /// EC2 instances through the AWS API (feature `aws`).
     #[cfg(feature = "aws")]
-    Aws(lablink_aws::Ec2Config),
+    Aws(Box<lablink_aws::Ec2Config>),
     /// A Terraform module applied by the `terraform` program (feature `terraform`).
     #[cfg(feature = "terraform")]
-    Terraform(lablink_terraform::TerraformConfig),
+    Terraform(Box<lablink_terraform::TerraformConfig>),
 }
 
 impl Default for ProvisionerConfig {
@@ -61,9 +61,9 @@ impl ProvisionerConfig {
             "local" => Self::Local(LocalConfig::default()),
             "fake" => Self::Fake(FakeConfig::default()),
             #[cfg(feature = "aws")]
-            "aws" => Self::Aws(lablink_aws::Ec2Config::default()),
+            "aws" => Self::Aws(Box::default()),
             #[cfg(feature = "terraform")]
-            "terraform" => Self::Terraform(lablink_terraform::TerraformConfig::default()),
+            "terraform" => Self::Terraform(Box::default()),
             other => return Err(unknown_kind("[provisioner]", other, &PROVISIONER_KINDS)),
         })
     }

@@ -110,6 +110,8 @@ impl Config {
                 }
             }
         }
+        // Optional tables exist for the variables that name their settings.
+        defaults.server.tls.get_or_insert_with(Default::default);
         let defaults = serde_json::to_value(defaults).unwrap_or_default();
         for (var, raw) in vars {
             let path: Vec<&str> = var[ENV_PREFIX.len()..].split("__").collect();
@@ -350,6 +352,20 @@ mod tests {
             Duration::from_secs(600)
         );
         assert_eq!(config.server.trusted_proxies, ["10.0.0.0/8", "192.0.2.7"]);
+        assert_eq!(config.server.tls, None, "no variable named it");
+
+        // `[server.tls]` from variables alone: the files are read (and missing here).
+        let problems = Config::load(
+            None,
+            env(&[
+                ("LABLINK_SERVER__TLS__CERT_FILE", "/nonexistent/cert.pem"),
+                ("LABLINK_SERVER__TLS__KEY_FILE", "/nonexistent/key.pem"),
+            ]),
+        )
+        .unwrap_err()
+        .join("\n");
+        assert!(problems.contains("/nonexistent/cert.pem"), "{problems}");
+        assert!(!problems.contains("no setting"), "{problems}");
         assert!(config.server.secure_cookies);
         assert_eq!(config.allocator.pin_length, 8);
         assert_eq!(config.admin.user, "12345");
