@@ -1,0 +1,648 @@
+//! The allocator's own host (`deploy/aws`) deployed for real: the `terraform` binary, the
+//! `hashicorp/aws` provider from the machine's filesystem mirror, and the AWS API emulator
+//! (`moto_server`, reached through `LABLINK_AWS_TEST_ENDPOINT`, as `scripts/with-moto.sh`
+//! sets it). What the emulator holds afterwards is read with boto3 (installed with moto),
+//! not through Terraform. Each test works on a copy of the module in a temporary directory.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+const RELEASE_URL: &str =
+    "https://downloads.example.org/lablink-0.9.0-x86_64-unknown-linux-gnu.tar.gz";
+const RELEASE_SHA256: &str = "5f2b7c0e3d1a9e8b4c6d0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e";
+const DB_PASSWORD: &str = "Pw-only-in-ssm-7731";
+
+/// Where the emulator listens; the test fails, naming what to run, without it.
+fn endpoint() -> String {
+    std::env::var("LABLINK_AWS_TEST_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
+             through scripts/with-moto.sh (bash scripts/with-moto.sh cargo test -p \
+             lablink-terraform --test deploy_module)"
+        )
+    })
+}
+
+/// A working copy of `deploy/aws` (its .tf files and template) in a fresh temporary
+/// directory, with a Terraform CLI configuration installing providers from the mirror only.
+struct Deployment {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    cli_config: PathBuf,
+}
+
+impl Deployment {
+    fn new(variables: Value) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("allocator");
+        std::fs::create_dir(&dir).unwrap();
+        let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/aws");
+        let mut copied = 0;
+        for entry in std::fs::read_dir(&module)
+            .unwrap_or_else(|e| panic!("the deploy module {} is missing: {e}", module.display()))
+        {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if name.ends_with(".tf") || name.ends_with(".tftpl") {
+                std::fs::copy(&path, dir.join(&name)).unwrap();
+                copied += 1;
+            }
+        }
+        assert!(copied >= 3, "no module files in {}", module.display());
+        std::fs::write(
+            dir.join("terraform.tfvars.json"),
+            serde_json::to_string_pretty(&variables).unwrap(),
+        )
+        .unwrap();
+
+        let mirror =
+            std::env::var("LABLINK_TF_PLUGIN_MIRROR").unwrap_or_else(|_| "/opt/tf-plugins".into());
+        let aws = Path::new(&mirror).join("registry.terraform.io/hashicorp/aws");
+        assert!(
+            aws.is_dir(),
+            "the hashicorp/aws provider is not in the filesystem mirror {mirror} (expected {}); \
+             set LABLINK_TF_PLUGIN_MIRROR to a mirror holding it",
+            aws.display()
+        );
+        let cli_config = tmp.path().join("terraform.rc");
+        std::fs::write(
+            &cli_config,
+            format!(
+                "provider_installation {{\n  filesystem_mirror {{\n    path = {mirror:?}\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        Self {
+            _tmp: tmp,
+            dir,
+            cli_config,
+        }
+    }
+
+    /// `terraform <args>` in the working copy against the emulator; its output.
+    fn try_run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(common::terraform())
+            .args(args)
+            .current_dir(&self.dir)
+            .env("TF_CLI_CONFIG_FILE", &self.cli_config)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("AWS_ENDPOINT_URL", endpoint())
+            .env("AWS_ACCESS_KEY_ID", "lablink-test")
+            .env("AWS_SECRET_ACCESS_KEY", "lablink-test")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_SESSION_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// `terraform <args>`, which must succeed; its standard output.
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.try_run(args);
+        assert!(
+            out.status.success(),
+            "terraform {} failed:\n{}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn init(&self) {
+        self.run(&["init", "-input=false", "-no-color"]);
+    }
+
+    /// Plans into `plan.out`; the plan as JSON.
+    fn plan(&self) -> Value {
+        self.run(&["plan", "-input=false", "-no-color", "-out=plan.out"]);
+        serde_json::from_str(&self.run(&["show", "-json", "-no-color", "plan.out"])).unwrap()
+    }
+}
+
+/// Runs a boto3 script against the emulator; its JSON output. `script` reads `ec2`, `iam`,
+/// `r53`, `ssm` and `arg`, and prints JSON.
+fn emulator(script: &str, arg: &str) -> Value {
+    let program = format!(
+        "import base64, gzip, json, sys, boto3\n\
+         kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                   aws_access_key_id='lablink-test', aws_secret_access_key='lablink-test')\n\
+         ec2 = boto3.client('ec2', **kw)\n\
+         iam = boto3.client('iam', **kw)\n\
+         r53 = boto3.client('route53', **kw)\n\
+         ssm = boto3.client('ssm', **kw)\n\
+         arg = sys.argv[2]\n{script}"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &program, &endpoint(), arg])
+        .output()
+        .expect("python3 (with boto3, which moto[server] installs) is needed to read the emulator");
+    assert!(
+        out.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// An AMI the emulator knows and the default VPC's first subnet.
+fn ami_and_subnet() -> (String, String) {
+    let found = emulator(
+        "img = ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']\n\
+         sub = ec2.describe_subnets(Filters=[{'Name': 'default-for-az', 'Values': ['true']}])['Subnets'][0]['SubnetId']\n\
+         print(json.dumps([img, sub]))",
+        "",
+    );
+    (
+        found[0].as_str().unwrap().to_owned(),
+        found[1].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Decodes `user_data_base64` (gzip) with python3, as the instance would.
+fn gunzip_base64(encoded: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import base64, gzip, sys; sys.stdout.write(gzip.decompress(base64.b64decode(sys.argv[1])).decode())",
+            encoded,
+        ])
+        .output()
+        .expect("python3 is needed to decode the user data");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn unb64(encoded: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import base64, sys; sys.stdout.write(base64.b64decode(sys.argv[1]).decode())",
+            encoded,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{encoded} is not base64");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn b64(text: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import base64, sys; sys.stdout.write(base64.b64encode(sys.argv[1].encode()).decode())",
+            text,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every action of every statement of a policy document.
+fn actions(policy: &Value) -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow", "{statement:#}");
+        match &statement["Action"] {
+            Value::String(a) => {
+                all.insert(a.clone());
+            }
+            Value::Array(list) => all.extend(list.iter().map(|a| a.as_str().unwrap().to_owned())),
+            other => panic!("unexpected Action {other}"),
+        }
+    }
+    all
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The statement with `sid`.
+fn statement<'a>(policy: &'a Value, sid: &str) -> &'a Value {
+    policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["Sid"] == sid)
+        .unwrap_or_else(|| panic!("no statement {sid} in {policy:#}"))
+}
+
+#[test]
+fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cleanly() {
+    let (ami, subnet) = ami_and_subnet();
+    let name = format!("llk{}", std::process::id());
+    let domain = format!("{name}.lablink-test.example.org");
+    let zone = emulator(
+        "z = r53.create_hosted_zone(Name='lablink-test.example.org', CallerReference=arg)['HostedZone']['Id']\n\
+         print(json.dumps(z.split('/')[-1]))",
+        &name,
+    );
+    let client_role = "arn:aws:iam::123456789012:role/workshop-lablink-client-vm-role";
+    let deployment = Deployment::new(json!({
+        "name": name,
+        "region": "us-east-1",
+        "ami": ami,
+        "subnet_id": subnet,
+        "provisioner": "aws",
+        "client_role_arn": client_role,
+        "artifact_bucket": "lablink-test-results",
+        "artifact_prefix": "workshop/",
+        "release_url": RELEASE_URL,
+        "release_sha256": RELEASE_SHA256,
+        "lablink_toml": "[server]\nmetrics_token = \"t\"\n\n[provisioner]\nkind = \"aws\"\n",
+        "database_url": format!("postgres://lablink:{DB_PASSWORD}@db.internal:5432/lablink"),
+        "tls": "caddy",
+        "domain_name": domain,
+        "zone_id": zone,
+    }));
+    deployment.init();
+    deployment.run(&["validate", "-no-color"]);
+    // (The plan, like the state, holds the sensitive variables: only the user data is checked.)
+    deployment.plan();
+    deployment.run(&["apply", "-input=false", "-no-color", "plan.out"]);
+    let outputs: Value =
+        serde_json::from_str(&deployment.run(&["output", "-json", "-no-color"])).unwrap();
+    let out = |key: &str| outputs[key]["value"].as_str().unwrap().to_owned();
+    let instance_id = out("instance_id");
+    let public_ip = out("public_ip");
+    assert_eq!(out("url"), format!("https://{domain}"));
+    assert_eq!(out("role_name"), format!("{name}-allocator"));
+
+    let live = emulator(
+        &format!(
+            "i = ec2.describe_instances(InstanceIds=[{instance_id:?}])['Reservations'][0]['Instances'][0]\n\
+             ud = ec2.describe_instance_attribute(InstanceId=i['InstanceId'], Attribute='userData')\n\
+             raw = base64.b64decode(ud['UserData']['Value'])\n\
+             sg = ec2.describe_security_groups(GroupIds=[{sg:?}])['SecurityGroups'][0]\n\
+             addr = ec2.describe_addresses(PublicIps=[{public_ip:?}])['Addresses'][0]\n\
+             role = arg + '-allocator'\n\
+             inline = {{p: iam.get_role_policy(RoleName=role, PolicyName=p)['PolicyDocument'] for p in iam.list_role_policies(RoleName=role)['PolicyNames']}}\n\
+             attached = iam.list_attached_role_policies(RoleName=role)['AttachedPolicies']\n\
+             profile = i.get('IamInstanceProfile', {{}}).get('Arn', '')\n\
+             records = r53.list_resource_record_sets(HostedZoneId={zone})['ResourceRecordSets']\n\
+             a = [r for r in records if r['Type'] == 'A']\n\
+             param = ssm.get_parameter(Name='/' + arg + '/allocator/database-url', WithDecryption=True)['Parameter']\n\
+             print(json.dumps(dict(state=i['State']['Name'], type=i['InstanceType'],\n\
+                 tags={{t['Key']: t['Value'] for t in i.get('Tags', [])}},\n\
+                 groups=[g['GroupId'] for g in i['SecurityGroups']], profile=profile,\n\
+                 tokens=i['MetadataOptions']['HttpTokens'],\n\
+                 user_data=gzip.decompress(raw).decode(), ingress=sg['IpPermissions'],\n\
+                 egress=sg['IpPermissionsEgress'], eip_instance=addr.get('InstanceId'),\n\
+                 inline=inline, attached=attached, a=a,\n\
+                 param=dict(type=param['Type'], value=param['Value']))))",
+            sg = out("security_group_id"),
+        ),
+        &name,
+    );
+
+    // The instance: its type, its tags, its role, IMDSv2 only.
+    assert_eq!(live["state"], "running", "{live:#}");
+    assert_eq!(live["type"], "t3.small");
+    assert_eq!(live["tags"]["Name"], format!("{name}-allocator").as_str());
+    assert_eq!(live["tags"]["deployment"], name.as_str());
+    assert_eq!(live["tags"]["ManagedBy"], "lablink-deploy");
+    assert_eq!(live["groups"], json!([out("security_group_id")]));
+    assert!(
+        live["profile"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("instance-profile/{name}-allocator")),
+        "{live:#}"
+    );
+    assert_eq!(live["tokens"], "required");
+
+    // The security group: 443 and 80 open, 22 closed (no ssh_cidr_blocks), all egress.
+    let mut ports: Vec<(i64, Vec<String>)> = live["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            assert_eq!(rule["IpProtocol"], "tcp", "{rule:#}");
+            assert_eq!(rule["FromPort"], rule["ToPort"], "{rule:#}");
+            let cidrs = rule["IpRanges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["CidrIp"].as_str().unwrap().to_owned())
+                .collect();
+            (rule["FromPort"].as_i64().unwrap(), cidrs)
+        })
+        .collect();
+    ports.sort();
+    let anywhere = vec!["0.0.0.0/0".to_owned()];
+    assert_eq!(
+        ports,
+        vec![(80, anywhere.clone()), (443, anywhere)],
+        "{live:#}"
+    );
+    assert_eq!(live["egress"][0]["IpProtocol"], "-1", "{live:#}");
+
+    // The Elastic IP is the instance's, and the A record points at it.
+    assert_eq!(live["eip_instance"], instance_id.as_str(), "{live:#}");
+    let a = &live["a"];
+    assert_eq!(a.as_array().unwrap().len(), 1, "{a:#}");
+    assert_eq!(a[0]["Name"], format!("{domain}."), "{a:#}");
+    assert_eq!(a[0]["ResourceRecords"][0]["Value"], public_ip.as_str());
+
+    // The role holds one inline policy with exactly what the EC2 provisioner, the S3 artifact
+    // store and the database parameter need; iam:PassRole only on the client role.
+    assert_eq!(live["attached"], json!([]), "{live:#}");
+    let inline = live["inline"].as_object().unwrap();
+    assert_eq!(inline.len(), 1, "{live:#}");
+    let policy = inline.values().next().unwrap();
+    assert_eq!(
+        actions(policy),
+        set(&[
+            "ec2:CreateTags",
+            "ec2:DescribeImages",
+            "ec2:DescribeInstanceStatus",
+            "ec2:DescribeInstances",
+            "ec2:DescribeSecurityGroups",
+            "ec2:DescribeSubnets",
+            "ec2:RebootInstances",
+            "ec2:RunInstances",
+            "ec2:TerminateInstances",
+            "iam:PassRole",
+            "s3:AbortMultipartUpload",
+            "s3:DeleteObject",
+            "s3:GetObject",
+            "s3:ListBucket",
+            "s3:ListMultipartUploadParts",
+            "s3:PutObject",
+            "ssm:GetParameter",
+        ]),
+        "{policy:#}"
+    );
+    assert_eq!(statement(policy, "PassClientRole")["Resource"], client_role);
+    assert_eq!(
+        statement(policy, "ArtifactObjects")["Resource"],
+        "arn:aws:s3:::lablink-test-results/workshop/*"
+    );
+    assert_eq!(
+        statement(policy, "ArtifactBucket")["Resource"],
+        "arn:aws:s3:::lablink-test-results"
+    );
+    assert!(statement(policy, "DatabaseUrlParameter")["Resource"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":parameter/{name}/allocator/database-url")));
+    let output_policy: Value = serde_json::from_str(&out("allocator_policy_json")).unwrap();
+    assert_eq!(&output_policy, policy, "the output is the attached policy");
+
+    // The database URL is in SSM only; the user data holds the release and its checksum.
+    assert_eq!(live["param"]["type"], "SecureString");
+    assert!(live["param"]["value"]
+        .as_str()
+        .unwrap()
+        .contains(DB_PASSWORD));
+    let user_data = live["user_data"].as_str().unwrap();
+    assert!(user_data.starts_with("#!/bin/bash\n"), "{user_data}");
+    assert!(user_data.contains(&b64(RELEASE_URL)), "{user_data}");
+    assert!(
+        user_data.contains(&format!("release_sha256='{RELEASE_SHA256}'")),
+        "{user_data}"
+    );
+    assert!(user_data.contains("database='ssm'"), "{user_data}");
+    assert!(user_data.contains("tls='caddy'"), "{user_data}");
+    assert!(user_data.contains(&b64(&domain)), "{user_data}");
+    for secret in [DB_PASSWORD.to_owned(), b64(DB_PASSWORD), b64("postgres://")] {
+        assert!(
+            !user_data.contains(&secret),
+            "the user data holds the database URL ({secret})"
+        );
+    }
+    assert!(
+        Command::new("bash")
+            .args(["-n", "-c", user_data])
+            .status()
+            .unwrap()
+            .success(),
+        "the user data is not valid bash"
+    );
+
+    // Destroy: nothing left (the instance terminated, the rest deleted).
+    deployment.run(&["destroy", "-auto-approve", "-input=false", "-no-color"]);
+    let left = emulator(
+        &format!(
+            "i = ec2.describe_instances(InstanceIds=[{instance_id:?}])['Reservations'][0]['Instances'][0]['State']['Name']\n\
+             g = ec2.describe_security_groups(Filters=[{{'Name': 'group-name', 'Values': [arg + '-allocator-sg']}}])['SecurityGroups']\n\
+             roles = [r['RoleName'] for r in iam.list_roles()['Roles'] if r['RoleName'].startswith(arg)]\n\
+             profiles = [p['InstanceProfileName'] for p in iam.list_instance_profiles()['InstanceProfiles'] if p['InstanceProfileName'].startswith(arg)]\n\
+             eips = [a['PublicIp'] for a in ec2.describe_addresses()['Addresses'] if a['PublicIp'] == {public_ip:?}]\n\
+             params = ssm.describe_parameters(ParameterFilters=[{{'Key': 'Name', 'Option': 'BeginsWith', 'Values': ['/' + arg + '/']}}])['Parameters']\n\
+             a = [r for r in r53.list_resource_record_sets(HostedZoneId={zone})['ResourceRecordSets'] if r['Type'] == 'A']\n\
+             print(json.dumps(dict(instance=i, groups=len(g), roles=roles, profiles=profiles, eips=eips, params=len(params), a=len(a))))"
+        ),
+        &name,
+    );
+    assert_eq!(
+        left,
+        json!({"instance": "terminated", "groups": 0, "roles": [], "profiles": [], "eips": [], "params": 0, "a": 0}),
+        "{left:#}"
+    );
+}
+
+#[test]
+fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
+    let (ami, subnet) = ami_and_subnet();
+    let deployment = Deployment::new(json!({
+        "name": "llkplan",
+        "region": "us-east-1",
+        "ami": ami,
+        "subnet_id": subnet,
+        "provisioner": "terraform",
+        "state_bucket": "lablink-test-state",
+        "state_key": "lablink/workshop.tfstate",
+        "release_url": RELEASE_URL,
+        "release_sha256": RELEASE_SHA256,
+        "lablink_toml": "[provisioner]\nkind = \"terraform\"\n",
+        "tls": "builtin",
+    }));
+    deployment.init();
+    let plan = deployment.plan();
+    let policy: Value = serde_json::from_str(
+        plan["planned_values"]["outputs"]["allocator_policy_json"]["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the policy is not known at plan time: {plan:#}")),
+    )
+    .unwrap();
+
+    let state = statement(&policy, "TerraformState");
+    assert_eq!(
+        actions(&json!({"Statement": [state]})),
+        set(&["s3:DeleteObject", "s3:GetObject", "s3:PutObject"])
+    );
+    assert_eq!(
+        state["Resource"],
+        json!([
+            "arn:aws:s3:::lablink-test-state/lablink/workshop.tfstate",
+            "arn:aws:s3:::lablink-test-state/lablink/workshop.tfstate.tflock",
+        ])
+    );
+    let bucket = statement(&policy, "TerraformStateBucket");
+    assert_eq!(bucket["Action"], "s3:ListBucket");
+    assert_eq!(bucket["Resource"], "arn:aws:s3:::lablink-test-state");
+
+    // iam:* only on the client module's names; PassRole only to EC2.
+    let pass = statement(&policy, "PassClientRole");
+    assert_eq!(pass["Action"], "iam:PassRole");
+    assert_eq!(
+        pass["Resource"],
+        "arn:aws:iam::123456789012:role/*-lablink-client-*"
+    );
+    assert_eq!(
+        pass["Condition"]["StringEquals"]["iam:PassedToService"],
+        "ec2.amazonaws.com"
+    );
+    for s in policy["Statement"].as_array().unwrap() {
+        let acts = actions(&json!({"Statement": [s]}));
+        if acts.iter().any(|a| a.starts_with("iam:")) {
+            let resources: Vec<&str> = match &s["Resource"] {
+                Value::String(r) => vec![r.as_str()],
+                Value::Array(rs) => rs.iter().map(|r| r.as_str().unwrap()).collect(),
+                other => panic!("{other}"),
+            };
+            for r in resources {
+                assert!(r.ends_with("/*-lablink-client-*"), "{s:#}");
+            }
+        }
+    }
+    let all = actions(&policy);
+    for needed in [
+        "ec2:RunInstances",
+        "ec2:CreateSecurityGroup",
+        "ec2:ImportKeyPair",
+    ] {
+        assert!(all.contains(needed), "{needed} missing: {policy:#}");
+    }
+    for absent in ["ssm:GetParameter", "s3:AbortMultipartUpload"] {
+        assert!(!all.contains(absent), "{absent} granted: {policy:#}");
+    }
+
+    // No database URL: PostgreSQL on the host; the allocator serves TLS itself.
+    let resources = plan["planned_values"]["root_module"]["resources"]
+        .as_array()
+        .unwrap();
+    assert!(
+        !resources
+            .iter()
+            .any(|r| r["type"] == "aws_ssm_parameter" || r["type"] == "aws_route53_record"),
+        "{resources:#?}"
+    );
+    let instance = resources
+        .iter()
+        .find(|r| r["address"] == "aws_instance.allocator")
+        .unwrap();
+    let user_data = gunzip_base64(instance["values"]["user_data_base64"].as_str().unwrap());
+    assert!(user_data.contains("database='local'"), "{user_data}");
+    assert!(user_data.contains("tls='builtin'"), "{user_data}");
+    // [server.tls] cannot come from LABLINK_* variables: the paths are added to the file.
+    let toml_line = user_data
+        .lines()
+        .find(|l| l.ends_with(">/etc/lablink/lablink.toml.new"))
+        .unwrap_or_else(|| panic!("no lablink.toml in {user_data}"));
+    let toml = unb64(toml_line.split('\'').nth(1).unwrap());
+    assert!(
+        toml.starts_with("[provisioner]\nkind = \"terraform\"\n")
+            && toml.ends_with(
+                "\n[server.tls]\ncert_file = \"/etc/lablink/tls/fullchain.pem\"\n\
+                 key_file = \"/etc/lablink/tls/privkey.pem\"\n"
+            ),
+        "{toml}"
+    );
+    assert!(!user_data.contains("LABLINK_SERVER__TLS"), "{user_data}");
+
+    // A download that is not the release stops the script before anything is installed,
+    // with a clear line (apt-get and curl stubbed: this machine is not touched).
+    let stubs = tempfile::tempdir().unwrap();
+    let script = stubs.path().join("user_data.sh");
+    std::fs::write(&script, &user_data).unwrap();
+    for (name, body) in [
+        ("apt-get", "exit 0"),
+        (
+            "curl",
+            "while [ $# -gt 0 ]; do if [ \"$1\" = -o ]; then printf 'not the release' >\"$2\"; fi; shift; done",
+        ),
+    ] {
+        let stub = stubs.path().join(name);
+        std::fs::write(&stub, format!("#!/bin/sh\n{body}\n")).unwrap();
+        Command::new("chmod").arg("+x").arg(&stub).status().unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        stubs.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let run = Command::new("bash")
+        .arg(&script)
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "lablink-deploy: FAILED: sha256 mismatch for {RELEASE_URL}: expected {RELEASE_SHA256}, got "
+        )) && stderr.contains("nothing was installed"),
+        "{stdout}{stderr}"
+    );
+    assert!(!stdout.contains("sha256 OK"), "{stdout}");
+}
+
+#[test]
+fn bad_values_are_refused_before_anything_is_created() {
+    let (ami, subnet) = ami_and_subnet();
+    let base = json!({
+        "name": "llkbad",
+        "region": "us-east-1",
+        "ami": ami,
+        "subnet_id": subnet,
+        "release_url": RELEASE_URL,
+        "release_sha256": RELEASE_SHA256,
+        "lablink_toml": "",
+        "tls": "none",
+    });
+    for (change, complaint) in [
+        (
+            json!({"release_sha256": "abc"}),
+            "release_sha256: 64 hexadecimal digits",
+        ),
+        (json!({"tls": "caddy"}), "tls = \"caddy\" needs domain_name"),
+        (
+            json!({"database_url": "postgres://u:p w@h/db"}),
+            "database_url: a postgres:// URL",
+        ),
+        (
+            json!({"domain_name": "x.org\n}"}),
+            "domain_name: a lowercase DNS name",
+        ),
+        (
+            json!({"tls_cert_file": "/etc/x\"\n[admin]"}),
+            "tls_cert_file: an absolute path",
+        ),
+    ] {
+        let mut vars = base.clone();
+        for (k, v) in change.as_object().unwrap() {
+            vars[k] = v.clone();
+        }
+        let deployment = Deployment::new(vars);
+        deployment.init();
+        let out = deployment.try_run(&["plan", "-input=false", "-no-color"]);
+        let stderr = String::from_utf8_lossy(&out.stderr).replace('\n', " ");
+        let stderr = stderr.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(!out.status.success(), "{change} was accepted");
+        assert!(stderr.contains(complaint), "{change}: {stderr}");
+    }
+}
