@@ -253,7 +253,9 @@ impl Agent {
         }
     }
 
-    /// Registers (`initializing`, checks, `running`), then waits for assignments for ever.
+    /// Registers (`initializing`, checks, bootstrap, `running`), then waits for assignments
+    /// for ever. A bootstrap that failed with `STARTUP_ON_ERROR=fail` reports `error` and
+    /// never waits for an assignment.
     async fn main_loop(self: Arc<Self>) {
         let started = Utc::now();
         self.note(
@@ -269,6 +271,26 @@ impl Agent {
             format!("agent {} initializing", env!("CARGO_PKG_VERSION")),
         );
         let gpu = self.check_gpu(None).await;
+        let bootstrapped = crate::bootstrap::run(
+            &self.config.bootstrap,
+            self.config.crd_user.as_deref(),
+            gpu != Gpu::NotAvailable,
+            &self.state,
+            |line| self.note(Report::default(), line),
+        )
+        .await;
+        if let Err(failed) = bootstrapped {
+            // STARTUP_ON_ERROR=fail: the VM reports the failure and is never handed out; its
+            // logs and health are still reported.
+            self.note(
+                Report {
+                    status: Some("error"),
+                    ..Default::default()
+                },
+                format!("{failed}; this VM stays unavailable (STARTUP_ON_ERROR=fail)"),
+            );
+            return self.gpu_loop(gpu).await;
+        }
         let ready = Utc::now();
         self.note(
             Report {

@@ -11,6 +11,8 @@ use std::time::Duration;
 use lablink_core::{Hostname, LogStream};
 use reqwest::Url;
 
+use crate::bootstrap::{BootstrapConfig, OnError};
+
 /// Where Google's Chrome Remote Desktop package installs `start-host`.
 pub const DEFAULT_START_HOST: &str = "/opt/google/chrome-remote-desktop/start-host";
 /// The redirect URL of Chrome Remote Desktop's headless set-up.
@@ -112,6 +114,9 @@ pub struct AgentConfig {
     /// handled and how far each log file was shipped. `None` keeps that in memory only.
     /// Never collected (nor is `/etc/lablink`, the agent's environment with its token).
     pub state_dir: Option<PathBuf>,
+    /// What the agent sets up once before it becomes available (research-software
+    /// container, tutorial, start-up script): see [`crate::bootstrap`].
+    pub bootstrap: BootstrapConfig,
 }
 
 impl AgentConfig {
@@ -139,6 +144,7 @@ impl AgentConfig {
             upload_timeout: Duration::from_secs(3600),
             boot_id: kernel_boot_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             state_dir: None,
+            bootstrap: BootstrapConfig::default(),
         }
     }
 
@@ -289,6 +295,7 @@ impl Settings {
             c.crd_user = Some(user.to_owned());
         }
         c.state_dir = self.get("LABLINK_STATE_DIR").map(|d| d.trim().into());
+        self.bootstrap(&mut c.bootstrap)?;
         self.seconds(
             "LABLINK_START_HOST_TIMEOUT_SECS",
             1.0,
@@ -304,6 +311,49 @@ impl Settings {
         self.seconds("LABLINK_BACKOFF_MAX_SECS", 0.1, &mut c.backoff_max)?;
         self.seconds("LABLINK_UPLOAD_TIMEOUT_SECS", 1.0, &mut c.upload_timeout)?;
         Ok(c)
+    }
+}
+
+impl Settings {
+    /// The settings of [`crate::bootstrap`].
+    fn bootstrap(&self, b: &mut BootstrapConfig) -> Result<(), ConfigError> {
+        let text = |key| self.get(key).map(|v| v.trim().to_owned());
+        b.subject_image = text("SUBJECT_IMAGE");
+        b.tutorial_repo = text("TUTORIAL_REPO_TO_CLONE");
+        // An inline script keeps its own layout.
+        b.startup_script = self.get("LABLINK_STARTUP_SCRIPT").map(str::to_owned);
+        b.desktop_home = self.get("LABLINK_DESKTOP_HOME").map(|d| d.trim().into());
+        if let Some(n) = self.get("LABLINK_STARTUP_RETRIES") {
+            b.startup_attempts = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "LABLINK_STARTUP_RETRIES must be a number of attempts from 1 to 100, not {n:?}"
+                    ))
+                })?;
+        }
+        b.on_error = match self.get("STARTUP_ON_ERROR").map(str::trim) {
+            None | Some("continue") => OnError::Continue,
+            Some("fail") => OnError::Fail,
+            Some(other) => {
+                return Err(ConfigError::new(format!(
+                    "STARTUP_ON_ERROR must be continue or fail, not {other:?}"
+                )))
+            }
+        };
+        b.gpu_support = match self.get("GPU_SUPPORT").map(str::trim) {
+            None | Some("false" | "0") => false,
+            Some("true" | "1") => true,
+            Some(other) => {
+                return Err(ConfigError::new(format!(
+                    "GPU_SUPPORT must be true or false, not {other:?}"
+                )))
+            }
+        };
+        self.seconds("LABLINK_BOOTSTRAP_RETRY_SECS", 0.0, &mut b.retry_delay)
     }
 }
 
@@ -383,6 +433,18 @@ mod tests {
             (
                 vec![BASE[0], BASE[1], ("LABLINK_LOG_FILES", "syslog=/x")],
                 "LABLINK_LOG_FILES",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("STARTUP_ON_ERROR", "ignore")],
+                "STARTUP_ON_ERROR",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_STARTUP_RETRIES", "0")],
+                "LABLINK_STARTUP_RETRIES",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("GPU_SUPPORT", "maybe")],
+                "GPU_SUPPORT",
             ),
             (
                 vec![BASE[0], BASE[1], ("LABLINK_AGENT_CONFIG", "/nonexistent")],

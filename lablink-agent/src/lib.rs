@@ -1,6 +1,7 @@
 //! The LabLink VM agent: what runs inside every VM.
 //!
-//! It registers with the allocator (`initializing`, then `running`), heartbeats with a boot
+//! It registers with the allocator (`initializing`; then, once it has set up the VM's research
+//! software — container, tutorial, start-up script, see [`bootstrap`] — `running`), heartbeats with a boot
 //! id, waits for its assignment with a bounded long-poll, and then starts Chrome Remote
 //! Desktop **without a shell**: only the `--code` value of the participant's command is used,
 //! validated, and passed in an argument vector the agent builds itself, with the PIN on stdin.
@@ -28,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod agent;
+pub mod bootstrap;
 pub mod client;
 pub mod collect;
 pub mod config;

@@ -3,6 +3,7 @@
 //! "s3"`): serde structs with defaults, a `problems()` check and a `Debug` that hides the
 //! agent's download URL (it may carry a pre-signed query).
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -43,7 +44,31 @@ pub struct Ec2Config {
     pub agent_url: String,
     /// SHA-256 of the agent binary at `agent_url`.
     pub agent_sha256: String,
+    /// The research software's container image, run by the agent before the VM becomes
+    /// available (`SUBJECT_IMAGE`; empty: none).
+    pub subject_image: String,
+    /// A tutorial repository cloned into the desktop user's home (`TUTORIAL_REPO_TO_CLONE`;
+    /// empty: none).
+    pub tutorial_repo: String,
+    /// A start-up script (a path on the image, or the script itself) the agent runs with
+    /// retries (`LABLINK_STARTUP_SCRIPT`; empty: none).
+    pub startup_script: String,
+    /// What a failed start-up step does: `continue` (the VM becomes available anyway) or
+    /// `fail` (the VM reports an error and is never handed out) (`STARTUP_ON_ERROR`).
+    pub startup_on_error: String,
+    /// The desktop user: Chrome Remote Desktop's `--user-name`, whose home the container
+    /// mounts and the tutorial is cloned into (`LABLINK_CRD_USER`).
+    pub desktop_user: String,
+    /// The research software's process name, which tells whether the VM is in use
+    /// (`LABLINK_INUSE_PROCESS`; empty: never reported in use).
+    pub inuse_process: String,
+    /// Log files the agent ships, as `stream=path` (`LABLINK_LOG_FILES`; stream
+    /// `cloud_init`, `container` or `agent`).
+    pub log_files: Vec<String>,
 }
+
+/// Where cloud-init writes the output of the user data.
+pub const CLOUD_INIT_LOG: &str = "cloud_init=/var/log/cloud-init-output.log";
 
 impl Default for Ec2Config {
     fn default() -> Self {
@@ -63,6 +88,13 @@ impl Default for Ec2Config {
             allocator_url: String::new(),
             agent_url: String::new(),
             agent_sha256: String::new(),
+            subject_image: String::new(),
+            tutorial_repo: String::new(),
+            startup_script: String::new(),
+            startup_on_error: "continue".into(),
+            desktop_user: "ubuntu".into(),
+            inuse_process: String::new(),
+            log_files: vec![CLOUD_INIT_LOG.into()],
         }
     }
 }
@@ -85,6 +117,13 @@ impl fmt::Debug for Ec2Config {
             .field("allocator_url", &self.allocator_url)
             .field("agent_url", &hidden(&self.agent_url))
             .field("agent_sha256", &self.agent_sha256)
+            .field("subject_image", &self.subject_image)
+            .field("tutorial_repo", &hidden(&self.tutorial_repo))
+            .field("startup_script", &hidden(&self.startup_script))
+            .field("startup_on_error", &self.startup_on_error)
+            .field("desktop_user", &self.desktop_user)
+            .field("inuse_process", &self.inuse_process)
+            .field("log_files", &self.log_files)
             .finish()
     }
 }
@@ -111,7 +150,8 @@ impl Ec2Config {
             .with_gpu_image(self.gpu)
             .with_spot(self.spot)
             .with_allocator_url(&self.allocator_url)
-            .with_agent_download(&self.agent_url, &self.agent_sha256);
+            .with_agent_download(&self.agent_url, &self.agent_sha256)
+            .with_agent_env(self.agent_env());
         if let Some(region) = some(&self.region) {
             b = b.with_region(region);
         }
@@ -130,9 +170,61 @@ impl Ec2Config {
         b
     }
 
+    /// The agent environment these settings give every VM, under the names the agent
+    /// reads (empty settings are left out).
+    pub fn agent_env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        let mut set = |name: &str, value: &str| {
+            if !value.trim().is_empty() {
+                env.insert(name.to_owned(), value.to_owned());
+            }
+        };
+        set("SUBJECT_IMAGE", &self.subject_image);
+        set("TUTORIAL_REPO_TO_CLONE", &self.tutorial_repo);
+        set("LABLINK_STARTUP_SCRIPT", &self.startup_script);
+        set("STARTUP_ON_ERROR", &self.startup_on_error);
+        set("LABLINK_CRD_USER", &self.desktop_user);
+        set("LABLINK_INUSE_PROCESS", &self.inuse_process);
+        set("LABLINK_LOG_FILES", &self.log_files.join(","));
+        if self.gpu {
+            set("GPU_SUPPORT", "true");
+        }
+        env
+    }
+
     /// Every problem with these settings, one message each (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        if !matches!(self.startup_on_error.as_str(), "continue" | "fail") {
+            problems.push(format!(
+                "[provisioner] startup_on_error must be \"continue\" or \"fail\", not {:?}",
+                self.startup_on_error
+            ));
+        }
+        let user = &self.desktop_user;
+        let valid_user = user.len() <= 32
+            && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && user
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-'));
+        if !valid_user {
+            problems.push(format!(
+                "[provisioner] desktop_user {user:?} is not a user name"
+            ));
+        }
+        for file in &self.log_files {
+            let valid = file.split_once('=').is_some_and(|(stream, path)| {
+                matches!(stream, "cloud_init" | "container" | "agent")
+                    && path.starts_with('/')
+                    && !path.contains(',')
+            });
+            if !valid {
+                problems.push(format!(
+                    "[provisioner] log_files entry {file:?} must be stream=/absolute/path with \
+                     stream cloud_init, container or agent"
+                ));
+            }
+        }
         if self.ami.trim().is_empty() {
             problems.push("[provisioner] ami must be set".into());
         }
@@ -186,5 +278,59 @@ impl S3Config {
         } else {
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_settings_become_the_agents_environment() {
+        let config = Ec2Config {
+            ami: "ami-1".into(),
+            allocator_url: "http://10.0.0.1".into(),
+            subject_image: "ghcr.io/talmolab/sleap:1".into(),
+            tutorial_repo: "https://github.com/talmolab/tutorial.git".into(),
+            startup_script: "/opt/setup.sh".into(),
+            startup_on_error: "fail".into(),
+            inuse_process: "sleap-label".into(),
+            gpu: true,
+            ..Default::default()
+        };
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        let env = config.agent_env();
+        let get = |k: &str| env.get(k).map(String::as_str);
+        assert_eq!(get("SUBJECT_IMAGE"), Some("ghcr.io/talmolab/sleap:1"));
+        assert_eq!(
+            get("TUTORIAL_REPO_TO_CLONE"),
+            Some("https://github.com/talmolab/tutorial.git")
+        );
+        assert_eq!(get("LABLINK_STARTUP_SCRIPT"), Some("/opt/setup.sh"));
+        assert_eq!(get("STARTUP_ON_ERROR"), Some("fail"));
+        assert_eq!(get("LABLINK_CRD_USER"), Some("ubuntu"));
+        assert_eq!(get("LABLINK_INUSE_PROCESS"), Some("sleap-label"));
+        assert_eq!(get("LABLINK_LOG_FILES"), Some(CLOUD_INIT_LOG));
+        assert_eq!(get("GPU_SUPPORT"), Some("true"));
+        let plain = Ec2Config::default().agent_env();
+        assert!(!plain.contains_key("SUBJECT_IMAGE") && !plain.contains_key("GPU_SUPPORT"));
+    }
+
+    #[test]
+    fn bad_typed_settings_are_problems() {
+        let config = Ec2Config {
+            ami: "ami-1".into(),
+            allocator_url: "http://10.0.0.1".into(),
+            startup_on_error: "ignore".into(),
+            desktop_user: "Bad User".into(),
+            log_files: vec!["syslog=/var/log/syslog".into(), "agent=relative.log".into()],
+            ..Default::default()
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("startup_on_error"));
+        assert!(problems[1].contains("desktop_user"));
+        assert!(problems[2].contains("syslog=/var/log/syslog"));
+        assert!(problems[3].contains("agent=relative.log"));
     }
 }

@@ -14,7 +14,7 @@ pub use builder::{
     Ec2ProvisionerBuilder, DEFAULT_INSTANCE_TYPE, DEFAULT_OWNER, DEFAULT_TERMINATE_TIMEOUT,
 };
 pub use calls::CallCounter;
-pub use config::{Ec2Config, S3Config};
+pub use config::{Ec2Config, S3Config, CLOUD_INIT_LOG};
 pub use provisioner::{Ec2Provisioner, DEPLOYMENT_TAG, HOSTNAME_TAG, MANAGED_BY_TAG, OWNER_TAG};
 pub use s3::{ArtifactInfo, S3ArtifactStore, S3ArtifactStoreBuilder};
 pub use sdk::https_client;

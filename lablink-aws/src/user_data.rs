@@ -88,7 +88,7 @@ impl AgentSettings {
             .replace("@@PAD_TAG@@", PAD_TAG)
             .replace("@@ALLOCATOR_URL_B64@@", &B64.encode(&self.allocator_url))
             .replace("@@AGENT_URL_B64@@", &B64.encode(&self.agent_download_url))
-            .replace("@@AGENT_SHA256@@", &self.agent_sha256)
+            .replace("@@AGENT_SHA256@@", &self.agent_sha256.to_ascii_lowercase())
             .replace("@@EXTRA_ENV@@", &env)
             .replace("@@ROWS@@", rows)
     }
@@ -207,5 +207,236 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// Runs the rendered user data with real bash in a scratch root (`LABLINK_ROOT`), with
+    /// stand-ins first on `PATH` for `curl` (IMDS and the download), `systemctl` and
+    /// `systemd-cat` (and `sleep`, returning at once). Returns the scratch dir, the script's exit status and its output.
+    fn run_user_data(
+        script: &str,
+        pad: &str,
+        agent_bytes: &[u8],
+    ) -> (tempfile::TempDir, std::process::ExitStatus, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        let rec = dir.path().join("rec");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&rec).unwrap();
+        std::fs::write(dir.path().join("fake-agent"), agent_bytes).unwrap();
+        let stand_in = |name: &str, body: &str| {
+            let source = dir.path().join(format!("{name}.src"));
+            std::fs::write(&source, format!("#!/bin/bash\n{body}\n")).unwrap();
+            // A copy made by a child process: no write descriptor of ours leaks into a
+            // process another test forks ("Text file busy").
+            let ok = std::process::Command::new("install")
+                .args(["-m", "0755"])
+                .arg(&source)
+                .arg(bin.join(name))
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        };
+        stand_in(
+            "curl",
+            r#"printf '%s\n' "$*" >> "$REC/curl"
+out='' url=''
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o|-X|-H|--retry|--retry-delay) [ "$1" = -o ] && out=$2; shift 2 ;;
+    -*) shift ;;
+    *) url=$1; shift ;;
+  esac
+done
+case "$url" in
+  */api/token) printf 'imds-session' ;;
+  */meta-data/ami-launch-index) printf '1' ;;
+  */meta-data/tags/instance/lablink-token-pad) printf '%s' "$STAND_IN_PAD" ;;
+  *) printf '%s\n' "$url" >> "$REC/downloads"; cat "$FAKE_AGENT" > "$out" ;;
+esac"#,
+        );
+        stand_in("systemctl", r#"printf '%s\n' "$*" >> "$REC/systemctl""#);
+        stand_in("systemd-cat", r#"cat >> "$REC/journal""#);
+        // The wait for the pad tag must not slow a failing test down.
+        stand_in("sleep", r#"printf '%s\n' "$*" >> "$REC/sleep""#);
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", path)
+            .env("LABLINK_ROOT", dir.path().join("root"))
+            .env("REC", &rec)
+            .env("STAND_IN_PAD", pad)
+            .env("FAKE_AGENT", dir.path().join("fake-agent"))
+            .output()
+            .expect("bash runs");
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (dir, out.status, output)
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        sha2::Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn the_user_data_installs_the_checked_agent_its_private_environment_and_the_service() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let agent = b"#!/bin/sh\necho fake agent\n";
+        let config = crate::Ec2Config {
+            subject_image: "ghcr.io/talmolab/sleap:1".into(),
+            tutorial_repo: "https://github.com/talmolab/tutorial.git".into(),
+            startup_script: "echo 'set up'\nnvidia-smi || true".into(),
+            startup_on_error: "fail".into(),
+            inuse_process: "sleap-label".into(),
+            gpu: true,
+            ..Default::default()
+        };
+        let settings = AgentSettings {
+            allocator_url: "http://10.0.0.1:5000".into(),
+            agent_download_url: "https://downloads.example.org/lablink-agent?sig=abc".into(),
+            agent_sha256: sha256_hex(agent).to_ascii_uppercase(),
+            env: config.agent_env(),
+        };
+        settings.validate().unwrap();
+        let (mine, other) = (AgentToken::generate(), AgentToken::generate());
+        let (sealed, other_sealed) = (seal(&mine).unwrap(), seal(&other).unwrap());
+        let rows = format!(
+            "{}{}",
+            row(0, &"vm-a".parse().unwrap(), &other_sealed),
+            row(1, &"vm-b".parse().unwrap(), &sealed)
+        );
+        let (dir, status, output) = run_user_data(&settings.render(&rows), &sealed.pad, agent);
+        assert!(status.success(), "{output}");
+        let root = dir.path().join("root");
+        let rec = |name: &str| std::fs::read_to_string(dir.path().join("rec").join(name));
+
+        // The agent came from the configured URL and is the checked file.
+        assert_eq!(
+            rec("downloads").unwrap(),
+            "https://downloads.example.org/lablink-agent?sig=abc\n"
+        );
+        let installed = root.join("usr/local/bin/lablink-agent");
+        assert_eq!(std::fs::read(&installed).unwrap(), agent);
+        let mode = std::fs::metadata(&installed).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+
+        // The environment: root's only, with this VM's own row and every typed setting.
+        let env_file = root.join("etc/lablink/agent.env");
+        let mode = std::fs::metadata(&env_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names = [
+            "ALLOCATOR_URL",
+            "VM_NAME",
+            "API_TOKEN",
+            "SUBJECT_IMAGE",
+            "TUTORIAL_REPO_TO_CLONE",
+            "LABLINK_STARTUP_SCRIPT",
+            "STARTUP_ON_ERROR",
+            "LABLINK_CRD_USER",
+            "LABLINK_INUSE_PROCESS",
+            "LABLINK_LOG_FILES",
+            "GPU_SUPPORT",
+        ];
+        // Read back the way the unit reads it: sourced by bash.
+        let probe = format!(
+            "set -a; . \"$1\"; set +a; for n in {}; do printf '%s=%s\\0' \"$n\" \"${{!n}}\"; done",
+            names.join(" ")
+        );
+        let read = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&probe)
+            .arg("bash")
+            .arg(&env_file)
+            .output()
+            .unwrap();
+        assert!(read.status.success());
+        let values: BTreeMap<String, String> = String::from_utf8(read.stdout)
+            .unwrap()
+            .split_terminator('\0')
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').unwrap();
+                (k.to_owned(), v.to_owned())
+            })
+            .collect();
+        let value = |k: &str| values.get(k).map(String::as_str).unwrap_or_default();
+        assert_eq!(value("VM_NAME"), "vm-b");
+        assert_eq!(value("API_TOKEN"), mine.expose());
+        assert_eq!(value("ALLOCATOR_URL"), "http://10.0.0.1:5000");
+        assert_eq!(value("SUBJECT_IMAGE"), "ghcr.io/talmolab/sleap:1");
+        assert_eq!(
+            value("TUTORIAL_REPO_TO_CLONE"),
+            "https://github.com/talmolab/tutorial.git"
+        );
+        assert_eq!(
+            value("LABLINK_STARTUP_SCRIPT"),
+            "echo 'set up'\nnvidia-smi || true"
+        );
+        assert_eq!(value("STARTUP_ON_ERROR"), "fail");
+        assert_eq!(value("LABLINK_CRD_USER"), "ubuntu");
+        assert_eq!(value("LABLINK_INUSE_PROCESS"), "sleap-label");
+        assert_eq!(
+            value("LABLINK_LOG_FILES"),
+            "cloud_init=/var/log/cloud-init-output.log"
+        );
+        assert_eq!(value("GPU_SUPPORT"), "true");
+
+        // The service is installed, enabled and started.
+        let unit =
+            std::fs::read_to_string(root.join("etc/systemd/system/lablink-agent.service")).unwrap();
+        assert!(unit.contains("/etc/lablink/agent.env"), "{unit}");
+        assert_eq!(
+            rec("systemctl").unwrap(),
+            "daemon-reload\nenable --now lablink-agent.service\n"
+        );
+
+        // Nothing secret was printed or logged.
+        let journal = rec("journal").unwrap();
+        for text in [&output, &journal] {
+            assert!(!text.contains(mine.expose()), "the token was printed");
+            assert!(!text.contains(&sealed.pad), "the pad was printed");
+        }
+        assert!(journal.contains("agent started for vm-b"), "{journal}");
+    }
+
+    #[test]
+    fn an_agent_download_with_the_wrong_sha256_stops_the_user_data_and_installs_nothing() {
+        let settings = AgentSettings {
+            allocator_url: "http://10.0.0.1:5000".into(),
+            agent_download_url: "https://downloads.example.org/lablink-agent".into(),
+            agent_sha256: sha256_hex(b"the real agent"),
+            env: BTreeMap::new(),
+        };
+        let token = AgentToken::generate();
+        let sealed = seal(&token).unwrap();
+        let rows = row(1, &"vm-b".parse().unwrap(), &sealed);
+        let (dir, status, output) =
+            run_user_data(&settings.render(&rows), &sealed.pad, b"a tampered agent");
+        assert!(!status.success(), "{output}");
+        assert!(
+            output.contains("SHA-256 is")
+                && output.contains(&format!("not the expected {}", settings.agent_sha256)),
+            "the log says why: {output}"
+        );
+        let root = dir.path().join("root");
+        assert!(!root.join("usr/local/bin/lablink-agent").exists());
+        assert!(!root.join("usr/local/bin/lablink-agent.download").exists());
+        assert!(!root.join("etc/lablink/agent.env").exists());
+        assert!(
+            !dir.path().join("rec/systemctl").exists(),
+            "nothing started"
+        );
+        assert!(!output.contains(token.expose()));
     }
 }

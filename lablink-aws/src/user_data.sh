@@ -8,7 +8,9 @@ umask 077
 
 IMDS=http://169.254.169.254/latest
 PAD_TAG=@@PAD_TAG@@
-AGENT=/usr/local/bin/lablink-agent
+# Every file is written under LABLINK_ROOT (empty on a VM; a scratch directory in tests).
+ROOT="${LABLINK_ROOT:-}"
+AGENT="$ROOT/usr/local/bin/lablink-agent"
 ALLOCATOR_URL_B64='@@ALLOCATOR_URL_B64@@'
 AGENT_URL_B64='@@AGENT_URL_B64@@'
 AGENT_SHA256='@@AGENT_SHA256@@'
@@ -19,7 +21,12 @@ EXTRA_ENV='
 ROWS='
 @@ROWS@@'
 
-log() { echo "lablink: $*" | systemd-cat -t lablink-user-data 2>/dev/null || echo "lablink: $*"; }
+# To stderr (cloud-init keeps it in /var/log/cloud-init-output.log, which the agent ships)
+# and to the journal. Never given a secret.
+log() {
+  echo "lablink: $*" >&2
+  echo "lablink: $*" | systemd-cat -t lablink-user-data 2>/dev/null || true
+}
 
 # --- helpers ---
 decode() { printf '%s' "$1" | base64 -d; }
@@ -65,12 +72,18 @@ API_TOKEN=$(open_token "$SEALED" "$PAD")
 ALLOCATOR_URL=$(decode "$ALLOCATOR_URL_B64")
 AGENT_URL=$(decode "$AGENT_URL_B64")
 
-# 2. The agent binary.
+# 2. The agent binary, checked before it is installed.
 if [ -n "$AGENT_URL" ]; then
   log "downloading the agent"
+  install -d -m 0755 "$(dirname "$AGENT")"
   curl -fsSL --retry 5 --retry-delay 3 -o "$AGENT.download" "$AGENT_URL"
   if [ -n "$AGENT_SHA256" ]; then
-    echo "$AGENT_SHA256  $AGENT.download" | sha256sum -c -
+    ACTUAL=$(sha256sum "$AGENT.download" | cut -d' ' -f1)
+    if [ "$ACTUAL" != "$AGENT_SHA256" ]; then
+      rm -f "$AGENT.download"
+      log "the downloaded agent's SHA-256 is $ACTUAL, not the expected $AGENT_SHA256: not installed"
+      exit 1
+    fi
   fi
   install -m 0755 "$AGENT.download" "$AGENT"
   rm -f "$AGENT.download"
@@ -81,7 +94,7 @@ if [ ! -x "$AGENT" ]; then
 fi
 
 # 3. The agent's environment: readable by root only, each value shell-quoted.
-install -d -m 0700 /etc/lablink
+install -d -m 0700 "$ROOT/etc/lablink"
 {
   printf 'ALLOCATOR_URL=%q\n' "$ALLOCATOR_URL"
   printf 'VM_NAME=%q\n' "$VM_NAME"
@@ -91,11 +104,12 @@ install -d -m 0700 /etc/lablink
       printf '%s=%q\n' "$name" "$(decode "$value")"
     fi
   done
-} > /etc/lablink/agent.env
-chmod 0600 /etc/lablink/agent.env
+} > "$ROOT/etc/lablink/agent.env"
+chmod 0600 "$ROOT/etc/lablink/agent.env"
 
 # 4. The service: started now and on every boot, restarted if it exits.
-cat > /etc/systemd/system/lablink-agent.service <<'UNIT'
+install -d -m 0755 "$ROOT/etc/systemd/system"
+cat > "$ROOT/etc/systemd/system/lablink-agent.service" <<'UNIT'
 [Unit]
 Description=LabLink agent
 Wants=network-online.target

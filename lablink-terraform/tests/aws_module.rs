@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -175,27 +176,69 @@ fn the_shipped_modules_are_terraform_fmt_clean() {
     }
 }
 
-#[test]
-fn the_user_data_gives_the_agent_every_value_unchanged() {
-    // Render the template with hostile values through the real templatefile(), then run the
-    // script's value section with bash and read the values back.
+/// The values `main.tf` hands to the user-data template: name => HCL expression.
+fn template_arguments() -> Vec<String> {
+    let main = read(&aws_module(), "main.tf");
+    let start = main
+        .find("templatefile(\"${path.module}/user_data.sh.tftpl\", {")
+        .unwrap();
+    let end = start + main[start..].find("}))").unwrap();
+    main[start..end]
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
+        .collect()
+}
+
+/// Renders the module's user-data template through the real `templatefile()` (with
+/// `terraform console`, no provider needed), with every argument `main.tf` passes: `values`
+/// are HCL expressions by name, the others harmless defaults.
+fn render_user_data(values: &[(&str, String)]) -> String {
+    let mut args: BTreeMap<String, String> = [
+        ("hostname", "\"vm-1\""),
+        (
+            "allocator_url_b64",
+            "base64encode(\"http://10.0.0.1:5000\")",
+        ),
+        ("api_token_b64", "base64encode(\"llt_token\")"),
+        ("agent_download_url_b64", "base64encode(\"\")"),
+        ("agent_sha256", "\"\""),
+        ("image_name_b64", "base64encode(\"\")"),
+        ("repository_b64", "base64encode(\"\")"),
+        ("subject_software_b64", "base64encode(\"sleap\")"),
+        ("startup_on_error", "\"continue\""),
+        ("gpu_support", "false"),
+        ("desktop_user", "\"ubuntu\""),
+        ("inuse_process_b64", "base64encode(\"\")"),
+        (
+            "log_files_b64",
+            "base64encode(\"cloud_init=/var/log/cloud-init-output.log\")",
+        ),
+        ("startup_script_b64", "base64encode(\"\")"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let mut expected = template_arguments();
+    expected.sort();
+    assert_eq!(
+        args.keys().cloned().collect::<Vec<_>>(),
+        expected,
+        "the test renders the template with exactly the arguments main.tf passes"
+    );
+    for (k, v) in values {
+        assert!(args.insert((*k).to_owned(), v.clone()).is_some(), "{k}");
+    }
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         aws_module().join("user_data.sh.tftpl"),
         dir.path().join("user_data.sh.tftpl"),
     )
     .unwrap();
-    let url = "https://x.org/?a='b'&c=\"$(touch /tmp/pwned)\"`id`${HOME}\\";
-    let token = "llt_'\"$(id)";
+    let map: Vec<String> = args.iter().map(|(k, v)| format!("{k} = {v}")).collect();
     let expr = format!(
-        "jsonencode(templatefile(\"user_data.sh.tftpl\", {{ hostname = \"vm-1\", \
-         allocator_url_b64 = base64encode({url}), api_token_b64 = base64encode({token}), \
-         agent_download_url_b64 = base64encode(\"\"), agent_sha256 = \"\", \
-         image_name_b64 = base64encode(\"\"), repository_b64 = base64encode(\"\"), \
-         subject_software_b64 = base64encode(\"sleap\"), startup_on_error = \"continue\", \
-         gpu_support = false }}))\n",
-        url = serde_json::to_string(url).unwrap().replace("${", "$${"),
-        token = serde_json::to_string(token).unwrap(),
+        "jsonencode(templatefile(\"user_data.sh.tftpl\", {{ {} }}))\n",
+        map.join(", ")
     );
     let mut console = Command::new(terraform())
         .args(["console", "-no-color"])
@@ -221,13 +264,39 @@ fn the_user_data_gives_the_agent_every_value_unchanged() {
     // The console prints the JSON string as an HCL string literal: decode both layers.
     let hcl = String::from_utf8(out.stdout).unwrap();
     let json: String = serde_json::from_str(hcl.trim()).unwrap();
-    let script: String = serde_json::from_str(&json).unwrap();
+    serde_json::from_str(&json).unwrap()
+}
+
+/// An HCL string literal of `s` (JSON escaping, and `${` / `%{` kept literal).
+fn hcl_string(s: &str) -> String {
+    serde_json::to_string(s)
+        .unwrap()
+        .replace("${", "$${")
+        .replace("%{", "%%{")
+}
+
+#[test]
+fn the_user_data_gives_the_agent_every_value_unchanged() {
+    // Render the template with hostile values through the real templatefile(), then run the
+    // script's value section with bash and read the values back.
+    let url = "https://x.org/?a='b'&c=\"$(touch /tmp/pwned)\"`id`${HOME}\\";
+    let token = "llt_'\"$(id)";
+    let script = render_user_data(&[
+        (
+            "allocator_url_b64",
+            format!("base64encode({})", hcl_string(url)),
+        ),
+        (
+            "api_token_b64",
+            format!("base64encode({})", hcl_string(token)),
+        ),
+    ]);
     assert!(
         !script.contains("pwned"),
         "values are encoded, never pasted in"
     );
 
-    let values_end = script.find("AGENT=/usr/local/bin").unwrap();
+    let values_end = script.find("\nROOT=").unwrap();
     let probe = format!(
         "{}\nprintf '%s\\n' \"$ALLOCATOR_URL\" \"$API_TOKEN\" \"$VM_NAME\"\n",
         &script[..values_end]
@@ -247,4 +316,230 @@ fn the_user_data_gives_the_agent_every_value_unchanged() {
         .status()
         .unwrap();
     assert!(syntax.success(), "the rendered user data is valid bash");
+}
+
+/// A scratch machine for the rendered user data: `LABLINK_ROOT` and recording stand-ins,
+/// first on `PATH`, for `curl` (serves `agent` for any download), `systemctl` and
+/// `systemd-cat`.
+struct Machine {
+    dir: tempfile::TempDir,
+}
+
+impl Machine {
+    fn new(agent: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["bin", "rec", "root"] {
+            std::fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        std::fs::write(dir.path().join("fake-agent"), agent).unwrap();
+        let m = Self { dir };
+        m.stand_in(
+            "curl",
+            r#"printf '%s\n' "$*" >> "$REC/curl"
+out='' url=''
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o|-X|-H|--retry|--retry-delay) [ "$1" = -o ] && out=$2; shift 2 ;;
+    -*) shift ;;
+    *) url=$1; shift ;;
+  esac
+done
+printf '%s\n' "$url" >> "$REC/downloads"
+cat "$FAKE_AGENT" > "$out""#,
+        );
+        m.stand_in("systemctl", r#"printf '%s\n' "$*" >> "$REC/systemctl""#);
+        m.stand_in("systemd-cat", r#"cat >> "$REC/journal""#);
+        m
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Installed by a child process: no write descriptor of ours leaks into a process
+    /// another test forks ("Text file busy").
+    fn stand_in(&self, name: &str, body: &str) {
+        let source = self.path(&format!("{name}.src"));
+        std::fs::write(&source, format!("#!/bin/bash\n{body}\n")).unwrap();
+        let ok = Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(self.path("bin").join(name))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    fn sha256(&self) -> String {
+        let out = Command::new("sha256sum")
+            .arg(self.path("fake-agent"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+    }
+
+    /// Runs `script` with bash; its status and everything it printed.
+    fn run(&self, script: &str) -> (std::process::ExitStatus, String) {
+        let path = format!(
+            "{}:{}",
+            self.path("bin").display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("PATH", path)
+            .env("LABLINK_ROOT", self.path("root"))
+            .env("REC", self.path("rec"))
+            .env("FAKE_AGENT", self.path("fake-agent"))
+            .output()
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status, printed)
+    }
+
+    fn recorded(&self, name: &str) -> Option<String> {
+        std::fs::read_to_string(self.path("rec").join(name)).ok()
+    }
+}
+
+#[test]
+fn the_rendered_user_data_installs_the_checked_agent_its_private_settings_and_the_service() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let machine = Machine::new(b"#!/bin/sh\necho fake agent\n");
+    let token = "llt_s3cret-agent-token";
+    let startup = "echo 'set up'\nnvidia-smi || true";
+    let b64 = |s: &str| format!("base64encode({})", hcl_string(s));
+    let script = render_user_data(&[
+        ("hostname", "\"vm-7\"".into()),
+        ("api_token_b64", b64(token)),
+        (
+            "agent_download_url_b64",
+            b64("https://downloads.example.org/lablink-agent"),
+        ),
+        ("agent_sha256", format!("\"{}\"", machine.sha256())),
+        ("image_name_b64", b64("ghcr.io/talmolab/sleap:1")),
+        (
+            "repository_b64",
+            b64("https://github.com/talmolab/tutorial.git"),
+        ),
+        ("startup_on_error", "\"fail\"".into()),
+        ("gpu_support", "true".into()),
+        ("desktop_user", "\"researcher\"".into()),
+        ("inuse_process_b64", b64("sleap-label")),
+        (
+            "log_files_b64",
+            b64("cloud_init=/var/log/cloud-init-output.log,container=/var/log/app.log"),
+        ),
+        ("startup_script_b64", b64(startup)),
+    ]);
+    let (status, printed) = machine.run(&script);
+    assert!(status.success(), "{printed}");
+    let root = machine.path("root");
+
+    assert_eq!(
+        machine.recorded("downloads").unwrap(),
+        "https://downloads.example.org/lablink-agent\n"
+    );
+    let installed = root.join("usr/local/bin/lablink-agent");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(machine.path("fake-agent")).unwrap()
+    );
+    let mode = std::fs::metadata(&installed).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o755);
+
+    let env_file = root.join("etc/lablink/agent.env");
+    let mode = std::fs::metadata(&env_file).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the agent's environment is root's only"
+    );
+    let expected = [
+        ("ALLOCATOR_URL", "http://10.0.0.1:5000"),
+        ("VM_NAME", "vm-7"),
+        ("API_TOKEN", token),
+        ("SUBJECT_IMAGE", "ghcr.io/talmolab/sleap:1"),
+        (
+            "TUTORIAL_REPO_TO_CLONE",
+            "https://github.com/talmolab/tutorial.git",
+        ),
+        ("STARTUP_ON_ERROR", "fail"),
+        ("GPU_SUPPORT", "true"),
+        ("LABLINK_CRD_USER", "researcher"),
+        ("LABLINK_INUSE_PROCESS", "sleap-label"),
+        (
+            "LABLINK_LOG_FILES",
+            "cloud_init=/var/log/cloud-init-output.log,container=/var/log/app.log",
+        ),
+        ("LABLINK_STARTUP_SCRIPT", startup),
+    ];
+    // Read back the way the unit reads it: sourced by bash.
+    let names: Vec<&str> = expected.iter().map(|(k, _)| *k).collect();
+    let probe = format!(
+        "set -a; . \"$1\"; set +a; for n in {}; do printf '%s\\0' \"${{!n}}\"; done",
+        names.join(" ")
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&probe)
+        .arg("bash")
+        .arg(&env_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let values: Vec<&str> = text.split_terminator('\0').collect();
+    for ((name, want), got) in expected.iter().zip(&values) {
+        assert_eq!(got, want, "{name}");
+    }
+    assert_eq!(values.len(), expected.len());
+
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/lablink-agent.service")).unwrap();
+    assert!(unit.contains("/etc/lablink/agent.env"), "{unit}");
+    assert_eq!(
+        machine.recorded("systemctl").unwrap(),
+        "daemon-reload\nenable --now lablink-agent.service\n"
+    );
+    let journal = machine.recorded("journal").unwrap();
+    assert!(journal.contains("agent started for vm-7"), "{journal}");
+    assert!(
+        !printed.contains(token) && !journal.contains(token),
+        "the token was printed"
+    );
+}
+
+#[test]
+fn a_download_with_the_wrong_sha256_stops_the_rendered_user_data_and_installs_nothing() {
+    let machine = Machine::new(b"a tampered agent");
+    let wrong = "0".repeat(64);
+    let script = render_user_data(&[
+        (
+            "agent_download_url_b64",
+            "base64encode(\"https://downloads.example.org/lablink-agent\")".into(),
+        ),
+        ("agent_sha256", format!("\"{wrong}\"")),
+    ]);
+    let (status, printed) = machine.run(&script);
+    assert!(!status.success(), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "SHA-256 is {}, not the expected {wrong}: not installed",
+            machine.sha256()
+        )),
+        "the log says why: {printed}"
+    );
+    let root = machine.path("root");
+    assert!(!root.join("usr/local/bin/lablink-agent").exists());
+    assert!(!root.join("usr/local/bin/lablink-agent.download").exists());
+    assert!(!root.join("etc/lablink/agent.env").exists());
+    assert_eq!(machine.recorded("systemctl"), None, "nothing started");
+    assert!(!printed.contains("llt_token"));
 }

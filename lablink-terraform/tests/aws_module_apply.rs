@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,65 +22,11 @@ use serde_json::{json, Value};
 
 const PATIENCE: Duration = Duration::from_secs(300);
 
-/// Where the emulator listens; the test fails, naming what to run, without it.
-fn endpoint() -> String {
-    std::env::var("LABLINK_AWS_TEST_ENDPOINT").unwrap_or_else(|_| {
-        panic!(
-            "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
-             through scripts/with-moto.sh (the README's test command does)"
-        )
-    })
-}
-
-/// A Terraform CLI configuration installing providers from the filesystem mirror only.
-fn cli_config(dir: &Path) -> PathBuf {
-    let mirror = std::env::var("LABLINK_TF_PLUGIN_MIRROR").unwrap_or("/opt/tf-plugins".into());
-    let aws = Path::new(&mirror).join("registry.terraform.io/hashicorp/aws");
-    assert!(
-        aws.is_dir(),
-        "the hashicorp/aws provider is not in the filesystem mirror {mirror} (expected {}); \
-         set LABLINK_TF_PLUGIN_MIRROR to a mirror holding it",
-        aws.display()
-    );
-    let file = dir.join("terraform.rc");
-    std::fs::write(
-        &file,
-        format!(
-            "provider_installation {{\n  filesystem_mirror {{\n    path = {mirror:?}\n  }}\n}}\n"
-        ),
-    )
-    .unwrap();
-    file
-}
-
-/// Runs a boto3 script against the emulator; its JSON output. `script` reads `ec2`, `iam`
-/// and `deployment`, and prints JSON.
-fn emulator(script: &str, deployment: &str) -> Value {
-    let program = format!(
-        "import base64, gzip, json, sys, boto3\n\
-         kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-                   aws_access_key_id='lablink-test', aws_secret_access_key='lablink-test')\n\
-         ec2 = boto3.client('ec2', **kw)\n\
-         iam = boto3.client('iam', **kw)\n\
-         deployment = sys.argv[2]\n{script}"
-    );
-    let out = Command::new("python3")
-        .args(["-c", &program, &endpoint(), deployment])
-        .output()
-        .expect("python3 (with boto3, which moto[server] installs) is needed to read the emulator");
-    assert!(
-        out.status.success(),
-        "boto3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// The deployment's instances: hostname => state, type, tags, decoded user data.
 fn instances(deployment: &str) -> Value {
-    emulator(
+    common::emulator(
         "out = {}\n\
-         pages = ec2.describe_instances(Filters=[{'Name': 'tag:deployment', 'Values': [deployment]}])\n\
+         pages = ec2.describe_instances(Filters=[{'Name': 'tag:deployment', 'Values': [arg]}])\n\
          for r in pages['Reservations']:\n\
          \x20   for i in r['Instances']:\n\
          \x20       tags = {t['Key']: t['Value'] for t in i.get('Tags', [])}\n\
@@ -97,7 +43,7 @@ fn instances(deployment: &str) -> Value {
 }
 
 fn ami() -> String {
-    emulator(
+    common::emulator(
         "print(json.dumps(ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']))",
         "",
     )
@@ -143,9 +89,9 @@ async fn the_shipped_module_creates_tags_and_destroys_real_instances() {
     for (name, value) in [
         (
             "TF_CLI_CONFIG_FILE",
-            cli_config(dir.path()).display().to_string(),
+            common::mirror_cli_config(dir.path()).display().to_string(),
         ),
-        ("AWS_ENDPOINT_URL", endpoint()),
+        ("AWS_ENDPOINT_URL", common::emulator_endpoint()),
         ("AWS_ACCESS_KEY_ID", "lablink-test".into()),
         ("AWS_SECRET_ACCESS_KEY", "lablink-test".into()),
         ("AWS_CONFIG_FILE", "/dev/null".into()),
@@ -213,8 +159,8 @@ async fn the_shipped_module_creates_tags_and_destroys_real_instances() {
         }
     }
     // The shared security group lets everything out and nothing in (no SSH CIDRs given).
-    let group = emulator(
-        "g = ec2.describe_security_groups(Filters=[{'Name': 'group-name', 'Values': [deployment + '-lablink-client-sg']}])['SecurityGroups']\n\
+    let group = common::emulator(
+        "g = ec2.describe_security_groups(Filters=[{'Name': 'group-name', 'Values': [arg + '-lablink-client-sg']}])['SecurityGroups']\n\
          print(json.dumps(g))",
         &deployment,
     );
@@ -254,9 +200,9 @@ async fn the_shipped_module_creates_tags_and_destroys_real_instances() {
             assert_eq!(run["state"], "terminated", "{name}: {after:#}");
         }
     }
-    let left = emulator(
-        "g = ec2.describe_security_groups(Filters=[{'Name': 'group-name', 'Values': [deployment + '-lablink-client-sg']}])['SecurityGroups']\n\
-         p = [x['InstanceProfileName'] for x in iam.list_instance_profiles()['InstanceProfiles'] if x['InstanceProfileName'].startswith(deployment)]\n\
+    let left = common::emulator(
+        "g = ec2.describe_security_groups(Filters=[{'Name': 'group-name', 'Values': [arg + '-lablink-client-sg']}])['SecurityGroups']\n\
+         p = [x['InstanceProfileName'] for x in iam.list_instance_profiles()['InstanceProfiles'] if x['InstanceProfileName'].startswith(arg)]\n\
          print(json.dumps(dict(groups=len(g), profiles=p)))",
         &deployment,
     );

@@ -17,17 +17,6 @@ const RELEASE_URL: &str =
 const RELEASE_SHA256: &str = "5f2b7c0e3d1a9e8b4c6d0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e";
 const DB_PASSWORD: &str = "Pw-only-in-ssm-7731";
 
-/// Where the emulator listens; the test fails, naming what to run, without it.
-fn endpoint() -> String {
-    std::env::var("LABLINK_AWS_TEST_ENDPOINT").unwrap_or_else(|_| {
-        panic!(
-            "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
-             through scripts/with-moto.sh (bash scripts/with-moto.sh cargo test -p \
-             lablink-terraform --test deploy_module)"
-        )
-    })
-}
-
 /// A working copy of `deploy/aws` (its .tf files and template) in a fresh temporary
 /// directory, with a Terraform CLI configuration installing providers from the mirror only.
 struct Deployment {
@@ -60,23 +49,7 @@ impl Deployment {
         )
         .unwrap();
 
-        let mirror =
-            std::env::var("LABLINK_TF_PLUGIN_MIRROR").unwrap_or_else(|_| "/opt/tf-plugins".into());
-        let aws = Path::new(&mirror).join("registry.terraform.io/hashicorp/aws");
-        assert!(
-            aws.is_dir(),
-            "the hashicorp/aws provider is not in the filesystem mirror {mirror} (expected {}); \
-             set LABLINK_TF_PLUGIN_MIRROR to a mirror holding it",
-            aws.display()
-        );
-        let cli_config = tmp.path().join("terraform.rc");
-        std::fs::write(
-            &cli_config,
-            format!(
-                "provider_installation {{\n  filesystem_mirror {{\n    path = {mirror:?}\n  }}\n}}\n"
-            ),
-        )
-        .unwrap();
+        let cli_config = common::mirror_cli_config(tmp.path());
         Self {
             _tmp: tmp,
             dir,
@@ -91,7 +64,7 @@ impl Deployment {
             .current_dir(&self.dir)
             .env("TF_CLI_CONFIG_FILE", &self.cli_config)
             .env("TF_IN_AUTOMATION", "1")
-            .env("AWS_ENDPOINT_URL", endpoint())
+            .env("AWS_ENDPOINT_URL", common::emulator_endpoint())
             .env("AWS_ACCESS_KEY_ID", "lablink-test")
             .env("AWS_SECRET_ACCESS_KEY", "lablink-test")
             .env("AWS_CONFIG_FILE", "/dev/null")
@@ -126,34 +99,9 @@ impl Deployment {
     }
 }
 
-/// Runs a boto3 script against the emulator; its JSON output. `script` reads `ec2`, `iam`,
-/// `r53`, `ssm` and `arg`, and prints JSON.
-fn emulator(script: &str, arg: &str) -> Value {
-    let program = format!(
-        "import base64, gzip, json, sys, boto3\n\
-         kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1',\n\
-                   aws_access_key_id='lablink-test', aws_secret_access_key='lablink-test')\n\
-         ec2 = boto3.client('ec2', **kw)\n\
-         iam = boto3.client('iam', **kw)\n\
-         r53 = boto3.client('route53', **kw)\n\
-         ssm = boto3.client('ssm', **kw)\n\
-         arg = sys.argv[2]\n{script}"
-    );
-    let out = Command::new("python3")
-        .args(["-c", &program, &endpoint(), arg])
-        .output()
-        .expect("python3 (with boto3, which moto[server] installs) is needed to read the emulator");
-    assert!(
-        out.status.success(),
-        "boto3 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// An AMI the emulator knows and the default VPC's first subnet.
 fn ami_and_subnet() -> (String, String) {
-    let found = emulator(
+    let found = common::emulator(
         "img = ec2.describe_images(Owners=['amazon'])['Images'][0]['ImageId']\n\
          sub = ec2.describe_subnets(Filters=[{'Name': 'default-for-az', 'Values': ['true']}])['Subnets'][0]['SubnetId']\n\
          print(json.dumps([img, sub]))",
@@ -243,7 +191,7 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
     let (ami, subnet) = ami_and_subnet();
     let name = format!("llk{}", std::process::id());
     let domain = format!("{name}.lablink-test.example.org");
-    let zone = emulator(
+    let zone = common::emulator(
         "z = r53.create_hosted_zone(Name='lablink-test.example.org', CallerReference=arg)['HostedZone']['Id']\n\
          print(json.dumps(z.split('/')[-1]))",
         &name,
@@ -279,7 +227,7 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
     assert_eq!(out("url"), format!("https://{domain}"));
     assert_eq!(out("role_name"), format!("{name}-allocator"));
 
-    let live = emulator(
+    let live = common::emulator(
         &format!(
             "i = ec2.describe_instances(InstanceIds=[{instance_id:?}])['Reservations'][0]['Instances'][0]\n\
              ud = ec2.describe_instance_attribute(InstanceId=i['InstanceId'], Attribute='userData')\n\
@@ -433,7 +381,7 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
 
     // Destroy: nothing left (the instance terminated, the rest deleted).
     deployment.run(&["destroy", "-auto-approve", "-input=false", "-no-color"]);
-    let left = emulator(
+    let left = common::emulator(
         &format!(
             "i = ec2.describe_instances(InstanceIds=[{instance_id:?}])['Reservations'][0]['Instances'][0]['State']['Name']\n\
              g = ec2.describe_security_groups(Filters=[{{'Name': 'group-name', 'Values': [arg + '-allocator-sg']}}])['SecurityGroups']\n\

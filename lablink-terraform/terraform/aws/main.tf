@@ -134,6 +134,10 @@ resource "aws_instance" "vm" {
     subject_software_b64   = base64encode(var.subject_software)
     startup_on_error       = var.startup_on_error
     gpu_support            = var.gpu_support
+    desktop_user           = var.desktop_user
+    inuse_process_b64      = base64encode(var.inuse_process)
+    log_files_b64          = base64encode(join(",", var.log_files))
+    startup_script_b64     = base64encode(var.startup_script)
   }))
 
   metadata_options {

@@ -128,6 +128,40 @@ variable "startup_on_error" {
   }
 }
 
+variable "startup_script" {
+  description = "A start-up script the agent runs, with retries, before the VM becomes available: a path on the image, or the script itself (LABLINK_STARTUP_SCRIPT). Empty: none."
+  type        = string
+  default     = ""
+}
+
+variable "desktop_user" {
+  description = "The desktop user: Chrome Remote Desktop's --user-name, whose home the container mounts and the tutorial is cloned into (LABLINK_CRD_USER)."
+  type        = string
+  default     = "ubuntu"
+
+  validation {
+    condition     = can(regex("^[a-z_][a-z0-9_-]{0,31}$", var.desktop_user))
+    error_message = "desktop_user must be a user name: up to 32 of [a-z0-9_-], starting with a letter or '_'."
+  }
+}
+
+variable "inuse_process" {
+  description = "The research software's process name, which tells whether the VM is in use (LABLINK_INUSE_PROCESS). Empty: never reported in use."
+  type        = string
+  default     = ""
+}
+
+variable "log_files" {
+  description = "Log files the agent ships, as stream=path with stream cloud_init, container or agent (LABLINK_LOG_FILES)."
+  type        = list(string)
+  default     = ["cloud_init=/var/log/cloud-init-output.log"]
+
+  validation {
+    condition     = alltrue([for f in var.log_files : can(regex("^(cloud_init|container|agent)=/[^,]*$", f))])
+    error_message = "Every log_files entry must be stream=/absolute/path with stream cloud_init, container or agent."
+  }
+}
+
 variable "extra_tags" {
   description = "More tags for every resource."
   type        = map(string)

@@ -167,3 +167,63 @@ impl Provisioner for InTempDir {
         self.inner.reboot(vm).await
     }
 }
+
+/// Where the AWS emulator listens (`scripts/with-moto.sh` sets it); the test fails, naming
+/// what to run, without it.
+pub fn emulator_endpoint() -> String {
+    std::env::var("LABLINK_AWS_TEST_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "LABLINK_AWS_TEST_ENDPOINT is not set: this test needs the AWS emulator; run it \
+             through scripts/with-moto.sh (the README's test command does)"
+        )
+    })
+}
+
+/// A Terraform CLI configuration in `dir` installing providers from the filesystem mirror
+/// only (`LABLINK_TF_PLUGIN_MIRROR`, default `/opt/tf-plugins`), which must hold
+/// `hashicorp/aws`.
+pub fn mirror_cli_config(dir: &Path) -> PathBuf {
+    let mirror =
+        std::env::var("LABLINK_TF_PLUGIN_MIRROR").unwrap_or_else(|_| "/opt/tf-plugins".into());
+    let aws = Path::new(&mirror).join("registry.terraform.io/hashicorp/aws");
+    assert!(
+        aws.is_dir(),
+        "the hashicorp/aws provider is not in the filesystem mirror {mirror} (expected {}); \
+         set LABLINK_TF_PLUGIN_MIRROR to a mirror holding it",
+        aws.display()
+    );
+    let file = dir.join("terraform.rc");
+    std::fs::write(
+        &file,
+        format!(
+            "provider_installation {{\n  filesystem_mirror {{\n    path = {mirror:?}\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// Runs a boto3 script against the emulator; its JSON output. `script` reads the clients
+/// `ec2`, `iam`, `r53` and `ssm` and the string `arg`, and prints JSON.
+pub fn emulator(script: &str, arg: &str) -> Value {
+    let program = format!(
+        "import base64, gzip, json, sys, boto3\n\
+         kw = dict(endpoint_url=sys.argv[1], region_name='us-east-1',\n\
+                   aws_access_key_id='lablink-test', aws_secret_access_key='lablink-test')\n\
+         ec2 = boto3.client('ec2', **kw)\n\
+         iam = boto3.client('iam', **kw)\n\
+         r53 = boto3.client('route53', **kw)\n\
+         ssm = boto3.client('ssm', **kw)\n\
+         arg = sys.argv[2]\n{script}"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &program, &emulator_endpoint(), arg])
+        .output()
+        .expect("python3 (with boto3, which moto[server] installs) is needed to read the emulator");
+    assert!(
+        out.status.success(),
+        "boto3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
