@@ -6,7 +6,7 @@
 #       default, commented), README.md, RELEASE (the tarball's name)
 #   dist/lablink-agent-<version>-<target>.tar.gz  the VM agent: bin/lablink-agent, README.md
 #       (its systemd unit is written by the VMs' user-data, which downloads the bare binary:
-#       host bin/lablink-agent and set [provisioner.aws] agent_url and agent_sha256)
+#       host bin/lablink-agent and set agent_url and agent_sha256 under [provisioner])
 #   dist/SHA256SUMS                               `sha256sum -c SHA256SUMS` checks both
 #
 # The binaries are built natively (no cross toolchain) with `cargo build --locked`. Built on

@@ -114,13 +114,19 @@ pub async fn run(
     if let Some(script) = &config.startup_script {
         steps.push(startup_script(config, script, &note).await);
     }
+    let mut all_done = true;
     for failed in steps.iter().filter_map(|s| s.as_ref().err()) {
+        all_done = false;
         match config.on_error {
             OnError::Continue => note(format!("{failed}; continuing (STARTUP_ON_ERROR=continue)")),
             OnError::Fail => return Err(failed.clone()),
         }
     }
-    state.save(DONE, "done");
+    // Only a whole bootstrap is remembered: after a restart a failed step is tried again
+    // (the finished ones skip themselves: the clone is there, the container exists).
+    if all_done {
+        state.save(DONE, "done");
+    }
     Ok(())
 }
 
@@ -183,7 +189,8 @@ async fn clone(
         .trim_end_matches(".git");
     if name.is_empty() || name == "." || name == ".." {
         return Err(StepFailed(format!(
-            "the tutorial repository {repo:?} has no directory name"
+            "the tutorial repository {} has no directory name",
+            shown(repo)
         )));
     }
     let target = home.join(name);
@@ -206,7 +213,8 @@ async fn clone(
     .await;
     if !cloned {
         return Err(StepFailed(format!(
-            "the tutorial repository {repo} could not be cloned"
+            "the tutorial repository {} could not be cloned",
+            shown(repo)
         )));
     }
     // `/proc/self` belongs to the process's effective user.
@@ -313,4 +321,35 @@ async fn startup_script(
     }
     note("the start-up script succeeded".into());
     Ok(())
+}
+
+/// A repository URL as it may be logged: without credentials (`https://user:token@host`)
+/// or a query.
+fn shown(repo: &str) -> String {
+    let without_query = repo.split(['?', '#']).next().unwrap_or_default();
+    match without_query.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}/{path}")
+        }
+        None => without_query.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_repository_is_logged_without_its_credentials() {
+        assert_eq!(
+            super::shown("https://ada:ghp_secret@github.com/lab/tutorial.git?x=1"),
+            "https://github.com/lab/tutorial.git"
+        );
+        assert_eq!(
+            super::shown("git@github.com:lab/t.git"),
+            "git@github.com:lab/t.git"
+        );
+    }
 }

@@ -234,6 +234,10 @@ impl Ec2Config {
         if self.allocator_url.trim().is_empty() {
             problems.push("[provisioner] allocator_url (what the agents call) must be set".into());
         }
+        let sha = &self.agent_sha256;
+        if !sha.is_empty() && (sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit())) {
+            problems.push("[provisioner] agent_sha256 must be 64 hexadecimal digits".into());
+        }
         if self.agent_url.is_empty() && !self.agent_sha256.is_empty() {
             problems.push("[provisioner] agent_sha256 is set without agent_url".into());
         }

@@ -117,6 +117,9 @@ impl LabLink {
             )
             .with_operation("reconcile"));
         }
+        // Marked from before the lock is taken until after it is released (locals drop in
+        // reverse order), so an admin's launch never sees the lock held and the mark absent.
+        let _reconciling = Reconciling::mark(&self.inner.reconciling);
         let _lock = self
             .inner
             .store
@@ -130,7 +133,6 @@ impl LabLink {
                 }
                 _ => e,
             })?;
-        let _reconciling = Reconciling::mark(&self.inner.reconciling);
         let machines = provisioner.list().await?;
         let records = self.inner.store.list(&VmFilter::default()).await?;
         let mut report = ReconcileReport {

@@ -294,18 +294,19 @@ impl Module {
                 match *kind {
                     "output" => module.outputs.push(name),
                     "variable" => {
-                        // The block's own lines, up to its closing brace.
-                        let mut depth = line.matches('{').count() - line.matches('}').count();
-                        let mut has_default = false;
-                        for inner in lines.by_ref() {
+                        // The block's own lines, up to its closing brace (a one-line block
+                        // such as `variable "x" { default = 1 }` closes on its own line).
+                        let braces = |l: &str| {
+                            l.matches('{').count() as isize - l.matches('}').count() as isize
+                        };
+                        let mut depth = braces(line);
+                        let mut has_default = depth <= 0 && line.contains("default");
+                        while depth > 0 {
+                            let Some(inner) = lines.next() else { break };
                             if depth == 1 && inner.trim_start().starts_with("default") {
                                 has_default = true;
                             }
-                            depth = (depth + inner.matches('{').count())
-                                .saturating_sub(inner.matches('}').count());
-                            if depth == 0 {
-                                break;
-                            }
+                            depth += braces(inner);
                         }
                         module.variables.insert(name, has_default);
                     }
@@ -353,6 +354,19 @@ mod tests {
                 .any(|p| p.contains("vms is set by the provisioner")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn one_line_variable_blocks_are_read_whole() {
+        let module = Module::parse(&[
+            "variable \"a\" { default = 1 }\nvariable \"b\" {}\nvariable \"c\" {\n  type = string\n}\n".into(),
+        ]);
+        let found: Vec<(&str, bool)> = module
+            .variables
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(found, [("a", true), ("b", false), ("c", false)]);
     }
 
     #[test]

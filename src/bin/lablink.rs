@@ -157,6 +157,15 @@ fn init_tracing(config: &Config) {
 
 async fn serve(config: Config) -> Result<(), lablink::server::BoxError> {
     init_tracing(&config);
+    // Under systemd, standard output is the journal: a generated password printed there
+    // would be kept and readable by every member of its readers' group.
+    if !config.has_admin_password() && std::env::var_os("JOURNAL_STREAM").is_some() {
+        return Err(
+            "no admin password is configured, and under systemd a generated one would \
+                    be written to the journal: set [admin] password_hash (lablink hash-password)"
+                .into(),
+        );
+    }
     let generated = (!config.has_admin_password())
         .then(|| Alphanumeric.sample_string(&mut rand::rngs::OsRng, 20));
     let hash = match (&generated, config.admin.password_hash.is_empty()) {

@@ -191,10 +191,14 @@ impl Config {
     }
 
     /// [`problems`](Self::problems) plus what only this machine can tell, such as a missing
-    /// terraform program or a module without the variables the provisioner sets:
+    /// terraform program, a module without the variables the provisioner sets, or
+    /// certificate files that cannot be read:
     /// `lablink validate` and `lablink serve` check these too.
     pub fn host_problems(&self) -> Vec<String> {
         let mut problems = self.problems();
+        if let Some(tls) = &self.server.tls {
+            problems.extend(tls.problems());
+        }
         problems.extend(self.provisioner.host_problems());
         problems
     }
@@ -211,6 +215,18 @@ impl Config {
         if !self.database.url.is_empty() && self.server.cookie_secret.is_empty() {
             warnings.push(
                 "[server] cookie_secret is not set: each replica (and each restart) signs participant cookies with its own key, so a participant's repeat on another replica must show the same code again"
+                    .into(),
+            );
+        }
+        if !loopback && self.server.tls.is_none() && self.server.trusted_proxies.is_empty() {
+            warnings.push(format!(
+                "[server] listen {} is reachable from other machines over plain HTTP: serve [server.tls], or put a TLS proxy in front and list it in trusted_proxies, or admins sign in in clear text",
+                self.server.listen
+            ));
+        }
+        if self.server.tls.is_some() && self.provisioner.kind() == "local" {
+            warnings.push(
+                "[server.tls] with the local provisioner: its agents call https://127.0.0.1, so the certificate must be valid for 127.0.0.1 and trusted on this machine"
                     .into(),
             );
         }
@@ -301,6 +317,7 @@ mod tests {
         std::fs::write(
             &path,
             "[server]\ntrusted_proxies = [\"10.0.0.0/33\", \"proxy\"]\ncookie_secret = \"short\"\n\
+             metrics_token = \"change-me-to-a-long-random-token\"\n\
              [participants]\nregistered_emails = [\"ok@lab.org\", \"not an email\"]\nrequests_burst = 0\n",
         )
         .unwrap();
@@ -310,6 +327,7 @@ mod tests {
             "\"proxy\"",
             "cookie_secret",
             "registered_emails[1]",
+            "metrics_token is still the sample's placeholder",
             "requests_burst",
         ] {
             assert!(

@@ -82,8 +82,15 @@ impl ServerConfig {
         if !self.cookie_secret.is_empty() && self.cookie_secret.len() < 32 {
             problems.push("[server] cookie_secret must be at least 32 characters".into());
         }
-        if let Some(tls) = &self.tls {
-            problems.extend(tls.problems());
+        for (name, value) in [
+            ("cookie_secret", &self.cookie_secret),
+            ("metrics_token", &self.metrics_token),
+        ] {
+            if is_placeholder(value) {
+                problems.push(format!(
+                    "[server] {name} is still the sample's placeholder: make a random one"
+                ));
+            }
         }
         problems
     }
@@ -240,6 +247,10 @@ impl AdminConfig {
         if !self.session_secret.is_empty() && self.session_secret.len() < 32 {
             problems.push("[admin] session_secret must be at least 32 characters".into());
         }
+        if is_placeholder(&self.session_secret) {
+            problems
+                .push("[admin] session_secret is still a placeholder: make a random one".into());
+        }
         problems
     }
 }
@@ -344,4 +355,9 @@ fn hidden(secret: &str) -> &'static str {
     } else {
         "***"
     }
+}
+
+/// Whether a secret is a documentation placeholder (`change-me...`) left in a copied file.
+fn is_placeholder(secret: &str) -> bool {
+    secret.to_ascii_lowercase().contains("change-me")
 }

@@ -42,14 +42,15 @@ output "instance_terraform_apply_times" {
 locals {
   # Seconds since 1970 of the start and end times (RFC 3339, UTC; Terraform has no such
   # function): days from the civil date (Howard Hinnant's days_from_civil), plus the time of
-  # day. `y` counts years from March, so February's leap day ends a year.
+  # day (`h` is Terraform's 24-hour hour; `H` is 12-hour). `y` counts years from March, so
+  # February's leap day ends a year.
   apply_edges = {
     for h, vm in aws_instance.vm : h => {
       for edge, at in { start = terraform_data.start[h].output, end = terraform_data.end[h].output } : edge => {
         y                     = tonumber(formatdate("YYYY", at)) - (tonumber(formatdate("M", at)) <= 2 ? 1 : 0)
         m                     = tonumber(formatdate("M", at))
         d                     = tonumber(formatdate("D", at))
-        sod                   = tonumber(formatdate("H", at)) * 3600 + tonumber(formatdate("m", at)) * 60 + tonumber(formatdate("s", at))
+        sod                   = tonumber(formatdate("h", at)) * 3600 + tonumber(formatdate("m", at)) * 60 + tonumber(formatdate("s", at))
       }
     }
   }

@@ -94,9 +94,14 @@ variable "agent_download_url" {
 }
 
 variable "agent_sha256" {
-  description = "Expected SHA-256 of the downloaded agent binary. Empty: not checked."
+  description = "Expected SHA-256 of the downloaded agent binary (64 hex digits). Empty: not checked."
   type        = string
   default     = ""
+
+  validation {
+    condition     = can(regex("^([0-9a-fA-F]{64})?$", var.agent_sha256))
+    error_message = "agent_sha256 must be 64 hexadecimal digits (or empty)."
+  }
 }
 
 variable "image_name" {
