@@ -454,7 +454,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
     driver.call(reqwest::Method::DELETE, "", json!({})).await;
 }
 
-/// Two replicas on one store, as behind a round-robin load balancer: the browser signs in
+/// Two replicas on one PostgreSQL, as behind a round-robin load balancer: the browser signs in
 /// once on A, then uses B's and A's pages in turn (cookies do not tell ports apart, so both
 /// origins on 127.0.0.1 get the one session cookie), launches and uploads the participants
 /// with B's CSRF-protected forms, and signs out on B; the copied cookie is then refused by A.
@@ -463,14 +463,19 @@ async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
     use std::sync::Arc;
 
     let driver = Driver::start().await;
-    let store = lablink::MemoryVmStore::new();
-    let replica = || {
-        TestServer::start_with(
-            LabLink::builder().with_store(Arc::new(store.clone())),
-            |o| o.admin_refresh = Duration::from_millis(300),
-        )
+    // One PostgreSQL, a pool per replica: the session key is the one kept in the database.
+    let db = http_support::TestDatabase::create().await;
+    let replica = |pool: sqlx::PgPool| async move {
+        let store = lablink::postgres::PgVmStore::new(pool);
+        TestServer::start_with(LabLink::builder().with_store(Arc::new(store)), |o| {
+            o.admin_refresh = Duration::from_millis(300)
+        })
+        .await
     };
-    let (a, b) = (replica().await, replica().await);
+    let (a, b) = (
+        replica(db.pool(5).await).await,
+        replica(db.pool(5).await).await,
+    );
     let at = |s: &TestServer, path: &str, also: &str| {
         format!(
             "return location.origin === '{}' && location.pathname === '{path}' && document.readyState === 'complete'{also}",
