@@ -8,8 +8,10 @@
 #   etc/lablink.toml         -> ROOT/etc/lablink/lablink.toml, mode 0640, only if there is none
 #                               (an existing configuration is never touched)
 #
-# When SHA256SUMS and the tarball sit next to the unpacked directory (or in it), the tarball
-# is checked against it first. Run as root without --root on a systemd machine, it also
+# Check the tarball BEFORE unpacking it: `sha256sum --check --ignore-missing SHA256SUMS` in
+# the directory holding both (and SHA256SUMS from a source you trust). This script runs from
+# the unpacked tarball, so a tampered tarball would bring its own install.sh: the check it
+# makes of a tarball still lying next to it only catches a damaged download. Run as root without --root on a systemd machine, it also
 # creates the system user `lablink` and runs `systemctl daemon-reload`; with --root (a staging
 # tree, a package build, a test) it never calls useradd or systemctl.
 set -euo pipefail
@@ -21,6 +23,8 @@ systemd=1
 
 usage() {
   echo "usage: install.sh [--prefix /usr/local] [--root DIR] [--no-systemd]"
+  echo "Check the release tarball against SHA256SUMS before unpacking it (sha256sum --check"
+  echo "--ignore-missing SHA256SUMS): this script comes from the tarball and cannot vouch for it."
 }
 die() {
   echo "install.sh: $*" >&2
@@ -42,6 +46,10 @@ case $prefix in
   /*) prefix=${prefix%/} ;;
   *) die "--prefix must be an absolute path, not $prefix" ;;
 esac
+# It goes into the unit's ExecStart= through sed: nothing but plain path characters.
+case $prefix in
+  *[!A-Za-z0-9/._-]*) die "--prefix may hold only letters, digits and '/', '.', '_', '-', not $prefix" ;;
+esac
 if [ -n "$root" ]; then
   mkdir -p "$root"
   root=$(cd "$root" && pwd)
@@ -56,7 +64,8 @@ for file in bin/lablink systemd/lablink.service etc/lablink.toml; do
   [ -f "$here/$file" ] || die "$here/$file is missing: run install.sh from an unpacked release"
 done
 
-# 1. The tarball against SHA256SUMS, when both are at hand.
+# 1. The tarball against SHA256SUMS, when both are at hand. This only catches a damaged
+#    download: it runs after unpacking, from the tarball itself (see the top).
 release=$(cat "$here/RELEASE" 2>/dev/null || true)
 checked=0
 if [ -n "$release" ]; then
@@ -66,13 +75,15 @@ if [ -n "$release" ]; then
       [ -n "$line" ] || die "$dir/SHA256SUMS does not list $release.tar.gz"
       (cd "$dir" && printf '%s\n' "$line" | sha256sum --check --quiet -) ||
         die "$dir/$release.tar.gz does not match SHA256SUMS: download it again"
-      echo "checksum OK: $release.tar.gz"
+      echo "checksum OK: $dir/$release.tar.gz matches $dir/SHA256SUMS (a damaged download would" \
+        "not; a tampered tarball brings its own install.sh: check it before unpacking it)"
       checked=1
       break
     fi
   done
 fi
-[ "$checked" -eq 1 ] || echo "no SHA256SUMS with the tarball next to $here: checksum not checked"
+[ "$checked" -eq 1 ] || echo "no SHA256SUMS with the tarball next to $here: not checked here" \
+  "(check the tarball with sha256sum --check --ignore-missing SHA256SUMS before unpacking it)"
 
 # 2. The user the service runs as (a real install on a systemd machine only).
 on_systemd=0

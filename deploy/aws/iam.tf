@@ -8,33 +8,68 @@ locals {
   arn     = data.aws_partition.current.partition
   account = data.aws_caller_identity.current.account_id
 
+  # The client VMs' deployment: the allocator may act only on EC2 resources tagged with it, and
+  # with the ManagedBy value of its provisioner (lablink-aws tags "lablink-aws", the shipped
+  # client module "lablink-terraform"), so never on this host (ManagedBy = "lablink-deploy")
+  # nor on another deployment's or tool's resources.
+  client_deployment = var.client_deployment != "" ? var.client_deployment : var.name
+  own_resources = {
+    for provisioner, managed_by in { aws = "lablink-aws", terraform = "lablink-terraform" } :
+    provisioner => {
+      StringEquals = {
+        "aws:ResourceTag/deployment" = local.client_deployment
+        "aws:ResourceTag/ManagedBy"  = managed_by
+      }
+    }
+  }
+
   # The shipped client module names its role and instance profile
   # "<deployment>-lablink-client-vm-role" and "<deployment>-lablink-client-instance-profile".
   client_iam = [
-    "arn:${local.arn}:iam::${local.account}:role/*-lablink-client-*",
-    "arn:${local.arn}:iam::${local.account}:instance-profile/*-lablink-client-*",
+    "arn:${local.arn}:iam::${local.account}:role/${local.client_deployment}-lablink-client-*",
+    "arn:${local.arn}:iam::${local.account}:instance-profile/${local.client_deployment}-lablink-client-*",
   ]
 
   # Every statement the allocator may need, each with when it needs it; the policy holds the
   # ones that apply (a for expression keeps statements of different shapes in one tuple).
   candidates = [
     {
+      # Launching and looking up: these cannot be narrowed to tagged resources.
       on = var.provisioner == "aws"
       statement = {
         Sid    = "Ec2Provisioner"
         Effect = "Allow"
         Action = [
-          "ec2:CreateTags",
           "ec2:DescribeImages",
           "ec2:DescribeInstanceStatus",
           "ec2:DescribeInstances",
           "ec2:DescribeSecurityGroups",
           "ec2:DescribeSubnets",
-          "ec2:RebootInstances",
           "ec2:RunInstances",
-          "ec2:TerminateInstances",
         ]
         Resource = "*"
+      }
+    },
+    {
+      # The tags RunInstances puts on the new instances and volumes.
+      on = var.provisioner == "aws"
+      statement = {
+        Sid       = "Ec2TagOnLaunch"
+        Effect    = "Allow"
+        Action    = "ec2:CreateTags"
+        Resource  = "*"
+        Condition = { StringEquals = { "ec2:CreateAction" = ["RunInstances"] } }
+      }
+    },
+    {
+      # The hostname tags after launch, reboots and terminations: only its own VMs.
+      on = var.provisioner == "aws"
+      statement = {
+        Sid       = "Ec2OwnInstances"
+        Effect    = "Allow"
+        Action    = ["ec2:CreateTags", "ec2:RebootInstances", "ec2:TerminateInstances"]
+        Resource  = "*"
+        Condition = local.own_resources.aws
       }
     },
     {
@@ -48,28 +83,52 @@ locals {
       }
     },
     {
+      # Creating and looking up: these cannot be narrowed to tagged resources.
       on = var.provisioner == "terraform"
       statement = {
         Sid    = "ClientModuleEc2"
         Effect = "Allow"
         Action = [
+          "ec2:CreateSecurityGroup",
+          "ec2:Describe*",
+          "ec2:ImportKeyPair",
+          "ec2:RunInstances",
+        ]
+        Resource = "*"
+      }
+    },
+    {
+      # The tags the module's resources get as they are created (default_tags).
+      on = var.provisioner == "terraform"
+      statement = {
+        Sid       = "ClientModuleTagOnCreate"
+        Effect    = "Allow"
+        Action    = "ec2:CreateTags"
+        Resource  = "*"
+        Condition = { StringEquals = { "ec2:CreateAction" = ["CreateSecurityGroup", "ImportKeyPair", "RunInstances"] } }
+      }
+    },
+    {
+      # Changing and deleting: only the module's own resources of this deployment.
+      on = var.provisioner == "terraform"
+      statement = {
+        Sid    = "ClientModuleOwnResources"
+        Effect = "Allow"
+        Action = [
           "ec2:AuthorizeSecurityGroupEgress",
           "ec2:AuthorizeSecurityGroupIngress",
-          "ec2:CreateSecurityGroup",
           "ec2:CreateTags",
           "ec2:DeleteKeyPair",
           "ec2:DeleteSecurityGroup",
           "ec2:DeleteTags",
-          "ec2:Describe*",
-          "ec2:ImportKeyPair",
           "ec2:ModifyInstanceAttribute",
           "ec2:RebootInstances",
           "ec2:RevokeSecurityGroupEgress",
           "ec2:RevokeSecurityGroupIngress",
-          "ec2:RunInstances",
           "ec2:TerminateInstances",
         ]
-        Resource = "*"
+        Resource  = "*"
+        Condition = local.own_resources.terraform
       }
     },
     {
@@ -153,6 +212,16 @@ locals {
       }
     },
     {
+      # Only the one parameter holding lablink.toml (config.tf).
+      on = true
+      statement = {
+        Sid      = "ConfigParameter"
+        Effect   = "Allow"
+        Action   = "ssm:GetParameter"
+        Resource = "arn:${local.arn}:ssm:${var.region}:${local.account}:parameter${local.config_parameter}"
+      }
+    },
+    {
       # Only the one parameter holding the given database URL (database.tf).
       on = local.external_database
       statement = {
@@ -163,15 +232,8 @@ locals {
       }
     },
   ]
-  picked = [for c in local.candidates : c.statement if c.on]
-
-  # IAM refuses a policy without statements: with none needed, a harmless deny.
-  statements = concat(local.picked, [for s in [{
-    Sid      = "NothingNeeded"
-    Effect   = "Deny"
-    Action   = "*"
-    Resource = "*"
-  }] : s if length(local.picked) == 0])
+  # (Never empty: the host always reads its configuration parameter.)
+  statements = [for c in local.candidates : c.statement if c.on]
 
   allocator_policy_json = jsonencode({
     Version   = "2012-10-17"

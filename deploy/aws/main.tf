@@ -1,6 +1,7 @@
 # The allocator's host: one instance with an Elastic IP, its security group, its role
 # (iam.tf), optionally an A record, and a first-boot script (user_data.sh.tftpl) that
-# installs the release, the configuration, the database and TLS, then starts the service.
+# installs the release, fetches the configuration (config.tf) from SSM, sets up the database
+# and TLS, then starts the service.
 
 data "aws_subnet" "allocator" {
   id = var.subnet_id
@@ -53,21 +54,19 @@ locals {
   url_host = var.domain_name != "" ? var.domain_name : aws_eip.allocator.public_ip
   url      = "${var.tls == "none" ? "http" : "https"}://${local.url_host}"
 
-  # [server.tls] cannot be set through LABLINK_* variables (an absent optional table), so
-  # the builtin TLS paths go into the file, unless it has its own table.
-  lablink_toml = (var.tls == "builtin" && !can(regex("(?m)^[[:space:]]*\\[server\\.tls\\]", var.lablink_toml))
-    ? "${trimsuffix(var.lablink_toml, "\n")}\n\n# Added by deploy/aws (tls = \"builtin\").\n[server.tls]\ncert_file = \"${var.tls_cert_file}\"\nkey_file = \"${var.tls_key_file}\"\n"
-  : var.lablink_toml)
-
   # Every value reaches the script base64-encoded and is decoded there: none can break out.
+  # lablink_toml and a given database URL are not among them: the host reads both from SSM
+  # (config.tf, database.tf). [server.tls] comes from LABLINK_SERVER__TLS__* variables.
   user_data = templatefile("${path.module}/user_data.sh.tftpl", {
     release_url_b64    = base64encode(var.release_url)
     release_sha256     = lower(var.release_sha256)
-    lablink_toml_b64   = base64encode(local.lablink_toml)
     domain_name_b64    = base64encode(var.domain_name)
     tls                = var.tls
+    tls_cert_file_b64  = base64encode(var.tls_cert_file)
+    tls_key_file_b64   = base64encode(var.tls_key_file)
     database           = local.external_database ? "ssm" : "local"
     region_b64         = base64encode(var.region)
+    config_param_b64   = base64encode(local.config_parameter)
     database_param_b64 = base64encode(local.database_parameter)
   })
 }
@@ -92,6 +91,9 @@ resource "aws_instance" "allocator" {
   }
 
   tags = { Name = "${var.name}-allocator" }
+
+  # The first boot reads these parameters with this policy.
+  depends_on = [aws_ssm_parameter.lablink_toml, aws_ssm_parameter.database_url, aws_iam_role_policy.allocator]
 
   lifecycle {
     precondition {

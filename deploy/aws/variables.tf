@@ -75,6 +75,16 @@ variable "provisioner" {
   }
 }
 
+variable "client_deployment" {
+  description = "The deployment name of the client VMs ([provisioner] deployment; empty: name). The allocator may reboot, terminate, tag and change only EC2 resources tagged deployment=<it> (and ManagedBy of its provisioner), and with provisioner = \"terraform\" only the IAM role and instance profile named <it>-lablink-client-*."
+  type        = string
+  default     = ""
+  validation {
+    condition     = var.client_deployment == "" || can(regex("^[A-Za-z0-9._-]{1,64}$", var.client_deployment))
+    error_message = "client_deployment: 1 to 64 letters, digits, '.', '_' or '-', or empty (name)."
+  }
+}
+
 variable "client_role_arn" {
   description = "provisioner = \"aws\": the ARN of the role in the client VMs' instance profile ([provisioner] instance_profile), which the allocator may pass (empty: VMs without a profile, no iam:PassRole)."
   type        = string
@@ -144,9 +154,14 @@ variable "release_sha256" {
 }
 
 variable "lablink_toml" {
-  description = "The allocator's configuration, written as /etc/lablink/lablink.toml (root:lablink 0640). [server] listen/trusted_proxies and [database] url are set by this module (LABLINK_* variables in a systemd drop-in) and override the file's; with tls = \"builtin\" a [server.tls] table is appended unless it has one."
+  description = "The allocator's configuration. It is kept in an SSM SecureString parameter /<name>/allocator/lablink-toml that only this role may read (never in the user data), and written at boot as /etc/lablink/lablink.toml (root:lablink 0640). [server] listen/trusted_proxies, [server.tls] cert_file/key_file (tls = \"builtin\") and [database] url are set by this module (LABLINK_* variables in a systemd drop-in) and override the file's. At most 8,000 bytes (an SSM parameter holds 8 KB): leave comments out."
   type        = string
   sensitive   = true
+  validation {
+    # base64 is 4 characters per 3 bytes of UTF-8: an upper bound of the size in bytes.
+    condition     = ceil(length(base64encode(var.lablink_toml)) / 4) * 3 <= 8000
+    error_message = "lablink_toml: at most 8,000 bytes (it is kept in an SSM parameter, which holds 8 KB): leave comments out."
+  }
 }
 
 variable "database_url" {
@@ -161,7 +176,7 @@ variable "database_url" {
 }
 
 variable "tls" {
-  description = "Who serves HTTPS: \"caddy\" (Caddy with an automatic certificate for domain_name, proxying to the allocator on 127.0.0.1:8080), \"builtin\" (the allocator on :443 with [server.tls] tls_cert_file/tls_key_file, which you provide) or \"none\" (plain HTTP on :80)."
+  description = "Who serves HTTPS: \"caddy\" (Caddy with an automatic certificate for domain_name, proxying to the allocator on 127.0.0.1:8080), \"builtin\" (the allocator on :443 with the certificate tls_cert_file and key tls_key_file, which you provide) or \"none\" (plain HTTP on :80)."
   type        = string
   default     = "caddy"
   validation {
@@ -171,7 +186,7 @@ variable "tls" {
 }
 
 variable "tls_cert_file" {
-  description = "tls = \"builtin\": the certificate chain on the host, readable by the user lablink (written as [server.tls] cert_file unless lablink_toml has a [server.tls] table)."
+  description = "tls = \"builtin\": the certificate chain on the host, readable by the user lablink (set as LABLINK_SERVER__TLS__CERT_FILE, which overrides lablink_toml's [server.tls] cert_file)."
   type        = string
   default     = "/etc/lablink/tls/fullchain.pem"
   validation {
@@ -181,7 +196,7 @@ variable "tls_cert_file" {
 }
 
 variable "tls_key_file" {
-  description = "tls = \"builtin\": the private key on the host, readable by the user lablink (written as [server.tls] key_file unless lablink_toml has a [server.tls] table)."
+  description = "tls = \"builtin\": the private key on the host, readable by the user lablink (set as LABLINK_SERVER__TLS__KEY_FILE, which overrides lablink_toml's [server.tls] key_file)."
   type        = string
   default     = "/etc/lablink/tls/privkey.pem"
   validation {

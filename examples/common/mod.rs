@@ -50,8 +50,8 @@ impl SelfSigned {
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert, made.cert.pem())?;
         std::fs::write(&key, made.key_pair.serialize_pem())?;
-        // A file, not LABLINK_SERVER__TLS__* variables: the server takes a variable only
-        // for a setting its defaults hold, and `[server.tls]` is absent by default.
+        // A file (named by LABLINK_CONFIG); LABLINK_SERVER__TLS__CERT_FILE and
+        // LABLINK_SERVER__TLS__KEY_FILE would set `[server.tls]` as well.
         let config = format!("[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n");
         std::fs::write(dir.path().join("tls.toml"), config)?;
         Ok(Self {

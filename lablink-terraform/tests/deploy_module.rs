@@ -16,6 +16,9 @@ const RELEASE_URL: &str =
     "https://downloads.example.org/lablink-0.9.0-x86_64-unknown-linux-gnu.tar.gz";
 const RELEASE_SHA256: &str = "5f2b7c0e3d1a9e8b4c6d0f1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e";
 const DB_PASSWORD: &str = "Pw-only-in-ssm-7731";
+const CONFIG_SECRET: &str = "Cookie-only-in-ssm-5519";
+/// A presigned-looking release URL: its user info and query must never be logged.
+const SIGNED_RELEASE_URL: &str = "https://dl-user:pw-sentinel-41@downloads.example.org/lablink-0.9.0-x86_64-unknown-linux-gnu.tar.gz?X-Amz-Credential=AKIDEXAMPLE&X-Amz-Signature=sig-sentinel-93";
 
 /// A working copy of `deploy/aws` (its .tf files and template) in a fresh temporary
 /// directory, with a Terraform CLI configuration installing providers from the mirror only.
@@ -131,19 +134,6 @@ fn gunzip_base64(encoded: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn unb64(encoded: &str) -> String {
-    let out = Command::new("python3")
-        .args([
-            "-c",
-            "import base64, sys; sys.stdout.write(base64.b64decode(sys.argv[1]).decode())",
-            encoded,
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{encoded} is not base64");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn b64(text: &str) -> String {
     let out = Command::new("python3")
         .args([
@@ -176,6 +166,40 @@ fn set(items: &[&str]) -> BTreeSet<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// What the SSM parameter of `lablink_toml` holds for a deployment named `name`.
+fn stored_config(name: &str, toml: &str) -> String {
+    format!("# Written at boot by deploy/aws from the SSM parameter /{name}/allocator/lablink-toml.\n{toml}")
+}
+
+/// Every statement that allows an action on any resource without a condition only reads,
+/// launches or creates: whatever changes or deletes is bound to the client deployment's tags.
+fn assert_unconditional_statements_only_read_or_create(policy: &Value) {
+    for s in policy["Statement"].as_array().unwrap() {
+        if s["Resource"] != "*" || !s["Condition"].is_null() {
+            continue;
+        }
+        for action in actions(&json!({"Statement": [s]})) {
+            let name = action.strip_prefix("ec2:").unwrap_or(&action);
+            assert!(
+                name.starts_with("Describe")
+                    || ["RunInstances", "CreateSecurityGroup", "ImportKeyPair"].contains(&name),
+                "{action} is allowed on every resource without a condition: {s:#}"
+            );
+        }
+    }
+}
+
+/// The ManagedBy value the provisioner's own source tags with (the policy must match it).
+fn assert_source_tags_managed_by(file: &str, line: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let source = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        source.contains(line),
+        "{} no longer holds {line:?}: update deploy/aws/iam.tf and this test",
+        path.display()
+    );
+}
+
 /// The statement with `sid`.
 fn statement<'a>(policy: &'a Value, sid: &str) -> &'a Value {
     policy["Statement"]
@@ -187,7 +211,7 @@ fn statement<'a>(policy: &'a Value, sid: &str) -> &'a Value {
 }
 
 #[test]
-fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cleanly() {
+fn the_allocator_host_gets_least_privilege_its_secrets_only_from_ssm_and_destroys_cleanly() {
     let (ami, subnet) = ami_and_subnet();
     let name = format!("llk{}", std::process::id());
     let domain = format!("{name}.lablink-test.example.org");
@@ -197,6 +221,9 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
         &name,
     );
     let client_role = "arn:aws:iam::123456789012:role/workshop-lablink-client-vm-role";
+    let toml = format!(
+        "[server]\nmetrics_token = \"t\"\ncookie_secret = \"{CONFIG_SECRET}\"\n\n[provisioner]\nkind = \"aws\"\n"
+    );
     let deployment = Deployment::new(json!({
         "name": name,
         "region": "us-east-1",
@@ -208,7 +235,7 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
         "artifact_prefix": "workshop/",
         "release_url": RELEASE_URL,
         "release_sha256": RELEASE_SHA256,
-        "lablink_toml": "[server]\nmetrics_token = \"t\"\n\n[provisioner]\nkind = \"aws\"\n",
+        "lablink_toml": toml,
         "database_url": format!("postgres://lablink:{DB_PASSWORD}@db.internal:5432/lablink"),
         "tls": "caddy",
         "domain_name": domain,
@@ -241,6 +268,7 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
              records = r53.list_resource_record_sets(HostedZoneId={zone})['ResourceRecordSets']\n\
              a = [r for r in records if r['Type'] == 'A']\n\
              param = ssm.get_parameter(Name='/' + arg + '/allocator/database-url', WithDecryption=True)['Parameter']\n\
+             config = ssm.get_parameter(Name='/' + arg + '/allocator/lablink-toml', WithDecryption=True)['Parameter']\n\
              print(json.dumps(dict(state=i['State']['Name'], type=i['InstanceType'],\n\
                  tags={{t['Key']: t['Value'] for t in i.get('Tags', [])}},\n\
                  groups=[g['GroupId'] for g in i['SecurityGroups']], profile=profile,\n\
@@ -248,7 +276,8 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
                  user_data=gzip.decompress(raw).decode(), ingress=sg['IpPermissions'],\n\
                  egress=sg['IpPermissionsEgress'], eip_instance=addr.get('InstanceId'),\n\
                  inline=inline, attached=attached, a=a,\n\
-                 param=dict(type=param['Type'], value=param['Value']))))",
+                 param=dict(type=param['Type'], value=param['Value']),\n\
+                 config=dict(type=config['Type'], value=config['Value']))))",
             sg = out("security_group_id"),
         ),
         &name,
@@ -304,7 +333,8 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
     assert_eq!(a[0]["ResourceRecords"][0]["Value"], public_ip.as_str());
 
     // The role holds one inline policy with exactly what the EC2 provisioner, the S3 artifact
-    // store and the database parameter need; iam:PassRole only on the client role.
+    // store and the two parameters need; iam:PassRole only on the client role; reboots,
+    // terminations and tags after launch only on the client deployment's instances.
     assert_eq!(live["attached"], json!([]), "{live:#}");
     let inline = live["inline"].as_object().unwrap();
     assert_eq!(inline.len(), 1, "{live:#}");
@@ -333,6 +363,39 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
         "{policy:#}"
     );
     assert_eq!(statement(policy, "PassClientRole")["Resource"], client_role);
+    let own = statement(policy, "Ec2OwnInstances");
+    assert_eq!(
+        actions(&json!({"Statement": [own]})),
+        set(&[
+            "ec2:CreateTags",
+            "ec2:RebootInstances",
+            "ec2:TerminateInstances"
+        ])
+    );
+    // client_deployment defaults to name; lablink-aws tags ManagedBy = "lablink-aws".
+    assert_eq!(
+        own["Condition"],
+        json!({"StringEquals": {
+            "aws:ResourceTag/deployment": name,
+            "aws:ResourceTag/ManagedBy": "lablink-aws",
+        }}),
+        "{own:#}"
+    );
+    assert_source_tags_managed_by(
+        "../lablink-aws/src/provisioner.rs",
+        "const MANAGED_BY: &str = \"lablink-aws\";",
+    );
+    let on_launch = statement(policy, "Ec2TagOnLaunch");
+    assert_eq!(on_launch["Action"], "ec2:CreateTags");
+    assert_eq!(
+        on_launch["Condition"],
+        json!({"StringEquals": {"ec2:CreateAction": ["RunInstances"]}})
+    );
+    assert_unconditional_statements_only_read_or_create(policy);
+    assert!(statement(policy, "ConfigParameter")["Resource"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!(":parameter/{name}/allocator/lablink-toml")));
     assert_eq!(
         statement(policy, "ArtifactObjects")["Resource"],
         "arn:aws:s3:::lablink-test-results/workshop/*"
@@ -348,7 +411,13 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
     let output_policy: Value = serde_json::from_str(&out("allocator_policy_json")).unwrap();
     assert_eq!(&output_policy, policy, "the output is the attached policy");
 
-    // The database URL is in SSM only; the user data holds the release and its checksum.
+    // The configuration and the database URL are in SSM only; the user data holds the
+    // release and its checksum.
+    assert_eq!(live["config"]["type"], "SecureString");
+    assert_eq!(
+        live["config"]["value"],
+        stored_config(&name, &toml).as_str()
+    );
     assert_eq!(live["param"]["type"], "SecureString");
     assert!(live["param"]["value"]
         .as_str()
@@ -368,6 +437,17 @@ fn the_allocator_host_gets_least_privilege_a_hidden_database_url_and_destroys_cl
         assert!(
             !user_data.contains(&secret),
             "the user data holds the database URL ({secret})"
+        );
+    }
+    for secret in [
+        CONFIG_SECRET.to_owned(),
+        b64(&toml),
+        b64(&stored_config(&name, &toml)),
+        "metrics_token".to_owned(),
+    ] {
+        assert!(
+            !user_data.contains(&secret),
+            "the user data holds lablink_toml ({secret})"
         );
     }
     assert!(
@@ -410,9 +490,10 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
         "ami": ami,
         "subnet_id": subnet,
         "provisioner": "terraform",
+        "client_deployment": "workshop",
         "state_bucket": "lablink-test-state",
         "state_key": "lablink/workshop.tfstate",
-        "release_url": RELEASE_URL,
+        "release_url": SIGNED_RELEASE_URL,
         "release_sha256": RELEASE_SHA256,
         "lablink_toml": "[provisioner]\nkind = \"terraform\"\n",
         "tls": "builtin",
@@ -442,12 +523,19 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
     assert_eq!(bucket["Action"], "s3:ListBucket");
     assert_eq!(bucket["Resource"], "arn:aws:s3:::lablink-test-state");
 
-    // iam:* only on the client module's names; PassRole only to EC2.
+    // iam:* only on the client module's names of client_deployment; PassRole only to EC2.
     let pass = statement(&policy, "PassClientRole");
     assert_eq!(pass["Action"], "iam:PassRole");
     assert_eq!(
         pass["Resource"],
-        "arn:aws:iam::123456789012:role/*-lablink-client-*"
+        "arn:aws:iam::123456789012:role/workshop-lablink-client-*"
+    );
+    assert_eq!(
+        statement(&policy, "ClientModuleIam")["Resource"],
+        json!([
+            "arn:aws:iam::123456789012:role/workshop-lablink-client-*",
+            "arn:aws:iam::123456789012:instance-profile/workshop-lablink-client-*",
+        ])
     );
     assert_eq!(
         pass["Condition"]["StringEquals"]["iam:PassedToService"],
@@ -462,7 +550,7 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
                 other => panic!("{other}"),
             };
             for r in resources {
-                assert!(r.ends_with("/*-lablink-client-*"), "{s:#}");
+                assert!(r.ends_with("/workshop-lablink-client-*"), "{s:#}");
             }
         }
     }
@@ -474,19 +562,78 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
     ] {
         assert!(all.contains(needed), "{needed} missing: {policy:#}");
     }
-    for absent in ["ssm:GetParameter", "s3:AbortMultipartUpload"] {
-        assert!(!all.contains(absent), "{absent} granted: {policy:#}");
-    }
+    assert!(
+        !all.contains("s3:AbortMultipartUpload"),
+        "artifact rights granted: {policy:#}"
+    );
 
-    // No database URL: PostgreSQL on the host; the allocator serves TLS itself.
+    // Changing and deleting EC2 resources: only those of the client deployment that the
+    // shipped module made (ManagedBy = "lablink-terraform"), never the allocator's host.
+    let own = statement(&policy, "ClientModuleOwnResources");
+    let own_actions = actions(&json!({"Statement": [own]}));
+    for destructive in [
+        "ec2:CreateTags",
+        "ec2:DeleteKeyPair",
+        "ec2:DeleteSecurityGroup",
+        "ec2:ModifyInstanceAttribute",
+        "ec2:RebootInstances",
+        "ec2:TerminateInstances",
+    ] {
+        assert!(own_actions.contains(destructive), "{destructive}: {own:#}");
+    }
+    assert_eq!(
+        own["Condition"],
+        json!({"StringEquals": {
+            "aws:ResourceTag/deployment": "workshop",
+            "aws:ResourceTag/ManagedBy": "lablink-terraform",
+        }}),
+        "{own:#}"
+    );
+    assert_source_tags_managed_by(
+        "terraform/aws/main.tf",
+        "ManagedBy  = \"lablink-terraform\"",
+    );
+    assert_eq!(
+        statement(&policy, "ClientModuleTagOnCreate")["Condition"],
+        json!({"StringEquals": {"ec2:CreateAction": ["CreateSecurityGroup", "ImportKeyPair", "RunInstances"]}})
+    );
+    assert_unconditional_statements_only_read_or_create(&policy);
+
+    // ssm:GetParameter on the configuration's parameter only (no database_url given).
+    let ssm: Vec<&Value> = policy["Statement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| actions(&json!({"Statement": [s]})).contains("ssm:GetParameter"))
+        .collect();
+    assert_eq!(ssm.len(), 1, "{policy:#}");
+    assert_eq!(ssm[0]["Sid"], "ConfigParameter");
+    assert_eq!(
+        ssm[0]["Resource"],
+        "arn:aws:ssm:us-east-1:123456789012:parameter/llkplan/allocator/lablink-toml"
+    );
+
+    // No database URL: PostgreSQL on the host; the allocator serves TLS itself. The one
+    // parameter holds lablink_toml as given (no [server.tls] table added to it).
     let resources = plan["planned_values"]["root_module"]["resources"]
         .as_array()
         .unwrap();
     assert!(
-        !resources
-            .iter()
-            .any(|r| r["type"] == "aws_ssm_parameter" || r["type"] == "aws_route53_record"),
+        !resources.iter().any(|r| r["type"] == "aws_route53_record"),
         "{resources:#?}"
+    );
+    let parameters: Vec<&Value> = resources
+        .iter()
+        .filter(|r| r["type"] == "aws_ssm_parameter")
+        .collect();
+    assert_eq!(parameters.len(), 1, "{parameters:#?}");
+    let parameter = &parameters[0]["values"];
+    assert_eq!(parameter["name"], "/llkplan/allocator/lablink-toml");
+    assert_eq!(parameter["type"], "SecureString");
+    assert_eq!(parameter["tier"], "Standard");
+    assert_eq!(
+        parameter["value"],
+        stored_config("llkplan", "[provisioner]\nkind = \"terraform\"\n").as_str()
     );
     let instance = resources
         .iter()
@@ -495,21 +642,35 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
     let user_data = gunzip_base64(instance["values"]["user_data_base64"].as_str().unwrap());
     assert!(user_data.contains("database='local'"), "{user_data}");
     assert!(user_data.contains("tls='builtin'"), "{user_data}");
-    // [server.tls] cannot come from LABLINK_* variables: the paths are added to the file.
-    let toml_line = user_data
-        .lines()
-        .find(|l| l.ends_with(">/etc/lablink/lablink.toml.new"))
-        .unwrap_or_else(|| panic!("no lablink.toml in {user_data}"));
-    let toml = unb64(toml_line.split('\'').nth(1).unwrap());
+    // [server.tls] from LABLINK_SERVER__TLS__* variables in deploy.env, not in the file.
     assert!(
-        toml.starts_with("[provisioner]\nkind = \"terraform\"\n")
-            && toml.ends_with(
-                "\n[server.tls]\ncert_file = \"/etc/lablink/tls/fullchain.pem\"\n\
-                 key_file = \"/etc/lablink/tls/privkey.pem\"\n"
-            ),
-        "{toml}"
+        !user_data
+            .lines()
+            .any(|l| l.contains("decode") && l.contains("lablink.toml")),
+        "the user data writes lablink.toml itself: {user_data}"
     );
-    assert!(!user_data.contains("LABLINK_SERVER__TLS"), "{user_data}");
+    for (variable, path) in [
+        ("CERT_FILE=$tls_cert_file", "/etc/lablink/tls/fullchain.pem"),
+        ("KEY_FILE=$tls_key_file", "/etc/lablink/tls/privkey.pem"),
+    ] {
+        assert!(
+            user_data.contains(&format!("echo \"LABLINK_SERVER__TLS__{variable}\""))
+                && user_data.contains(&b64(path)),
+            "{user_data}"
+        );
+    }
+    // The settings (the database URL) reach `lablink validate` through the environment,
+    // never its command line.
+    let validate = user_data
+        .lines()
+        .find(|l| l.contains("lablink validate"))
+        .unwrap_or_else(|| panic!("no lablink validate in {user_data}"));
+    assert!(
+        validate.contains("runuser -u lablink -- /usr/local/bin/lablink validate")
+            && !validate.contains("env ")
+            && !validate.contains('$'),
+        "{validate}"
+    );
 
     // A download that is not the release stops the script before anything is installed,
     // with a clear line (apt-get and curl stubbed: this machine is not touched).
@@ -547,6 +708,22 @@ fn the_terraform_provisioner_may_use_its_state_and_only_pass_client_roles() {
         "{stdout}{stderr}"
     );
     assert!(!stdout.contains("sha256 OK"), "{stdout}");
+    // The log names the release as scheme://host/path: no user info, no signature.
+    assert!(
+        stdout.contains(&format!("lablink-deploy: downloading {RELEASE_URL}\n")),
+        "{stdout}"
+    );
+    for secret in [
+        "pw-sentinel-41",
+        "dl-user",
+        "sig-sentinel-93",
+        "X-Amz-Credential",
+    ] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "the log shows the release URL's {secret}: {stdout}{stderr}"
+        );
+    }
 }
 
 #[test]
@@ -579,6 +756,14 @@ fn bad_values_are_refused_before_anything_is_created() {
         (
             json!({"tls_cert_file": "/etc/x\"\n[admin]"}),
             "tls_cert_file: an absolute path",
+        ),
+        (
+            json!({"client_deployment": "*"}),
+            "client_deployment: 1 to 64 letters",
+        ),
+        (
+            json!({"lablink_toml": "#".repeat(8001)}),
+            "lablink_toml: at most 8,000 bytes",
         ),
     ] {
         let mut vars = base.clone();
