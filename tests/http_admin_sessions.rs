@@ -168,14 +168,7 @@ async fn signing_out_on_one_replica_ends_the_session_on_every_replica() {
         accepts(&a, &session).await,
         "a refused sign-out ends nothing"
     );
-    let r = b
-        .client
-        .post(b.url("/admin/logout"))
-        .header(COOKIE, &session)
-        .form(&[("csrf", &csrf)])
-        .send()
-        .await
-        .unwrap();
+    let r = b.sign_out(&session, &csrf).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()[LOCATION], "/admin/login");
     let cleared = r.headers()[SET_COOKIE].to_str().unwrap();
@@ -278,14 +271,7 @@ async fn two_replicas_on_one_postgres_share_sessions_and_sign_outs() {
     );
     assert_eq!(a.allocator.counts().await.unwrap().total, 1);
 
-    let r = b
-        .client
-        .post(b.url("/admin/logout"))
-        .header(COOKIE, &session)
-        .form(&[("csrf", &csrf)])
-        .send()
-        .await
-        .unwrap();
+    let r = b.sign_out(&session, &csrf).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert!(!accepts(&a, &session).await, "signed out on A too");
     assert!(!accepts(&b, &session).await);

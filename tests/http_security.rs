@@ -148,14 +148,7 @@ async fn session_forms_need_the_csrf_token_and_logout_ends_the_session() {
         .await
         .unwrap();
     expect_error(r, 403).await;
-    let r = s
-        .client
-        .post(s.url("/admin/logout"))
-        .header(COOKIE, &session)
-        .form(&[("csrf", &csrf)])
-        .send()
-        .await
-        .unwrap();
+    let r = s.sign_out(&session, &csrf).await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     let r = s
         .client

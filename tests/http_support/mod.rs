@@ -249,6 +249,17 @@ impl TestServer {
         response.text().await.unwrap()
     }
 
+    /// Posts the sign-out form with a session cookie and its CSRF token.
+    pub async fn sign_out(&self, session: &str, csrf: &str) -> reqwest::Response {
+        self.client
+            .post(self.url("/admin/logout"))
+            .header(COOKIE, session)
+            .form(&[("csrf", csrf)])
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Signs in through the form as a browser does (the form's own cookie and token);
     /// returns the session cookie (`name=value`) and the CSRF token the admin page shows.
     pub async fn sign_in(
