@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use lablink_core::redacted;
 use serde::{Deserialize, Serialize};
 
 use crate::{Ec2ProvisionerBuilder, S3ArtifactStoreBuilder};
@@ -115,24 +116,16 @@ impl fmt::Debug for Ec2Config {
             .field("gpu", &self.gpu)
             .field("spot", &self.spot)
             .field("allocator_url", &self.allocator_url)
-            .field("agent_url", &hidden(&self.agent_url))
+            .field("agent_url", &redacted(&self.agent_url))
             .field("agent_sha256", &self.agent_sha256)
             .field("subject_image", &self.subject_image)
-            .field("tutorial_repo", &hidden(&self.tutorial_repo))
-            .field("startup_script", &hidden(&self.startup_script))
+            .field("tutorial_repo", &redacted(&self.tutorial_repo))
+            .field("startup_script", &redacted(&self.startup_script))
             .field("startup_on_error", &self.startup_on_error)
             .field("desktop_user", &self.desktop_user)
             .field("inuse_process", &self.inuse_process)
             .field("log_files", &self.log_files)
             .finish()
-    }
-}
-
-fn hidden(s: &str) -> &'static str {
-    if s.is_empty() {
-        ""
-    } else {
-        "***"
     }
 }
 

@@ -47,7 +47,7 @@ pub use record::{
     MAX_BOOT_ID,
 };
 pub use retry::{RetryPolicy, RetryProvisioner};
-pub use secret::{AgentToken, CrdCommand, Pin, TokenDigest, CRD_REDIRECT_URL};
+pub use secret::{redacted, AgentToken, CrdCommand, Pin, TokenDigest, CRD_REDIRECT_URL};
 pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
 pub use store::{
     ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore,

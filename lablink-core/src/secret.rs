@@ -483,3 +483,13 @@ mod tests {
         assert_eq!(token.expose().len(), 4 + 64);
     }
 }
+
+/// How a secret setting shows in `Debug`: `***` when it is set, empty when not; never its
+/// value.
+pub fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "***"
+    }
+}

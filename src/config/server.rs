@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use lablink_core::redacted;
 use serde::{Deserialize, Serialize};
 
 use crate::http::{AgentAuthMode, HttpOptions};
@@ -56,8 +57,8 @@ impl fmt::Debug for ServerConfig {
             .field("request_timeout_seconds", &self.request_timeout_seconds)
             .field("secure_cookies", &self.secure_cookies)
             .field("trusted_proxies", &self.trusted_proxies)
-            .field("metrics_token", &hidden(&self.metrics_token))
-            .field("cookie_secret", &hidden(&self.cookie_secret))
+            .field("metrics_token", &redacted(&self.metrics_token))
+            .field("cookie_secret", &redacted(&self.cookie_secret))
             .field("tls", &self.tls)
             .finish()
     }
@@ -149,7 +150,7 @@ impl Default for ParticipantsConfig {
 impl fmt::Debug for ParticipantsConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ParticipantsConfig")
-            .field("access_code", &hidden(&self.access_code))
+            .field("access_code", &redacted(&self.access_code))
             .field("registered_emails", &self.registered_emails.len())
             .field("requests_burst", &self.requests_burst)
             .field("requests_per_minute", &self.requests_per_minute)
@@ -265,7 +266,7 @@ impl fmt::Debug for AdminConfig {
                 "sign_in_failures_per_minute",
                 &self.sign_in_failures_per_minute,
             )
-            .field("session_secret", &hidden(&self.session_secret))
+            .field("session_secret", &redacted(&self.session_secret))
             .finish()
     }
 }
@@ -313,7 +314,7 @@ impl DatabaseConfig {
 impl fmt::Debug for DatabaseConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseConfig")
-            .field("url", &hidden(&self.url))
+            .field("url", &redacted(&self.url))
             .field("max_connections", &self.max_connections)
             .finish()
     }
@@ -345,15 +346,6 @@ impl LogConfig {
         } else {
             vec!["[log] format must be text or json".into()]
         }
-    }
-}
-
-/// How a secret setting shows in `Debug`: whether it is set, never its value.
-fn hidden(secret: &str) -> &'static str {
-    if secret.is_empty() {
-        ""
-    } else {
-        "***"
     }
 }
 
