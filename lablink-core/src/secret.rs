@@ -365,6 +365,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How a secret setting shows in `Debug`: `***` when it is set, empty when not; never its
+/// value.
+pub fn redacted(secret: &str) -> &'static str {
+    if secret.is_empty() {
+        ""
+    } else {
+        "***"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,15 +491,5 @@ mod tests {
         assert!(!digest.verify(&AgentToken::generate()));
         assert!(!digest.verify(&AgentToken::from(String::new())));
         assert_eq!(token.expose().len(), 4 + 64);
-    }
-}
-
-/// How a secret setting shows in `Debug`: `***` when it is set, empty when not; never its
-/// value.
-pub fn redacted(secret: &str) -> &'static str {
-    if secret.is_empty() {
-        ""
-    } else {
-        "***"
     }
 }
