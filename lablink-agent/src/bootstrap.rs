@@ -13,6 +13,9 @@
 //! - `STARTUP_ON_ERROR`: what a step that failed every attempt does: `continue` (the
 //!   default: it is logged and the VM becomes available) or `fail` (the agent reports status
 //!   `error` with the reason in its log, and never becomes available).
+//! - `LABLINK_BOOTSTRAP_TIMEOUT_SECS`: the time all the steps together may take (default 30
+//!   minutes). A bootstrap still running then is stopped (its programs killed) and counts
+//!   as a failed step, so a hung pull or script cannot keep a VM booting for ever.
 //!
 //! The desktop user is `LABLINK_CRD_USER` (also Chrome Remote Desktop's `--user-name`); its
 //! home is `LABLINK_DESKTOP_HOME`, by default `/home/<user>`. `docker`, `git` and `bash` are
@@ -63,6 +66,8 @@ pub struct BootstrapConfig {
     pub desktop_home: Option<PathBuf>,
     /// `LABLINK_BOOTSTRAP_RETRY_SECS`: pause between attempts (default 5 s).
     pub retry_delay: Duration,
+    /// `LABLINK_BOOTSTRAP_TIMEOUT_SECS`: the time all steps together may take (default 30 min).
+    pub timeout: Duration,
 }
 
 impl Default for BootstrapConfig {
@@ -76,6 +81,7 @@ impl Default for BootstrapConfig {
             gpu_support: false,
             desktop_home: None,
             retry_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -103,17 +109,29 @@ pub async fn run(
         .desktop_home
         .clone()
         .or_else(|| user.map(|u| Path::new("/home").join(u)));
-    let mut steps: Vec<Result<(), StepFailed>> = Vec::new();
-    if let Some(repo) = &config.tutorial_repo {
-        steps.push(clone(config, repo, home.as_deref(), user, &note).await);
-    }
-    if let Some(image) = &config.subject_image {
-        let gpus = config.gpu_support || gpu;
-        steps.push(container(config, image, home.as_deref(), gpus, &note).await);
-    }
-    if let Some(script) = &config.startup_script {
-        steps.push(startup_script(config, script, &note).await);
-    }
+    let all_steps = async {
+        let mut steps: Vec<Result<(), StepFailed>> = Vec::new();
+        if let Some(repo) = &config.tutorial_repo {
+            steps.push(clone(config, repo, home.as_deref(), user, &note).await);
+        }
+        if let Some(image) = &config.subject_image {
+            let gpus = config.gpu_support || gpu;
+            steps.push(container(config, image, home.as_deref(), gpus, &note).await);
+        }
+        if let Some(script) = &config.startup_script {
+            steps.push(startup_script(config, script, &note).await);
+        }
+        steps
+    };
+    // Dropping the unfinished steps kills the programs they run, with their children.
+    let steps = tokio::time::timeout(config.timeout, all_steps)
+        .await
+        .unwrap_or_else(|_| {
+            vec![Err(StepFailed(format!(
+                "the set-up did not finish within {} s (LABLINK_BOOTSTRAP_TIMEOUT_SECS); stopped",
+                config.timeout.as_secs_f64()
+            )))]
+        });
     let mut all_done = true;
     for failed in steps.iter().filter_map(|s| s.as_ref().err()) {
         all_done = false;
@@ -131,19 +149,48 @@ pub async fn run(
 }
 
 /// Runs `program args` with the agent's environment minus its token; whether it exited 0.
+/// The program runs in its own process group, killed whole if this future is dropped
+/// before it exits (the bootstrap's time limit), so a script's own children go too.
 async fn succeeds(program: &str, args: &[&str], note: &impl Fn(String)) -> bool {
-    let status = Command::new(program)
+    let spawned = Command::new(program)
         .args(args)
         .env_remove("API_TOKEN")
         .stdin(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
-        .status()
-        .await;
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            note(format!("cannot run {program}: {e}"));
+            return false;
+        }
+    };
+    let mut group = KillGroupOnDrop(child.id());
+    let status = child.wait().await;
+    // Exited: what it left running on purpose (a service it started) is not ours to kill.
+    group.0 = None;
     match status {
         Ok(status) => status.success(),
         Err(e) => {
-            note(format!("cannot run {program}: {e}"));
+            note(format!("cannot wait for {program}: {e}"));
             false
+        }
+    }
+}
+
+/// The process group of a running step, killed when dropped unless cleared.
+struct KillGroupOnDrop(Option<u32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            // With the `kill` program: the agent forbids unsafe code (no libc::killpg).
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }

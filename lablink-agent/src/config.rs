@@ -353,7 +353,8 @@ impl Settings {
                 )))
             }
         };
-        self.seconds("LABLINK_BOOTSTRAP_RETRY_SECS", 0.0, &mut b.retry_delay)
+        self.seconds("LABLINK_BOOTSTRAP_RETRY_SECS", 0.0, &mut b.retry_delay)?;
+        self.seconds("LABLINK_BOOTSTRAP_TIMEOUT_SECS", 1.0, &mut b.timeout)
     }
 }
 

@@ -148,6 +148,43 @@ async fn an_agent_starts_the_subject_container_with_gpus_clones_the_tutorial_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_up_past_its_time_limit_is_stopped_with_its_children_and_fails_the_vm() {
+    let work = Workdir::new();
+    let sleeper = work.path("sleeper.pid");
+    let addr = free_addr().await;
+    // A start-up script that hangs in a child of its own.
+    let hang = format!("sleep 600 & echo $! > {}; wait", sleeper.display());
+    let local = work.provisioner(
+        &format!("http://{addr}"),
+        &[
+            ("LABLINK_STARTUP_SCRIPT", &hang),
+            ("LABLINK_STARTUP_RETRIES", "1"),
+            ("STARTUP_ON_ERROR", "fail"),
+            ("LABLINK_BOOTSTRAP_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let rig = Rig::start(addr, LabLink::builder(), &local).await;
+    let hostname = rig.launch(1).await.remove(0);
+    rig.wait_for_vms("the hung set-up to fail the VM", 1, |vm| {
+        vm["state"] == "failed"
+    })
+    .await;
+    let logs = rig.logs(&hostname).await.to_string();
+    assert!(
+        logs.contains("the set-up did not finish within 2 s"),
+        "{logs}"
+    );
+    // The script's own child was killed with it (gone, or a zombie nobody reaped yet).
+    let pid = std::fs::read_to_string(&sleeper).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z "),
+        "the start-up script's child still runs: {stat}"
+    );
+    local.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_startup_script_that_always_fails_keeps_the_vm_unavailable_with_startup_on_error_fail() {
     let work = Workdir::new();
     stand_ins(&work);
@@ -163,17 +200,15 @@ async fn a_startup_script_that_always_fails_keeps_the_vm_unavailable_with_startu
     );
     let rig = Rig::start(addr, LabLink::builder(), &local).await;
     let hostname = rig.launch(1).await.remove(0);
-    let vms = rig
-        .wait_for_vms("the failed VM to report an error", 1, |vm| {
-            vm["status"] == "error"
-        })
-        .await;
-    assert_ne!(vms[0]["state"], "available", "{}", vms[0]);
+    rig.wait_for_vms("the VM whose set-up failed to be failed", 1, |vm| {
+        vm["status"] == "error" && vm["state"] == "failed"
+    })
+    .await;
     // It stays so: the agent does not go on to `running`.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let vm = &rig.vms().await[0];
     assert_eq!(vm["status"], "error", "{vm}");
-    assert_ne!(vm["state"], "available", "{vm}");
+    assert_eq!(vm["state"], "failed", "{vm}");
     let logs = rig.logs(&hostname).await.to_string();
     assert!(
         logs.contains("the start-up script failed (attempts: 2); this VM stays unavailable"),

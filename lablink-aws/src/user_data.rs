@@ -24,7 +24,9 @@ pub(crate) const MAX_USER_DATA: usize = 16 * 1024;
 /// The longest token whose pad fits in a tag value (256 characters of base64).
 const MAX_TOKEN_BYTES: usize = 192;
 
-const TEMPLATE: &str = include_str!("user_data.sh");
+/// The client VMs' start-up script, shared with the Terraform module (which renders it with
+/// `templatefile()`), in Terraform's template syntax.
+const TEMPLATE: &str = include_str!("../../lablink-terraform/terraform/aws/user_data.sh.tftpl");
 
 /// What every VM's agent is told besides its name and token.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -84,13 +86,20 @@ impl AgentSettings {
             .iter()
             .map(|(k, v)| format!("{k} {}\n", B64.encode(v)))
             .collect();
-        TEMPLATE
-            .replace("@@PAD_TAG@@", PAD_TAG)
-            .replace("@@ALLOCATOR_URL_B64@@", &B64.encode(&self.allocator_url))
-            .replace("@@AGENT_URL_B64@@", &B64.encode(&self.agent_download_url))
-            .replace("@@AGENT_SHA256@@", &self.agent_sha256.to_ascii_lowercase())
-            .replace("@@EXTRA_ENV@@", &env)
-            .replace("@@ROWS@@", rows)
+        render_template(
+            TEMPLATE,
+            &[
+                ("pad_tag", PAD_TAG),
+                ("allocator_url_b64", &B64.encode(&self.allocator_url)),
+                (
+                    "agent_download_url_b64",
+                    &B64.encode(&self.agent_download_url),
+                ),
+                ("agent_sha256", &self.agent_sha256.to_ascii_lowercase()),
+                ("agent_env", &env),
+                ("rows", rows),
+            ],
+        )
     }
 
     /// Checks the values that end up in the script verbatim.
@@ -125,6 +134,41 @@ impl AgentSettings {
         }
         Ok(())
     }
+}
+
+/// Renders a template the way Terraform's `templatefile()` does for the syntax the user data
+/// uses: `${name}` is the value of `name`, `$${` is a literal `${`. A name `vars` lacks is left
+/// as it stands (a test renders the template with Terraform too and compares).
+fn render_template(template: &str, vars: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len());
+    for (i, piece) in template.split("$${").enumerate() {
+        if i > 0 {
+            out.push_str("${");
+        }
+        let mut rest = piece;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let value = after.find('}').and_then(|end| {
+                let name = &after[..end];
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v, end))
+            });
+            match value {
+                Some((value, end)) => {
+                    out.push_str(value);
+                    rest = &after[end + 1..];
+                }
+                None => {
+                    out.push_str("${");
+                    rest = after;
+                }
+            }
+        }
+        out.push_str(rest);
+    }
+    out
 }
 
 impl std::fmt::Debug for AgentSettings {
@@ -207,6 +251,82 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// The EC2 provisioner renders the shared template exactly as Terraform's `templatefile()`
+    /// does (with `terraform console`, which needs no provider).
+    #[test]
+    fn the_template_renders_as_terraform_renders_it() {
+        let settings = AgentSettings {
+            allocator_url: "https://x.org/?a='b'&c=\"$(id)\"`id`${HOME}\\".into(),
+            agent_download_url: "https://downloads.example.org/lablink-agent".into(),
+            agent_sha256: "AB".repeat(32),
+            env: crate::Ec2Config {
+                subject_image: "ghcr.io/talmolab/sleap:1".into(),
+                gpu: true,
+                ..Default::default()
+            }
+            .agent_env(),
+        };
+        let token = AgentToken::generate();
+        let rows = row(3, &"vm-d".parse().unwrap(), &seal(&token).unwrap());
+        let ours = settings.render(&rows);
+        assert!(!ours.contains("${pad_tag}") && ours.contains("${LABLINK_ROOT:-}"));
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("user_data.sh.tftpl"), TEMPLATE).unwrap();
+        // The values the provisioner gives, as HCL strings (all of them are base64, hex or
+        // names, so JSON quoting is HCL quoting).
+        let env: String = settings
+            .env
+            .iter()
+            .map(|(k, v)| format!("{k} {}\n", B64.encode(v)))
+            .collect();
+        let vars = [
+            ("pad_tag", PAD_TAG.to_owned()),
+            ("allocator_url_b64", B64.encode(&settings.allocator_url)),
+            (
+                "agent_download_url_b64",
+                B64.encode(&settings.agent_download_url),
+            ),
+            ("agent_sha256", settings.agent_sha256.to_ascii_lowercase()),
+            ("agent_env", env),
+            ("rows", rows),
+        ];
+        let map: Vec<String> = vars
+            .iter()
+            .map(|(k, v)| format!("{k} = {}", serde_json::to_string(v).unwrap()))
+            .collect();
+        let expr = format!(
+            "jsonencode(templatefile(\"user_data.sh.tftpl\", {{ {} }}))\n",
+            map.join(", ")
+        );
+        let mut console = std::process::Command::new("terraform")
+            .args(["console", "-no-color"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the terraform binary is on PATH (scripts/components.sh installs it)");
+        use std::io::Write;
+        console
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(expr.as_bytes())
+            .unwrap();
+        let out = console.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The console prints the JSON string as an HCL string literal: decode both layers.
+        let hcl = String::from_utf8(out.stdout).unwrap();
+        let json: String = serde_json::from_str(hcl.trim()).unwrap();
+        let terraforms: String = serde_json::from_str(&json).unwrap();
+        assert_eq!(ours, terraforms);
     }
 
     /// Runs the rendered user data with real bash in a scratch root (`LABLINK_ROOT`), with

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::{
     clean_lines, AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, ClaimRequest,
     Clock, DestroyTarget, Email, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname,
-    LaunchOptions, MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Pin,
+    LaunchOptions, MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Phase, Pin,
     Provisioner, Result, SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter,
     VmLogs, VmRecord, VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
 };
@@ -318,9 +318,13 @@ fn reaction(record: &VmRecord) -> Option<VmEvent> {
         record.state,
         VmState::Booting | VmState::Available | VmState::Assigned
     );
-    let sick = record.gpu_health == GpuHealth::Unhealthy
-        || record.agent_status == Some(AgentStatus::Error);
+    let error = record.agent_status == Some(AgentStatus::Error);
+    let sick = record.gpu_health == GpuHealth::Unhealthy || error;
     match record.state {
+        // An error before the VM was ever ready is its set-up failing (STARTUP_ON_ERROR=fail).
+        _ if error && record.state.phase() == Some(Phase::Booting) => Some(VmEvent::SetupFailed {
+            reason: "its set-up failed (the agent reported an error before the VM was ready; see the VM's log)".into(),
+        }),
         _ if live && sick => Some(VmEvent::MarkUnhealthy {
             reason: if record.gpu_health == GpuHealth::Unhealthy {
                 "GPU reported unhealthy".into()

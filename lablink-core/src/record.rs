@@ -349,6 +349,7 @@ impl VmRecord {
                 self.address.clone_from(address);
             }
             VmEvent::ProvisionFailed { reason }
+            | VmEvent::SetupFailed { reason }
             | VmEvent::MarkUnhealthy { reason }
             | VmEvent::InstanceLost { reason } => {
                 self.last_error = Some(reason.clone());
@@ -358,6 +359,9 @@ impl VmRecord {
                 self.in_use = false;
             }
             VmEvent::Recovered => self.last_error = None,
+            // What the agent said before the reboot no longer describes the VM: only a
+            // report from the rebooted agent makes it ready (or failed) again.
+            VmEvent::Reboot => self.agent_status = None,
             _ => {}
         }
         if !to.is_owned() {

@@ -3,7 +3,7 @@
 //! ```text
 //! Requested ──provisioned──▶ Booting ──agent ready──▶ Available ──claim──▶ Assigned
 //!     │                         │                        │  ▲                 │
-//!     └─provision failed─▶ Failed◀──boot timeout─────────┘  └──release───────┤
+//!     └─provision failed─▶ Failed◀──boot timeout / set-up failed──┘  └──release───────┤
 //! Any live state ──heartbeat lease expired / GPU unhealthy──▶ Unhealthy ──recovered──▶ previous
 //! Any live state ──reboot──▶ Rebooting ──agent back──▶ previous      Any ──destroy──▶ Terminating ──▶ Terminated
 //! ```
@@ -196,6 +196,13 @@ pub enum VmEvent {
     AgentReady,
     /// The agent did not report ready in time.
     BootTimedOut,
+    /// The agent reported that the VM's set-up failed before it was ever ready (its start-up
+    /// steps failed with `STARTUP_ON_ERROR=fail`): the VM is never handed out, and neither a
+    /// reboot nor a replacement would set it up differently.
+    SetupFailed {
+        /// Why (never a secret).
+        reason: String,
+    },
     /// The provider no longer has the machine (found by reconcile).
     InstanceLost {
         /// Why (never a secret).
@@ -228,6 +235,7 @@ impl VmEvent {
             Self::ProvisionFailed { .. } => "provision failed",
             Self::AgentReady => "agent ready",
             Self::BootTimedOut => "boot timed out",
+            Self::SetupFailed { .. } => "setup failed",
             Self::InstanceLost { .. } => "instance lost",
             Self::Claim(_) => "claim",
             Self::Release => "release",
@@ -288,6 +296,16 @@ pub fn transition(from: &VmState, event: &VmEvent) -> Result<VmState, InvalidTra
             other => other.state(),
         }),
         (S::Booting, E::BootTimedOut) => Some(S::Failed),
+        (
+            S::Booting
+            | S::Unhealthy {
+                resume: Phase::Booting,
+            }
+            | S::Rebooting {
+                resume: Phase::Booting,
+            },
+            E::SetupFailed { .. },
+        ) => Some(S::Failed),
         (
             S::Booting | S::Available | S::Assigned | S::Unhealthy { .. } | S::Rebooting { .. },
             E::InstanceLost { .. },

@@ -301,6 +301,68 @@ async fn the_warm_pool_serves_an_arrival_curve_without_waits_and_releases_the_ex
     supervisor.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_vm_whose_set_up_failed_is_neither_rebooted_nor_replaced_and_holds_the_pool() {
+    let fake = FakeProvisioner::new();
+    let mut c = config();
+    c.pool.enabled = true;
+    c.pool.min_available = 1;
+    let lablink = builder(c, &fake).build().unwrap();
+    let supervisor = lablink.start_supervisor().unwrap();
+    wait(30 * SEC).await;
+    let vms = lablink.vms(&VmFilter::default()).await.unwrap();
+    assert_eq!(vms.len(), 1, "the pool launched its one VM");
+    let broken = vms[0].hostname.clone();
+    assert_eq!(vms[0].state, VmState::Booting);
+
+    // Its agent's start-up steps failed with STARTUP_ON_ERROR=fail.
+    let error = Telemetry {
+        status: Some(lablink_core::AgentStatus::Error),
+        ..Default::default()
+    };
+    let record = lablink.report(&broken, error).await.unwrap();
+    assert_eq!(record.state, VmState::Failed);
+    assert!(
+        record
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("set-up failed"),
+        "{record:?}"
+    );
+
+    // Long past every ladder timeout: no reboot, no replacement, no new launch, one flag.
+    wait(3600 * SEC).await;
+    let status = supervisor.status();
+    assert_eq!(status.counters.ladder_reboots, 0);
+    assert_eq!(status.counters.ladder_replacements, 0);
+    assert_eq!(status.counters.pool_launched, 1);
+    assert_eq!(lablink.vms(&VmFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(state(&lablink, &broken).await, VmState::Failed);
+    let flags: Vec<_> = status
+        .flags
+        .iter()
+        .filter(|f| f.kind == FlagKind::SetupFailed)
+        .collect();
+    assert_eq!(flags.len(), 1, "{:?}", status.flags);
+    assert_eq!(flags[0].hostname, broken);
+
+    // The admin fixed the image and destroys it: the pool launches again.
+    let op = lablink
+        .destroy(&lablink_core::DestroyTarget::Hostnames(vec![broken]))
+        .await
+        .unwrap();
+    lablink.wait_for_operation(op.id, 60 * SEC).await.unwrap();
+    wait(30 * SEC).await;
+    assert_eq!(supervisor.status().counters.pool_launched, 2);
+    assert!(supervisor
+        .status()
+        .flags
+        .iter()
+        .all(|f| f.kind != FlagKind::SetupFailed));
+    supervisor.stop().await;
+}
+
 fn clock_now(clock: &TokioClock) -> chrono::DateTime<Utc> {
     use lablink_core::Clock;
     clock.now()

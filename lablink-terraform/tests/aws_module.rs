@@ -1,10 +1,10 @@
-//! The shipped AWS module keeps the contract the provisioner relies on. The AWS provider
-//! cannot be downloaded here, so the module is checked statically, formatted with the real
-//! `terraform fmt`, and its user-data template rendered with `terraform console`.
+//! The shipped AWS module keeps the contract the provisioner relies on: its declarations are
+//! checked, its formatting with the real `terraform fmt`, and its user data (the template the
+//! EC2 provisioner shares) rendered by the real `terraform console` in the module initialised
+//! from the provider mirror, then run with bash in a scratch root.
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -105,7 +105,7 @@ fn the_aws_module_creates_one_tagged_instance_per_vm_with_its_own_token() {
         "{instance}"
     );
     assert!(
-        instance.contains("base64encode(var.vms[each.key].token)"),
+        instance.contains("user_data_base64 = base64gzip(local.user_data[each.key])"),
         "{instance}"
     );
     assert!(instance.contains("iam_instance_profile"), "{instance}");
@@ -176,73 +176,49 @@ fn the_shipped_modules_are_terraform_fmt_clean() {
     }
 }
 
-/// The values `main.tf` hands to the user-data template: name => HCL expression.
-fn template_arguments() -> Vec<String> {
-    let main = read(&aws_module(), "main.tf");
-    let start = main
-        .find("templatefile(\"${path.module}/user_data.sh.tftpl\", {")
-        .unwrap();
-    let end = start + main[start..].find("}))").unwrap();
-    main[start..end]
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim().to_owned()))
-        .collect()
-}
-
-/// Renders the module's user-data template through the real `templatefile()` (with
-/// `terraform console`, no provider needed), with every argument `main.tf` passes: `values`
-/// are HCL expressions by name, the others harmless defaults.
-fn render_user_data(values: &[(&str, String)]) -> String {
-    let mut args: BTreeMap<String, String> = [
-        ("hostname", "\"vm-1\""),
-        (
-            "allocator_url_b64",
-            "base64encode(\"http://10.0.0.1:5000\")",
-        ),
-        ("api_token_b64", "base64encode(\"llt_token\")"),
-        ("agent_download_url_b64", "base64encode(\"\")"),
-        ("agent_sha256", "\"\""),
-        ("image_name_b64", "base64encode(\"\")"),
-        ("repository_b64", "base64encode(\"\")"),
-        ("subject_software_b64", "base64encode(\"sleap\")"),
-        ("startup_on_error", "\"continue\""),
-        ("gpu_support", "false"),
-        ("desktop_user", "\"ubuntu\""),
-        ("inuse_process_b64", "base64encode(\"\")"),
-        (
-            "log_files_b64",
-            "base64encode(\"cloud_init=/var/log/cloud-init-output.log\")",
-        ),
-        ("startup_script_b64", "base64encode(\"\")"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let mut expected = template_arguments();
-    expected.sort();
-    assert_eq!(
-        args.keys().cloned().collect::<Vec<_>>(),
-        expected,
-        "the test renders the template with exactly the arguments main.tf passes"
-    );
-    for (k, v) in values {
-        assert!(args.insert((*k).to_owned(), v.clone()).is_some(), "{k}");
+/// The module's own user data of the VM `vm-7` with agent token `token`, for the module
+/// variables `variables` (`allocator_url` defaults to a plain URL): `local.user_data`,
+/// evaluated by the real `terraform console` in the module initialised from the provider
+/// mirror, so the test runs exactly what `main.tf` hands the instance.
+fn render_user_data(token: &str, variables: &[(&str, serde_json::Value)]) -> String {
+    static MODULE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let module = MODULE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in AWS_MODULE_FILES {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let out = Command::new(terraform())
+            .args(["init", "-input=false", "-no-color"])
+            .env("TF_CLI_CONFIG_FILE", mirror_cli_config(dir.path()))
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "terraform init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    });
+    let mut vars = serde_json::Map::new();
+    vars.insert("vms".into(), serde_json::json!({"vm-7": {"token": token}}));
+    vars.insert("allocator_url".into(), "http://10.0.0.1:5000".into());
+    for (name, value) in variables {
+        vars.insert((*name).into(), value.clone());
     }
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        aws_module().join("user_data.sh.tftpl"),
-        dir.path().join("user_data.sh.tftpl"),
-    )
-    .unwrap();
-    let map: Vec<String> = args.iter().map(|(k, v)| format!("{k} = {v}")).collect();
-    let expr = format!(
-        "jsonencode(templatefile(\"user_data.sh.tftpl\", {{ {} }}))\n",
-        map.join(", ")
-    );
+    let var_file = tempfile::Builder::new()
+        .suffix(".tfvars.json")
+        .tempfile_in(module.path())
+        .unwrap();
+    std::fs::write(var_file.path(), serde_json::Value::Object(vars).to_string()).unwrap();
+    // The console locks the module's (empty) state: one at a time.
+    static CONSOLE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = CONSOLE.lock().unwrap_or_else(|e| e.into_inner());
     let mut console = Command::new(terraform())
         .args(["console", "-no-color"])
-        .current_dir(dir.path())
+        .arg(format!("-var-file={}", var_file.path().display()))
+        .env("TF_CLI_CONFIG_FILE", mirror_cli_config(module.path()))
+        .current_dir(module.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -253,7 +229,7 @@ fn render_user_data(values: &[(&str, String)]) -> String {
         .stdin
         .take()
         .unwrap()
-        .write_all(expr.as_bytes())
+        .write_all(b"jsonencode(nonsensitive(local.user_data[\"vm-7\"]))\n")
         .unwrap();
     let out = console.wait_with_output().unwrap();
     assert!(
@@ -267,36 +243,18 @@ fn render_user_data(values: &[(&str, String)]) -> String {
     serde_json::from_str(&json).unwrap()
 }
 
-/// An HCL string literal of `s` (JSON escaping, and `${` / `%{` kept literal).
-fn hcl_string(s: &str) -> String {
-    serde_json::to_string(s)
-        .unwrap()
-        .replace("${", "$${")
-        .replace("%{", "%%{")
-}
-
 #[test]
 fn the_user_data_gives_the_agent_every_value_unchanged() {
-    // Render the template with hostile values through the real templatefile(), then run the
-    // script's value section with bash and read the values back.
+    // Hostile values through the real module, then the script's value section run with bash.
     let url = "https://x.org/?a='b'&c=\"$(touch /tmp/pwned)\"`id`${HOME}\\";
     let token = "llt_'\"$(id)";
-    let script = render_user_data(&[
-        (
-            "allocator_url_b64",
-            format!("base64encode({})", hcl_string(url)),
-        ),
-        (
-            "api_token_b64",
-            format!("base64encode({})", hcl_string(token)),
-        ),
-    ]);
+    let script = render_user_data(token, &[("allocator_url", url.into())]);
     assert!(
         !script.contains("pwned"),
         "values are encoded, never pasted in"
     );
 
-    let values_end = script.find("\nROOT=").unwrap();
+    let values_end = script.find("\n# 2. The agent binary").unwrap();
     let probe = format!(
         "{}\nprintf '%s\\n' \"$ALLOCATOR_URL\" \"$API_TOKEN\" \"$VM_NAME\"\n",
         &script[..values_end]
@@ -308,7 +266,7 @@ fn the_user_data_gives_the_agent_every_value_unchanged() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(printed, format!("{url}\n{token}\nvm-1\n"));
+    assert_eq!(printed, format!("{url}\n{token}\nvm-7\n"));
     let syntax = Command::new("bash")
         .arg("-n")
         .arg("-c")
@@ -414,30 +372,33 @@ fn the_rendered_user_data_installs_the_checked_agent_its_private_settings_and_th
     let machine = Machine::new(b"#!/bin/sh\necho fake agent\n");
     let token = "llt_s3cret-agent-token";
     let startup = "echo 'set up'\nnvidia-smi || true";
-    let b64 = |s: &str| format!("base64encode({})", hcl_string(s));
-    let script = render_user_data(&[
-        ("hostname", "\"vm-7\"".into()),
-        ("api_token_b64", b64(token)),
-        (
-            "agent_download_url_b64",
-            b64("https://downloads.example.org/lablink-agent"),
-        ),
-        ("agent_sha256", format!("\"{}\"", machine.sha256())),
-        ("image_name_b64", b64("ghcr.io/talmolab/sleap:1")),
-        (
-            "repository_b64",
-            b64("https://github.com/talmolab/tutorial.git"),
-        ),
-        ("startup_on_error", "\"fail\"".into()),
-        ("gpu_support", "true".into()),
-        ("desktop_user", "\"researcher\"".into()),
-        ("inuse_process_b64", b64("sleap-label")),
-        (
-            "log_files_b64",
-            b64("cloud_init=/var/log/cloud-init-output.log,container=/var/log/app.log"),
-        ),
-        ("startup_script_b64", b64(startup)),
-    ]);
+    let script = render_user_data(
+        token,
+        &[
+            (
+                "agent_download_url",
+                "https://downloads.example.org/lablink-agent".into(),
+            ),
+            ("agent_sha256", machine.sha256().to_uppercase().into()),
+            ("image_name", "ghcr.io/talmolab/sleap:1".into()),
+            (
+                "repository",
+                "https://github.com/talmolab/tutorial.git".into(),
+            ),
+            ("startup_on_error", "fail".into()),
+            ("gpu_support", true.into()),
+            ("desktop_user", "researcher".into()),
+            ("inuse_process", "sleap-label".into()),
+            (
+                "log_files",
+                serde_json::json!([
+                    "cloud_init=/var/log/cloud-init-output.log",
+                    "container=/var/log/app.log"
+                ]),
+            ),
+            ("startup_script", startup.into()),
+        ],
+    );
     let (status, printed) = machine.run(&script);
     assert!(status.success(), "{printed}");
     let root = machine.path("root");
@@ -520,13 +481,16 @@ fn the_rendered_user_data_installs_the_checked_agent_its_private_settings_and_th
 fn a_download_with_the_wrong_sha256_stops_the_rendered_user_data_and_installs_nothing() {
     let machine = Machine::new(b"a tampered agent");
     let wrong = "0".repeat(64);
-    let script = render_user_data(&[
-        (
-            "agent_download_url_b64",
-            "base64encode(\"https://downloads.example.org/lablink-agent\")".into(),
-        ),
-        ("agent_sha256", format!("\"{wrong}\"")),
-    ]);
+    let script = render_user_data(
+        "llt_token",
+        &[
+            (
+                "agent_download_url",
+                "https://downloads.example.org/lablink-agent".into(),
+            ),
+            ("agent_sha256", wrong.as_str().into()),
+        ],
+    );
     let (status, printed) = machine.run(&script);
     assert!(!status.success(), "{printed}");
     assert!(

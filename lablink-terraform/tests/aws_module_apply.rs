@@ -138,16 +138,12 @@ async fn the_shipped_module_creates_tags_and_destroys_real_instances() {
             1,
             "{instance:#}"
         );
-        // Its own hostname and token, base64-encoded, and the allocator's URL.
+        // Its own row (hostname and token, base64-encoded), and the allocator's URL.
         let user_data = instance["user_data"].as_str().unwrap();
-        assert!(
-            user_data.contains(&format!("VM_NAME='{name}'")),
-            "{user_data}"
-        );
         let own = token(&work, &record.hostname);
         assert!(
-            user_data.contains(&b64(&own)),
-            "{name}'s token is not in its user data"
+            user_data.contains(&format!("\n0 {name} {}\n", b64(&own))),
+            "{name}'s row is not in its user data"
         );
         assert!(user_data.contains(&b64("https://lablink.example.org")));
         for other in records.iter().filter(|r| r.hostname != record.hostname) {

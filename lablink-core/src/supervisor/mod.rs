@@ -59,6 +59,10 @@ pub enum FlagKind {
     /// step before it failed (with `destroy_collects_first`: collecting the participant's
     /// work); the admin collects again or destroys it, with `force`, from the admin page.
     DestroyHeld,
+    /// This VM's set-up failed (`STARTUP_ON_ERROR=fail`); the warm pool launches no more VMs
+    /// while one is left, since each would fail the same way. The admin fixes the image or
+    /// the start-up settings and destroys it.
+    SetupFailed,
 }
 
 impl FlagKind {
@@ -69,6 +73,7 @@ impl FlagKind {
             Self::LadderExhausted => "ladder_exhausted",
             Self::IdleWarning => "idle_warning",
             Self::DestroyHeld => "destroy_held",
+            Self::SetupFailed => "setup_failed",
         }
     }
 }
@@ -368,7 +373,8 @@ impl LabLink {
         });
         self.scheduled_destruction(&config.destruction, &records, now, shared, memory)
             .await;
-        self.keep_pool(&config, &records, now, shared).await;
+        self.keep_pool(&config, &records, now, shared, &mut flags)
+            .await;
         if config.idle_release.enabled {
             self.release_idle(
                 &config.idle_release,

@@ -6,8 +6,8 @@ use chrono::{DateTime, Utc};
 
 use super::{span_of, FlagKind, Memory, Shared, SupervisorConfig, VmFlag};
 use crate::{
-    DestructionConfig, Email, Hostname, IdleReleaseConfig, LabLink, LaunchOptions, Phase, VmRecord,
-    VmState,
+    AgentStatus, DestructionConfig, Email, Hostname, IdleReleaseConfig, LabLink, LaunchOptions,
+    Phase, VmRecord, VmState,
 };
 
 /// A VM that is free or will be: it counts toward K.
@@ -28,6 +28,11 @@ fn counts_toward_total(r: &VmRecord) -> bool {
     )
 }
 
+/// A VM whose set-up failed (its agent's error took it from booting to failed).
+fn failed_setup(r: &VmRecord) -> bool {
+    r.state == VmState::Failed && r.agent_status == Some(AgentStatus::Error)
+}
+
 /// Whether the scheduled destruction time has come.
 fn destruction_due(config: &DestructionConfig, now: DateTime<Utc>) -> bool {
     config.at.is_some_and(|at| now >= at)
@@ -35,13 +40,15 @@ fn destruction_due(config: &DestructionConfig, now: DateTime<Utc>) -> bool {
 
 impl LabLink {
     /// Keeps K free VMs (launching ahead of demand), never more than M in all, and destroys
-    /// free VMs beyond K once idle for the TTL.
+    /// free VMs beyond K once idle for the TTL. While a VM whose set-up failed is left, it
+    /// launches nothing: each new VM would fail the same way, and launch after launch.
     pub(super) async fn keep_pool(
         &self,
         config: &SupervisorConfig,
         records: &[VmRecord],
         now: DateTime<Utc>,
         shared: &Shared,
+        flags: &mut Vec<VmFlag>,
     ) {
         let pool = &config.pool;
         let free = records.iter().filter(|r| is_free_or_coming(r)).count();
@@ -66,7 +73,18 @@ impl LabLink {
             .saturating_sub(free)
             .min(pool.max_total.saturating_sub(total))
             .min(self.inner.config.max_launch);
-        if count > 0 {
+        let failed: Vec<&VmRecord> = records.iter().filter(|r| failed_setup(r)).collect();
+        for record in &failed {
+            flags.push(VmFlag {
+                hostname: record.hostname.clone(),
+                kind: FlagKind::SetupFailed,
+                message: format!(
+                    "{}; the pool launches no VM while one like it is left: fix the image or the start-up settings, then destroy it",
+                    record.last_error.as_deref().unwrap_or("its set-up failed")
+                ),
+            });
+        }
+        if count > 0 && failed.is_empty() {
             match self.start_launch(&LaunchOptions { count }).await {
                 Ok(_) => {
                     shared.status().counters.pool_launched += count as u64;

@@ -76,6 +76,9 @@ pub fn vm_event() -> impl Strategy<Value = VmEvent> {
         }),
         Just(VmEvent::AgentReady),
         Just(VmEvent::BootTimedOut),
+        Just(VmEvent::SetupFailed {
+            reason: "the start-up script failed".into()
+        }),
         Just(VmEvent::InstanceLost {
             reason: "the provider has no such machine".into()
         }),

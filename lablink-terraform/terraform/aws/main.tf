@@ -16,6 +16,30 @@ locals {
     ManagedBy  = "lablink-terraform"
   })
 
+  # The agent's settings, under the names it reads, as "NAME base64(value)" lines for the
+  # user data (empty settings are left out).
+  agent_env = join("\n", [for name, value in {
+    SUBJECT_IMAGE          = var.image_name
+    TUTORIAL_REPO_TO_CLONE = var.repository
+    LABLINK_STARTUP_SCRIPT = var.startup_script
+    STARTUP_ON_ERROR       = var.startup_on_error
+    LABLINK_CRD_USER       = var.desktop_user
+    LABLINK_INUSE_PROCESS  = var.inuse_process
+    LABLINK_LOG_FILES      = join(",", var.log_files)
+    GPU_SUPPORT            = var.gpu_support ? "true" : ""
+  } : "${name} ${base64encode(value)}" if trimspace(value) != ""])
+
+  # Each VM's start-up script, from the template the EC2 provisioner shares: its own row (its
+  # token in base64) and the agent's settings.
+  user_data = { for hostname in local.hostnames : hostname => templatefile("${path.module}/user_data.sh.tftpl", {
+    pad_tag                = ""
+    rows                   = "0 ${hostname} ${base64encode(var.vms[hostname].token)}\n"
+    allocator_url_b64      = base64encode(var.allocator_url)
+    agent_download_url_b64 = base64encode(var.agent_download_url)
+    agent_sha256           = lower(var.agent_sha256)
+    agent_env              = local.agent_env
+  }) }
+
   ami_id = (var.client_ami_id != "" ? var.client_ami_id
     : var.gpu_support ? one(data.aws_ami.gpu[*].id)
   : one(data.aws_ami.ubuntu[*].id))
@@ -121,24 +145,7 @@ resource "aws_instance" "vm" {
   key_name               = var.ssh_public_key != "" ? aws_key_pair.client[0].key_name : null
   iam_instance_profile   = aws_iam_instance_profile.client[0].name
 
-  # Every value is passed base64-encoded and decoded on the VM, so no value can break out of
-  # the script. The token is this VM's own.
-  user_data_base64 = base64gzip(templatefile("${path.module}/user_data.sh.tftpl", {
-    hostname               = each.key
-    allocator_url_b64      = base64encode(var.allocator_url)
-    api_token_b64          = base64encode(var.vms[each.key].token)
-    agent_download_url_b64 = base64encode(var.agent_download_url)
-    agent_sha256           = lower(var.agent_sha256)
-    image_name_b64         = base64encode(var.image_name)
-    repository_b64         = base64encode(var.repository)
-    subject_software_b64   = base64encode(var.subject_software)
-    startup_on_error       = var.startup_on_error
-    gpu_support            = var.gpu_support
-    desktop_user           = var.desktop_user
-    inuse_process_b64      = base64encode(var.inuse_process)
-    log_files_b64          = base64encode(join(",", var.log_files))
-    startup_script_b64     = base64encode(var.startup_script)
-  }))
+  user_data_base64 = base64gzip(local.user_data[each.key])
 
   metadata_options {
     http_tokens = "required"

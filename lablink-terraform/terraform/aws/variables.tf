@@ -116,12 +116,6 @@ variable "repository" {
   default     = ""
 }
 
-variable "subject_software" {
-  description = "The research software of the workshop (SUBJECT_SOFTWARE)."
-  type        = string
-  default     = "sleap"
-}
-
 variable "startup_on_error" {
   description = "What the client does when its start-up script fails: continue or fail (STARTUP_ON_ERROR)."
   type        = string
