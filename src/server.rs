@@ -60,16 +60,17 @@ impl Server {
             None => None,
         };
         let (provisioner, local) = provisioner(config, addr, tls.is_some()).await?;
-        let lablink = allocator(config, provisioner).await?;
-        seed_roster(config, &lablink).await?;
-        let collector = crate::collect::Collector::new(
+        let collector = Arc::new(crate::collect::Collector::new(
             config.collect.artifact_store().await?,
             config.collect.settings.clone(),
-        );
+        ));
+        let lablink = allocator(config, provisioner, collector.clone()).await?;
+        seed_roster(config, &lablink).await?;
+        // The routes' destroys collect first through the state's CollectingAllocator.
         let state = HttpState::with_collector(
             Arc::new(lablink.clone()),
             config.http_options(admin_password_hash),
-            Arc::new(collector),
+            collector,
         );
         for warning in config.warnings() {
             tracing::warn!("{warning}");
@@ -106,9 +107,6 @@ impl Server {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BoxError> {
-        // After the HTTP state installed the collector: the supervisor's first tick may
-        // already be due to destroy (scheduled destruction, idle release), which collects
-        // first.
         let supervisor = self.lablink.start_supervisor()?;
         let served = match self.tls {
             Some(certificates) => {
@@ -151,11 +149,15 @@ async fn provisioner(
 async fn allocator(
     config: &Config,
     provisioner: Arc<dyn Provisioner>,
+    collector: Arc<crate::collect::Collector>,
 ) -> Result<LabLink, BoxError> {
     #[allow(unused_mut)]
     let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
-        .with_provisioner(provisioner);
+        .with_provisioner(provisioner)
+        // The supervisor's own destroys (scheduled destruction, idle release) collect first
+        // too, when destroy_collects_first is on.
+        .with_before_destroy(collector);
     #[cfg(feature = "postgres")]
     if !config.database.url.is_empty() {
         let pool = sqlx::postgres::PgPoolOptions::new()

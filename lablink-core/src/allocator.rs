@@ -1,7 +1,6 @@
 //! The [`Allocator`] trait: everything a host app or the HTTP layer asks of LabLink.
 
 use std::fmt::Debug;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,8 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::{
-    AgentToken, Assignment, BeforeDestroy, CrdCommand, Email, Error, ErrorKind, Hostname,
-    Operation, Pin, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
+    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Pin, Result,
+    SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 
 /// A participant asking for a VM.
@@ -153,18 +152,8 @@ pub trait Allocator: Send + Sync + Debug {
     async fn admin_session_ended(&self, id: &str) -> Result<bool>;
 
     /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
-    /// when none runs (the default for allocators without one).
-    fn supervision(&self) -> Option<SupervisorStatus> {
-        None
-    }
-
-    /// Makes this allocator's supervisor run `hook` before it destroys VMs that may hold a
-    /// participant's work (see [`BeforeDestroy`]). `false` when this allocator has no such
-    /// automatic destroys (the default).
-    fn set_before_destroy(&self, hook: Arc<dyn BeforeDestroy>) -> bool {
-        let _ = hook;
-        false
-    }
+    /// when none runs. No default: a wrapping allocator forwards it.
+    fn supervision(&self) -> Option<SupervisorStatus>;
 }
 
 /// Conveniences on top of any [`Allocator`].

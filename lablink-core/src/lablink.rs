@@ -541,9 +541,4 @@ impl Allocator for LabLink {
     fn supervision(&self) -> Option<crate::SupervisorStatus> {
         LabLink::supervision(self)
     }
-
-    fn set_before_destroy(&self, hook: Arc<dyn BeforeDestroy>) -> bool {
-        LabLink::set_before_destroy(self, Some(hook));
-        true
-    }
 }

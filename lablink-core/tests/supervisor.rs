@@ -565,7 +565,7 @@ async fn scheduled_destruction_and_idle_release_run_the_before_destroy_step_and_
         keep: Some(vms[1].clone()),
         ..Default::default()
     });
-    assert!(Allocator::set_before_destroy(&lablink, hook.clone()));
+    lablink.set_before_destroy(Some(hook.clone()));
     let supervisor = lablink.start_supervisor().unwrap();
     wait(600 * SEC).await;
     let calls = hook.calls.lock().unwrap().clone();
@@ -634,7 +634,7 @@ async fn a_vm_claimed_during_the_before_destroy_step_is_asked_about_again() {
         work: 40 * SEC,
         ..Default::default()
     });
-    assert!(Allocator::set_before_destroy(&lablink, hook.clone()));
+    lablink.set_before_destroy(Some(hook.clone()));
     let supervisor = lablink.start_supervisor().unwrap();
     // In the middle of the step that asks about all three (due at `at`, one tick at most
     // later, and 40 s long).
@@ -677,7 +677,7 @@ async fn a_long_before_destroy_step_keeps_the_leader_lease() {
         work: 60 * SEC,
         ..Default::default()
     });
-    assert!(Allocator::set_before_destroy(&a, hook.clone()));
+    a.set_before_destroy(Some(hook.clone()));
     let sa = a.start_supervisor().unwrap();
     wait(SEC).await;
     let sb = b.start_supervisor().unwrap();

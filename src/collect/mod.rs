@@ -21,6 +21,7 @@
 //! reaches an agent polling another at its next poll; only the admin page's live table shows
 //! this replica's view.
 
+mod allocator;
 pub mod archive;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
+pub use allocator::{CollectingAllocator, Destroyed};
 pub use archive::{CollectedFile, SkippedFile};
 
 /// What to collect, the limits, and how destroy uses collections.

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use lablink_core::Allocator as _;
 use lablink_core::{DestroyTarget, Hostname, LaunchOptions, Operation, VmFilter};
 use serde_json::{json, Value};
 
@@ -95,7 +96,10 @@ async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
 pub async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Response {
     let outcome = async {
         let force = super::collect::force_field(&req.form)?;
-        let destroyed = super::collect::destroy(&state, &DestroyTarget::All, force).await?;
+        let destroyed = state
+            .allocator()
+            .destroy_collecting(&DestroyTarget::All, force)
+            .await?;
         destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
@@ -105,10 +109,10 @@ pub async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Resp
 /// The answer to a destroy: the started operation, or (VMs blocked by failed collections)
 /// 409 naming them: as JSON for scripts, as an error page for browsers.
 pub fn destroyed_answer(
-    destroyed: &super::collect::Destroyed,
+    destroyed: &crate::collect::Destroyed,
     wants_json: bool,
 ) -> ApiResult<(StatusCode, Value)> {
-    let (status, body) = destroyed.answer(|op| started(op).1);
+    let (status, body) = super::collect::destroyed_json(destroyed, |op| started(op).1);
     if status == StatusCode::CONFLICT && !wants_json {
         return Err(ApiError::new(StatusCode::CONFLICT, destroyed.message()));
     }

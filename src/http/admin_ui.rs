@@ -12,6 +12,7 @@ use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
+use lablink_core::Allocator as _;
 use lablink_core::{DestroyTarget, Hostname, LaunchOptions, SupervisorStatus, VmFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -402,7 +403,7 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response
             None => DestroyTarget::All,
         };
         let force = super::collect::force_field(&req.form)?;
-        let destroyed = super::collect::destroy(&state, &target, force).await?;
+        let destroyed = state.allocator().destroy_collecting(&target, force).await?;
         super::admin_api::destroyed_answer(&destroyed, req.wants_json)
     }
     .await;

@@ -7,6 +7,7 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
+use lablink_core::Allocator as _;
 use lablink_core::{AgentToken, ErrorKind, Hostname};
 
 use super::admin_auth::Admin;

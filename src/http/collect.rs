@@ -1,8 +1,7 @@
 //! Collections over HTTP (see [`crate::collect`]): the agent's task long-poll and upload,
 //! the admin's start/progress/download routes, `GET /api/scp-client` (the Python LabLink's
-//! download route, same zip), and destroy with collect-first.
+//! download route, same zip), and the answer to a destroy with collect-first.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -11,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use lablink_core::{DestroyTarget, Hostname, Operation, VmFilter, VmRecord, VmState};
+use lablink_core::{Allocator as _, Hostname, Operation, VmFilter, VmRecord, VmState};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::{IntoParams, ToSchema};
@@ -23,7 +22,9 @@ use super::extract::{ApiQuery, PathText};
 use super::v1::ErrorBody;
 use super::views::OperationView;
 use super::HttpState;
-use crate::collect::{may_hold_work, CollectedFile, CollectionStatus, CollectionTask, SkippedFile};
+use crate::collect::{
+    may_hold_work, CollectedFile, CollectionStatus, CollectionTask, Destroyed, SkippedFile,
+};
 
 /// Default hold of a task long-poll without `timeout`.
 const DEFAULT_HOLD: Duration = Duration::from_secs(30);
@@ -307,145 +308,25 @@ pub async fn download(State(state): State<HttpState>, _admin: Admin) -> ApiResul
         .into_response())
 }
 
-/// What a destroy with collect-first did.
-#[derive(Debug)]
-pub struct Destroyed {
-    /// The destroy operation, when any VM was destroyed.
-    pub operation: Option<Operation>,
-    /// VMs not destroyed because their collection failed, with the reason.
-    pub blocked: BTreeMap<String, String>,
-}
-
-impl Destroyed {
-    /// The JSON answer: 202 with the operation, or 409 naming the blocked VMs.
-    pub fn answer(&self, body: impl FnOnce(&Operation) -> Value) -> (StatusCode, Value) {
-        if self.blocked.is_empty() {
-            if let Some(op) = &self.operation {
-                return (StatusCode::ACCEPTED, body(op));
-            }
-        }
-        (
-            StatusCode::CONFLICT,
-            json!({
-                "error": self.message(),
-                "blocked": self.blocked,
-                "operation": self.operation.as_ref().map(OperationView::from),
-            }),
-        )
-    }
-
-    /// A sentence naming the blocked VMs.
-    pub fn message(&self) -> String {
-        let names: Vec<&str> = self.blocked.keys().map(String::as_str).collect();
-        format!(
-            "the collection failed on {}, so it was not destroyed; collect again or destroy with force",
-            names.join(", ")
-        )
-    }
-}
-
-/// Destroys `target`; with `destroy_collects_first`, collects from its VMs first and
-/// leaves the VMs whose collection failed. `force` destroys at once without collecting:
-/// it is how an admin gets rid of a VM whose agent is dead, and waiting for that VM's
-/// collection to fail would hold the request for `destroy_wait_seconds`.
-pub async fn destroy(
-    state: &HttpState,
-    target: &DestroyTarget,
-    force: bool,
-) -> ApiResult<Destroyed> {
-    let settings = state.collector().settings();
-    if !settings.destroy_collects_first || force {
-        return destroy_now(state, target).await;
-    }
-    let vms: Vec<VmRecord> = match target {
-        // Nothing to collect from, nor to wait for.
-        DestroyTarget::All => match live_hostnames(state).await? {
-            vms if vms.is_empty() => return destroy_now(state, target).await,
-            vms => vms,
-        },
-        DestroyTarget::Hostnames(names) => {
-            let mut vms = Vec::new();
-            for name in names {
-                vms.push(state.allocator().vm(name).await?);
-            }
-            vms
-        }
-    };
-    // Only VMs whose agent was ever heard from can have work to collect.
-    let reachable: Vec<Hostname> = vms
-        .iter()
-        .filter(|vm| may_hold_work(vm))
-        .map(|vm| vm.hostname.clone())
-        .collect();
-    let mut blocked = state
-        .collector()
-        .collect_and_wait(
-            &reachable,
-            Duration::from_secs(settings.destroy_wait_seconds),
-        )
-        .await?;
-    // A VM destroyed by someone else during the wait (a forced destroy) is gone, not held.
-    let mut gone = Vec::new();
-    for hostname in blocked.keys() {
-        if let Ok(h) = hostname.parse::<Hostname>() {
-            if matches!(state.allocator().vm(&h).await, Err(e) if e.is_not_found()) {
-                gone.push(hostname.clone());
-            }
+/// The JSON answer to a destroy with collect-first: 202 with the operation, or 409 naming
+/// the VMs kept because their collection failed.
+pub fn destroyed_json(
+    destroyed: &Destroyed,
+    body: impl FnOnce(&Operation) -> Value,
+) -> (StatusCode, Value) {
+    if destroyed.blocked.is_empty() {
+        if let Some(op) = &destroyed.operation {
+            return (StatusCode::ACCEPTED, body(op));
         }
     }
-    for hostname in gone {
-        blocked.remove(&hostname);
-    }
-    // Only the VMs listed before the wait, less the blocked ones: a VM launched meanwhile
-    // was not collected, so "all" must not take it. One that is gone since (destroyed by
-    // someone else during the wait) is left out rather than failing the whole destroy.
-    let mut rest: Vec<Hostname> = Vec::new();
-    for vm in vms {
-        if blocked.contains_key(vm.hostname.as_str()) {
-            continue;
-        }
-        match state.allocator().vm(&vm.hostname).await {
-            Ok(_) => rest.push(vm.hostname),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let operation = if rest.is_empty() {
-        None
-    } else {
-        Some(
-            state
-                .allocator()
-                .destroy(&DestroyTarget::Hostnames(rest))
-                .await?,
-        )
-    };
-    Ok(Destroyed { operation, blocked })
-}
-
-/// Destroys `target` without collecting. A collection still pending for a VM destroyed so
-/// fails at once ("destroyed without collecting"), so a destroy waiting for it (another
-/// admin's destroy of all VMs) does not wait for an upload that cannot come.
-async fn destroy_now(state: &HttpState, target: &DestroyTarget) -> ApiResult<Destroyed> {
-    let op = state.allocator().destroy(target).await?;
-    if let DestroyTarget::Hostnames(hostnames) = target {
-        for hostname in hostnames {
-            if let Some(current) = state.collector().status(hostname.as_str()).await? {
-                state
-                    .collector()
-                    .fail(
-                        hostname.as_str(),
-                        &current.id,
-                        "destroyed without collecting",
-                    )
-                    .await?;
-            }
-        }
-    }
-    Ok(Destroyed {
-        operation: Some(op),
-        blocked: BTreeMap::new(),
-    })
+    (
+        StatusCode::CONFLICT,
+        json!({
+            "error": destroyed.message(),
+            "blocked": destroyed.blocked,
+            "operation": destroyed.operation.as_ref().map(OperationView::from),
+        }),
+    )
 }
 
 /// Whether a form asks to `force` (JSON `true` or form text `true`/`1`/`yes`/`on`).

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use lablink_core::Allocator as _;
 use lablink_core::{
     AgentStatus, GpuHealth, Hostname, LogAppend, LogStream, StartupTimings, Telemetry,
 };

@@ -11,6 +11,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use lablink_core::Allocator as _;
 use lablink_core::{FlagKind, SupervisorStatus, VmFilter, VmRecord};
 
 use super::error::{ApiError, ApiResult};

@@ -50,6 +50,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post, put};
 use axum::Router;
 use lablink_core::Allocator;
+
+use crate::collect::CollectingAllocator;
 use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -74,13 +76,12 @@ pub struct HttpState {
 
 #[derive(Debug)]
 struct Inner {
-    allocator: Arc<dyn Allocator>,
+    allocator: Arc<CollectingAllocator>,
     options: HttpOptions,
     metrics: Arc<Metrics>,
     admin: admin_auth::AdminAuth,
     templates: templates::Templates,
     shutdown: watch::Sender<bool>,
-    collector: Arc<crate::collect::Collector>,
     /// VM requests per client address.
     participants: client::RateLimiter,
 }
@@ -93,10 +94,12 @@ impl HttpState {
     }
 
     /// The state for `allocator` with `options`, collecting participants' work with
-    /// `collector`. With [`destroy_collects_first`](crate::collect::CollectSettings::destroy_collects_first)
-    /// this also installs `collector` as the allocator's
-    /// [`BeforeDestroy`](lablink_core::BeforeDestroy) step, so its supervisor collects before
-    /// the scheduled destruction and idle release destroy a VM.
+    /// `collector`: the routes use `allocator` wrapped in a [`CollectingAllocator`], so every
+    /// destroy collects first when
+    /// [`destroy_collects_first`](crate::collect::CollectSettings::destroy_collects_first) is on.
+    /// The supervisor's own destroys collect when `collector` is also its
+    /// [`BeforeDestroy`](lablink_core::BeforeDestroy) step
+    /// ([`LabLinkBuilder::with_before_destroy`](lablink_core::LabLinkBuilder::with_before_destroy)).
     pub fn with_collector(
         allocator: Arc<dyn Allocator>,
         options: HttpOptions,
@@ -107,30 +110,22 @@ impl HttpState {
                 "agent auth is OPEN: VM routes accept requests without a token; use only for local demos"
             );
         }
-        if collector.settings().destroy_collects_first
-            && !allocator.set_before_destroy(collector.clone())
-        {
-            tracing::warn!(
-                "destroy_collects_first is on but this allocator does not run the collector before its own destroys"
-            );
-        }
         let admin = admin_auth::AdminAuth::new(&options);
         Self {
             inner: Arc::new(Inner {
                 participants: client::RateLimiter::new(options.participant_limit),
-                allocator,
+                allocator: Arc::new(CollectingAllocator::new(allocator, collector)),
                 metrics: Arc::new(Metrics::default()),
                 admin,
                 templates: templates::Templates::new(),
                 shutdown: watch::channel(false).0,
                 options,
-                collector,
             }),
         }
     }
 
-    /// The allocator behind the routes.
-    pub fn allocator(&self) -> &Arc<dyn Allocator> {
+    /// The allocator behind the routes (its destroy collects first).
+    pub fn allocator(&self) -> &Arc<CollectingAllocator> {
         &self.inner.allocator
     }
 
@@ -141,7 +136,7 @@ impl HttpState {
 
     /// The collector of participants' work.
     pub fn collector(&self) -> &Arc<crate::collect::Collector> {
-        &self.inner.collector
+        self.inner.allocator.collector()
     }
 
     /// The metrics.

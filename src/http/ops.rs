@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::HttpState;
+use lablink_core::Allocator as _;
 
 /// `GET /healthz`: 200 when the store answers, 503 otherwise.
 pub async fn healthz(State(state): State<HttpState>) -> Response {

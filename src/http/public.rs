@@ -8,6 +8,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use lablink_core::Allocator as _;
 use lablink_core::{CrdCommand, Email, ErrorKind, Granted, VmRequest};
 use serde_json::json;
 

@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use lablink_core::Allocator as _;
 use lablink_core::Email;
 use serde_json::{json, Value};
 

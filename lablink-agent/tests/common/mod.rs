@@ -187,8 +187,10 @@ impl Rig {
         provisioner: &LocalProcessProvisioner,
         collector: Arc<Collector>,
     ) -> Self {
+        // The supervisor collects before its own destroys, as the server sets it up.
         let lablink = builder
             .with_provisioner(Arc::new(provisioner.clone()))
+            .with_before_destroy(collector.clone())
             .build()
             .unwrap();
         let allocator: Arc<dyn Allocator> = Arc::new(lablink.clone());
@@ -276,6 +278,7 @@ impl Rig {
     /// `collector`, as a restarted server process would (everything the collector knows
     /// must come from its artifact store).
     pub async fn restart_with_collector(&mut self, collector: Arc<Collector>) {
+        self.lablink.set_before_destroy(Some(collector.clone()));
         self.state = HttpState::with_collector(
             self.allocator.clone(),
             HttpOptions::new(ADMIN, admin_hash()),

@@ -13,7 +13,9 @@ use crate::{Hostname, Result, VmRecord};
 /// idle release (an assigned VM). The root package's `lablink::collect::Collector`
 /// implements it to collect participants' files first when `destroy_collects_first` is on;
 /// install it with [`LabLinkBuilder::with_before_destroy`](crate::LabLinkBuilder::with_before_destroy)
-/// or [`Allocator::set_before_destroy`](crate::Allocator::set_before_destroy).
+/// or [`LabLink::set_before_destroy`](crate::LabLink::set_before_destroy). (Destroys through
+/// the [`Allocator`](crate::Allocator) API collect through the root package's
+/// `lablink::collect::CollectingAllocator` instead.)
 ///
 /// The other automatic destroys do not call it, because they only take VMs no participant
 /// holds: the warm pool trims free (`Available`) VMs beyond K, and the recovery ladder

@@ -5,6 +5,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use lablink_core::Allocator as _;
 use lablink_core::{DestroyTarget, Hostname, LaunchOptions, VmFilter};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -201,8 +202,13 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> ApiResul
             ))
         }
     };
-    let destroyed = crate::http::collect::destroy(&state, &target, body.force).await?;
-    let (status, body) = destroyed.answer(|op| serde_json::json!(OperationView::from(op)));
+    let destroyed = state
+        .allocator()
+        .destroy_collecting(&target, body.force)
+        .await?;
+    let (status, body) = crate::http::collect::destroyed_json(&destroyed, |op| {
+        serde_json::json!(OperationView::from(op))
+    });
     Ok((status, Json(body)).into_response())
 }
 

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use lablink_core::Allocator as _;
 use lablink_core::{
     AgentStatus, GpuHealth, Hostname, LogAppend, LogStream, StartupTimings, Telemetry,
 };
