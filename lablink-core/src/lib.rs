@@ -9,11 +9,9 @@ mod fake;
 mod ids;
 mod lablink;
 mod logs;
-mod memory;
 mod notifier;
 mod operation;
 mod provisioner;
-mod provisioning;
 mod reconcile;
 mod record;
 mod retry;
@@ -37,7 +35,6 @@ pub use fake::{FakeConfig, FakeProvisioner, FAILURE_RATE_FILE};
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
 pub use logs::{clean_lines, fit_lines, BoundedLog, LogAppend, LogStream, VmLogs};
-pub use memory::MemoryVmStore;
 pub use notifier::{MemoryNotifier, Notifier, Subscription, Wake};
 pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINES};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
@@ -50,7 +47,8 @@ pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{redacted, AgentToken, CrdCommand, Pin, TokenDigest, CRD_REDIRECT_URL};
 pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
 pub use store::{
-    ClaimRequest, Claimed, LeaderLease, ProvisioningLock, VmCounts, VmFilter, VmStore,
+    ClaimRequest, Claimed, LeaderLease, MemoryVmStore, ProvisioningLock, VmCounts, VmFilter,
+    VmStore,
 };
 pub use supervisor::{
     BeforeDestroy, DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig,

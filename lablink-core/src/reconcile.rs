@@ -1,7 +1,7 @@
 //! Reconcile: make the store and the provider's inventory agree again after a crash, a lost
 //! store or a machine that vanished.
 //!
-//! Records are written *before* the provider is called (see `provisioning.rs`), so every
+//! Records are written *before* the provider is called (see `operation/flows.rs`), so every
 //! machine a launch creates has a record with its hostname and the digest of the token the
 //! machine received. Reconcile therefore matches machines to records by hostname (and by
 //! instance id once a record knows it):

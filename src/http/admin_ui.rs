@@ -17,7 +17,7 @@ use lablink_core::{DestroyTarget, Hostname, LaunchOptions, SupervisorStatus, VmF
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::admin_api::{answer, form_hostname, parse_count, started};
+use super::compat_admin::{answer, form_hostname, parse_count, started};
 use super::admin_auth::{
     cookie, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
 };
@@ -404,7 +404,7 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response
         };
         let force = super::collect::force_field(&req.form)?;
         let destroyed = state.allocator().destroy_collecting(&target, force).await?;
-        super::admin_api::destroyed_answer(&destroyed, req.wants_json)
+        super::compat_admin::destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
     answer(&state, req.wants_json, outcome)

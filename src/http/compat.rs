@@ -25,7 +25,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/update_inuse_status", post(update_inuse_status))
         .route(
             "/api/vm-status",
-            post(post_vm_status).get(super::admin_api::all_vm_status),
+            post(post_vm_status).get(super::compat_admin::all_vm_status),
         )
         .route("/api/vm-status/{hostname}", get(get_vm_status))
         .route("/api/vm-metrics/{hostname}", post(post_vm_metrics))

@@ -23,17 +23,17 @@
 //! its waiter when axum drops the future. [`HttpState::shutdown`] ends them all at once for a
 //! graceful shutdown.
 
-mod admin_api;
 mod admin_auth;
 mod admin_ui;
 mod agent_auth;
 mod client;
 mod collect;
 mod compat;
+mod compat_admin;
 mod error;
 mod extract;
 mod metrics;
-mod ops;
+mod middleware;
 mod options;
 mod public;
 mod roster;
@@ -225,7 +225,7 @@ impl HttpState {
             // and destroys that may wait for collections first.
             .route("/api/v1/vms/{hostname}/tasks", get(collect::tasks))
             .route("/api/v1/destroy", post(v1::destroy))
-            .route("/destroy", post(admin_api::destroy_all))
+            .route("/destroy", post(compat_admin::destroy_all))
             .route(
                 "/admin/destroy",
                 get(admin_ui::confirm_destroy).post(admin_ui::destroy),
@@ -234,7 +234,7 @@ impl HttpState {
             .route("/api/scp-client", get(collect::download))
             .route_layer(axum::middleware::from_fn_with_state(
                 self.clone(),
-                ops::read_body_in_time,
+                middleware::read_body_in_time,
             ));
         // Streamed uploads: no body read up front (their time is bounded per chunk by the
         // collector), so they join after the layer above.
@@ -245,15 +245,15 @@ impl HttpState {
         let quick = Router::new()
             .merge(compat::routes())
             .merge(public::routes())
-            .merge(admin_api::routes())
+            .merge(compat_admin::routes())
             .merge(admin_ui::routes())
             .merge(roster::routes())
             .merge(v1::routes())
-            .route("/healthz", get(ops::healthz))
+            .route("/healthz", get(middleware::healthz))
             .route("/metrics", get(metrics::metrics))
             .layer(axum::middleware::from_fn_with_state(
                 self.clone(),
-                ops::timeout,
+                middleware::timeout,
             ));
         held.merge(quick)
             .fallback(error::not_found_fallback)
@@ -263,20 +263,20 @@ impl HttpState {
                 metrics::count_requests,
             ))
             .layer(DefaultBodyLimit::max(self.inner.options.max_body_bytes))
-            .layer(axum::middleware::from_fn(ops::limit_head))
+            .layer(axum::middleware::from_fn(middleware::limit_head))
             .layer(PropagateRequestIdLayer::x_request_id())
             // 5xx answers are not logged as failures here: a 503 "no VM free" is an
             // answer, not an error, and anyone could flood the error log with it. Real
             // failures are logged where they happen (`ApiError::from`, the panic guard).
             .layer(
                 TraceLayer::new_for_http()
-                    .make_span_with(ops::make_span)
+                    .make_span_with(middleware::make_span)
                     .on_failure(()),
             )
             .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-            .layer(axum::middleware::from_fn(ops::check_request_id))
-            .layer(CatchPanicLayer::custom(ops::panic_response))
-            .layer(axum::middleware::from_fn(ops::security_headers))
+            .layer(axum::middleware::from_fn(middleware::check_request_id))
+            .layer(CatchPanicLayer::custom(middleware::panic_response))
+            .layer(axum::middleware::from_fn(middleware::security_headers))
             .with_state(self.clone())
     }
 }

@@ -127,9 +127,9 @@ async fn connection<S>(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        // Above the router's own limit (`ops::MAX_HEADERS`), so that a request with too many
+        // Above the router's own limit (`middleware::MAX_HEADERS`), so that a request with too many
         // headers gets the router's JSON 431 rather than hyper's empty one.
-        .max_headers(2 * super::ops::MAX_HEADERS)
+        .max_headers(2 * super::middleware::MAX_HEADERS)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {

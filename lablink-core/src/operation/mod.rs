@@ -1,6 +1,8 @@
 //! Provisioning operations (launch, destroy, reboot) recorded with progress and outcome so an
 //! admin can watch them.
 
+mod flows;
+
 use std::fmt;
 
 use chrono::{DateTime, Utc};

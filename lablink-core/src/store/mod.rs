@@ -1,4 +1,9 @@
-//! The [`VmStore`] trait: durable VM records, the atomic claim, telemetry, operations.
+//! The [`VmStore`] trait: durable VM records, the atomic claim, telemetry, operations; and
+//! [`MemoryVmStore`], its in-process implementation.
+
+mod memory;
+
+pub use memory::MemoryVmStore;
 
 use std::any::Any;
 use std::fmt;
