@@ -779,3 +779,509 @@ fn bad_values_are_refused_before_anything_is_created() {
         assert!(stderr.contains(complaint), "{change}: {stderr}");
     }
 }
+
+/// What every stand-in does first: one line `name [arg] [arg]...` in `$STUB_LOG/argv`.
+const RECORD: &str =
+    "{ printf '%s' \"${0##*/}\"; [ $# -eq 0 ] || printf ' [%s]' \"$@\"; printf '\\n'; } >>\"$STUB_LOG/argv\"";
+
+/// The programs the first-boot script runs that would change this machine or reach the
+/// network, as recording stand-ins (first on PATH). Everything else (tar, sha256sum, python3,
+/// mv...) is the real thing.
+const STANDINS: &[(&str, &str)] = &[
+    (
+        "apt-get",
+        // A package's files the script then writes to.
+        r#"case " $* " in *" caddy "*) mkdir -p "$LABLINK_ROOT/etc/caddy" ;; esac"#,
+    ),
+    (
+        // The release, the instance metadata service (IMDSv2) and SSM GetParameter. The first
+        // GetParameter is refused, as IAM does for a role just made.
+        "curl",
+        r#"out= url= data= config=
+while [ $# -gt 0 ]; do
+  case $1 in
+    -o) out=$2; shift ;;
+    -K) if [ "$2" = - ]; then config=$(cat); fi; shift ;;
+    -d) data=$2; shift ;;
+    -X | -H | --retry | --aws-sigv4) shift ;;
+    -*) ;;
+    *) url=$1 ;;
+  esac
+  shift
+done
+imds=http://169.254.169.254/latest
+case $url in
+  "$STUB_RELEASE_URL") cp "$STUB_DIR/release.tar.gz" "$out" ;;
+  "$imds/api/token") printf '%s' "$STUB_IMDS_TOKEN" ;;
+  "$imds/meta-data/iam/security-credentials/") printf 'llk-allocator-role' ;;
+  "$imds/meta-data/iam/security-credentials/llk-allocator-role") cat "$STUB_DIR/credentials.json" ;;
+  "https://ssm.$STUB_REGION.amazonaws.com/")
+    printf '%s\n' "$config" >>"$STUB_LOG/curl-config"
+    if [ ! -e "$STUB_LOG/ssm-refused-once" ]; then
+      touch "$STUB_LOG/ssm-refused-once"
+      echo 'curl: (22) The requested URL returned error: 400' >&2
+      exit 22
+    fi
+    [ "$data" = "{\"Name\": \"$STUB_SSM_NAME\", \"WithDecryption\": true}" ] || exit 22
+    cat "$STUB_DIR/ssm-answer.json" ;;
+  *) echo "curl stand-in: unexpected URL $url" >&2; exit 7 ;;
+esac"#,
+    ),
+    ("systemctl", ""),
+    ("sleep", ""),
+    (
+        // The user lablink exists once the release's install.sh has run.
+        "getent",
+        r#"if [ "$*" = "group lablink" ] && [ -e "$STUB_LOG/installed" ]; then echo 'lablink:x:998:'; exit 0; fi
+exit 2"#,
+    ),
+    (
+        // psql and createdb are the stand-ins; an absolute path is the program as installed
+        // under LABLINK_ROOT.
+        "runuser",
+        r#"[ "$1" = -u ] && [ "$3" = -- ] || { echo "runuser stand-in: unexpected $*" >&2; exit 2; }
+shift 3
+case $1 in
+  psql | createdb) exec "$STUB_DIR/$@" ;;
+  /*) exec "$LABLINK_ROOT$@" ;;
+  *) echo "runuser stand-in: unexpected $1" >&2; exit 2 ;;
+esac"#,
+    ),
+    (
+        // A first boot: no role, no database yet. What psql reads is kept.
+        "psql",
+        r#"if [ "$1" = -tAc ]; then exit 0; fi
+cat >>"$STUB_LOG/psql-stdin""#,
+    ),
+    ("createdb", ""),
+    (
+        // Owners and groups of this machine are not the host's (no group lablink here).
+        "install",
+        r#"args=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    -o | -g) shift 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+exec /usr/bin/install "${args[@]}""#,
+    ),
+];
+
+/// The release tarball's files: install.sh puts `lablink` in place and marks the user made;
+/// `lablink` (run as `lablink validate`) records its arguments and LABLINK_* environment.
+const RELEASE_FILES: &[(&str, &str)] = &[
+    (
+        "install.sh",
+        r#"set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p "$LABLINK_ROOT/usr/local/bin"
+cp "$here/lablink" "$LABLINK_ROOT/usr/local/bin/lablink"
+touch "$STUB_LOG/installed""#,
+    ),
+    (
+        "lablink",
+        r#"printenv | grep '^LABLINK_' | grep -v '^LABLINK_ROOT=' | sort >"$STUB_LOG/validate-env"
+[ "$1 $2" = "validate --config" ] && [ -r "$LABLINK_ROOT$3" ]"#,
+    ),
+];
+
+fn write_executable(path: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("#!/bin/bash\n{RECORD}\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A release tarball (`lablink/install.sh`, `lablink/lablink`) in `dir`; its sha256.
+fn fake_release(dir: &Path) -> String {
+    let tree = dir.join("tree/lablink");
+    std::fs::create_dir_all(&tree).unwrap();
+    for (name, body) in RELEASE_FILES {
+        write_executable(&tree.join(name), body);
+    }
+    let tarball = dir.join("release.tar.gz");
+    let status = Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(dir.join("tree"))
+        .arg("lablink")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new("sha256sum").arg(&tarball).output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// The first-boot script's run under a scratch root.
+struct Boot {
+    root: PathBuf,
+    log: PathBuf,
+    stdout: String,
+    stderr: String,
+    /// Every stand-in's command line, one a line.
+    argv: String,
+}
+
+/// Runs `user_data` with the stand-ins first on PATH and LABLINK_ROOT a scratch directory
+/// in `dir` (which holds release.tar.gz). SSM answers `ssm_value` for `ssm_name`.
+fn first_boot(dir: &Path, user_data: &str, ssm_name: &str, ssm_value: &str) -> Boot {
+    let stubs = dir.join("stubs");
+    let root = dir.join("root");
+    let log = dir.join("log");
+    let tmp = dir.join("tmp");
+    for d in [&stubs, &root, &log, &tmp] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    for (name, body) in STANDINS {
+        write_executable(&stubs.join(name), body);
+    }
+    std::fs::copy(dir.join("release.tar.gz"), stubs.join("release.tar.gz")).unwrap();
+    std::fs::write(
+        stubs.join("credentials.json"),
+        json!({
+            "Code": "Success",
+            "Type": "AWS-HMAC",
+            "AccessKeyId": IMDS_KEY_ID,
+            "SecretAccessKey": IMDS_SECRET_KEY,
+            "Token": IMDS_SESSION_TOKEN,
+            "Expiration": "2030-01-01T00:00:00Z",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        stubs.join("ssm-answer.json"),
+        json!({"Parameter": {"Name": ssm_name, "Type": "SecureString", "Value": ssm_value, "Version": 1}})
+            .to_string(),
+    )
+    .unwrap();
+    let script = dir.join("user_data.sh");
+    std::fs::write(&script, user_data).unwrap();
+
+    let run = Command::new("bash")
+        .arg(&script)
+        .env_clear()
+        .env(
+            "PATH",
+            format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", stubs.display()),
+        )
+        .env("HOME", dir)
+        .env("TMPDIR", &tmp)
+        .env("LABLINK_ROOT", &root)
+        .env("STUB_DIR", &stubs)
+        .env("STUB_LOG", &log)
+        .env("STUB_RELEASE_URL", SIGNED_RELEASE_URL)
+        .env("STUB_REGION", "us-east-1")
+        .env("STUB_SSM_NAME", ssm_name)
+        .env("STUB_IMDS_TOKEN", IMDS_TOKEN)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(run.stdout).unwrap();
+    let stderr = String::from_utf8(run.stderr).unwrap();
+    assert!(
+        run.status.success(),
+        "the first boot failed ({}):\n{stdout}\n{stderr}",
+        run.status
+    );
+    assert!(
+        std::fs::read_dir(&tmp).unwrap().next().is_none(),
+        "the script left its work directory"
+    );
+    let argv = read(&log.join("argv"));
+    Boot {
+        root,
+        log,
+        stdout,
+        stderr,
+        argv,
+    }
+}
+
+const IMDS_TOKEN: &str = "imds-token-sentinel-2218";
+const IMDS_KEY_ID: &str = "ASIAKEYIDSENTINEL8842";
+const IMDS_SECRET_KEY: &str = "secret/key+sentinel-6613";
+const IMDS_SESSION_TOKEN: &str = "session-token-sentinel-4471";
+
+#[test]
+fn the_first_boot_script_installs_the_release_configures_it_and_starts_it() {
+    let (ami, subnet) = ami_and_subnet();
+    let toml = format!(
+        "[server]\nmetrics_token = \"t\"\ncookie_secret = \"{CONFIG_SECRET}\"\n\n[provisioner]\nkind = \"none\"\n"
+    );
+    for tls in ["builtin", "caddy"] {
+        let started = std::time::Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let sha256 = fake_release(dir.path());
+        let name = format!("llkboot{}", &tls[..1]);
+        let domain = format!("{name}.lablink-test.example.org");
+        let mut vars = json!({
+            "name": name,
+            "region": "us-east-1",
+            "ami": ami,
+            "subnet_id": subnet,
+            "provisioner": "none",
+            "release_url": SIGNED_RELEASE_URL,
+            "release_sha256": sha256,
+            "lablink_toml": toml,
+            "tls": tls,
+        });
+        if tls == "caddy" {
+            vars["domain_name"] = json!(domain);
+        }
+        let deployment = Deployment::new(vars);
+        deployment.init();
+        let plan = deployment.plan();
+        let resources = plan["planned_values"]["root_module"]["resources"]
+            .as_array()
+            .unwrap();
+        let find = |address: &str| {
+            resources
+                .iter()
+                .find(|r| r["address"] == address)
+                .unwrap_or_else(|| panic!("no {address} in {resources:#?}"))
+        };
+        let user_data = gunzip_base64(
+            find("aws_instance.allocator")["values"]["user_data_base64"]
+                .as_str()
+                .unwrap(),
+        );
+        let parameter = &find("aws_ssm_parameter.lablink_toml")["values"];
+        let ssm_name = parameter["name"].as_str().unwrap();
+        let ssm_value = parameter["value"].as_str().unwrap();
+        assert_eq!(ssm_name, format!("/{name}/allocator/lablink-toml"));
+
+        let boot = first_boot(dir.path(), &user_data, ssm_name, ssm_value);
+        let (root, argv) = (&boot.root, &boot.argv);
+        let context = format!(
+            "tls = {tls}\n--- stdout\n{}--- stderr\n{}--- calls\n{argv}",
+            boot.stdout, boot.stderr
+        );
+        let calls: Vec<&str> = argv.lines().collect();
+        let called = |line: &str| calls.contains(&line);
+        let position = |line: &str| {
+            calls
+                .iter()
+                .position(|c| *c == line)
+                .unwrap_or_else(|| panic!("{line} was not called\n{context}"))
+        };
+
+        // The release: downloaded from its URL (signature and all), checked, its install.sh run.
+        assert!(
+            calls.iter().any(|c| c
+                .starts_with("curl [-fsSL] [--retry] [5] [--retry-connrefused] [-o] [")
+                && c.ends_with(&format!("/lablink.tar.gz] [{SIGNED_RELEASE_URL}]"))),
+            "{context}"
+        );
+        assert!(
+            boot.stdout
+                .contains(&format!("lablink-deploy: sha256 OK ({sha256})\n")),
+            "{context}"
+        );
+        assert!(boot.log.join("installed").exists(), "{context}");
+        assert!(
+            position("getent [group] [lablink]") > position("install.sh"),
+            "{context}"
+        );
+
+        // lablink.toml: the SSM parameter's value exactly, root:lablink 0640 in a 0750 directory,
+        // read with the role's credentials given to curl on stdin (after one refusal).
+        let config = root.join("etc/lablink/lablink.toml");
+        assert_eq!(read(&config), ssm_value, "{context}");
+        assert!(ssm_value.contains(CONFIG_SECRET));
+        assert_eq!(mode(&config), 0o640);
+        assert_eq!(mode(&root.join("etc/lablink")), 0o750);
+        assert!(
+            called(&format!(
+                "install [-d] [-m] [0750] [-o] [root] [-g] [lablink] [{}/etc/lablink]",
+                root.display()
+            )) && called(&format!(
+                "install [-m] [0640] [-o] [root] [-g] [lablink] [/dev/null] [{}/etc/lablink/lablink.toml.new]",
+                root.display()
+            )),
+            "{context}"
+        );
+        assert_eq!(
+            read(&boot.log.join("curl-config")),
+            format!(
+                "user = \"{IMDS_KEY_ID}:{IMDS_SECRET_KEY}\"\nheader = \"x-amz-security-token: {IMDS_SESSION_TOKEN}\"\n"
+            )
+            .repeat(2),
+            "{context}"
+        );
+        assert_eq!(
+            calls
+                .iter()
+                .filter(
+                    |c| c.starts_with("curl [-fsS] [-K] [-] [--aws-sigv4] [aws:amz:us-east-1:ssm]")
+                )
+                .count(),
+            2,
+            "{context}"
+        );
+        assert_eq!(
+            calls.iter().filter(|c| c.starts_with("sleep")).count(),
+            1,
+            "{context}"
+        );
+
+        // The local database: the user and the database made through runuser; the password
+        // made here reaches psql on its standard input only.
+        let env_file = root.join("etc/lablink/deploy.env");
+        let env = read(&env_file);
+        let password = env
+            .lines()
+            .find_map(|l| l.strip_prefix("LABLINK_DATABASE__URL=postgres://lablink:"))
+            .and_then(|rest| rest.strip_suffix("@127.0.0.1:5432/lablink"))
+            .unwrap_or_else(|| panic!("no local database URL in deploy.env: {env}\n{context}"));
+        assert!(
+            password.len() == 48 && password.chars().all(|c| c.is_ascii_hexdigit()),
+            "{password}"
+        );
+        assert!(called(
+            "apt-get [install] [-y] [-q] [--no-install-recommends] [postgresql]"
+        ));
+        assert!(
+            called("systemctl [enable] [--now] [postgresql]"),
+            "{context}"
+        );
+        let roles = "[psql] [-tAc] [SELECT 1 FROM pg_roles WHERE rolname = 'lablink']";
+        let databases = "[psql] [-tAc] [SELECT 1 FROM pg_database WHERE datname = 'lablink']";
+        let steps = [
+            format!("runuser [-u] [postgres] [--] {roles}"),
+            "runuser [-u] [postgres] [--] [psql] [-q] [-v] [ON_ERROR_STOP=1]".to_owned(),
+            format!("runuser [-u] [postgres] [--] {databases}"),
+            "runuser [-u] [postgres] [--] [createdb] [-O] [lablink] [lablink]".to_owned(),
+            "createdb [-O] [lablink] [lablink]".to_owned(),
+        ];
+        let at: Vec<usize> = steps.iter().map(|s| position(s)).collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{context}");
+        assert_eq!(
+            read(&boot.log.join("psql-stdin")),
+            format!("CREATE ROLE lablink LOGIN PASSWORD '{password}';\n"),
+            "{context}"
+        );
+
+        // deploy.env: root only, the database URL and where to listen; the drop-in loads it.
+        assert_eq!(mode(&env_file), 0o600);
+        let (listen, extra): (&str, &[String]) = match tls {
+            "caddy" => (
+                "127.0.0.1:8080",
+                &["LABLINK_SERVER__TRUSTED_PROXIES=127.0.0.1".to_owned()],
+            ),
+            _ => (
+                "0.0.0.0:443",
+                &[
+                    "LABLINK_SERVER__TLS__CERT_FILE=/etc/lablink/tls/fullchain.pem".to_owned(),
+                    "LABLINK_SERVER__TLS__KEY_FILE=/etc/lablink/tls/privkey.pem".to_owned(),
+                ],
+            ),
+        };
+        let mut expected = vec![
+            format!("LABLINK_DATABASE__URL=postgres://lablink:{password}@127.0.0.1:5432/lablink"),
+            format!("LABLINK_SERVER__LISTEN={listen}"),
+        ];
+        expected.extend(extra.iter().cloned());
+        assert_eq!(env.lines().collect::<Vec<_>>(), expected, "{context}");
+        let drop_in = read(&root.join("etc/systemd/system/lablink.service.d/10-deploy.conf"));
+        assert!(
+            drop_in.contains("[Service]\nEnvironmentFile=/etc/lablink/deploy.env\n"),
+            "{drop_in}"
+        );
+        assert_eq!(
+            drop_in.contains("AmbientCapabilities=CAP_NET_BIND_SERVICE"),
+            tls != "caddy",
+            "{drop_in}"
+        );
+        if tls == "caddy" {
+            assert_eq!(
+                read(&root.join("etc/caddy/Caddyfile")),
+                format!("{domain} {{\n\treverse_proxy 127.0.0.1:8080\n}}\n")
+            );
+            assert!(
+                position("systemctl [enable] [caddy]") < position("systemctl [restart] [caddy]"),
+                "{context}"
+            );
+        } else {
+            assert!(!root.join("etc/caddy").exists());
+            assert!(!argv.contains("caddy"), "{context}");
+        }
+
+        // Checked as the user lablink with the settings in its environment, then started.
+        let validate = position(
+            "runuser [-u] [lablink] [--] [/usr/local/bin/lablink] [validate] [--config] [/etc/lablink/lablink.toml]",
+        );
+        assert!(
+            position("lablink [validate] [--config] [/etc/lablink/lablink.toml]") > validate,
+            "{context}"
+        );
+        let mut sorted = expected.clone();
+        sorted.sort();
+        assert_eq!(
+            read(&boot.log.join("validate-env"))
+                .lines()
+                .collect::<Vec<_>>(),
+            sorted,
+            "{context}"
+        );
+        let reload = position("systemctl [daemon-reload]");
+        let start = position("systemctl [enable] [--now] [lablink]");
+        assert!(validate < reload && reload < start, "{context}");
+        assert!(
+            !boot.stdout.contains("validate found problems"),
+            "{context}"
+        );
+        assert!(
+            boot.stdout
+                .lines()
+                .last()
+                .is_some_and(|l| l.starts_with("lablink-deploy: done")),
+            "{context}"
+        );
+
+        // No secret on any command line, nor in the log.
+        for secret in [
+            password,
+            CONFIG_SECRET,
+            IMDS_KEY_ID,
+            IMDS_SECRET_KEY,
+            IMDS_SESSION_TOKEN,
+        ] {
+            assert!(
+                !argv.contains(secret),
+                "{secret} on a command line\n{context}"
+            );
+        }
+        for secret in [
+            password,
+            CONFIG_SECRET,
+            "metrics_token",
+            IMDS_KEY_ID,
+            IMDS_SECRET_KEY,
+            IMDS_SESSION_TOKEN,
+            IMDS_TOKEN,
+            "pw-sentinel-41",
+            "sig-sentinel-93",
+        ] {
+            assert!(
+                !boot.stdout.contains(secret) && !boot.stderr.contains(secret),
+                "{secret} in the log\n{context}"
+            );
+        }
+        eprintln!("first boot, tls = {tls}: {:.1?}", started.elapsed());
+    }
+}
