@@ -51,3 +51,18 @@ impl Clock for TokioClock {
         self.wall + chrono::Duration::from_std(elapsed).unwrap_or(chrono::Duration::MAX)
     }
 }
+
+/// Serde for a [`Duration`](std::time::Duration) as a number of seconds (fractions allowed).
+pub(crate) mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}

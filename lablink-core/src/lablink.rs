@@ -27,7 +27,7 @@ pub struct AllocatorConfig {
     /// Digits in a generated PIN (6–32).
     pub pin_length: usize,
     /// Longest an agent's wait for its assignment is held before it must ask again.
-    #[serde(with = "seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub max_wait: Duration,
     /// Cap of each log stream of a VM, in bytes.
     pub log_cap_bytes: usize,
@@ -50,20 +50,6 @@ impl Default for AllocatorConfig {
             orphan_policy: OrphanPolicy::default(),
             supervisor: SupervisorConfig::default(),
         }
-    }
-}
-
-pub(crate) mod seconds {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_f64(d.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
     }
 }
 
@@ -177,7 +163,7 @@ impl LabLinkBuilder {
                 config: self.config,
                 supervision: std::sync::Mutex::new(None),
                 before_destroy: std::sync::Mutex::new(self.before_destroy),
-                turned_away: crate::supervisor::TurnedAway::default(),
+                turned_away: crate::demand::TurnedAway::default(),
                 roster: crate::roster::Roster::default(),
                 reconciling: std::sync::atomic::AtomicBool::new(false),
             }),
@@ -199,11 +185,11 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: AllocatorConfig,
     /// The status of the supervisor started on this allocator, if any.
-    pub(crate) supervision: std::sync::Mutex<Option<Arc<crate::supervisor::Shared>>>,
+    pub(crate) supervision: std::sync::Mutex<Option<Arc<crate::supervision::Shared>>>,
     /// What the supervisor runs before destroying VMs that may hold a participant's work.
     pub(crate) before_destroy: std::sync::Mutex<Option<Arc<dyn BeforeDestroy>>>,
     /// Participants refused for lack of a free VM (demand for the warm pool).
-    pub(crate) turned_away: crate::supervisor::TurnedAway,
+    pub(crate) turned_away: crate::demand::TurnedAway,
     /// Who may take a VM (see [`Allocator::set_roster`]).
     pub(crate) roster: crate::roster::Roster,
     /// Set while this process's reconcile holds the provisioning lock: an admin's launch or

@@ -3,7 +3,9 @@
 
 mod allocator;
 mod artifact;
+mod before_destroy;
 mod clock;
+mod demand;
 mod error;
 mod fake;
 mod ids;
@@ -19,6 +21,7 @@ mod roster;
 mod secret;
 mod state;
 mod store;
+mod supervision;
 mod supervisor;
 
 #[cfg(feature = "testing")]
@@ -29,6 +32,7 @@ pub use artifact::{
     collected_path_problem, validate_artifact_key, ArtifactInfo, ArtifactStore,
     LocalDirArtifactStore, MemoryArtifactStore, MAX_COLLECTED_PATH,
 };
+pub use before_destroy::BeforeDestroy;
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, ErrorStatus, Result};
 pub use fake::{FakeConfig, FakeProvisioner, FAILURE_RATE_FILE};
@@ -50,10 +54,10 @@ pub use store::{
     ClaimRequest, Claimed, LeaderLease, MemoryVmStore, ProvisioningLock, VmCounts, VmFilter,
     VmStore,
 };
+pub use supervision::{FlagKind, SupervisorCounters, SupervisorStatus, VmFlag};
 pub use supervisor::{
-    BeforeDestroy, DestructionConfig, FlagKind, IdleReleaseConfig, LadderConfig, LeaseConfig,
-    PoolConfig, PoolWindow, ReconcileConfig, Supervisor, SupervisorConfig, SupervisorCounters,
-    SupervisorStatus, VmFlag,
+    DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
+    ReconcileConfig, Supervisor, SupervisorConfig,
 };
 
 #[cfg(feature = "mock")]

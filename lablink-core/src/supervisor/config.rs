@@ -13,11 +13,11 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct SupervisorConfig {
     /// How often the loops run.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub tick: Duration,
     /// How long a replica's leadership lasts unless renewed (renewed every tick; when the
     /// leader dies another replica takes over after at most this long).
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub leader_lease: Duration,
     /// Heartbeat leases.
     pub leases: LeaseConfig,
@@ -57,7 +57,7 @@ pub struct LeaseConfig {
     /// On or off.
     pub enabled: bool,
     /// How often agents heartbeat.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub heartbeat_interval: Duration,
     /// How many intervals may pass without a heartbeat.
     pub missed_intervals: u32,
@@ -92,13 +92,13 @@ pub struct LadderConfig {
     /// On or off.
     pub enabled: bool,
     /// How long a VM may stay unhealthy before the ladder acts (it may recover on its own).
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub unhealthy_grace: Duration,
     /// How long a VM may boot before the ladder acts.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub boot_timeout: Duration,
     /// How long a reboot may take before it counts as failed.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub reboot_timeout: Duration,
     /// Reboots per VM before it is replaced.
     pub max_reboots: u32,
@@ -107,7 +107,7 @@ pub struct LadderConfig {
     pub max_replacements: u32,
     /// Healthy time after which a VM's reboot budget is full again; also the replacement
     /// window.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub budget_reset_after: Duration,
 }
 
@@ -132,7 +132,7 @@ pub struct ReconcileConfig {
     /// On or off (also the run when a replica becomes leader).
     pub enabled: bool,
     /// How often.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub interval: Duration,
 }
 
@@ -158,18 +158,18 @@ pub struct PoolConfig {
     /// M: most VMs in total (anything not failed, terminating or terminated).
     pub max_total: usize,
     /// How long a free VM beyond K may sit idle before it is destroyed.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub idle_ttl: Duration,
     /// Windows that raise K (a workshop at 14:00).
     pub windows: Vec<PoolWindow>,
     /// How long before a window starts its K applies (about one boot time, so the VMs are
     /// ready when people arrive).
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub prewarm: Duration,
     /// Also launch for participants refused a VM within this long and not served since (on
     /// top of K); zero: only K counts. The refusals are those this allocator process
     /// answered.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub turned_away_window: Duration,
 }
 
@@ -222,7 +222,7 @@ pub struct DestructionConfig {
     /// When (RFC 3339); none: never.
     pub at: Option<DateTime<Utc>>,
     /// How long before it the warning shows.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub warning: Duration,
 }
 
@@ -244,10 +244,10 @@ pub struct IdleReleaseConfig {
     /// On or off.
     pub enabled: bool,
     /// How long "not in use" lasts before release.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub after: Duration,
     /// How long before release the warning shows.
-    #[serde(with = "crate::lablink::seconds")]
+    #[serde(with = "crate::clock::seconds")]
     pub warning: Duration,
 }
 

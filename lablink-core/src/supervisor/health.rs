@@ -2,7 +2,9 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{span_of, FlagKind, Memory, Shared, SupervisorConfig, VmFlag};
+use super::{span_of, Memory, SupervisorConfig};
+use crate::supervision::Shared;
+use crate::{FlagKind, VmFlag};
 use crate::{Hostname, LabLink, LaunchOptions, LeaseConfig, Phase, VmEvent, VmRecord, VmState};
 
 /// Whether `record`'s heartbeat lease has run out at `now`: a ready VM whose agent has

@@ -4,11 +4,13 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{span_of, FlagKind, Memory, Shared, SupervisorConfig, VmFlag};
+use super::{span_of, Memory, SupervisorConfig};
+use crate::supervision::Shared;
 use crate::{
     AgentStatus, DestructionConfig, Email, Hostname, IdleReleaseConfig, LabLink, LaunchOptions,
     Phase, VmRecord, VmState,
 };
+use crate::{FlagKind, VmFlag};
 
 /// A VM that is free or will be: it counts toward K.
 fn is_free_or_coming(r: &VmRecord) -> bool {

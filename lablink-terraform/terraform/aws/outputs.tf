@@ -44,6 +44,7 @@ locals {
   # function): days from the civil date (Howard Hinnant's days_from_civil), plus the time of
   # day (`h` is Terraform's 24-hour hour; `H` is 12-hour). `y` counts years from March, so
   # February's leap day ends a year.
+  # Only VMs whose apply finished: an interrupted apply leaves instances without an end.
   apply_edges = {
     for h, vm in aws_instance.vm : h => {
       for edge, at in { start = terraform_data.start[h].output, end = terraform_data.end[h].output } : edge => {
@@ -52,7 +53,7 @@ locals {
         d                     = tonumber(formatdate("D", at))
         sod                   = tonumber(formatdate("h", at)) * 3600 + tonumber(formatdate("m", at)) * 60 + tonumber(formatdate("s", at))
       }
-    }
+    } if contains(keys(terraform_data.end), h)
   }
   epoch_seconds = {
     for h, edges in local.apply_edges : h => {
