@@ -177,6 +177,17 @@ pub struct LabLink {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// A [`LabLink`] that does not keep it alive (what its supervisor's task holds).
+#[derive(Debug, Clone)]
+pub(crate) struct WeakLabLink(std::sync::Weak<Inner>);
+
+impl WeakLabLink {
+    /// The allocator, while any clone of it lives.
+    pub(crate) fn upgrade(&self) -> Option<LabLink> {
+        self.0.upgrade().map(|inner| LabLink { inner })
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn VmStore>,
@@ -229,6 +240,16 @@ impl LabLink {
     /// The settings.
     pub fn config(&self) -> &AllocatorConfig {
         &self.inner.config
+    }
+
+    /// A handle that does not keep this allocator alive.
+    pub(crate) fn downgrade(&self) -> WeakLabLink {
+        WeakLabLink(Arc::downgrade(&self.inner))
+    }
+
+    /// Participants refused for lack of a free VM (demand for the warm pool).
+    pub(crate) fn turned_away(&self) -> &crate::demand::TurnedAway {
+        &self.inner.turned_away
     }
 
     /// Replaces what the supervisor runs before destroying VMs that may hold a participant's

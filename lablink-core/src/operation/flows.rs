@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -394,5 +394,73 @@ impl LabLink {
             .instrument(span),
         );
         Ok(operation)
+    }
+}
+
+impl LabLink {
+    /// Destroys those of `hostnames` for which `pick` holds on the record at the moment it
+    /// changes (so a VM claimed in between is never taken); returns the hostnames taken.
+    /// `Conflict` when another provisioning operation holds the lock.
+    pub(crate) async fn destroy_where(
+        &self,
+        hostnames: &[Hostname],
+        pick: impl Fn(&VmRecord) -> bool + Send + Sync,
+    ) -> Result<Vec<Hostname>> {
+        let lock = self.inner.store.lock_provisioning().await?;
+        let mut machines = Vec::new();
+        let mut taken = Vec::new();
+        for hostname in hostnames {
+            // The decision on the record version the change was applied to is the last one.
+            let chosen = AtomicBool::new(false);
+            let record = match self
+                .apply_if(hostname, |r| {
+                    let yes = r.state != VmState::Terminating
+                        && r.state != VmState::Terminated
+                        && pick(r);
+                    chosen.store(yes, Ordering::SeqCst);
+                    yes.then_some(VmEvent::Destroy)
+                })
+                .await
+            {
+                Ok(record) => record,
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e),
+            };
+            if !chosen.load(Ordering::SeqCst) || record.state != VmState::Terminating {
+                continue;
+            }
+            self.publish(hostname).await;
+            if let Some(instance_id) = &record.instance_id {
+                machines.push(ProvisionedVm {
+                    hostname: hostname.clone(),
+                    instance_id: instance_id.clone(),
+                    address: record.address.clone(),
+                });
+            }
+            taken.push(hostname.clone());
+        }
+        if taken.is_empty() {
+            return Ok(taken);
+        }
+        let now = self.inner.clock.now();
+        let operation = Operation::start(OperationKind::Destroy, taken.clone(), now);
+        self.inner.store.put_operation(&operation).await?;
+        let this = self.clone();
+        let names = taken.clone();
+        let span = tracing::info_span!("destroy", operation = %operation.id);
+        tokio::spawn(
+            async move {
+                let _lock = lock;
+                let provisioner = this.inner.provisioner.clone();
+                let (op, result) = this
+                    .with_progress(operation, |_| async move {
+                        provisioner.destroy(&machines).await
+                    })
+                    .await;
+                this.finish_destroy(op, result, &names).await;
+            }
+            .instrument(span),
+        );
+        Ok(taken)
     }
 }

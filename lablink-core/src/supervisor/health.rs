@@ -2,10 +2,10 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{span_of, Memory, SupervisorConfig};
+use super::{span_of, Memory, Supervising, SupervisorConfig};
 use crate::supervision::Shared;
 use crate::{FlagKind, VmFlag};
-use crate::{Hostname, LabLink, LaunchOptions, LeaseConfig, Phase, VmEvent, VmRecord, VmState};
+use crate::{Hostname, LaunchOptions, LeaseConfig, Phase, VmEvent, VmRecord, VmState};
 
 /// Whether `record`'s heartbeat lease has run out at `now`: a ready VM whose agent has
 /// heartbeated before and not within `expiry`.
@@ -22,7 +22,7 @@ enum Action {
     Replace,
 }
 
-impl LabLink {
+impl Supervising {
     /// Marks VMs whose heartbeats stopped `Unhealthy`. They recover on their next report
     /// (see `reaction` in `lablink.rs`), so a late heartbeat never wedges a VM.
     pub(super) async fn check_leases(
@@ -40,8 +40,9 @@ impl LabLink {
             let reason = format!("no heartbeat for {silent} s (lease expired)");
             // Decided again on the current record: a heartbeat that just arrived wins.
             let result = self
+                .lablink
                 .apply_if(&record.hostname, |r| {
-                    let now = self.inner.clock.now();
+                    let now = self.clock.now();
                     lease_expired(r, lease, now).then(|| VmEvent::MarkUnhealthy {
                         reason: reason.clone(),
                     })
@@ -109,7 +110,7 @@ impl LabLink {
         memory
             .ladder
             .retain(|h, _| records.iter().any(|r| &r.hostname == h));
-        let can_reboot = self.inner.provisioner.capabilities().reboot;
+        let can_reboot = self.lablink.provisioner().capabilities().reboot;
 
         for record in records {
             let age = now - record.state_changed_at;
@@ -176,7 +177,7 @@ impl LabLink {
                 continue;
             }
             match action {
-                Action::Reboot => match self.start_reboot(&record.hostname).await {
+                Action::Reboot => match self.lablink.start_reboot(&record.hostname).await {
                     Ok(_) => {
                         rung.reboots += 1;
                         rung.last_action = Some(now);
@@ -230,6 +231,7 @@ impl LabLink {
     /// `BeforeDestroy` step runs.
     async fn replace(&self, hostname: &Hostname) -> crate::Result<bool> {
         let taken = self
+            .lablink
             .destroy_where(std::slice::from_ref(hostname), |r| {
                 !r.state.is_owned()
                     && matches!(
@@ -251,8 +253,10 @@ impl LabLink {
         if memory.pending_launches == 0 {
             return;
         }
-        let count = memory.pending_launches.min(self.inner.config.max_launch);
-        match self.start_launch(&LaunchOptions { count }).await {
+        let count = memory
+            .pending_launches
+            .min(self.lablink.config().max_launch);
+        match self.lablink.start_launch(&LaunchOptions { count }).await {
             Ok(op) => {
                 memory.pending_launches -= count;
                 shared.status().counters.pool_launched += count as u64;

@@ -17,8 +17,7 @@ mod health;
 mod pool;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
@@ -31,11 +30,12 @@ pub use config::{
     ReconcileConfig, SupervisorConfig,
 };
 
-use crate::lablink::Inner;
+use crate::lablink::WeakLabLink;
 use crate::supervision::Shared;
+use crate::{Clock, VmStore};
 use crate::{
-    Email, Error, FlagKind, Hostname, LabLink, Operation, OperationKind, ProvisionedVm,
-    ReconcileReport, Result, SupervisorStatus, VmEvent, VmFilter, VmFlag, VmRecord, VmState,
+    Email, Error, FlagKind, Hostname, LabLink, ReconcileReport, Result, SupervisorStatus, VmFilter,
+    VmFlag, VmRecord, VmState,
 };
 
 /// The handle of a running supervisor. Dropping it aborts the loops at once (as a crash
@@ -126,9 +126,7 @@ impl LabLink {
         *slot = Some(shared.clone());
         let (stop, stopped) = watch::channel(false);
         let span = tracing::info_span!("supervisor", id = %id);
-        let task = tokio::spawn(
-            run(Arc::downgrade(&self.inner), shared.clone(), stopped).instrument(span),
-        );
+        let task = tokio::spawn(run(self.downgrade(), shared.clone(), stopped).instrument(span));
         Ok(Supervisor {
             shared,
             stop,
@@ -145,14 +143,32 @@ impl LabLink {
             .as_ref()
             .map(|s| s.snapshot())
     }
+}
+
+/// One supervisor at work: the allocator whose VMs it keeps (for its launch, destroy,
+/// reboot and reconcile flows), and the parts it reads, taken from it at each tick.
+struct Supervising {
+    lablink: LabLink,
+    store: Arc<dyn VmStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Supervising {
+    fn of(lablink: LabLink) -> Self {
+        Self {
+            store: lablink.store().clone(),
+            clock: lablink.clock().clone(),
+            lablink,
+        }
+    }
 
     /// One tick: take or keep the lease, then (as leader) run every enabled loop.
     async fn supervise_once(&self, shared: &Shared, memory: &mut Memory) {
-        let config = self.inner.config.supervisor.clone();
-        let now = self.inner.clock.now();
+        let config = self.lablink.config().supervisor.clone();
+        let now = self.clock.now();
         let id = shared.status().id.clone();
         let until = now + chrono::Duration::from_std(config.leader_lease).unwrap_or_default();
-        let lease = match self.inner.store.try_lead(&id, now, until).await {
+        let lease = match self.store.try_lead(&id, now, until).await {
             Ok(lease) => lease,
             Err(e) => {
                 // Without a confirmed lease this replica must not act.
@@ -187,7 +203,7 @@ impl LabLink {
             now - last >= chrono::Duration::from_std(config.reconcile.interval).unwrap_or_default()
         });
         if config.reconcile.enabled && reconcile_due {
-            match self.reconcile().await {
+            match self.lablink.reconcile().await {
                 Ok(report) => {
                     memory.last_reconcile = Some(now);
                     if report.changed_anything() {
@@ -204,7 +220,7 @@ impl LabLink {
             }
         }
 
-        let records = match self.inner.store.list(&VmFilter::default()).await {
+        let records = match self.store.list(&VmFilter::default()).await {
             Ok(records) => records,
             Err(e) => return shared.error("list VMs", &e),
         };
@@ -267,18 +283,18 @@ impl LabLink {
             .filter(|r| !memory.kept.contains_key(&r.hostname))
             .map(|r| (*r).clone())
             .collect();
-        let hook = match self.before_destroy() {
+        let hook = match self.lablink.before_destroy() {
             Some(hook) if !vms.is_empty() => hook,
             _ => return Some(vms.into_iter().map(|r| r.hostname).collect()),
         };
-        let config = &self.inner.config.supervisor;
+        let config = &self.lablink.config().supervisor;
         let id = shared.status().id.clone();
         // Whether the lease is still this replica's; once it was not, the step's answer is
         // not acted on (another replica may lead, and collect, by now).
         let renew = || async {
-            let at = self.inner.clock.now();
+            let at = self.clock.now();
             let until = at + span_of(config.leader_lease);
-            match self.inner.store.try_lead(&id, at, until).await {
+            match self.store.try_lead(&id, at, until).await {
                 Ok(lease) => lease.holder == id,
                 Err(e) => {
                     shared.error("leader lease", &e);
@@ -323,92 +339,31 @@ impl LabLink {
         memory.kept.extend(kept);
         Some(go)
     }
-
-    /// Destroys those of `hostnames` for which `pick` holds on the record at the moment it
-    /// changes (so a VM claimed in between is never taken); returns the hostnames taken.
-    /// `Conflict` when another provisioning operation holds the lock.
-    pub(crate) async fn destroy_where(
-        &self,
-        hostnames: &[Hostname],
-        pick: impl Fn(&VmRecord) -> bool + Send + Sync,
-    ) -> Result<Vec<Hostname>> {
-        let lock = self.inner.store.lock_provisioning().await?;
-        let mut machines = Vec::new();
-        let mut taken = Vec::new();
-        for hostname in hostnames {
-            // The decision on the record version the change was applied to is the last one.
-            let chosen = AtomicBool::new(false);
-            let record = match self
-                .apply_if(hostname, |r| {
-                    let yes = r.state != VmState::Terminating
-                        && r.state != VmState::Terminated
-                        && pick(r);
-                    chosen.store(yes, Ordering::SeqCst);
-                    yes.then_some(VmEvent::Destroy)
-                })
-                .await
-            {
-                Ok(record) => record,
-                Err(e) if e.is_not_found() => continue,
-                Err(e) => return Err(e),
-            };
-            if !chosen.load(Ordering::SeqCst) || record.state != VmState::Terminating {
-                continue;
-            }
-            self.publish(hostname).await;
-            if let Some(instance_id) = &record.instance_id {
-                machines.push(ProvisionedVm {
-                    hostname: hostname.clone(),
-                    instance_id: instance_id.clone(),
-                    address: record.address.clone(),
-                });
-            }
-            taken.push(hostname.clone());
-        }
-        if taken.is_empty() {
-            return Ok(taken);
-        }
-        let now = self.inner.clock.now();
-        let operation = Operation::start(OperationKind::Destroy, taken.clone(), now);
-        self.inner.store.put_operation(&operation).await?;
-        let this = self.clone();
-        let names = taken.clone();
-        let span = tracing::info_span!("destroy", operation = %operation.id);
-        tokio::spawn(
-            async move {
-                let _lock = lock;
-                let provisioner = this.inner.provisioner.clone();
-                let (op, result) = this
-                    .with_progress(operation, |_| async move {
-                        provisioner.destroy(&machines).await
-                    })
-                    .await;
-                this.finish_destroy(op, result, &names).await;
-            }
-            .instrument(span),
-        );
-        Ok(taken)
-    }
 }
 
-/// The loop of one supervisor.
-async fn run(inner: Weak<Inner>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// The loop of one supervisor. It holds its allocator weakly: dropping every [`LabLink`]
+/// clone ends it.
+async fn run(allocator: WeakLabLink, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut memory = Memory::default();
     loop {
         let tick = {
-            let Some(inner) = inner.upgrade() else { break };
-            let lablink = LabLink { inner };
-            lablink.supervise_once(&shared, &mut memory).await;
-            lablink.inner.config.supervisor.tick
+            let Some(lablink) = allocator.upgrade() else {
+                break;
+            };
+            let tick = lablink.config().supervisor.tick;
+            Supervising::of(lablink)
+                .supervise_once(&shared, &mut memory)
+                .await;
+            tick
         };
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep(tick) => {}
         }
     }
-    if let Some(inner) = inner.upgrade() {
+    if let Some(lablink) = allocator.upgrade() {
         let id = shared.status().id.clone();
-        if let Err(e) = inner.store.resign(&id).await {
+        if let Err(e) = lablink.store().resign(&id).await {
             tracing::warn!(error = %e, "could not resign the leader lease; it will expire");
         }
     }

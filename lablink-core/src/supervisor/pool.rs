@@ -4,11 +4,11 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{span_of, Memory, SupervisorConfig};
+use super::{span_of, Memory, Supervising, SupervisorConfig};
 use crate::supervision::Shared;
 use crate::{
-    AgentStatus, DestructionConfig, Email, Hostname, IdleReleaseConfig, LabLink, LaunchOptions,
-    Phase, VmRecord, VmState,
+    AgentStatus, DestructionConfig, Email, Hostname, IdleReleaseConfig, LaunchOptions, Phase,
+    VmRecord, VmState,
 };
 use crate::{FlagKind, VmFlag};
 
@@ -40,7 +40,7 @@ fn destruction_due(config: &DestructionConfig, now: DateTime<Utc>) -> bool {
     config.at.is_some_and(|at| now >= at)
 }
 
-impl LabLink {
+impl Supervising {
     /// Keeps K free VMs (launching ahead of demand), never more than M in all, and destroys
     /// free VMs beyond K once idle for the TTL. While a VM whose set-up failed is left, it
     /// launches nothing: each new VM would fail the same way, and launch after launch.
@@ -66,15 +66,15 @@ impl LabLink {
         let turned_away = match pool.turned_away_window.is_zero() {
             true => 0,
             false => self
-                .inner
-                .turned_away
+                .lablink
+                .turned_away()
                 .since(now - span_of(pool.turned_away_window)),
         };
         let total = records.iter().filter(|r| counts_toward_total(r)).count();
         let count = (k + turned_away)
             .saturating_sub(free)
             .min(pool.max_total.saturating_sub(total))
-            .min(self.inner.config.max_launch);
+            .min(self.lablink.config().max_launch);
         let failed: Vec<&VmRecord> = records.iter().filter(|r| failed_setup(r)).collect();
         for record in &failed {
             flags.push(VmFlag {
@@ -87,7 +87,7 @@ impl LabLink {
             });
         }
         if count > 0 && failed.is_empty() {
-            match self.start_launch(&LaunchOptions { count }).await {
+            match self.lablink.start_launch(&LaunchOptions { count }).await {
                 Ok(_) => {
                     shared.status().counters.pool_launched += count as u64;
                     shared.event(
@@ -126,6 +126,7 @@ impl LabLink {
         }
         let release_at = now;
         let result = self
+            .lablink
             .destroy_where(&doomed, |r| {
                 r.is_assignable() && release_at - r.state_changed_at >= ttl
             })
@@ -192,7 +193,7 @@ impl LabLink {
         let unchanged = |r: &VmRecord| {
             owners.get(&r.hostname).copied().flatten() == r.assignment.as_ref().map(|a| &a.email)
         };
-        match self.destroy_where(&left, unchanged).await {
+        match self.lablink.destroy_where(&left, unchanged).await {
             Ok(taken) if !taken.is_empty() => shared.event(
                 now,
                 format!("scheduled destruction: destroying {} VM(s)", taken.len()),
@@ -240,6 +241,7 @@ impl LabLink {
                 }
                 let email = assignment.email.clone();
                 let result = self
+                    .lablink
                     .destroy_where(std::slice::from_ref(&record.hostname), |r| {
                         r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
                     })
