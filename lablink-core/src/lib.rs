@@ -44,12 +44,11 @@ pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINE
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 pub use record::{
-    AgentStatus, Assignment, GpuHealth, StartupTimings, Telemetry, VmRecord, DEFAULT_LOG_CAP_BYTES,
-    MAX_BOOT_ID,
+    AgentStatus, GpuHealth, StartupTimings, Telemetry, VmRecord, DEFAULT_LOG_CAP_BYTES, MAX_BOOT_ID,
 };
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{redacted, AgentToken, CrdCommand, Pin, TokenDigest, CRD_REDIRECT_URL};
-pub use state::{transition, InvalidTransition, Phase, VmEvent, VmState};
+pub use state::{transition, Assignment, InvalidTransition, Phase, VmEvent, VmState};
 pub use store::{
     ClaimRequest, Claimed, LeaderLease, MemoryVmStore, ProvisioningLock, VmCounts, VmFilter,
     VmStore,

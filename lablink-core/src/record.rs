@@ -6,32 +6,8 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{transition, VmEvent, VmState};
-use crate::{CrdCommand, Email, Error, Hostname, InstanceId, LogAppend, Pin, Result, TokenDigest};
-
-/// A participant's claim on a VM. Holds secrets: its `Debug` shows only the email.
-#[derive(Clone, PartialEq)]
-pub struct Assignment {
-    /// Who holds the VM.
-    pub email: Email,
-    /// The participant's Chrome Remote Desktop command (a credential).
-    pub crd_command: CrdCommand,
-    /// The PIN generated for this assignment.
-    pub pin: Pin,
-    /// When the VM was assigned.
-    pub assigned_at: DateTime<Utc>,
-}
-
-impl fmt::Debug for Assignment {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Assignment")
-            .field("email", &self.email)
-            .field("crd_command", &self.crd_command)
-            .field("pin", &self.pin)
-            .field("assigned_at", &self.assigned_at)
-            .finish()
-    }
-}
+use crate::state::{transition, Assignment, VmEvent, VmState};
+use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result, TokenDigest};
 
 macro_rules! wire_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {

@@ -16,7 +16,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ErrorKind, InstanceId};
+use chrono::{DateTime, Utc};
+
+use crate::{CrdCommand, Email, Error, ErrorKind, InstanceId, Pin};
 
 /// The live phase a VM returns to after being unhealthy or rebooted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -176,6 +178,30 @@ impl fmt::Display for VmState {
     }
 }
 
+/// A participant's claim on a VM. Holds secrets: its `Debug` shows only the email.
+#[derive(Clone, PartialEq)]
+pub struct Assignment {
+    /// Who holds the VM.
+    pub email: Email,
+    /// The participant's Chrome Remote Desktop command (a credential).
+    pub crd_command: CrdCommand,
+    /// The PIN generated for this assignment.
+    pub pin: Pin,
+    /// When the VM was assigned.
+    pub assigned_at: DateTime<Utc>,
+}
+
+impl fmt::Debug for Assignment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Assignment")
+            .field("email", &self.email)
+            .field("crd_command", &self.crd_command)
+            .field("pin", &self.pin)
+            .field("assigned_at", &self.assigned_at)
+            .finish()
+    }
+}
+
 /// Something that happens to a VM. Payloads are applied to the record by
 /// [`VmRecord::apply`](crate::VmRecord::apply); [`transition`] looks only at the kind.
 #[derive(Debug, Clone, PartialEq)]
@@ -209,7 +235,7 @@ pub enum VmEvent {
         reason: String,
     },
     /// A participant got this VM.
-    Claim(crate::Assignment),
+    Claim(Assignment),
     /// The participant's assignment ends; the VM is free again.
     Release,
     /// Heartbeat lease expired, GPU unhealthy or agent error.
