@@ -29,10 +29,10 @@
 //!   connections the client opened, the server's CPU time and the machine's listen-queue
 //!   overflows; then medians and the HTTPS/HTTP ratios (taken per round, then their median).
 //!
-//! The same workloads at scale, with two replicas, a soak and faults: `examples/proof.rs`.
+//! The same workloads at scale, with two replicas, a soak and faults: `lablink-proof` (`scripts/proof.sh`).
 
-#[allow(dead_code)] // shared with the proof example, which uses more of it
-mod common;
+// The workloads are the proof harness's (`lablink-proof`), which uses more of it.
+use lablink_proof as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -22,9 +22,9 @@
 #   LABLINK_RELEASE_FEATURES  features for `cargo build --features` (default: lablink/aws);
 #                             `all` builds with --all-features (what scripts/test.sh uses)
 #   LABLINK_RELEASE_CARGO_ARGS more `cargo build` arguments, split on spaces (the test adds
-#                             `--example proof`: building an example unifies the
+#                             `--example server`: building an example unifies the
 #                             dev-dependencies' features as `cargo test` does, so the build is
-#                             the one the test run made, as in tests/proof.rs)
+#                             the one the test run made, as in lablink-proof/tests/proof.rs)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

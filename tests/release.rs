@@ -6,8 +6,8 @@
 //! SIGTERM; and `systemd-analyze verify` accepts the installed unit.
 //!
 //! The script packs the test run's own debug build (`LABLINK_RELEASE_PROFILE=dev`, the
-//! features of `scripts/test.sh`, and `--example proof` so that dev-dependencies' features are
-//! unified as in `cargo test`: the build tests/proof.rs makes), so this adds no release build. Needs `systemd-analyze` (Debian: package `systemd`); it fails naming it otherwise.
+//! features of `scripts/test.sh`, and `--example server` so that dev-dependencies' features are
+//! unified as in `cargo test`: the build lablink-proof/tests/proof.rs makes), so this adds no release build. Needs `systemd-analyze` (Debian: package `systemd`); it fails naming it otherwise.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -100,7 +100,7 @@ fn the_release_tarball_installs_serves_stops_cleanly_and_its_unit_verifies() {
         .arg(repo.join("scripts/release.sh"))
         .env("LABLINK_RELEASE_PROFILE", "dev")
         .env("LABLINK_RELEASE_FEATURES", "all")
-        .env("LABLINK_RELEASE_CARGO_ARGS", "--example proof")
+        .env("LABLINK_RELEASE_CARGO_ARGS", "--example server")
         .env("LABLINK_RELEASE_OUT", &dist)
         .stderr(Stdio::inherit()));
     let version = env!("CARGO_PKG_VERSION");

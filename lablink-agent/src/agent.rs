@@ -8,7 +8,10 @@ use chrono::{SecondsFormat, Utc};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::client::{AllocatorClient, Assignment, Backoff, ClientError, LogBatch, Report, Timings};
+use crate::client::{
+    AllocatorClient, AssignmentBody, Backoff, ClientError, Coalesce as _, LogBody, TelemetryBody,
+    TimingsBody,
+};
 use crate::collect::{self, CollectionTask, Manifest};
 use crate::config::AgentConfig;
 use crate::crd::{HostInvocation, StartError, Started};
@@ -86,12 +89,12 @@ struct Agent {
 /// the latest state and never more than one pending report.
 #[derive(Default)]
 struct Reporter {
-    pending: Mutex<Report>,
+    pending: Mutex<TelemetryBody>,
     wake: Notify,
 }
 
 impl Reporter {
-    fn send(&self, report: Report) {
+    fn send(&self, report: TelemetryBody) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.merge(report);
         if let Some(batch) = pending.logs.iter_mut().find(|b| b.stream == "agent") {
@@ -102,16 +105,22 @@ impl Reporter {
         self.wake.notify_one();
     }
 
-    fn take(&self) -> Report {
+    fn take(&self) -> TelemetryBody {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Puts back a report that failed, under anything newer.
-    fn restore(&self, mut report: Report) {
+    fn restore(&self, mut report: TelemetryBody) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         report.merge(std::mem::take(&mut *pending));
         *pending = report;
     }
+}
+
+/// What identifies an assignment (kept in the state directory): its time, as the allocator
+/// sent it.
+fn assignment_key(a: &AssignmentBody) -> String {
+    a.assigned_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 fn now() -> String {
@@ -120,11 +129,11 @@ fn now() -> String {
 
 impl Agent {
     /// A line for the allocator's `agent` log stream (and the local log).
-    fn note(&self, report: Report, line: String) {
+    fn note(&self, report: TelemetryBody, line: String) {
         tracing::info!("{line}");
         let mut report = report;
-        report.logs.push(LogBatch {
-            stream: "agent",
+        report.logs.push(LogBody {
+            stream: "agent".into(),
             lines: vec![format!("{} {line}", now())],
         });
         self.reporter.send(report);
@@ -163,7 +172,7 @@ impl Agent {
         let mut ticks = tokio::time::interval(self.config.heartbeat_interval);
         loop {
             ticks.tick().await;
-            self.reporter.send(Report {
+            self.reporter.send(TelemetryBody {
                 boot_id: Some(self.config.boot_id.clone()),
                 ..Default::default()
             });
@@ -174,8 +183,8 @@ impl Agent {
     async fn check_gpu(&self, last: Option<Gpu>) -> Gpu {
         let gpu = probes::check_gpu(&self.config.nvidia_smi, self.config.gpu_timeout).await;
         if last != Some(gpu) {
-            let report = Report {
-                gpu_health: Some(gpu.as_str()),
+            let report = TelemetryBody {
+                gpu_health: Some(gpu.as_str().to_owned()),
                 ..Default::default()
             };
             self.note(report, format!("GPU health: {}", gpu.as_str()));
@@ -201,7 +210,7 @@ impl Agent {
                 .await
                 .unwrap_or(false);
             if last != Some(in_use) {
-                let report = Report {
+                let report = TelemetryBody {
                     in_use: Some(in_use),
                     ..Default::default()
                 };
@@ -227,9 +236,9 @@ impl Agent {
                     continue;
                 }
             };
-            let report = Report {
-                logs: vec![LogBatch {
-                    stream,
+            let report = TelemetryBody {
+                logs: vec![LogBody {
+                    stream: stream.to_owned(),
                     lines: batch.lines.clone(),
                 }],
                 ..Default::default()
@@ -259,11 +268,11 @@ impl Agent {
     async fn main_loop(self: Arc<Self>) {
         let started = Utc::now();
         self.note(
-            Report {
-                status: Some("initializing"),
+            TelemetryBody {
+                status: Some("initializing".into()),
                 boot_id: Some(self.config.boot_id.clone()),
-                timings: Some(Timings {
-                    container_start: Some(started.to_rfc3339_opts(SecondsFormat::Micros, true)),
+                timings: Some(TimingsBody {
+                    container_start: Some(started),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -276,15 +285,15 @@ impl Agent {
             self.config.crd_user.as_deref(),
             gpu != Gpu::NotAvailable,
             &self.state,
-            |line| self.note(Report::default(), line),
+            |line| self.note(TelemetryBody::default(), line),
         )
         .await;
         if let Err(failed) = bootstrapped {
             // STARTUP_ON_ERROR=fail: the VM reports the failure and is never handed out; its
             // logs and health are still reported.
             self.note(
-                Report {
-                    status: Some("error"),
+                TelemetryBody {
+                    status: Some("error".into()),
                     ..Default::default()
                 },
                 format!("{failed}; this VM stays unavailable (STARTUP_ON_ERROR=fail)"),
@@ -293,14 +302,15 @@ impl Agent {
         }
         let ready = Utc::now();
         self.note(
-            Report {
-                status: Some("running"),
-                timings: Some(Timings {
-                    container_start: Some(started.to_rfc3339_opts(SecondsFormat::Micros, true)),
-                    container_end: Some(ready.to_rfc3339_opts(SecondsFormat::Micros, true)),
+            TelemetryBody {
+                status: Some("running".into()),
+                timings: Some(TimingsBody {
+                    container_start: Some(started),
+                    container_end: Some(ready),
                     container_startup_duration_seconds: Some(
                         (ready - started).num_microseconds().unwrap_or(0) as f64 / 1e6,
                     ),
+                    ..Default::default()
                 }),
                 ..Default::default()
             },
@@ -323,20 +333,21 @@ impl Agent {
             };
             let asked = Instant::now();
             match self.client.wait_assignment(hold).await {
-                Ok(Some(a)) if handled.as_deref() == Some(a.assigned_at.as_str()) => {
+                Ok(Some(a)) if handled.as_deref() == Some(assignment_key(&a).as_str()) => {
                     backoff.reset();
                     tokio::time::sleep(self.config.recheck_interval).await;
                 }
                 Ok(Some(a)) => {
                     backoff.reset();
-                    self.state.save("assignment", &a.assigned_at);
+                    let key = assignment_key(&a);
+                    self.state.save("assignment", &key);
                     self.start(&a).await;
-                    handled = Some(a.assigned_at);
+                    handled = Some(key);
                 }
                 Ok(None) => {
                     if handled.take().is_some() {
                         self.note(
-                            Report::default(),
+                            TelemetryBody::default(),
                             "the assignment was released; waiting again".into(),
                         );
                     }
@@ -370,7 +381,7 @@ impl Agent {
                         backoff.reset();
                         let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
                         self.note(
-                            Report::default(),
+                            TelemetryBody::default(),
                             format!(
                                 "collection {}: uploaded {} files ({bytes} bytes); {} skipped",
                                 task.id,
@@ -382,7 +393,7 @@ impl Agent {
                     Err(e) => {
                         let pause = backoff.next_delay();
                         self.note(
-                            Report::default(),
+                            TelemetryBody::default(),
                             format!("collection {} failed, retrying in {pause:?}: {e}", task.id),
                         );
                         tokio::time::sleep(pause).await;
@@ -446,12 +457,12 @@ impl Agent {
     /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
     /// log. A bad or expired code is the participant's problem, not the VM's: the VM's
     /// status stays `running`.
-    async fn start(&self, assignment: &Assignment) {
+    async fn start(&self, assignment: &AssignmentBody) {
         let outcome = match HostInvocation::from_assignment(assignment) {
             Ok(invocation) => invocation.run(&self.config).await,
             Err(e) => Err(e),
         };
-        let at = &assignment.assigned_at;
+        let at = assignment_key(assignment);
         let line = match outcome {
             Ok(Started::Program) => {
                 format!("Chrome Remote Desktop started for the assignment of {at}")
@@ -462,7 +473,7 @@ impl Agent {
             Err(e @ StartError::Invalid(_)) => format!("assignment of {at} rejected: {e}"),
             Err(e @ StartError::Failed(_)) => format!("assignment of {at} failed: {e}"),
         };
-        self.note(Report::default(), line);
+        self.note(TelemetryBody::default(), line);
     }
 }
 

@@ -3,11 +3,13 @@
 
 use std::time::Duration;
 
+pub use lablink_protocol::{AssignmentBody, LogBody, TelemetryBody, TimingsBody};
+use lablink_protocol::{
+    CollectionStatus, CollectionTask, ErrorBody, ReadyBody, TasksBody, WaitQuery,
+};
 use rand::Rng;
 use reqwest::{Client, Method, RequestBuilder, StatusCode, Url};
-use serde::{Deserialize, Serialize};
 
-use crate::collect::CollectionTask;
 use crate::config::AgentConfig;
 
 /// Why a call to the allocator failed.
@@ -34,83 +36,22 @@ impl ClientError {
     }
 }
 
-/// The VM's assignment, as the allocator hands it to its agent.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-pub struct Assignment {
-    /// The participant's whole Chrome Remote Desktop command.
-    pub command: String,
-    /// Its `--code` value, as the allocator validated it.
-    pub code: String,
-    /// The PIN.
-    pub pin: String,
-    /// When the VM was assigned; identifies this assignment.
-    pub assigned_at: String,
-}
-
-impl std::fmt::Debug for Assignment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Assignment")
-            .field("assigned_at", &self.assigned_at)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Lines for one log stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct LogBatch {
-    /// `cloud_init`, `container` or `agent`.
-    pub stream: &'static str,
-    /// The lines, oldest first.
-    pub lines: Vec<String>,
-}
-
-/// Start-up timings (RFC 3339 times).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Timings {
-    /// When the agent started.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_start: Option<String>,
-    /// When it was ready to be assigned.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_end: Option<String>,
-    /// The difference, in seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container_startup_duration_seconds: Option<f64>,
-}
-
-/// One batched telemetry report; absent fields are not reported. Every report is idempotent
-/// except `logs`, which the log shipper sends once per acknowledged batch.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Report {
-    /// `Healthy`, `Unhealthy` or `N/A`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub gpu_health: Option<&'static str>,
-    /// Whether the research software runs.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub in_use: Option<bool>,
-    /// `initializing`, `running`, `error`, ...
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status: Option<&'static str>,
-    /// A heartbeat with this boot id.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub boot_id: Option<String>,
-    /// Start-up timings.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub timings: Option<Timings>,
-    /// Log lines.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub logs: Vec<LogBatch>,
-}
-
-impl Report {
+/// Pending reports folded into one: the agent keeps at most one [`TelemetryBody`] waiting, so
+/// a retry always carries the latest state.
+pub trait Coalesce {
     /// Whether there is nothing to send.
-    pub fn is_empty(&self) -> bool {
+    fn is_empty(&self) -> bool;
+    /// Folds a newer report into this one: newer values win, log lines are appended.
+    fn merge(&mut self, newer: TelemetryBody);
+}
+
+impl Coalesce for TelemetryBody {
+    fn is_empty(&self) -> bool {
         *self == Self::default()
     }
 
-    /// Folds a newer report into this one: newer values win, log lines are appended.
-    pub fn merge(&mut self, newer: Report) {
-        let Report {
+    fn merge(&mut self, newer: TelemetryBody) {
+        let TelemetryBody {
             gpu_health,
             in_use,
             status,
@@ -118,9 +59,9 @@ impl Report {
             timings,
             logs,
         } = newer;
-        self.gpu_health = gpu_health.or(self.gpu_health);
+        self.gpu_health = gpu_health.or(self.gpu_health.take());
         self.in_use = in_use.or(self.in_use);
-        self.status = status.or(self.status);
+        self.status = status.or(self.status.take());
         self.boot_id = boot_id.or(self.boot_id.take());
         self.timings = timings.or(self.timings.take());
         for batch in logs {
@@ -183,11 +124,9 @@ impl AllocatorClient {
             return Ok(response);
         }
         let message = response
-            .json::<serde_json::Value>()
+            .json::<ErrorBody>()
             .await
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| status.to_string());
+            .map_or_else(|_| status.to_string(), |body| body.error);
         if status.is_server_error()
             || matches!(
                 status,
@@ -202,7 +141,10 @@ impl AllocatorClient {
 
     /// `POST ready`: the agent is up with `status` (`running` makes the VM assignable).
     pub async fn ready(&self, status: &str, boot_id: &str) -> Result<(), ClientError> {
-        let body = serde_json::json!({"status": status, "boot_id": boot_id});
+        let body = ReadyBody {
+            status: Some(status.to_owned()),
+            boot_id: Some(boot_id.to_owned()),
+        };
         Self::send(
             self.request(Method::POST, "ready", Duration::from_secs(30))
                 .json(&body),
@@ -212,7 +154,7 @@ impl AllocatorClient {
     }
 
     /// `POST telemetry` with one batched report.
-    pub async fn report(&self, report: &Report) -> Result<(), ClientError> {
+    pub async fn report(&self, report: &TelemetryBody) -> Result<(), ClientError> {
         Self::send(
             self.request(Method::POST, "telemetry", Duration::from_secs(30))
                 .json(report),
@@ -222,28 +164,26 @@ impl AllocatorClient {
     }
 
     /// `GET assignment?timeout=`: the assignment, or `None` when `hold` passed first.
-    pub async fn wait_assignment(&self, hold: Duration) -> Result<Option<Assignment>, ClientError> {
+    pub async fn wait_assignment(
+        &self,
+        hold: Duration,
+    ) -> Result<Option<AssignmentBody>, ClientError> {
         let request = self
             .request(Method::GET, "assignment", hold + Duration::from_secs(15))
-            .query(&[("timeout", hold.as_secs_f64())]);
+            .query(&WaitQuery {
+                timeout: Some(hold.as_secs_f64()),
+            });
         let response = Self::send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
         // A decoding error could quote the PIN or the command: say only that it failed.
         response
-            .json::<Assignment>()
+            .json::<AssignmentBody>()
             .await
             .map(Some)
             .map_err(|_| ClientError::Unavailable("the assignment is not readable JSON".into()))
     }
-}
-
-/// What the allocator answered to a finished upload.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct UploadOutcome {
-    /// `complete` once the allocator stored the collection.
-    pub state: String,
 }
 
 impl AllocatorClient {
@@ -252,31 +192,30 @@ impl AllocatorClient {
         &self,
         hold: Duration,
     ) -> Result<Option<CollectionTask>, ClientError> {
-        #[derive(Deserialize)]
-        struct Tasks {
-            collection: Option<CollectionTask>,
-        }
         let request = self
             .request(Method::GET, "tasks", hold + Duration::from_secs(15))
-            .query(&[("timeout", hold.as_secs_f64())]);
+            .query(&WaitQuery {
+                timeout: Some(hold.as_secs_f64()),
+            });
         let response = Self::send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        let tasks: Tasks = response
+        let tasks: TasksBody = response
             .json()
             .await
             .map_err(|e| ClientError::Unavailable(format!("unreadable tasks: {e}")))?;
         Ok(tasks.collection)
     }
 
-    /// `PUT collections/<id>` with the archive streamed from `body`.
+    /// `PUT collections/<id>` with the archive streamed from `body`; the allocator answers with
+    /// the collection's status (`complete` once it stored the collection).
     pub async fn upload_collection(
         &self,
         id: &str,
         body: reqwest::Body,
         timeout: Duration,
-    ) -> Result<UploadOutcome, ClientError> {
+    ) -> Result<CollectionStatus, ClientError> {
         let request = self
             .request(Method::PUT, &format!("collections/{id}"), timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
@@ -347,35 +286,36 @@ mod tests {
 
     #[test]
     fn merging_keeps_the_newest_values_and_every_line() {
-        let mut r = Report {
-            gpu_health: Some("Healthy"),
+        let mut r = TelemetryBody {
+            gpu_health: Some("Healthy".into()),
             in_use: Some(true),
-            logs: vec![LogBatch {
-                stream: "agent",
+            logs: vec![LogBody {
+                stream: "agent".into(),
                 lines: vec!["a".into()],
             }],
             ..Default::default()
         };
-        r.merge(Report {
-            gpu_health: Some("Unhealthy"),
-            logs: vec![LogBatch {
-                stream: "agent",
+        r.merge(TelemetryBody {
+            gpu_health: Some("Unhealthy".into()),
+            logs: vec![LogBody {
+                stream: "agent".into(),
                 lines: vec!["b".into()],
             }],
             ..Default::default()
         });
-        assert_eq!(r.gpu_health, Some("Unhealthy"));
+        assert_eq!(r.gpu_health.as_deref(), Some("Unhealthy"));
         assert_eq!(r.in_use, Some(true));
         assert_eq!(r.logs[0].lines, ["a", "b"]);
     }
 
     #[test]
     fn an_assignment_never_prints_its_secrets() {
-        let a = Assignment {
+        let a = AssignmentBody {
+            hostname: "vm-1".into(),
             command: "start-host --code=4/secret".into(),
             code: "4/secret".into(),
             pin: "123456".into(),
-            assigned_at: "2026-01-01T00:00:00Z".into(),
+            assigned_at: "2026-01-01T00:00:00Z".parse().unwrap(),
         };
         let shown = format!("{a:?}");
         assert!(

@@ -17,61 +17,18 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Most files one collection takes (the rest are skipped), which bounds the manifest.
 pub const MAX_FILES: usize = 100_000;
 
-/// A collection the allocator asks for.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-pub struct CollectionTask {
-    /// Identifies this collection; the upload goes to it.
-    pub id: String,
-    /// Directories to search. `~` is the agent's `$HOME`; `{hostname}` is this VM's name.
-    pub roots: Vec<String>,
-    /// Glob patterns matched against each file's path relative to its root (`**/*.slp`).
-    pub patterns: Vec<String>,
-    /// Most bytes of file content to upload.
-    pub max_bytes: u64,
-}
-
-/// A file that was not collected, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Skipped {
-    /// Its path on the VM.
-    pub path: String,
-    /// Why it was skipped.
-    pub reason: String,
-}
-
-/// A collected file, as the manifest lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManifestFile {
-    /// Its path in the collection.
-    pub path: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// SHA-256 of its content, lowercase hex.
-    pub sha256: String,
-}
-
-/// The last entry of the archive.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// The collection's id.
-    pub collection: String,
-    /// Every file in the archive, in archive order.
-    pub files: Vec<ManifestFile>,
-    /// Every matching file that was left out.
-    pub skipped: Vec<Skipped>,
-}
+pub use lablink_protocol::{CollectedFile, CollectionTask, Manifest, SkippedFile};
 
 /// What a collection will take.
 #[derive(Debug, Clone, Default)]
 pub struct Plan {
     files: Vec<Planned>,
-    skipped: Vec<Skipped>,
+    skipped: Vec<SkippedFile>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,7 +45,7 @@ impl Plan {
     }
 
     /// The files left out so far.
-    pub fn skipped(&self) -> &[Skipped] {
+    pub fn skipped(&self) -> &[SkippedFile] {
         &self.skipped
     }
 }
@@ -160,7 +117,7 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
     let mut candidates = Vec::new();
     for root in &roots {
         if !root.is_dir() {
-            plan.skipped.push(Skipped {
+            plan.skipped.push(SkippedFile {
                 path: root.display().to_string(),
                 reason: "the root is not a directory on this VM".into(),
             });
@@ -176,7 +133,7 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
                 Ok(entry) => entry,
                 Err(e) => {
                     let path = e.path().unwrap_or(root).display().to_string();
-                    plan.skipped.push(Skipped {
+                    plan.skipped.push(SkippedFile {
                         path,
                         reason: format!(
                             "unreadable: {}",
@@ -199,28 +156,28 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
             }
             let shown = entry.path().display().to_string();
             let Some(rel) = rel.to_str() else {
-                plan.skipped.push(Skipped {
+                plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: "the file name is not UTF-8".into(),
                 });
                 continue;
             };
             if own.iter().any(|p| real_root.join(rel).starts_with(p)) {
-                plan.skipped.push(Skipped {
+                plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: "the agent's own configuration or token; never collected".into(),
                 });
                 continue;
             }
             if kind.is_symlink() {
-                plan.skipped.push(Skipped {
+                plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: "a symbolic link; links are not followed".into(),
                 });
                 continue;
             }
             if !kind.is_file() {
-                plan.skipped.push(Skipped {
+                plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: "not a regular file".into(),
                 });
@@ -229,7 +186,7 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
             let size = match entry.metadata() {
                 Ok(m) => m.len(),
                 Err(e) => {
-                    plan.skipped.push(Skipped {
+                    plan.skipped.push(SkippedFile {
                         path: shown,
                         reason: format!("unreadable: {e}"),
                     });
@@ -247,7 +204,7 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
             };
             // The allocator would refuse the whole upload over this one name.
             if let Some(problem) = lablink_core::collected_path_problem(&name) {
-                plan.skipped.push(Skipped {
+                plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: format!("{problem}, which the allocator does not accept"),
                 });
@@ -264,12 +221,12 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
     let mut left = task.max_bytes;
     for file in candidates {
         if plan.files.len() >= MAX_FILES {
-            plan.skipped.push(Skipped {
+            plan.skipped.push(SkippedFile {
                 path: file.source.display().to_string(),
                 reason: format!("more than {MAX_FILES} files match"),
             });
         } else if file.size > left {
-            plan.skipped.push(Skipped {
+            plan.skipped.push(SkippedFile {
                 path: file.source.display().to_string(),
                 reason: format!(
                     "over the size limit: {} bytes, {left} of {} bytes left",
@@ -325,7 +282,7 @@ pub fn write_archive(plan: &Plan, id: &str, out: impl Write) -> io::Result<Manif
         let (handle, meta) = match open_regular(&file.source) {
             Ok(opened) => opened,
             Err(e) => {
-                manifest.skipped.push(Skipped {
+                manifest.skipped.push(SkippedFile {
                     path: file.source.display().to_string(),
                     reason: format!("unreadable: {e}"),
                 });
@@ -360,7 +317,7 @@ pub fn write_archive(plan: &Plan, id: &str, out: impl Write) -> io::Result<Manif
                 file.source.display()
             )));
         }
-        manifest.files.push(ManifestFile {
+        manifest.files.push(CollectedFile {
             path: file.name.clone(),
             size: file.size,
             sha256: hex(&reader.hash.finalize()),

@@ -13,7 +13,7 @@ use lablink_core::CrdCommand;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
-use crate::client::Assignment;
+use crate::client::AssignmentBody;
 use crate::config::{AgentConfig, StartHost};
 
 /// Why an assignment was not started.
@@ -43,7 +43,7 @@ impl std::fmt::Debug for HostInvocation {
 impl HostInvocation {
     /// Validates an assignment: the command's `--code` must parse and equal the code the
     /// allocator sent; the PIN must be 6 to 32 digits.
-    pub fn from_assignment(a: &Assignment) -> Result<Self, StartError> {
+    pub fn from_assignment(a: &AssignmentBody) -> Result<Self, StartError> {
         let command: CrdCommand = a
             .command
             .parse()
@@ -162,12 +162,13 @@ async fn tail(pipe: Option<tokio::process::ChildStderr>) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn assignment(command: &str, code: &str) -> Assignment {
-        Assignment {
+    fn assignment(command: &str, code: &str) -> AssignmentBody {
+        AssignmentBody {
+            hostname: "vm-1".into(),
             command: command.into(),
             code: code.into(),
             pin: "123456".into(),
-            assigned_at: "t".into(),
+            assigned_at: chrono::DateTime::UNIX_EPOCH,
         }
     }
 

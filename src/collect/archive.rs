@@ -5,43 +5,15 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Seek, Write};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use utoipa::ToSchema;
 
 /// Largest `manifest.json` accepted.
 const MAX_MANIFEST_BYTES: u64 = 64 * 1024 * 1024;
 /// Longest skip reason kept.
 const MAX_REASON: usize = 500;
 
-/// A collected file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct CollectedFile {
-    /// Its path within the VM's folder.
-    pub path: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// SHA-256 of its content, lowercase hex.
-    pub sha256: String,
-}
-
-/// A matching file the agent left out, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub struct SkippedFile {
-    /// Its path on the VM.
-    pub path: String,
-    /// Why (a symbolic link, over the size limit, unreadable...).
-    pub reason: String,
-}
-
-/// The manifest an agent sends last.
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    collection: String,
-    files: Vec<CollectedFile>,
-    #[serde(default)]
-    skipped: Vec<SkippedFile>,
-}
+use lablink_protocol::Manifest;
+pub use lablink_protocol::{CollectedFile, SkippedFile};
 
 /// What a checked archive holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -38,10 +38,11 @@ use lablink_core::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use utoipa::ToSchema;
 
 pub use allocator::{CollectingAllocator, Destroyed};
 pub use archive::{CollectedFile, SkippedFile};
+/// The agent's task, and the status an upload answers with, are wire types.
+pub use lablink_protocol::{CollectionState, CollectionStatus, CollectionTask};
 
 /// What to collect, the limits, and how destroy uses collections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,53 +129,8 @@ impl CollectSettings {
     }
 }
 
-/// Where a VM's current collection is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum CollectionState {
-    /// Asked for; the agent has not uploaded it yet (or its last upload was cut).
-    Requested,
-    /// An upload is arriving.
-    Uploading,
-    /// Stored.
-    Complete,
-    /// Given up: the upload was refused or the VM did not answer in time.
-    Failed,
-}
-
-impl CollectionState {
-    fn pending(self) -> bool {
-        matches!(self, Self::Requested | Self::Uploading)
-    }
-}
-
-/// A VM's current collection, as stored in `status.json` and shown to admins.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct CollectionStatus {
-    /// The VM.
-    pub hostname: String,
-    /// The collection's id.
-    pub id: String,
-    /// Where it is.
-    pub state: CollectionState,
-    /// When it was asked for.
-    pub requested_at: DateTime<Utc>,
-    /// When it last changed.
-    pub updated_at: DateTime<Utc>,
-    /// Uploads tried so far.
-    pub attempts: u32,
-    /// What went wrong last, if anything.
-    pub error: Option<String>,
-    /// Files collected (when complete).
-    pub files: usize,
-    /// Bytes collected (when complete).
-    pub bytes: u64,
-    /// Matching files the agent left out (when complete).
-    pub skipped: usize,
-}
-
 /// A VM's last complete collection (`manifest.json`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionManifest {
     /// The VM.
     pub hostname: String,
@@ -195,19 +151,6 @@ impl CollectionManifest {
     pub fn bytes(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
-}
-
-/// What an agent is asked to collect (the body of its task).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct CollectionTask {
-    /// The collection; upload to `collections/{id}`.
-    pub id: String,
-    /// Directories to search (`~` and `{hostname}` are expanded by the agent).
-    pub roots: Vec<String>,
-    /// Glob patterns relative to a root.
-    pub patterns: Vec<String>,
-    /// Most bytes of files to send.
-    pub max_bytes: u64,
 }
 
 /// Why an upload was not stored. `retry` says whether the collection is still pending.
@@ -406,7 +349,7 @@ impl Collector {
         let Some(status) = self.status(hostname).await? else {
             return Ok(None);
         };
-        if !status.state.pending() {
+        if !status.state.is_pending() {
             return Ok(None);
         }
         Ok(Some(CollectionTask {
@@ -447,7 +390,7 @@ impl Collector {
     /// answer in time). Does nothing when it is no longer pending.
     pub async fn fail(&self, hostname: &str, id: &str, reason: &str) -> Result<()> {
         if let Some(mut status) = self.status(hostname).await? {
-            if status.id == id && status.state.pending() {
+            if status.id == id && status.state.is_pending() {
                 status.state = CollectionState::Failed;
                 status.error = Some(reason.to_owned());
                 status.updated_at = Utc::now();

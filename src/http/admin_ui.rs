@@ -17,13 +17,13 @@ use lablink_core::{DestroyTarget, Hostname, LaunchOptions, SupervisorStatus, VmF
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::compat_admin::{answer, form_hostname, parse_count, started};
 use super::admin_auth::{
     cookie, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
 };
+use super::compat_admin::{answer, form_hostname, parse_count, started};
 use super::error::{ApiError, ApiResult};
-use super::extract::{wants_json, ApiQuery, FormOrJson, PathText};
-use super::views::{CountsView, LogsView, OperationView, VmView};
+use super::extract::{wants_json, ApiQuery, FormOrJson, PathHostname};
+use super::views::{LogsView, OperationView, VmView};
 use super::HttpState;
 
 /// How many operations the dashboard shows.
@@ -65,7 +65,7 @@ async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
             vm
         })
         .collect();
-    let counts = CountsView::from(allocator.counts().await?);
+    let counts = allocator.counts().await?;
     let operations: Vec<OperationView> = allocator
         .operations(DASHBOARD_OPERATIONS)
         .await?
@@ -150,11 +150,8 @@ async fn vm_page(
     State(state): State<HttpState>,
     admin: Admin,
     headers: HeaderMap,
-    PathText(name): PathText,
+    PathHostname(hostname): PathHostname,
 ) -> ApiResult<Response> {
-    let hostname = name
-        .parse()
-        .map_err(|_| ApiError::not_found("VM not found."))?;
     let record = state.allocator().vm(&hostname).await?;
     let logs = state.allocator().logs(&hostname).await?;
     let data = json!({

@@ -12,6 +12,7 @@ use lablink_core::{AgentToken, ErrorKind, Hostname};
 
 use super::admin_auth::Admin;
 use super::error::ApiError;
+use super::extract::vm_hostname;
 use super::{AgentAuthMode, HttpState};
 
 /// The bearer token of a request, if it has one.
@@ -61,6 +62,12 @@ impl Agent {
             _ => Ok(()),
         }
     }
+
+    /// The VM a path names, once the caller may act for it (403 before 404).
+    pub fn own(&self, name: &str) -> Result<Hostname, ApiError> {
+        self.authorize_text(name)?;
+        vm_hostname(name)
+    }
 }
 
 impl FromRequestParts<HttpState> for Agent {
@@ -90,6 +97,12 @@ impl AdminOrAgent {
             Self::Admin => Ok(()),
             Self::Agent(agent) => agent.authorize_text(text),
         }
+    }
+
+    /// The VM a path names, once the caller may act for it (403 before 404).
+    pub fn own(&self, name: &str) -> Result<Hostname, ApiError> {
+        self.authorize_text(name)?;
+        vm_hostname(name)
     }
 }
 

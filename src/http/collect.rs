@@ -11,48 +11,27 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
 use lablink_core::{Allocator as _, Hostname, Operation, VmFilter, VmRecord, VmState};
+use lablink_protocol::{TasksBody, WaitQuery};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::ToSchema;
 
 use super::admin_auth::{Admin, AdminForm};
 use super::agent_auth::Agent;
 use super::error::{status_for, ApiError, ApiResult};
-use super::extract::{ApiQuery, PathText};
-use super::v1::ErrorBody;
+use super::extract::{ApiQuery, PathHostname, PathText};
 use super::views::OperationView;
 use super::HttpState;
-use crate::collect::{
-    may_hold_work, CollectedFile, CollectionStatus, CollectionTask, Destroyed, SkippedFile,
-};
+use crate::collect::{may_hold_work, CollectedFile, CollectionStatus, Destroyed, SkippedFile};
+use lablink_protocol::ErrorBody;
 
 /// Default hold of a task long-poll without `timeout`.
 const DEFAULT_HOLD: Duration = Duration::from_secs(30);
 
-fn own_hostname(agent: &Agent, name: &str) -> ApiResult<Hostname> {
-    agent.authorize_text(name)?;
-    name.parse()
-        .map_err(|_| ApiError::not_found("VM not found."))
-}
-
-/// Query of the task long-poll.
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct TaskQuery {
-    /// Longest to hold the request, in seconds (capped by the server's maximum; default 30).
-    pub timeout: Option<f64>,
-}
-
-/// Work the allocator asks of an agent.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TasksBody {
-    /// A collection to upload.
-    pub collection: Option<CollectionTask>,
-}
-
 /// Long-poll: answers 200 with the VM's pending collection as soon as there is one, 204 when
 /// `timeout` passes first.
 #[utoipa::path(get, path = "/api/v1/vms/{hostname}/tasks", tag = "agent",
-    params(("hostname" = String, Path, description = "The VM"), TaskQuery),
+    params(("hostname" = String, Path, description = "The VM"), WaitQuery),
     responses((status = 200, body = TasksBody), (status = 204, description = "Nothing to do within the timeout; ask again"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("agent_token" = [])))]
@@ -60,9 +39,9 @@ pub async fn tasks(
     State(state): State<HttpState>,
     agent: Agent,
     PathText(name): PathText,
-    ApiQuery(query): ApiQuery<TaskQuery>,
+    ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     state.allocator().vm(&hostname).await?;
     let hold = match query.timeout {
         None => DEFAULT_HOLD,
@@ -101,7 +80,7 @@ pub async fn upload(
     PathText((name, id)): PathText<(String, String)>,
     request: Request,
 ) -> ApiResult<Json<CollectionStatus>> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     state.allocator().vm(&hostname).await?;
     if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::not_found("no such collection"));
@@ -191,11 +170,8 @@ pub async fn list(
 pub async fn one(
     State(state): State<HttpState>,
     _admin: Admin,
-    PathText(name): PathText,
+    PathHostname(hostname): PathHostname,
 ) -> ApiResult<Json<CollectionView>> {
-    let hostname: Hostname = name
-        .parse()
-        .map_err(|_| ApiError::not_found("VM not found."))?;
     overview(&state)
         .await?
         .into_iter()

@@ -52,12 +52,6 @@ fn vm_error(e: lablink_core::Error) -> ApiError {
     }
 }
 
-/// A hostname from the path: one that cannot be valid is simply not found.
-fn path_hostname(text: &str) -> ApiResult<Hostname> {
-    text.parse()
-        .map_err(|_| ApiError::not_found("VM not found."))
-}
-
 async fn report(state: &HttpState, hostname: &Hostname, telemetry: Telemetry) -> ApiResult<()> {
     state
         .allocator()
@@ -178,8 +172,7 @@ async fn get_vm_status(
     caller: AdminOrAgent,
     PathText(name): PathText,
 ) -> ApiResult<Json<Value>> {
-    caller.authorize_text(&name)?;
-    let hostname = path_hostname(&name)?;
+    let hostname = caller.own(&name)?;
     let record = state.allocator().vm(&hostname).await.map_err(vm_error)?;
     Ok(Json(json!({
         "hostname": record.hostname,
@@ -223,8 +216,7 @@ async fn post_vm_metrics(
     PathText(name): PathText,
     body: JsonObject,
 ) -> ApiResult<Json<Value>> {
-    agent.authorize_text(&name)?;
-    let hostname = path_hostname(&name)?;
+    let hostname = agent.own(&name)?;
     let timings = StartupTimings {
         cloud_init_start: unix_time(&body, "cloud_init_start")?,
         cloud_init_end: unix_time(&body, "cloud_init_end")?,
@@ -269,8 +261,7 @@ async fn post_vm_logs(
         .map(|m| m.as_str().map(str::to_owned))
         .collect::<Option<Vec<String>>>()
         .ok_or_else(|| ApiError::bad_request("messages must be a list of strings"))?;
-    agent.authorize_text(stream)?;
-    let hostname = path_hostname(stream)?;
+    let hostname = agent.own(stream)?;
     let telemetry = Telemetry {
         logs: vec![LogAppend {
             stream: LogStream::from_log_group(group),
@@ -287,8 +278,7 @@ async fn get_vm_logs(
     caller: AdminOrAgent,
     PathText(name): PathText,
 ) -> ApiResult<Json<Value>> {
-    caller.authorize_text(&name)?;
-    let hostname = path_hostname(&name)?;
+    let hostname = caller.own(&name)?;
     let logs = state.allocator().logs(&hostname).await.map_err(vm_error)?;
     let all = [logs.cloud_init.as_str(), logs.container.as_str()]
         .into_iter()

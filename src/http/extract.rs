@@ -8,7 +8,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::error::ApiError;
+use lablink_core::Hostname;
+
+use super::error::{ApiError, ApiResult};
 
 /// The longest serde message echoed back to a caller.
 const MAX_ERROR_DETAIL: usize = 200;
@@ -175,6 +177,26 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathTex
             .await
             .map(|p| Self(p.0))
             .map_err(|_| ApiError::bad_request("the path is malformed"))
+    }
+}
+
+/// A VM's name from a path: one that cannot be valid names no VM (404, as an unknown VM).
+pub fn vm_hostname(text: &str) -> ApiResult<Hostname> {
+    text.parse()
+        .map_err(|_| ApiError::not_found("VM not found."))
+}
+
+/// The `{hostname}` segment of a VM route, parsed with [`vm_hostname`]. Routes an agent may
+/// call check the caller first (`Agent::own`), so they take the text ([`PathText`]).
+#[derive(Debug, Clone)]
+pub struct PathHostname(pub Hostname);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathHostname {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let PathText(name) = PathText::<String>::from_request_parts(parts, state).await?;
+        vm_hostname(&name).map(Self)
     }
 }
 

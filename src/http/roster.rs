@@ -117,7 +117,7 @@ pub struct RosterView {
 
 /// The registered participants (empty: anyone may take a VM).
 #[utoipa::path(get, path = "/api/v1/roster", tag = "admin",
-    responses((status = 200, body = RosterView), (status = 401, body = super::v1::ErrorBody)), security(("admin_basic" = [])))]
+    responses((status = 200, body = RosterView), (status = 401, body = lablink_protocol::ErrorBody)), security(("admin_basic" = [])))]
 pub async fn get_roster(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
     Ok(view(&state.allocator().roster().await?))
 }
@@ -129,7 +129,7 @@ fn view(emails: &[Email]) -> Json<Value> {
 /// Replaces the registered participants: from then on only they may take a VM (every
 /// replica within 2 s); an empty list lets anyone in.
 #[utoipa::path(put, path = "/api/v1/roster", tag = "admin", request_body = RosterBody,
-    responses((status = 200, body = RosterView), (status = 400, description = "A line or entry that is not an email, named", body = super::v1::ErrorBody), (status = 401, body = super::v1::ErrorBody)),
+    responses((status = 200, body = RosterView), (status = 400, description = "A line or entry that is not an email, named", body = lablink_protocol::ErrorBody), (status = 401, body = lablink_protocol::ErrorBody)),
     security(("admin_basic" = [])))]
 pub async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
     let emails = emails_from(&req.form)?;

@@ -2,7 +2,7 @@
 //! CRD command, PIN or token.
 
 use chrono::{DateTime, Utc};
-use lablink_core::{Operation, VmCounts, VmRecord};
+use lablink_core::{Operation, VmRecord};
 use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -151,47 +151,8 @@ impl From<&Operation> for OperationView {
     }
 }
 
-/// VM counts by state.
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct CountsView {
-    /// Every VM.
-    pub total: usize,
-    /// Requested.
-    pub requested: usize,
-    /// Booting.
-    pub booting: usize,
-    /// Available.
-    pub available: usize,
-    /// Assignable right now.
-    pub assignable: usize,
-    /// Held by participants.
-    pub assigned: usize,
-    /// Unhealthy.
-    pub unhealthy: usize,
-    /// Rebooting.
-    pub rebooting: usize,
-    /// Failed.
-    pub failed: usize,
-    /// Being destroyed.
-    pub terminating: usize,
-}
-
-impl From<VmCounts> for CountsView {
-    fn from(c: VmCounts) -> Self {
-        Self {
-            total: c.total,
-            requested: c.requested,
-            booting: c.booting,
-            available: c.available,
-            assignable: c.assignable,
-            assigned: c.assigned,
-            unhealthy: c.unhealthy,
-            rebooting: c.rebooting,
-            failed: c.failed,
-            terminating: c.terminating,
-        }
-    }
-}
+/// VM counts by state: the domain's counts, shown as they are.
+pub use lablink_core::VmCounts as CountsView;
 
 /// A VM's logs.
 #[derive(Debug, Clone, Serialize, ToSchema)]

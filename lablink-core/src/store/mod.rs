@@ -68,6 +68,7 @@ pub struct Claimed {
 
 /// How many VMs are in each state kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = CountsView))]
 pub struct VmCounts {
     /// Every record.
     pub total: usize,

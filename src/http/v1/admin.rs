@@ -6,7 +6,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lablink_core::Allocator as _;
-use lablink_core::{DestroyTarget, Hostname, LaunchOptions, VmFilter};
+use lablink_core::{DestroyTarget, LaunchOptions, VmFilter};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
@@ -15,15 +15,10 @@ use super::{typed, ErrorBody};
 use crate::http::admin_auth::{Admin, AdminForm};
 use crate::http::agent_auth::AdminOrAgent;
 use crate::http::error::{ApiError, ApiResult};
-use crate::http::extract::{ApiQuery, FormOrJson, PathText};
+use crate::http::extract::{vm_hostname, ApiQuery, FormOrJson, PathText};
 use crate::http::public::take_vm;
 use crate::http::views::{CountsView, LogsView, OperationView, VmView};
 use crate::http::{AgentAuthMode, HttpState};
-
-fn path_hostname(name: &str) -> ApiResult<Hostname> {
-    name.parse()
-        .map_err(|_| ApiError::not_found("VM not found."))
-}
 
 /// Body of a participant request (the schema of what [`take_vm`] reads).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -109,8 +104,8 @@ pub async fn get_vm(
     caller: AdminOrAgent,
     PathText(name): PathText,
 ) -> ApiResult<Json<VmView>> {
-    caller.authorize_text(&name)?;
-    let record = state.allocator().vm(&path_hostname(&name)?).await?;
+    let hostname = caller.own(&name)?;
+    let record = state.allocator().vm(&hostname).await?;
     Ok(Json(VmView::from(&record)))
 }
 
@@ -124,8 +119,7 @@ pub async fn vm_logs(
     caller: AdminOrAgent,
     PathText(name): PathText,
 ) -> ApiResult<Json<LogsView>> {
-    caller.authorize_text(&name)?;
-    let hostname = path_hostname(&name)?;
+    let hostname = caller.own(&name)?;
     let logs = state.allocator().logs(&hostname).await?;
     Ok(Json(LogsView {
         hostname: hostname.to_string(),
@@ -222,7 +216,7 @@ pub async fn reboot(
     PathText(name): PathText,
     _req: AdminForm,
 ) -> ApiResult<(StatusCode, Json<OperationView>)> {
-    let op = state.allocator().reboot(&path_hostname(&name)?).await?;
+    let op = state.allocator().reboot(&vm_hostname(&name)?).await?;
     Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
 }
 
@@ -236,7 +230,7 @@ pub async fn release(
     PathText(name): PathText,
     _req: AdminForm,
 ) -> ApiResult<Json<VmView>> {
-    let record = state.allocator().release(&path_hostname(&name)?).await?;
+    let record = state.allocator().release(&vm_hostname(&name)?).await?;
     Ok(Json(VmView::from(&record)))
 }
 
@@ -297,7 +291,7 @@ pub struct PoolView {
 pub async fn pool(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<PoolView>> {
     let counts = state.allocator().counts().await?;
     Ok(Json(PoolView {
-        counts: counts.into(),
+        counts,
         max_wait_seconds: state.options().max_wait.as_secs_f64(),
         agent_auth: match state.options().agent_auth {
             AgentAuthMode::Tokens => "tokens".into(),

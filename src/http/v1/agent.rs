@@ -7,13 +7,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
 use lablink_core::Allocator as _;
-use lablink_core::{
-    AgentStatus, GpuHealth, Hostname, LogAppend, LogStream, StartupTimings, Telemetry,
-};
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
+use lablink_core::{AgentStatus, GpuHealth, Hostname, LogAppend, LogStream, Telemetry};
+use lablink_protocol::{AssignmentBody, HeartbeatBody, ReadyBody, TelemetryBody, WaitQuery};
 
 use super::ErrorBody;
 use crate::http::agent_auth::Agent;
@@ -25,13 +21,6 @@ use crate::http::HttpState;
 /// Default hold of a wait without `timeout`.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
-/// The path hostname, after checking the caller may act for it.
-fn own_hostname(agent: &Agent, name: &str) -> ApiResult<Hostname> {
-    agent.authorize_text(name)?;
-    name.parse()
-        .map_err(|_| ApiError::not_found("VM not found."))
-}
-
 async fn report(
     state: &HttpState,
     hostname: &Hostname,
@@ -39,16 +28,6 @@ async fn report(
 ) -> ApiResult<Json<VmView>> {
     let record = state.allocator().report(hostname, telemetry).await?;
     Ok(Json(VmView::from(&record)))
-}
-
-/// Body of `ready`.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct ReadyBody {
-    /// The agent's status; default `running` (which makes the VM assignable).
-    #[schema(example = "running")]
-    pub status: Option<String>,
-    /// The boot id, counted as a heartbeat.
-    pub boot_id: Option<String>,
 }
 
 /// The agent registers itself as up (status `running` unless told otherwise).
@@ -64,7 +43,7 @@ pub async fn ready(
     PathText(name): PathText,
     ApiJson(body): ApiJson<ReadyBody>,
 ) -> ApiResult<Json<VmView>> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     let status = match body.status.as_deref() {
         None => AgentStatus::Running,
         Some(s) => s
@@ -77,29 +56,6 @@ pub async fn ready(
         ..Default::default()
     };
     report(&state, &hostname, telemetry).await
-}
-
-/// Query of the wait.
-#[derive(Debug, Deserialize, IntoParams)]
-pub struct WaitQuery {
-    /// Longest to hold the request, in seconds (capped by the server's maximum; default 30).
-    pub timeout: Option<f64>,
-}
-
-/// The VM's assignment, for the agent.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct AssignmentBody {
-    /// The VM.
-    pub hostname: String,
-    /// The `start-host` command LabLink built from the validated code (never the text the
-    /// participant pasted).
-    pub command: String,
-    /// Its `--code` value, validated (build the `start-host` invocation from this).
-    pub code: String,
-    /// The PIN, as a string of digits.
-    pub pin: String,
-    /// When it was assigned.
-    pub assigned_at: DateTime<Utc>,
 }
 
 /// Long-poll: answers 200 with the assignment as soon as the VM is assigned, 204 when
@@ -115,7 +71,7 @@ pub async fn wait_assignment(
     PathText(name): PathText,
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     let timeout = match query.timeout {
         None => DEFAULT_WAIT,
         Some(t) if t.is_finite() && t >= 0.0 => Duration::from_secs_f64(t.min(86_400.0)),
@@ -145,13 +101,6 @@ pub async fn wait_assignment(
     })
 }
 
-/// Body of `heartbeat`.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct HeartbeatBody {
-    /// Changes on every boot of the VM (a change counts as a restart).
-    pub boot_id: String,
-}
-
 /// A heartbeat carrying the boot id.
 #[utoipa::path(post, path = "/api/v1/vms/{hostname}/heartbeat", tag = "agent",
     params(("hostname" = String, Path, description = "The VM")),
@@ -165,57 +114,12 @@ pub async fn heartbeat(
     PathText(name): PathText,
     ApiJson(body): ApiJson<HeartbeatBody>,
 ) -> ApiResult<Json<VmView>> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     let telemetry = Telemetry {
         heartbeat: Some(body.boot_id),
         ..Default::default()
     };
     report(&state, &hostname, telemetry).await
-}
-
-/// Start-up timings reported by the VM.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct TimingsBody {
-    /// cloud-init start.
-    pub cloud_init_start: Option<DateTime<Utc>>,
-    /// cloud-init end.
-    pub cloud_init_end: Option<DateTime<Utc>>,
-    /// Container start.
-    pub container_start: Option<DateTime<Utc>>,
-    /// Container ready.
-    pub container_end: Option<DateTime<Utc>>,
-    /// cloud-init duration measured on the VM.
-    pub cloud_init_duration_seconds: Option<f64>,
-    /// Container start-up duration measured on the VM.
-    pub container_startup_duration_seconds: Option<f64>,
-}
-
-/// Lines for one log stream.
-#[derive(Debug, Deserialize, ToSchema)]
-pub struct LogBody {
-    /// `cloud_init`, `container` or `agent`.
-    #[schema(example = "container")]
-    pub stream: String,
-    /// The lines (ANSI escapes are stripped, blank lines dropped).
-    pub lines: Vec<String>,
-}
-
-/// Everything an agent reports, in one call; every field optional.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct TelemetryBody {
-    /// `Healthy`, `Unhealthy` or `N/A`.
-    pub gpu_health: Option<String>,
-    /// Whether the research software is in use.
-    pub in_use: Option<bool>,
-    /// `initializing`, `running`, `error`, `rebooting` or `unknown`.
-    pub status: Option<String>,
-    /// A heartbeat with this boot id.
-    pub boot_id: Option<String>,
-    /// Start-up timings.
-    pub timings: Option<TimingsBody>,
-    /// Log lines.
-    #[serde(default)]
-    pub logs: Vec<LogBody>,
 }
 
 fn stream(name: &str) -> ApiResult<LogStream> {
@@ -238,7 +142,7 @@ pub async fn telemetry(
     PathText(name): PathText,
     ApiJson(body): ApiJson<TelemetryBody>,
 ) -> ApiResult<Json<VmView>> {
-    let hostname = own_hostname(&agent, &name)?;
+    let hostname = agent.own(&name)?;
     let bad = |e: lablink_core::Error| ApiError::bad_request(e.message().to_owned());
     let gpu_health: Option<GpuHealth> = body
         .gpu_health
@@ -262,15 +166,7 @@ pub async fn telemetry(
             })
         })
         .collect::<ApiResult<Vec<_>>>()?;
-    let timings = body.timings.map(|t| StartupTimings {
-        cloud_init_start: t.cloud_init_start,
-        cloud_init_end: t.cloud_init_end,
-        container_start: t.container_start,
-        container_end: t.container_end,
-        cloud_init_duration_seconds: t.cloud_init_duration_seconds,
-        container_startup_duration_seconds: t.container_startup_duration_seconds,
-        ..Default::default()
-    });
+    let timings = body.timings.map(Into::into);
     let telemetry = Telemetry {
         gpu_health,
         in_use: body.in_use,

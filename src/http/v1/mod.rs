@@ -8,9 +8,8 @@ mod agent;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
-use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa::{Modify, OpenApi};
 
 use super::error::{ApiError, ApiResult};
 use super::extract::{shorten, FormOrJson};
@@ -59,11 +58,7 @@ impl Modify for Security {
 }
 
 /// Every error: `{"error": "<human message>"}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
-}
+pub use lablink_protocol::ErrorBody;
 
 /// The `/api/v1` routes that answer at once (the wait is routed as a held request).
 pub fn routes() -> Router<HttpState> {
