@@ -203,7 +203,7 @@ pub fn plan(task: &CollectionTask, hostname: &str, own: &[PathBuf]) -> Result<Pl
                 rel.to_owned()
             };
             // The allocator would refuse the whole upload over this one name.
-            if let Some(problem) = lablink_core::collected_path_problem(&name) {
+            if let Some(problem) = lablink_core::artifact::collected_path_problem(&name) {
                 plan.skipped.push(SkippedFile {
                     path: shown,
                     reason: format!("{problem}, which the allocator does not accept"),

@@ -256,7 +256,7 @@ fn classify_code(code: &str, message: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lablink_core::ErrorStatus;
+    use lablink_core::error::ErrorStatus;
 
     fn service(code: &str) -> AwsFailure {
         AwsFailure::Service {

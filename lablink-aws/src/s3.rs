@@ -10,7 +10,7 @@ use lablink_core::{Error, ErrorKind, Result};
 use crate::error::{classify, AwsFailure};
 use crate::sdk::{env_var, SdkSource};
 
-pub use lablink_core::ArtifactInfo;
+pub use lablink_core::artifact::ArtifactInfo;
 
 /// Requests server-side encryption on a `PutObject` or `CreateMultipartUpload` call: with the
 /// KMS key when one is configured, else with S3-managed keys.
@@ -235,7 +235,7 @@ impl S3ArtifactStore {
     }
 
     fn full_key(&self, key: &str) -> Result<String> {
-        lablink_core::validate_artifact_key(key)?;
+        lablink_core::artifact::validate_artifact_key(key)?;
         Ok(format!("{}{key}", self.prefix))
     }
 

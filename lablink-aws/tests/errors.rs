@@ -5,8 +5,9 @@
 mod common;
 
 use common::FaultProxy;
+use lablink_core::error::ErrorStatus;
 use lablink_core::testing::provisioner::request;
-use lablink_core::{ErrorKind, ErrorStatus, Provisioner};
+use lablink_core::{ErrorKind, Provisioner};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_errors_are_classified_with_their_request_id() {

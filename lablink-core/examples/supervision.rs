@@ -17,10 +17,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lablink_core::supervisor::PoolWindow;
 use lablink_core::testing::fleet::{Fleet, Workshop, WorkshopOutcome};
 use lablink_core::{
-    AllocatorConfig, AllocatorExt, Clock, FakeProvisioner, LabLink, PoolWindow, SupervisorConfig,
-    TokioClock,
+    AllocatorConfig, AllocatorExt, Clock, FakeProvisioner, LabLink, SupervisorConfig, TokioClock,
 };
 
 const SEC: Duration = Duration::from_secs(1);

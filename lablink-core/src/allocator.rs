@@ -7,8 +7,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::secret::Pin;
 use crate::{
-    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Pin, Result,
+    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Result,
     SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 

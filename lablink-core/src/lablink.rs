@@ -10,12 +10,16 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::logs::clean_lines;
+use crate::record::DEFAULT_LOG_CAP_BYTES;
+use crate::secret::Pin;
+use crate::store::ClaimRequest;
 use crate::{
-    clean_lines, AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, ClaimRequest,
-    Clock, DestroyTarget, Email, Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname,
-    LaunchOptions, MemoryNotifier, MemoryVmStore, Notifier, Operation, OrphanPolicy, Phase, Pin,
-    Provisioner, Result, SupervisorConfig, SystemClock, Telemetry, VmCounts, VmEvent, VmFilter,
-    VmLogs, VmRecord, VmRequest, VmState, VmStore, DEFAULT_LOG_CAP_BYTES,
+    AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, Clock, DestroyTarget, Email,
+    Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions, MemoryNotifier,
+    MemoryVmStore, Notifier, Operation, OrphanPolicy, Phase, Provisioner, Result, SupervisorConfig,
+    SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState,
+    VmStore,
 };
 
 /// Settings of the default allocator. `Default` gives sensible workshop values.

@@ -1,63 +1,53 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-mod allocator;
-mod artifact;
+// The modules are public: each holds its concern whole (`store`, `state`, `supervisor`...).
+// The items most code needs are also re-exported here.
+pub mod allocator;
+pub mod artifact;
 mod before_destroy;
-mod clock;
+pub mod clock;
 mod demand;
-mod error;
-mod fake;
-mod ids;
+pub mod error;
+pub mod fake;
+pub mod ids;
 mod lablink;
-mod logs;
-mod notifier;
-mod operation;
-mod provisioner;
-mod reconcile;
-mod record;
-mod retry;
+pub mod logs;
+pub mod notifier;
+pub mod operation;
+pub mod provisioner;
+pub mod reconcile;
+pub mod record;
+pub mod retry;
 mod roster;
-mod secret;
-mod state;
-mod store;
+pub mod secret;
+pub mod state;
+pub mod store;
 mod supervision;
-mod supervisor;
+pub mod supervisor;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
-pub use artifact::{
-    collected_path_problem, validate_artifact_key, ArtifactInfo, ArtifactStore,
-    LocalDirArtifactStore, MemoryArtifactStore, MAX_COLLECTED_PATH,
-};
+pub use artifact::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
 pub use before_destroy::BeforeDestroy;
 pub use clock::{Clock, SystemClock, TokioClock};
-pub use error::{Error, ErrorKind, ErrorStatus, Result};
-pub use fake::{FakeConfig, FakeProvisioner, FAILURE_RATE_FILE};
+pub use error::{Error, ErrorKind, Result};
+pub use fake::{FakeConfig, FakeProvisioner};
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
-pub use logs::{clean_lines, fit_lines, BoundedLog, LogAppend, LogStream, VmLogs};
-pub use notifier::{MemoryNotifier, Notifier, Subscription, Wake};
-pub use operation::{Operation, OperationKind, OperationStatus, MAX_PROGRESS_LINES};
+pub use logs::{LogAppend, LogStream, VmLogs};
+pub use notifier::{MemoryNotifier, Notifier};
+pub use operation::{Operation, OperationKind, OperationStatus};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
-pub use record::{
-    AgentStatus, GpuHealth, StartupTimings, Telemetry, VmRecord, DEFAULT_LOG_CAP_BYTES, MAX_BOOT_ID,
-};
+pub use record::{AgentStatus, GpuHealth, StartupTimings, Telemetry, VmRecord};
 pub use retry::{RetryPolicy, RetryProvisioner};
-pub use secret::{redacted, AgentToken, CrdCommand, Pin, TokenDigest, CRD_REDIRECT_URL};
-pub use state::{transition, Assignment, InvalidTransition, Phase, VmEvent, VmState};
-pub use store::{
-    ClaimRequest, Claimed, LeaderLease, MemoryVmStore, ProvisioningLock, VmCounts, VmFilter,
-    VmStore,
-};
-pub use supervision::{FlagKind, SupervisorCounters, SupervisorStatus, VmFlag};
-pub use supervisor::{
-    DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
-    ReconcileConfig, Supervisor, SupervisorConfig,
-};
+pub use secret::{redacted, AgentToken, CrdCommand};
+pub use state::{Assignment, Phase, VmEvent, VmState};
+pub use store::{MemoryVmStore, VmCounts, VmFilter, VmStore};
+pub use supervisor::{Supervisor, SupervisorConfig, SupervisorStatus};
 
 #[cfg(feature = "mock")]
 pub use allocator::MockAllocator;

@@ -6,8 +6,9 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::secret::TokenDigest;
 use crate::state::{transition, Assignment, VmEvent, VmState};
-use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result, TokenDigest};
+use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result};
 
 macro_rules! wire_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {

@@ -49,7 +49,7 @@ impl RetryPolicy {
 
     /// Runs `attempt` until it succeeds, fails permanently, or attempts/deadline run out. A
     /// temporary error that exhausted the policy is returned as
-    /// [`Persistent`](crate::ErrorStatus::Persistent).
+    /// [`Persistent`](crate::error::ErrorStatus::Persistent).
     pub async fn run<T, F, Fut>(&self, operation: &'static str, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
@@ -122,7 +122,8 @@ impl Provisioner for RetryProvisioner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ErrorKind, ErrorStatus};
+    use crate::error::ErrorStatus;
+    use crate::ErrorKind;
     use rand::SeedableRng;
     use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use chrono::{DateTime, Utc};
 
-use crate::{CrdCommand, Email, Error, ErrorKind, InstanceId, Pin};
+use crate::secret::Pin;
+use crate::{CrdCommand, Email, Error, ErrorKind, InstanceId};
 
 /// The live phase a VM returns to after being unhealthy or rebooted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lablink_core::notifier::Subscription;
 use lablink_core::testing::store::{command, email};
 use lablink_core::{
     AgentStatus, AgentToken, Allocator, AllocatorExt, DestroyTarget, ErrorKind, FakeProvisioner,
     GpuHealth, Hostname, LabLink, LaunchOptions, MemoryNotifier, Notifier, OperationStatus,
-    Subscription, Telemetry, VmFilter, VmRequest, VmState,
+    Telemetry, VmFilter, VmRequest, VmState,
 };
 
 const LONG: Duration = Duration::from_secs(60);

@@ -51,7 +51,7 @@ async fn clones_of_the_memory_store_share_blobs() {
 
 #[test]
 fn collected_paths_follow_one_rule_with_a_reason_for_each_problem() {
-    let long = "a/".repeat(lablink_core::MAX_COLLECTED_PATH / 2) + "b";
+    let long = "a/".repeat(lablink_core::artifact::MAX_COLLECTED_PATH / 2) + "b";
     for (path, problem) in [
         ("a/b/labels.slp", None),
         ("a\\b.slp", Some("backslash")),
@@ -62,7 +62,7 @@ fn collected_paths_follow_one_rule_with_a_reason_for_each_problem() {
         ("a//b", Some("empty")),
         ("a/../b", Some("'..'")),
     ] {
-        let got = lablink_core::collected_path_problem(path);
+        let got = lablink_core::artifact::collected_path_problem(path);
         match problem {
             None => assert_eq!(got, None, "{path:?}"),
             Some(words) => assert!(got.is_some_and(|g| g.contains(words)), "{path:?}: {got:?}"),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use lablink_core::fake::FAILURE_RATE_FILE;
 use lablink_core::{FakeProvisioner, MemoryNotifier, MemoryVmStore, RetryPolicy, RetryProvisioner};
 
 mod memory_store {
@@ -75,7 +76,7 @@ fn inventory_dir() -> std::path::PathBuf {
 mod fake_provisioner_on_a_directory {
     use super::*;
     use lablink_core::testing::provisioner::request;
-    use lablink_core::{Provisioner, FAILURE_RATE_FILE};
+    use lablink_core::Provisioner;
 
     lablink_core::provisioner_conformance!(
         #[tokio::test]

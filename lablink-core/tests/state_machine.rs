@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
+use lablink_core::state::transition;
 use lablink_core::testing::{store::t0, strategies};
-use lablink_core::{transition, Email, Hostname, VmEvent, VmRecord, VmState};
+use lablink_core::{Email, Hostname, VmEvent, VmRecord, VmState};
 use proptest::prelude::*;
 
 fn fleet(n: usize) -> Vec<VmRecord> {

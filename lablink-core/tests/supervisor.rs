@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use lablink_core::supervisor::{FlagKind, PoolWindow};
 use lablink_core::testing::fleet::{Fault, Fleet, Workshop};
 use lablink_core::testing::store::{command, email};
 use lablink_core::{
-    Allocator, AllocatorConfig, AllocatorExt, BeforeDestroy, FakeProvisioner, FlagKind, Hostname,
-    LabLink, LabLinkBuilder, MemoryVmStore, PoolWindow, SupervisorConfig, Telemetry, TokioClock,
-    VmFilter, VmRecord, VmRequest, VmState,
+    Allocator, AllocatorConfig, AllocatorExt, BeforeDestroy, FakeProvisioner, Hostname, LabLink,
+    LabLinkBuilder, MemoryVmStore, SupervisorConfig, Telemetry, TokioClock, VmFilter, VmRecord,
+    VmRequest, VmState,
 };
 
 const SEC: Duration = Duration::from_secs(1);

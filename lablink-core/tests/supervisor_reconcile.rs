@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
 use lablink_core::{
-    Allocator, AllocatorConfig, AllocatorExt, ClaimRequest, Claimed, DestroyTarget, ErrorKind,
-    FakeProvisioner, Hostname, LabLink, LaunchOptions, LaunchRequest, MemoryVmStore, Operation,
-    OrphanPolicy, ProvisionedVm, Provisioner, ProvisioningLock, Telemetry, VmCounts, VmEvent,
-    VmFilter, VmLogs, VmRecord, VmState, VmStore,
+    Allocator, AllocatorConfig, AllocatorExt, DestroyTarget, ErrorKind, FakeProvisioner, Hostname,
+    LabLink, LaunchOptions, LaunchRequest, MemoryVmStore, Operation, OrphanPolicy, ProvisionedVm,
+    Provisioner, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState, VmStore,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -101,7 +101,7 @@ impl VmStore for CrashingStore {
     }
     async fn get_by_token(
         &self,
-        digest: &lablink_core::TokenDigest,
+        digest: &lablink_core::secret::TokenDigest,
     ) -> lablink_core::Result<VmRecord> {
         self.inner.get_by_token(digest).await
     }
@@ -166,7 +166,7 @@ impl VmStore for CrashingStore {
         candidate: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
-    ) -> lablink_core::Result<lablink_core::LeaderLease> {
+    ) -> lablink_core::Result<lablink_core::store::LeaderLease> {
         self.inner.try_lead(candidate, now, until).await
     }
     async fn resign(&self, candidate: &str) -> lablink_core::Result<()> {

@@ -20,13 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use lablink_core::{ClaimRequest, Claimed, Email, Error, ErrorKind, Result, VmState};
+use lablink_core::{Email, Error, ErrorKind, Result, VmState};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{oneshot, Notify};
 
 use crate::error::{classify, PgError};
 use crate::row::{vm_row, Column, VmRow};
+use lablink_core::store::{ClaimRequest, Claimed};
 
 /// How often a claim starts over after losing a race on the email's uniqueness.
 const CLAIM_ATTEMPTS: usize = 4;

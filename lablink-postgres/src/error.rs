@@ -163,9 +163,10 @@ fn classify_sqlstate(code: &str) -> (ErrorKind, bool, &'static str) {
 mod tests {
     use std::borrow::Cow;
 
-    use lablink_core::{ErrorKind, ErrorStatus};
+    use lablink_core::ErrorKind;
 
     use super::*;
+    use lablink_core::error::ErrorStatus;
 
     /// A database error with a chosen SQLSTATE, as PostgreSQL would report it.
     #[derive(Debug)]

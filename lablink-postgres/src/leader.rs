@@ -2,10 +2,11 @@
 //! `INSERT ... ON CONFLICT DO UPDATE ... WHERE` so two replicas can never both hold it.
 
 use chrono::{DateTime, Utc};
-use lablink_core::{Error, LeaderLease, Result};
+use lablink_core::{Error, Result};
 use sqlx::PgPool;
 
 use crate::error::classify;
+use lablink_core::store::LeaderLease;
 
 /// Gives the lease to `candidate` until `until` if it is free, already theirs, or ended at
 /// `now`; returns the lease as it stands.

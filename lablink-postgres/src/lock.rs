@@ -1,11 +1,12 @@
 //! The deployment-wide provisioning lock: a PostgreSQL session advisory lock held on a
 //! dedicated pooled connection for as long as the [`ProvisioningLock`] lives.
 
-use lablink_core::{Error, ProvisioningLock, Result};
+use lablink_core::{Error, Result};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgPool, Postgres};
 
 use crate::error::classify;
+use lablink_core::store::ProvisioningLock;
 
 /// The advisory-lock key LabLink uses by default (the bytes of `"lablink"` followed by 1).
 pub(crate) const DEFAULT_LOCK_KEY: i64 = 0x6c61_626c_696e_6b01;

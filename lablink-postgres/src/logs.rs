@@ -1,14 +1,15 @@
 //! Bounded log storage: one row per line, per-stream byte accounting, trimmed in the same
 //! transaction as the append so the cap always holds.
 //!
-//! Semantics are core's: a batch keeps what [`lablink_core::fit_lines`] keeps, and beyond the
+//! Semantics are core's: a batch keeps what [`lablink_core::logs::fit_lines`] keeps, and beyond the
 //! cap the oldest lines are dropped, never the new ones.
 
-use lablink_core::{fit_lines, Hostname, LogAppend, LogStream, VmLogs};
+use lablink_core::{Hostname, LogAppend, LogStream, VmLogs};
 use sqlx::PgConnection;
 
 use crate::error::PgError;
 use crate::row::{required, to_i64, Column};
+use lablink_core::logs::fit_lines;
 
 /// Appends `append` to its stream of `hostname` and trims the stream to `cap` bytes. The
 /// caller holds the VM row lock and commits.

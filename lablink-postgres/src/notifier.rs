@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lablink_core::{Error, ErrorKind, Hostname, MemoryNotifier, Notifier, Result, Subscription};
+use lablink_core::{Error, ErrorKind, Hostname, MemoryNotifier, Notifier, Result};
 use rand::Rng;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgListener, PgPoolOptions};
@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::classify;
+use lablink_core::notifier::Subscription;
 
 /// The channel LabLink notifies on unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "lablink_vm";
@@ -70,7 +71,7 @@ impl Default for PgNotifierOptions {
 /// - When the listening connection drops, or does not answer a keepalive query in time (see
 ///   [`PgNotifierOptions`]), the task reconnects with jittered exponential backoff (50 ms up
 ///   to 5 s) and, once `LISTEN` is in place again, sends
-///   [`Wake::Resync`](lablink_core::Wake::Resync) to every subscriber: notifications sent
+///   [`Wake::Resync`](lablink_core::notifier::Wake::Resync) to every subscriber: notifications sent
 ///   while it was down may be lost, so waiters re-read the store.
 ///
 /// Dropping the last clone stops the task, closes the listening connection, and ends every

@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use lablink_core::{Error, ErrorKind, ErrorStatus, Hostname, Result, VmRecord};
+use lablink_core::{Error, ErrorKind, Hostname, Result, VmRecord};
 use sqlx::PgPool;
 use tokio::sync::oneshot;
 
 use crate::error::{classify, PgError};
 use crate::row::{vm_row, VmRow};
+use lablink_core::error::ErrorStatus;
 
 /// Most reads in one statement.
 const MAX_BATCH: usize = 256;

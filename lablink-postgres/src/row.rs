@@ -10,11 +10,12 @@
 use chrono::{DateTime, Utc};
 use lablink_core::{
     AgentStatus, Assignment, CrdCommand, GpuHealth, Operation, OperationKind, OperationStatus,
-    Phase, StartupTimings, TokenDigest, VmRecord, VmState,
+    Phase, StartupTimings, VmRecord, VmState,
 };
 use uuid::Uuid;
 
 use crate::error::PgError;
+use lablink_core::secret::TokenDigest;
 
 /// A column value as sqlx hands it back: `T` or `Option<T>` (see the module docs).
 pub(crate) trait Column<T> {

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use lablink_core::{
-    Assignment, ClaimRequest, Claimed, Email, Error, Hostname, Operation, ProvisioningLock, Result,
-    Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmState, VmStore,
+    Assignment, Email, Error, Hostname, Operation, Result, Telemetry, VmCounts, VmEvent, VmFilter,
+    VmLogs, VmRecord, VmState, VmStore,
 };
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
@@ -16,6 +16,8 @@ use crate::error::{classify, PgError};
 use crate::reads::Reads;
 use crate::row::{required, to_i64, vm_row, Column, OperationRow, VmArgs, VmRow};
 use crate::{lock, logs};
+use lablink_core::secret::TokenDigest;
+use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
 ///
@@ -488,7 +490,7 @@ impl VmStore for PgVmStore {
         candidate: &str,
         now: DateTime<Utc>,
         until: DateTime<Utc>,
-    ) -> Result<lablink_core::LeaderLease> {
+    ) -> Result<lablink_core::store::LeaderLease> {
         crate::leader::try_lead(&self.pool, candidate, now, until).await
     }
 

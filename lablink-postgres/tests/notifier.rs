@@ -9,11 +9,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use lablink_core::testing::store::host;
-use lablink_core::{Allocator, Notifier, Wake};
+use lablink_core::{Allocator, Notifier};
 use lablink_postgres::{PgNotifier, PgNotifierOptions, PgVmStore};
 use sqlx::PgPool;
 
 use common::{listen_backends, replica, replica_pool, request, seed_available};
+use lablink_core::notifier::Wake;
 
 /// Long enough for anything here to happen on a loaded machine; a hang fails, not a slow run.
 const PATIENCE: Duration = Duration::from_secs(30);

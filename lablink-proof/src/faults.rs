@@ -313,7 +313,7 @@ pub async fn fault_provisioner(
     failed_vms: &Mutex<Vec<String>>,
 ) -> Fault {
     let name = "provisioner fails 20% of launches";
-    let file = dir.join(lablink_core::FAILURE_RATE_FILE);
+    let file = dir.join(lablink_core::fake::FAILURE_RATE_FILE);
     if std::fs::write(&file, "0.2").is_err() {
         return Fault {
             name,

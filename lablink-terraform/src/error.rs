@@ -259,7 +259,7 @@ pub(crate) fn error_excerpt(stderr: &[String]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lablink_core::ErrorStatus;
+    use lablink_core::error::ErrorStatus;
 
     fn failed(message: &str) -> TfFailure {
         TfFailure::Failed {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use lablink_core::error::ErrorStatus;
 use lablink_core::{
-    Allocator, AllocatorExt, ErrorKind, ErrorStatus, MemoryVmStore, OperationStatus, Provisioner,
-    VmState,
+    Allocator, AllocatorExt, ErrorKind, MemoryVmStore, OperationStatus, Provisioner, VmState,
 };
 use serde_json::json;
 

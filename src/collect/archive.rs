@@ -27,7 +27,7 @@ pub struct Verified {
 /// Whether `path` is safe as a relative path inside a VM's folder of the zip (the rule the
 /// agent applies too).
 fn safe_path(path: &str) -> bool {
-    lablink_core::collected_path_problem(path).is_none()
+    lablink_core::artifact::collected_path_problem(path).is_none()
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

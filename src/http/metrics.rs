@@ -12,10 +12,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use lablink_core::Allocator as _;
-use lablink_core::{FlagKind, SupervisorStatus, VmFilter, VmRecord};
+use lablink_core::{SupervisorStatus, VmFilter, VmRecord};
 
 use super::error::{ApiError, ApiResult};
 use super::HttpState;
+use lablink_core::supervisor::FlagKind;
 
 /// Upper bounds (seconds) of the duration histogram buckets.
 const DURATION_BUCKETS: [f64; 10] = [

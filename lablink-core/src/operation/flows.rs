@@ -14,10 +14,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use crate::store::ProvisioningLock;
 use crate::{
     AgentStatus, AgentToken, DestroyTarget, Error, ErrorKind, Hostname, LabLink, LaunchOptions,
-    LaunchRequest, Operation, OperationKind, Progress, ProvisionedVm, ProvisioningLock, Result,
-    StartupTimings, Telemetry, VmEvent, VmFilter, VmRecord, VmSpec, VmState,
+    LaunchRequest, Operation, OperationKind, Progress, ProvisionedVm, Result, StartupTimings,
+    Telemetry, VmEvent, VmFilter, VmRecord, VmSpec, VmState,
 };
 
 /// How many recent operations are scanned for hostnames already used (a bound every store

@@ -55,7 +55,7 @@ impl OrphanPolicy {
     }
 }
 
-/// What one [`LabLink::reconcile`] found and did.
+/// What one [`LabLink::reconcile`](crate::LabLink::reconcile) found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReconcileReport {
     /// Machines the provider listed.

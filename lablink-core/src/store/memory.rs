@@ -8,10 +8,11 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::logs::BoundedLog;
+use crate::secret::TokenDigest;
+use crate::store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock};
 use crate::{
-    Assignment, ClaimRequest, Claimed, Email, Error, ErrorKind, Hostname, LeaderLease, LogStream,
-    Operation, ProvisioningLock, Result, Telemetry, TokenDigest, VmCounts, VmEvent, VmFilter,
-    VmLogs, VmRecord, VmStore,
+    Assignment, Email, Error, ErrorKind, Hostname, LogStream, Operation, Result, Telemetry,
+    VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmStore,
 };
 
 /// An in-process [`VmStore`]: a map of records behind one mutex, with indexes that make

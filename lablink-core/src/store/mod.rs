@@ -14,9 +14,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::secret::{Pin, TokenDigest};
 use crate::{
-    CrdCommand, Email, Hostname, Operation, Pin, Result, Telemetry, TokenDigest, VmEvent, VmLogs,
-    VmRecord, VmState,
+    CrdCommand, Email, Hostname, Operation, Result, Telemetry, VmEvent, VmLogs, VmRecord, VmState,
 };
 
 /// Which records [`VmStore::list`] returns. `Default` lists every record.
@@ -150,7 +150,7 @@ impl fmt::Debug for ProvisioningLock {
 /// - `get`, `apply`, `record_telemetry`, `logs` on an unknown hostname return
 ///   [`ErrorKind::NotFound`](crate::ErrorKind::NotFound).
 /// - Every state change goes through [`VmRecord::apply`] (and so through
-///   [`transition`](crate::transition)); an illegal event returns
+///   [`transition`](crate::state::transition)); an illegal event returns
 ///   [`ErrorKind::InvalidTransition`](crate::ErrorKind::InvalidTransition) and changes
 ///   nothing. With `expected_generation`, a record whose generation differs is not changed
 ///   and the call returns [`ErrorKind::Conflict`](crate::ErrorKind::Conflict).

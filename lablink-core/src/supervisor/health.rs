@@ -4,8 +4,9 @@ use chrono::{DateTime, Utc};
 
 use super::{span_of, Memory, Supervising, SupervisorConfig};
 use crate::supervision::Shared;
-use crate::{FlagKind, VmFlag};
-use crate::{Hostname, LaunchOptions, LeaseConfig, Phase, VmEvent, VmRecord, VmState};
+
+use crate::supervisor::{FlagKind, LeaseConfig, VmFlag};
+use crate::{Hostname, LaunchOptions, Phase, VmEvent, VmRecord, VmState};
 
 /// Whether `record`'s heartbeat lease has run out at `now`: a ready VM whose agent has
 /// heartbeated before and not within `expiry`.

@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
+pub use crate::before_destroy::BeforeDestroy;
+pub use crate::supervision::{FlagKind, SupervisorCounters, SupervisorStatus, VmFlag};
 pub use config::{
     DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
     ReconcileConfig, SupervisorConfig,
@@ -34,8 +36,7 @@ use crate::lablink::WeakLabLink;
 use crate::supervision::Shared;
 use crate::{Clock, VmStore};
 use crate::{
-    Email, Error, FlagKind, Hostname, LabLink, ReconcileReport, Result, SupervisorStatus, VmFilter,
-    VmFlag, VmRecord, VmState,
+    Email, Error, Hostname, LabLink, ReconcileReport, Result, VmFilter, VmRecord, VmState,
 };
 
 /// The handle of a running supervisor. Dropping it aborts the loops at once (as a crash

@@ -6,11 +6,8 @@ use chrono::{DateTime, Utc};
 
 use super::{span_of, Memory, Supervising, SupervisorConfig};
 use crate::supervision::Shared;
-use crate::{
-    AgentStatus, DestructionConfig, Email, Hostname, IdleReleaseConfig, LaunchOptions, Phase,
-    VmRecord, VmState,
-};
-use crate::{FlagKind, VmFlag};
+use crate::supervisor::{DestructionConfig, FlagKind, IdleReleaseConfig, VmFlag};
+use crate::{AgentStatus, Email, Hostname, LaunchOptions, Phase, VmRecord, VmState};
 
 /// A VM that is free or will be: it counts toward K.
 fn is_free_or_coming(r: &VmRecord) -> bool {

@@ -6,7 +6,8 @@ use futures::future::join_all;
 
 use super::store::host;
 use super::PATIENCE;
-use crate::{Notifier, Subscription, Wake};
+use crate::notifier::{Subscription, Wake};
+use crate::Notifier;
 
 /// Waits for the next wake of `sub`, failing the test after [`PATIENCE`].
 pub async fn next_wake(sub: &mut Subscription, what: &str) -> Wake {

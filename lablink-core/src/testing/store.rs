@@ -3,10 +3,11 @@
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 
+use crate::store::ClaimRequest;
 use crate::{
-    AgentToken, Assignment, ClaimRequest, CrdCommand, Email, ErrorKind, GpuHealth, Hostname,
-    LogAppend, LogStream, Operation, OperationKind, StartupTimings, Telemetry, VmEvent, VmFilter,
-    VmRecord, VmState, VmStore,
+    AgentToken, Assignment, CrdCommand, Email, ErrorKind, GpuHealth, Hostname, LogAppend,
+    LogStream, Operation, OperationKind, StartupTimings, Telemetry, VmEvent, VmFilter, VmRecord,
+    VmState, VmStore,
 };
 
 /// A fixed instant so suites never depend on a clock.
@@ -716,14 +717,14 @@ trait ClaimOwned {
     fn claim_owned(
         &self,
         request: ClaimRequest,
-    ) -> futures::future::BoxFuture<'_, crate::Result<crate::Claimed>>;
+    ) -> futures::future::BoxFuture<'_, crate::Result<crate::store::Claimed>>;
 }
 
 impl ClaimOwned for dyn VmStore + '_ {
     fn claim_owned(
         &self,
         request: ClaimRequest,
-    ) -> futures::future::BoxFuture<'_, crate::Result<crate::Claimed>> {
+    ) -> futures::future::BoxFuture<'_, crate::Result<crate::store::Claimed>> {
         Box::pin(async move { self.claim(&request, t0()).await })
     }
 }

@@ -2,8 +2,9 @@
 
 use proptest::prelude::*;
 
+use crate::secret::Pin;
 use crate::{
-    AgentStatus, Assignment, CrdCommand, Email, GpuHealth, Hostname, Phase, Pin, VmEvent, VmState,
+    AgentStatus, Assignment, CrdCommand, Email, GpuHealth, Hostname, Phase, VmEvent, VmState,
 };
 
 /// Valid hostnames.
