@@ -72,33 +72,7 @@ async fn the_shipped_module_creates_tags_and_destroys_real_instances() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("work");
     let deployment = format!("tfapply{}", std::process::id());
-    let mut config = TerraformConfig {
-        working_dir: work.clone(),
-        binary: common::terraform(),
-        deployment: deployment.clone(),
-        ..TerraformConfig::default()
-    };
-    for (name, value) in [
-        ("allocator_url", json!("https://lablink.example.org")),
-        ("region", json!("us-east-1")),
-        ("client_ami_id", json!(ami())),
-        ("machine_type", json!("t3.medium")),
-    ] {
-        config.variables.insert(name.into(), value);
-    }
-    for (name, value) in [
-        (
-            "TF_CLI_CONFIG_FILE",
-            common::mirror_cli_config(dir.path()).display().to_string(),
-        ),
-        ("AWS_ENDPOINT_URL", common::emulator_endpoint()),
-        ("AWS_ACCESS_KEY_ID", "lablink-test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "lablink-test".into()),
-        ("AWS_CONFIG_FILE", "/dev/null".into()),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null".into()),
-    ] {
-        config.env.insert(name.into(), value);
-    }
+    let config = aws_config(dir.path(), &work, &deployment);
     assert_eq!(config.host_problems(), Vec::<String>::new());
     let store = MemoryVmStore::default();
     let lablink = lablink(&store, Arc::new(config.builder().build().unwrap()));
@@ -217,7 +191,7 @@ fn token(work: &Path, hostname: &Hostname) -> String {
 }
 
 /// A configuration of the shipped module in `dir` (working directory `work`) against the
-/// emulator, as in the test above.
+/// emulator: the provider from the mirror, dummy credentials.
 fn aws_config(dir: &Path, work: &Path, deployment: &str) -> TerraformConfig {
     let mut config = TerraformConfig {
         working_dir: work.to_owned(),

@@ -232,7 +232,6 @@ async fn a_tampered_session_cookie_is_refused_by_every_replica() {
 /// configured: they agree on the key kept in the database (even when both need it at the
 /// same moment), a session made on A works on B with a CSRF-protected form, and signing out
 /// on B ends it on A. The stored key reaches no log line.
-#[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_postgres_share_sessions_and_sign_outs() {
     use sqlx::Row;

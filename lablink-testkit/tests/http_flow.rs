@@ -184,43 +184,18 @@ async fn two_hundred_waiters_each_get_their_own_participant_in_memory() {
 
 /// The same workshop with PostgreSQL behind the allocator (store and LISTEN/NOTIFY), in a
 /// fresh database created on the server `DATABASE_URL` points at.
-#[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_waiters_each_get_their_own_participant_on_postgres() {
-    use std::str::FromStr;
     use std::sync::Arc;
 
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-    use sqlx::{ConnectOptions, Executor};
-
-    let url = std::env::var("DATABASE_URL").expect(
-        "DATABASE_URL must point at a PostgreSQL server for this test (scripts/with-postgres.sh starts one)",
-    );
-    let admin = PgConnectOptions::from_str(&url).expect("DATABASE_URL is a postgres URL");
-    let name = format!("lablink_http_{}", uuid::Uuid::new_v4().simple());
-    let mut conn = admin
-        .connect()
-        .await
-        .expect("PostgreSQL answers at DATABASE_URL");
-    conn.execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(20)
-        .connect_with(admin.clone().database(&name))
-        .await
-        .unwrap();
-    lablink::postgres::setup(&pool).await.unwrap();
-    let store = lablink::postgres::PgVmStore::new(pool.clone());
+    let db = lablink_testkit::TestDatabase::create().await;
+    let pool = db.pool(20).await;
     let notifier = lablink::postgres::PgNotifier::connect(pool.clone())
         .await
         .unwrap();
     let builder = lablink::LabLink::builder()
-        .with_store(Arc::new(store))
+        .with_store(Arc::new(lablink::postgres::PgVmStore::new(pool)))
         .with_notifier(Arc::new(notifier));
     whole_workshop(TestServer::start_with(builder, |_| {}).await).await;
-    pool.close().await;
-    let _ = conn
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await;
+    db.drop_database().await;
 }
