@@ -194,23 +194,16 @@ impl<A: Allocator + ?Sized> Allocator for CollectingAllocator<A> {
     /// kept VMs (and the operation destroying the others, in its context).
     async fn destroy(&self, target: &DestroyTarget) -> Result<Operation> {
         let destroyed = self.destroy_collecting(target, false).await?;
-        match (destroyed.operation, destroyed.blocked.is_empty()) {
-            (Some(op), true) => Ok(op),
-            (None, true) => Err(Error::not_found("no VM left to destroy")),
-            (operation, false) => {
-                let mut error = Error::conflict(
-                    Destroyed {
-                        operation: None,
-                        blocked: destroyed.blocked,
-                    }
-                    .message(),
-                );
-                if let Some(op) = operation {
-                    error = error.with_context("operation", op.id);
-                }
-                Err(error)
-            }
+        if destroyed.blocked.is_empty() {
+            return destroyed
+                .operation
+                .ok_or_else(|| Error::not_found("no VM left to destroy"));
         }
+        let mut error = Error::conflict(destroyed.message());
+        if let Some(op) = &destroyed.operation {
+            error = error.with_context("operation", op.id);
+        }
+        Err(error)
     }
 
     async fn reboot(&self, hostname: &Hostname) -> Result<Operation> {

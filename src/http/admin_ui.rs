@@ -13,14 +13,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use lablink_core::Allocator as _;
-use lablink_core::{DestroyTarget, Hostname, LaunchOptions, SupervisorStatus, VmFilter};
+use lablink_core::{DestroyTarget, Hostname, SupervisorStatus, VmFilter};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::admin_auth::{
     cookie, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
 };
-use super::compat_admin::{answer, form_hostname, parse_count, started};
+// The launch form posts what the Python client's /api/launch takes, answered the same way.
+use super::compat_admin::{answer, form_hostname, launch, started};
 use super::error::{ApiError, ApiResult};
 use super::extract::{wants_json, ApiQuery, FormOrJson, PathHostname};
 use super::views::{LogsView, OperationView, VmView};
@@ -343,16 +344,6 @@ async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminF
     // setting it; browsers accept the clearing either way).
     let clear = cookie(SESSION_COOKIE, "", Duration::ZERO, false);
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
-}
-
-async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
-    let outcome = async {
-        let count = parse_count(req.form.get("num_vms"))?;
-        let op = state.allocator().launch(&LaunchOptions { count }).await?;
-        Ok(started(&op))
-    }
-    .await;
-    answer(&state, req.wants_json, outcome)
 }
 
 /// Query of the destroy confirmation page.

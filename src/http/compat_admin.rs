@@ -81,7 +81,7 @@ pub fn form_hostname(value: Option<&Value>) -> ApiResult<Hostname> {
     }
 }
 
-async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
+pub async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response {
     let outcome = async {
         let count = parse_count(req.form.get("num_vms"))?;
         let op = state.allocator().launch(&LaunchOptions { count }).await?;
