@@ -7,7 +7,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::secret::Pin;
+use crate::registration::{MachineRegistration, Registered, RegistrationToken};
+use crate::secret::{Pin, RegistrationSecret};
 use crate::{
     AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Result,
     SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
@@ -47,6 +48,52 @@ pub struct LaunchOptions {
 impl Default for LaunchOptions {
     fn default() -> Self {
         Self { count: 1 }
+    }
+}
+
+/// A registration token to create. `Default`: valid for a day, any number of machines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistrationTokenOptions {
+    /// What the admin calls it (who it was given to, for what).
+    pub label: String,
+    /// How long it stays valid (one minute to a year).
+    pub valid_for: Duration,
+    /// How many machines it may register (`None`: any number).
+    pub max_uses: Option<u32>,
+}
+
+impl Default for RegistrationTokenOptions {
+    fn default() -> Self {
+        Self {
+            label: String::new(),
+            valid_for: Duration::from_secs(86_400),
+            max_uses: None,
+        }
+    }
+}
+
+impl RegistrationTokenOptions {
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the first bad
+    /// field.
+    pub fn check(&self) -> Result<()> {
+        const MAX_VALID: Duration = Duration::from_secs(366 * 86_400);
+        if !(Duration::from_secs(60)..=MAX_VALID).contains(&self.valid_for) {
+            return Err(Error::invalid_input(
+                "a registration token is valid for one minute to a year",
+            ));
+        }
+        if self.max_uses == Some(0) {
+            return Err(Error::invalid_input("max_uses must be at least 1"));
+        }
+        if self.label.chars().count() > RegistrationToken::MAX_LABEL
+            || self.label.chars().any(char::is_control)
+        {
+            return Err(Error::invalid_input(format!(
+                "a label is at most {} characters, without control characters",
+                RegistrationToken::MAX_LABEL
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -151,6 +198,28 @@ pub trait Allocator: Send + Sync + Debug {
 
     /// Whether admin session `id` was signed out (and has not expired since).
     async fn admin_session_ended(&self, id: &str) -> Result<bool>;
+
+    /// Creates a registration token; its secret is returned here only.
+    async fn create_registration_token(
+        &self,
+        options: &RegistrationTokenOptions,
+    ) -> Result<(RegistrationToken, RegistrationSecret)>;
+
+    /// Every registration token, newest first.
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>>;
+
+    /// Revokes a registration token: it registers no machine from then on (machines it
+    /// registered stay).
+    async fn revoke_registration_token(&self, id: Uuid) -> Result<RegistrationToken>;
+
+    /// Registers a machine with a registration token: the machine's record and the agent
+    /// token it serves with from now on (a new one at every registration; the previous one
+    /// stops working).
+    async fn register_machine(
+        &self,
+        secret: &RegistrationSecret,
+        request: &MachineRegistration,
+    ) -> Result<(Registered, AgentToken)>;
 
     /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
     /// when none runs. No default: a wrapping allocator forwards it.

@@ -66,3 +66,8 @@ pub(crate) mod seconds {
         Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
     }
 }
+
+/// `d` as a chrono duration (saturating).
+pub(crate) fn span_of(d: std::time::Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}

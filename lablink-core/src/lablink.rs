@@ -12,12 +12,14 @@ use uuid::Uuid;
 
 use crate::logs::clean_lines;
 use crate::record::DEFAULT_LOG_CAP_BYTES;
-use crate::secret::Pin;
+use crate::registration::{MachineRegistration, Registered, RegistrationToken};
+use crate::secret::{Pin, RegistrationSecret};
 use crate::store::ClaimRequest;
 use crate::{
     AgentStatus, AgentToken, Allocator, Assignment, BeforeDestroy, Clock, DestroyTarget, Email,
-    Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions, MemoryNotifier,
-    MemoryVmStore, Notifier, Operation, OrphanPolicy, Phase, Provisioner, Result, SupervisorConfig,
+    Error, ErrorKind, FakeProvisioner, GpuHealth, Granted, Hostname, LaunchOptions,
+    ManualProvisioner, MemoryNotifier, MemoryVmStore, MixedProvisioner, Notifier, Operation,
+    OrphanPolicy, Phase, Provisioner, RegistrationTokenOptions, Result, SupervisorConfig,
     SystemClock, Telemetry, VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmRequest, VmState,
     VmStore,
 };
@@ -115,7 +117,8 @@ impl LabLinkBuilder {
         self
     }
 
-    /// What creates machines (default: [`FakeProvisioner`]).
+    /// What creates machines (default: [`FakeProvisioner`]). Machines that register
+    /// themselves join beside them (see [`MixedProvisioner`]).
     pub fn with_provisioner(mut self, provisioner: Arc<dyn Provisioner>) -> Self {
         self.provisioner = Some(provisioner);
         self
@@ -152,18 +155,23 @@ impl LabLinkBuilder {
         if !problems.is_empty() {
             return Err(Error::new(ErrorKind::InvalidConfig, problems.join("; ")));
         }
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryVmStore::default()));
+        let notifier = self
+            .notifier
+            .unwrap_or_else(|| Arc::new(MemoryNotifier::default()));
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let registered = ManualProvisioner::new(store.clone(), notifier.clone(), clock.clone());
+        let provisioner = self
+            .provisioner
+            .unwrap_or_else(|| Arc::new(FakeProvisioner::default()));
         Ok(LabLink {
             inner: Arc::new(Inner {
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(MemoryVmStore::default())),
-                provisioner: self
-                    .provisioner
-                    .unwrap_or_else(|| Arc::new(FakeProvisioner::default())),
-                notifier: self
-                    .notifier
-                    .unwrap_or_else(|| Arc::new(MemoryNotifier::default())),
-                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                store,
+                provisioner: Arc::new(MixedProvisioner::new(provisioner, registered)),
+                notifier,
+                clock,
                 config: self.config,
                 supervision: std::sync::Mutex::new(None),
                 before_destroy: std::sync::Mutex::new(self.before_destroy),
@@ -226,7 +234,8 @@ impl LabLink {
         &self.inner.store
     }
 
-    /// The provisioner.
+    /// The provisioner: the one given to the builder, with the registered machines beside
+    /// it ([`MixedProvisioner`]).
     pub fn provisioner(&self) -> &Arc<dyn Provisioner> {
         &self.inner.provisioner
     }
@@ -301,6 +310,30 @@ impl LabLink {
         Err(Error::conflict("the VM kept changing; try again")
             .with_context("hostname", hostname)
             .temporary())
+    }
+
+    /// Releases `hostname`'s participant if `pick` holds on the record at the moment it
+    /// changes; returns the hostname when it was released.
+    pub(crate) async fn release_where(
+        &self,
+        hostname: &Hostname,
+        pick: impl Fn(&VmRecord) -> bool + Send + Sync,
+    ) -> Result<Vec<Hostname>> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // The decision on the record version the change was applied to is the last one.
+        let chosen = AtomicBool::new(false);
+        let record = self
+            .apply_if(hostname, |r| {
+                let yes = r.state.is_owned() && pick(r);
+                chosen.store(yes, Ordering::SeqCst);
+                yes.then_some(VmEvent::Release)
+            })
+            .await?;
+        if !chosen.load(Ordering::SeqCst) || record.state.is_owned() {
+            return Ok(Vec::new());
+        }
+        self.publish(hostname).await;
+        Ok(vec![hostname.clone()])
     }
 
     /// Wakes waiters of `hostname`. A failed publish only costs latency (waiters re-read on
@@ -547,6 +580,64 @@ impl Allocator for LabLink {
     async fn admin_session_ended(&self, id: &str) -> Result<bool> {
         let now = self.inner.clock.now();
         self.inner.store.session_ended(id, now).await
+    }
+
+    async fn create_registration_token(
+        &self,
+        options: &RegistrationTokenOptions,
+    ) -> Result<(RegistrationToken, RegistrationSecret)> {
+        options.check()?;
+        let now = self.inner.clock.now();
+        let secret = RegistrationSecret::generate();
+        let token = RegistrationToken {
+            id: Uuid::new_v4(),
+            digest: secret.digest(),
+            label: options.label.trim().to_owned(),
+            created_at: now,
+            expires_at: now + crate::clock::span_of(options.valid_for),
+            max_uses: options.max_uses,
+            uses: 0,
+            revoked_at: None,
+        };
+        self.inner.store.create_registration_token(&token).await?;
+        tracing::info!(id = %token.id, label = %token.label, max_uses = ?token.max_uses, expires_at = %token.expires_at, "registration token created");
+        Ok((token, secret))
+    }
+
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        self.inner.store.registration_tokens().await
+    }
+
+    async fn revoke_registration_token(&self, id: Uuid) -> Result<RegistrationToken> {
+        let now = self.inner.clock.now();
+        let token = self.inner.store.revoke_registration_token(id, now).await?;
+        tracing::info!(id = %id, "registration token revoked");
+        Ok(token)
+    }
+
+    async fn register_machine(
+        &self,
+        secret: &RegistrationSecret,
+        request: &MachineRegistration,
+    ) -> Result<(Registered, AgentToken)> {
+        let span = tracing::info_span!("register", hostname = %request.hostname);
+        async {
+            request.check()?;
+            let token = AgentToken::generate();
+            let now = self.inner.clock.now();
+            let registered = self
+                .inner
+                .store
+                .register(&secret.digest(), request, token.digest(), now)
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "registration refused"))?;
+            tracing::info!(again = registered.again, "machine registered");
+            // Waits under the previous token end; the agent starts again with the new one.
+            self.publish(&request.hostname).await;
+            Ok((registered, token))
+        }
+        .instrument(span)
+        .await
     }
 
     fn supervision(&self) -> Option<crate::SupervisorStatus> {

@@ -13,11 +13,13 @@ pub mod fake;
 pub mod ids;
 mod lablink;
 pub mod logs;
+pub mod manual;
 pub mod notifier;
 pub mod operation;
 pub mod provisioner;
 pub mod reconcile;
 pub mod record;
+pub mod registration;
 pub mod retry;
 mod roster;
 pub mod secret;
@@ -29,7 +31,10 @@ pub mod supervisor;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use allocator::{Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, VmRequest};
+pub use allocator::{
+    Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, RegistrationTokenOptions,
+    VmRequest,
+};
 pub use artifact::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
 pub use before_destroy::BeforeDestroy;
 pub use clock::{Clock, SystemClock, TokioClock};
@@ -38,11 +43,13 @@ pub use fake::{FakeConfig, FakeProvisioner};
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
 pub use logs::{LogAppend, LogStream, VmLogs};
+pub use manual::{ManualProvisioner, MixedProvisioner};
 pub use notifier::{MemoryNotifier, Notifier};
 pub use operation::{Operation, OperationKind, OperationStatus};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
 pub use record::{AgentStatus, GpuHealth, StartupTimings, Telemetry, VmRecord};
+pub use registration::{MachineRegistration, RegistrationToken};
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{redacted, AgentToken, CrdCommand};
 pub use state::{Assignment, Phase, VmEvent, VmState};

@@ -70,6 +70,8 @@ pub struct ProvisionedVm {
 /// What a provisioner can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capabilities {
+    /// `launch` creates machines (false for machines that join by registering).
+    pub launch: bool,
     /// `reboot` works.
     pub reboot: bool,
     /// `list` reports the provider's own inventory (needed by reconcile).
@@ -81,6 +83,7 @@ pub struct Capabilities {
 impl Default for Capabilities {
     fn default() -> Self {
         Self {
+            launch: true,
             reboot: true,
             list: true,
             max_batch: None,
@@ -94,6 +97,8 @@ impl Default for Capabilities {
 ///
 /// The conformance suite [`testing::provisioner`](crate::testing) checks every point.
 ///
+/// - When `capabilities().launch` is false, `launch` of any machine is
+///   [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) and creates nothing.
 /// - `launch` creates one machine per spec and returns one [`ProvisionedVm`] per machine it
 ///   created, with the spec's hostname and a distinct instance id. A spec it could not create
 ///   is missing from the result (the allocator marks it failed); a failure of the whole call is

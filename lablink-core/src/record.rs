@@ -6,6 +6,7 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::registration::Registration;
 use crate::secret::TokenDigest;
 use crate::state::{transition, Assignment, VmEvent, VmState};
 use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result};
@@ -268,6 +269,9 @@ pub struct VmRecord {
     pub updated_at: DateTime<Utc>,
     /// When `state` last changed (boot timeouts count from here, not from creation).
     pub state_changed_at: DateTime<Utc>,
+    /// How the machine joined by registering itself; `None` for a machine a provisioner
+    /// created.
+    pub registration: Option<Registration>,
 }
 
 impl VmRecord {
@@ -292,7 +296,13 @@ impl VmRecord {
             created_at: now,
             updated_at: now,
             state_changed_at: now,
+            registration: None,
         }
+    }
+
+    /// Whether the machine joined by registering itself (see [`crate::registration`]).
+    pub fn is_registered(&self) -> bool {
+        self.registration.is_some()
     }
 
     /// Whether a claim may take this VM: `Available` and its GPU not reported unhealthy.

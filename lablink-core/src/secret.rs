@@ -302,14 +302,52 @@ redacted!(AgentToken);
 impl AgentToken {
     /// A fresh random token (`llt_` followed by 64 hex digits).
     pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut bytes);
-        Self(format!("llt_{}", hex(&bytes)))
+        Self(random_token("llt_"))
     }
 
     /// The SHA-256 digest to store instead of the token.
     pub fn digest(&self) -> TokenDigest {
-        TokenDigest(Sha256::digest(self.0.as_bytes()).into())
+        TokenDigest::of(&self.0)
+    }
+}
+
+/// `prefix` followed by 256 random bits in hex.
+fn random_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    format!("{prefix}{}", hex(&bytes))
+}
+
+/// A registration token: what an admin hands to the owner of a machine so that it can join
+/// the pool (`lablink-agent register`). 256 random bits, shown once, stored only as a
+/// [`TokenDigest`]; it is exchanged for the machine's own [`AgentToken`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub struct RegistrationSecret(String);
+redacted!(RegistrationSecret);
+
+impl RegistrationSecret {
+    /// A fresh random token (`llr_` followed by 64 hex digits).
+    pub fn generate() -> Self {
+        Self(random_token("llr_"))
+    }
+
+    /// The SHA-256 digest to store instead of the token.
+    pub fn digest(&self) -> TokenDigest {
+        TokenDigest::of(&self.0)
+    }
+}
+
+impl From<String> for RegistrationSecret {
+    /// Any string can be presented; it is only trusted if its digest is stored.
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<RegistrationSecret> for String {
+    fn from(t: RegistrationSecret) -> String {
+        t.0
     }
 }
 
@@ -334,6 +372,11 @@ impl From<AgentToken> for String {
 pub struct TokenDigest([u8; 32]);
 
 impl TokenDigest {
+    /// The SHA-256 digest of `secret`.
+    fn of(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+
     /// Wraps raw digest bytes (as read from a store).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)

@@ -30,6 +30,9 @@ pub enum FlagKind {
     /// while one is left, since each would fail the same way. The admin fixes the image or
     /// the start-up settings and destroys it.
     SetupFailed,
+    /// A machine that registered itself is in trouble (silent, unhealthy, not ready): the
+    /// supervisor never reboots or replaces one; the admin checks the machine.
+    Registered,
 }
 
 impl FlagKind {
@@ -41,6 +44,7 @@ impl FlagKind {
             Self::IdleWarning => "idle_warning",
             Self::DestroyHeld => "destroy_held",
             Self::SetupFailed => "setup_failed",
+            Self::Registered => "registered",
         }
     }
 }

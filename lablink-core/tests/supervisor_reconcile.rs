@@ -192,6 +192,33 @@ impl VmStore for CrashingStore {
     async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> lablink_core::Result<bool> {
         self.inner.session_ended(id, now).await
     }
+    async fn create_registration_token(
+        &self,
+        token: &lablink_core::RegistrationToken,
+    ) -> lablink_core::Result<()> {
+        self.inner.create_registration_token(token).await
+    }
+    async fn registration_tokens(
+        &self,
+    ) -> lablink_core::Result<Vec<lablink_core::RegistrationToken>> {
+        self.inner.registration_tokens().await
+    }
+    async fn revoke_registration_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> lablink_core::Result<lablink_core::RegistrationToken> {
+        self.inner.revoke_registration_token(id, now).await
+    }
+    async fn register(
+        &self,
+        token: &lablink_core::secret::TokenDigest,
+        request: &lablink_core::MachineRegistration,
+        agent_token: lablink_core::secret::TokenDigest,
+        now: DateTime<Utc>,
+    ) -> lablink_core::Result<lablink_core::registration::Registered> {
+        self.inner.register(token, request, agent_token, now).await
+    }
 }
 
 /// Runs a launch of `count` VMs in a process of its own and kills that process at `at`.

@@ -20,6 +20,11 @@
 //! | `POST telemetry` | [`TelemetryBody`] | the VM view |
 //! | `GET tasks?timeout=` | [`WaitQuery`] | [`TasksBody`] or 204 |
 //! | `PUT collections/{id}` | a tar archive ending in a [`Manifest`] | [`CollectionStatus`] |
+//! | `DELETE registration` | — | 202 and the destroy operation |
+//!
+//! A machine that joins by registering first calls `POST /api/v1/registrations` with the
+//! registration token as its bearer token and a [`RegistrationBody`]; the answer is a
+//! [`RegisteredBody`] carrying the agent token for the routes above.
 //!
 //! Every error answer is an [`ErrorBody`].
 
@@ -211,6 +216,51 @@ pub struct TelemetryBody {
 pub struct TasksBody {
     /// A collection to upload.
     pub collection: Option<CollectionTask>,
+    /// Reboot the machine (a registered machine whose owner allowed reboots): report the
+    /// status `rebooting`, then reboot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reboot: bool,
+}
+
+/// Body of `POST /api/v1/registrations` (the bearer token is the registration token).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegistrationBody {
+    /// The name to join under: letters, digits, `.`, `_`, `-`; unique in the deployment.
+    #[cfg_attr(feature = "openapi", schema(example = "lab-ws-07"))]
+    pub hostname: String,
+    /// A stable identity of the machine (16–128 of `[A-Za-z0-9_-]`), the same at every
+    /// registration; the agent derives it from `/etc/machine-id`.
+    pub machine_identity: String,
+    /// Whether the allocator may reboot the machine (default: no).
+    #[serde(default)]
+    pub allow_reboot: bool,
+    /// The machine's address, shown to admins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+}
+
+/// Answer of `POST /api/v1/registrations`: 201 for a new machine, 200 for one registered
+/// again (its record is kept; the previous agent token stops working).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RegisteredBody {
+    /// The name the machine serves under.
+    pub hostname: String,
+    /// The machine's own agent token (a secret: keep it in a file only its agent reads).
+    pub token: String,
+    /// Whether the machine was registered already.
+    pub again: bool,
+}
+
+impl std::fmt::Debug for RegisteredBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredBody")
+            .field("hostname", &self.hostname)
+            .field("token", &"***")
+            .field("again", &self.again)
+            .finish()
+    }
 }
 
 /// What an agent is asked to collect.

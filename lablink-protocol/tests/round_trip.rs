@@ -197,12 +197,27 @@ fn the_collection_task_travels_unchanged() {
     round_trip(
         &TasksBody {
             collection: Some(task),
+            reboot: false,
         },
         r#"{"collection":{"id":"c-0192","roots":["~","/srv/{hostname}/work"],"patterns":["**/*.slp"],"max_bytes":1073741824}}"#,
     );
-    round_trip(&TasksBody { collection: None }, r#"{"collection":null}"#);
+    round_trip(
+        &TasksBody {
+            collection: None,
+            reboot: false,
+        },
+        r#"{"collection":null}"#,
+    );
+    round_trip(
+        &TasksBody {
+            collection: None,
+            reboot: true,
+        },
+        r#"{"collection":null,"reboot":true}"#,
+    );
     let parsed: TasksBody = parse(json!({}));
     assert_eq!(parsed.collection, None);
+    assert!(!parsed.reboot);
 }
 
 #[test]

@@ -297,8 +297,7 @@ impl Provisioner for TerraformProvisioner {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             reboot: false,
-            list: true,
-            max_batch: None,
+            ..Capabilities::default()
         }
     }
 

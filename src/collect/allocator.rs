@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use lablink_core::registration::Registered;
+use lablink_core::secret::RegistrationSecret;
 use lablink_core::{
     AgentToken, Allocator, Assignment, BeforeDestroy, DestroyTarget, Email, Error, Granted,
-    Hostname, LaunchOptions, Operation, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter,
-    VmLogs, VmRecord, VmRequest, VmState,
+    Hostname, LaunchOptions, MachineRegistration, Operation, RegistrationToken,
+    RegistrationTokenOptions, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs,
+    VmRecord, VmRequest, VmState,
 };
 use uuid::Uuid;
 
@@ -256,6 +259,29 @@ impl<A: Allocator + ?Sized> Allocator for CollectingAllocator<A> {
 
     async fn admin_session_ended(&self, id: &str) -> Result<bool> {
         self.inner.admin_session_ended(id).await
+    }
+
+    async fn create_registration_token(
+        &self,
+        options: &RegistrationTokenOptions,
+    ) -> Result<(RegistrationToken, RegistrationSecret)> {
+        self.inner.create_registration_token(options).await
+    }
+
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        self.inner.registration_tokens().await
+    }
+
+    async fn revoke_registration_token(&self, id: Uuid) -> Result<RegistrationToken> {
+        self.inner.revoke_registration_token(id).await
+    }
+
+    async fn register_machine(
+        &self,
+        secret: &RegistrationSecret,
+        request: &MachineRegistration,
+    ) -> Result<(Registered, AgentToken)> {
+        self.inner.register_machine(secret, request).await
     }
 
     fn supervision(&self) -> Option<SupervisorStatus> {

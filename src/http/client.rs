@@ -11,6 +11,22 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
+/// The client's address of a request, as [`client_addr`] finds it with the server's trusted
+/// proxies (an extractor).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
+
+impl axum::extract::FromRequestParts<super::HttpState> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &super::HttpState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(state.client_addr(parts)))
+    }
+}
+
 /// The address of the peer that opened the connection (unspecified when the router is
 /// served without `ConnectInfo`); an IPv4 peer of an IPv6 listener as IPv4.
 fn peer(extensions: &axum::http::Extensions) -> IpAddr {

@@ -42,7 +42,13 @@ pub async fn tasks(
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
     let hostname = agent.own(&name)?;
-    state.allocator().vm(&hostname).await?;
+    if reboot_asked(&state.allocator().vm(&hostname).await?) {
+        return Ok(Json(TasksBody {
+            collection: None,
+            reboot: true,
+        })
+        .into_response());
+    }
     let hold = match query.timeout {
         None => DEFAULT_HOLD,
         Some(t) if t.is_finite() && t >= 0.0 => Duration::from_secs_f64(t.min(86_400.0)),
@@ -60,10 +66,20 @@ pub async fn tasks(
     Ok(match task {
         Some(task) => Json(TasksBody {
             collection: Some(task),
+            reboot: false,
         })
         .into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     })
+}
+
+/// Whether an admin (or the supervisor) asked this registered machine to reboot and its
+/// agent has not answered yet: the reboot cleared the agent's status, and the agent reports
+/// `rebooting` before it reboots.
+fn reboot_asked(record: &VmRecord) -> bool {
+    matches!(record.state, VmState::Rebooting { .. })
+        && record.agent_status.is_none()
+        && record.registration.as_ref().is_some_and(|r| r.allow_reboot)
 }
 
 /// The upload's answer: the collection's status.

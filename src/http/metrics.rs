@@ -36,6 +36,7 @@ pub struct Metrics {
     claims_unproven: AtomicU64,
     claims_failed: AtomicU64,
     sign_ins_rate_limited: AtomicU64,
+    registrations: Mutex<BTreeMap<&'static str, u64>>,
     waiters: AtomicI64,
     waits_answered: AtomicU64,
     waits_timed_out: AtomicU64,
@@ -105,6 +106,13 @@ impl Metrics {
         self.sign_ins_rate_limited.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records one machine registration, by its answer.
+    pub fn registration(&self, status: StatusCode) {
+        let outcome = super::registration::outcome_label(status);
+        let mut map = self.registrations.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(outcome).or_default() += 1;
+    }
+
     /// Counts a waiter until the guard drops.
     pub fn waiter(self: &Arc<Self>) -> WaiterGuard {
         self.waiters.fetch_add(1, Ordering::Relaxed);
@@ -158,6 +166,18 @@ impl Metrics {
             );
         }
         let _ = writeln!(out, "# HELP lablink_sign_ins_rate_limited_total Admin sign-ins refused (429) by the per-address limit.\n# TYPE lablink_sign_ins_rate_limited_total counter\nlablink_sign_ins_rate_limited_total {}", self.sign_ins_rate_limited.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP lablink_registrations_total Machine registrations, by outcome (registered, bad_token, conflict, bad_input, rate_limited, error).\n# TYPE lablink_registrations_total counter");
+        for (outcome, n) in self
+            .registrations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "lablink_registrations_total{{outcome=\"{outcome}\"}} {n}"
+            );
+        }
         let _ = writeln!(out, "# HELP lablink_waiters Agents holding a wait-for-assignment request.\n# TYPE lablink_waiters gauge\nlablink_waiters {}", self.waiters());
         let _ = writeln!(out, "# HELP lablink_waits_total Finished waits, by outcome.\n# TYPE lablink_waits_total counter\nlablink_waits_total{{outcome=\"assigned\"}} {}\nlablink_waits_total{{outcome=\"timed_out\"}} {}",
             self.waits_answered.load(Ordering::Relaxed), self.waits_timed_out.load(Ordering::Relaxed));

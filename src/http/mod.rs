@@ -36,6 +36,7 @@ mod metrics;
 mod middleware;
 mod options;
 mod public;
+mod registration;
 mod roster;
 mod serve;
 mod signed;
@@ -47,7 +48,7 @@ mod views;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use lablink_core::Allocator;
 
@@ -74,6 +75,10 @@ pub struct HttpState {
     inner: Arc<Inner>,
 }
 
+/// Failed machine registrations allowed per client address and minute (a lab registering
+/// its machines from behind one address only spends on failures).
+const REGISTRATION_FAILURES_PER_MINUTE: u32 = 30;
+
 #[derive(Debug)]
 struct Inner {
     allocator: Arc<CollectingAllocator>,
@@ -84,6 +89,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     /// VM requests per client address.
     participants: client::RateLimiter,
+    /// Failed machine registrations per client address.
+    registrations: client::RateLimiter,
 }
 
 impl HttpState {
@@ -114,6 +121,10 @@ impl HttpState {
         Self {
             inner: Arc::new(Inner {
                 participants: client::RateLimiter::new(options.participant_limit),
+                registrations: client::RateLimiter::new(client::RateLimit {
+                    burst: REGISTRATION_FAILURES_PER_MINUTE,
+                    per_minute: REGISTRATION_FAILURES_PER_MINUTE,
+                }),
                 allocator: Arc::new(CollectingAllocator::new(allocator, collector)),
                 metrics: Arc::new(Metrics::default()),
                 admin,
@@ -225,6 +236,10 @@ impl HttpState {
             // and destroys that may wait for collections first.
             .route("/api/v1/vms/{hostname}/tasks", get(collect::tasks))
             .route("/api/v1/destroy", post(v1::destroy))
+            .route(
+                "/api/v1/vms/{hostname}/registration",
+                delete(registration::unregister),
+            )
             .route("/destroy", post(compat_admin::destroy_all))
             .route(
                 "/admin/destroy",
@@ -248,6 +263,7 @@ impl HttpState {
             .merge(compat_admin::routes())
             .merge(admin_ui::routes())
             .merge(roster::routes())
+            .merge(registration::routes())
             .merge(v1::routes())
             .route("/healthz", get(middleware::healthz))
             .route("/metrics", get(metrics::metrics))

@@ -36,6 +36,7 @@ impl Templates {
             "confirm.html",
             "message.html",
             "participants.html",
+            "machines.html",
         ) {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("template {name} does not compile: {e}"));

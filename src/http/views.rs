@@ -72,6 +72,9 @@ pub struct VmView {
     pub created_at: DateTime<Utc>,
     /// Last changed.
     pub updated_at: DateTime<Utc>,
+    /// Where it comes from: `registered` (a machine that joined by registering) or
+    /// `launched` (created by the provisioner).
+    pub origin: &'static str,
 }
 
 impl From<&VmRecord> for VmView {
@@ -105,6 +108,11 @@ impl From<&VmRecord> for VmView {
             },
             created_at: r.created_at,
             updated_at: r.updated_at,
+            origin: if r.is_registered() {
+                "registered"
+            } else {
+                "launched"
+            },
         }
     }
 }

@@ -340,13 +340,23 @@ impl LabLink {
     }
 
     pub(crate) async fn start_reboot(&self, hostname: &Hostname) -> Result<Operation> {
-        if !self.inner.provisioner.capabilities().reboot {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "this provisioner cannot reboot machines",
-            ));
-        }
         let record = self.inner.store.get(hostname).await?;
+        match &record.registration {
+            Some(registration) if !registration.allow_reboot => {
+                return Err(Error::new(
+                    ErrorKind::PermissionDenied,
+                    "the owner of this machine did not allow reboots when registering it",
+                )
+                .with_context("hostname", hostname))
+            }
+            None if !self.inner.provisioner.capabilities().reboot => {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    "this provisioner cannot reboot machines",
+                ))
+            }
+            _ => {}
+        }
         let Some(instance_id) = record.instance_id.clone() else {
             return Err(Error::new(
                 ErrorKind::InvalidTransition,

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::logs::BoundedLog;
+use crate::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use crate::secret::TokenDigest;
 use crate::store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock};
 use crate::{
@@ -36,6 +37,7 @@ struct Inner {
     secrets: Secrets,
     /// Ended sessions and until when.
     ended_sessions: HashMap<String, DateTime<Utc>>,
+    registration_tokens: Vec<RegistrationToken>,
 }
 
 /// Shared secrets by name; `Debug` shows the names only.
@@ -416,5 +418,87 @@ impl VmStore for MemoryVmStore {
             .ended_sessions
             .get(id)
             .is_some_and(|until| now < *until))
+    }
+
+    async fn create_registration_token(&self, token: &RegistrationToken) -> Result<()> {
+        let mut inner = self.lock();
+        if inner.registration_tokens.iter().any(|t| t.id == token.id) {
+            return Err(Error::conflict("a registration token with this id exists"));
+        }
+        inner.registration_tokens.push(token.clone());
+        Ok(())
+    }
+
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        let mut tokens = self.lock().registration_tokens.clone();
+        tokens.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        Ok(tokens)
+    }
+
+    async fn revoke_registration_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<RegistrationToken> {
+        let mut inner = self.lock();
+        let token = inner
+            .registration_tokens
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Error::not_found("no such registration token"))?;
+        token.revoked_at.get_or_insert(now);
+        Ok(token.clone())
+    }
+
+    async fn register(
+        &self,
+        token: &TokenDigest,
+        request: &MachineRegistration,
+        agent_token: TokenDigest,
+        now: DateTime<Utc>,
+    ) -> Result<Registered> {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let stored = inner
+            .registration_tokens
+            .iter()
+            .position(|t| t.digest == *token);
+        let by_name = inner.vms.get(&request.hostname).map(|e| &e.record);
+        let by_identity = inner.vms.values().map(|e| &e.record).find(|r| {
+            r.registration
+                .as_ref()
+                .is_some_and(|reg| reg.machine_identity == request.machine_identity)
+        });
+        let again = registration::decide(
+            stored.map(|i| &inner.registration_tokens[i]),
+            by_name,
+            by_identity,
+            request,
+            now,
+        )?;
+        let record = match by_name.filter(|_| again) {
+            Some(old) => registration::renewed(old.clone(), request, agent_token, now),
+            None => request.record(agent_token, now)?,
+        };
+        let old_keys = by_name.map(Keys::of);
+        inner.reindex(&request.hostname, old_keys, Some(Keys::of(&record)));
+        match inner.vms.get_mut(&request.hostname) {
+            Some(entry) => entry.record = record.clone(),
+            None => {
+                inner.vms.insert(
+                    request.hostname.clone(),
+                    Entry {
+                        record: record.clone(),
+                        logs: Default::default(),
+                    },
+                );
+            }
+        }
+        if !again {
+            if let Some(i) = stored {
+                inner.registration_tokens[i].uses += 1;
+            }
+        }
+        Ok(Registered { record, again })
     }
 }

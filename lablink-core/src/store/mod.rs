@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, TokenDigest};
 use crate::{
     CrdCommand, Email, Hostname, Operation, Result, Telemetry, VmEvent, VmLogs, VmRecord, VmState,
@@ -177,6 +178,15 @@ impl fmt::Debug for ProvisioningLock {
 /// - `end_session` marks a session id ended until `until` (a repeat keeps the later time)
 ///   and forgets every session whose `until` is at or before `now`; `session_ended` is true
 ///   while a session is marked and `now < until` (across processes for durable stores).
+/// - `register` is atomic (across processes for durable stores) and decides with
+///   [`registration::decide`](crate::registration::decide): an unknown, revoked, expired or
+///   (for a new machine) used-up token is
+///   [`ErrorKind::Unauthenticated`](crate::ErrorKind::Unauthenticated); a name held by a VM
+///   or another machine, or an identity registered under another name, is
+///   [`ErrorKind::Conflict`](crate::ErrorKind::Conflict); either way nothing changes. A new
+///   machine gets [`MachineRegistration::record`] and counts one use of the token, which
+///   never goes past `max_uses` under any concurrency; a machine registering again keeps its
+///   record ([`registration::renewed`](crate::registration::renewed)) and counts no use.
 /// - Stores never read a clock: callers pass `now`.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -262,4 +272,28 @@ pub trait VmStore: Send + Sync + Debug {
 
     /// Whether session `id` is marked ended at `now`.
     async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> Result<bool>;
+
+    /// Stores a new registration token.
+    async fn create_registration_token(&self, token: &RegistrationToken) -> Result<()>;
+
+    /// Every registration token, newest first.
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>>;
+
+    /// Revokes registration token `id` at `now` (revoking again keeps the first time);
+    /// returns it.
+    async fn revoke_registration_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<RegistrationToken>;
+
+    /// Registers a machine with the registration token whose digest is `token`, giving it
+    /// the agent token whose digest is `agent_token`.
+    async fn register(
+        &self,
+        token: &TokenDigest,
+        request: &MachineRegistration,
+        agent_token: TokenDigest,
+        now: DateTime<Utc>,
+    ) -> Result<Registered>;
 }

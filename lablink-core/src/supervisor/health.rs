@@ -148,6 +148,16 @@ impl Supervising {
                 continue;
             };
             rung.healthy_since = None;
+            if record.is_registered() {
+                flags.push(VmFlag {
+                    hostname: record.hostname.clone(),
+                    kind: FlagKind::Registered,
+                    message: format!(
+                        "{trouble}; a registered machine is never rebooted or replaced by automation: check the machine, then reboot or unregister it from the admin page"
+                    ),
+                });
+                continue;
+            }
             let action = if rung.reboots < ladder.max_reboots
                 && can_reboot
                 && record.instance_id.is_some()

@@ -26,6 +26,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub use crate::before_destroy::BeforeDestroy;
+use crate::clock::span_of;
 pub use crate::supervision::{FlagKind, SupervisorCounters, SupervisorStatus, VmFlag};
 pub use config::{
     DestructionConfig, IdleReleaseConfig, LadderConfig, LeaseConfig, PoolConfig, PoolWindow,
@@ -384,9 +385,4 @@ fn summary(r: &ReconcileReport) -> String {
         r.removed.len(),
         r.errors.len()
     )
-}
-
-/// `d` as a chrono duration (saturating).
-fn span_of(d: std::time::Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }

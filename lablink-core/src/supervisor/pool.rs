@@ -19,17 +19,25 @@ fn is_free_or_coming(r: &VmRecord) -> bool {
     }
 }
 
-/// A VM that costs money and counts toward M.
+/// A VM that costs money and counts toward M (a registered machine costs the deployment
+/// nothing: it counts toward K while free, never toward M).
 fn counts_toward_total(r: &VmRecord) -> bool {
-    !matches!(
-        r.state,
-        VmState::Failed | VmState::Terminating | VmState::Terminated
-    )
+    !r.is_registered()
+        && !matches!(
+            r.state,
+            VmState::Failed | VmState::Terminating | VmState::Terminated
+        )
 }
 
-/// A VM whose set-up failed (its agent's error took it from booting to failed).
+/// A free VM the pool may destroy when there are more than K: never a registered machine.
+fn releasable(r: &VmRecord) -> bool {
+    r.is_assignable() && !r.is_registered()
+}
+
+/// A launched VM whose set-up failed (its agent's error took it from booting to failed).
+/// A registered machine's set-up says nothing about the VMs the pool would launch.
 fn failed_setup(r: &VmRecord) -> bool {
-    r.state == VmState::Failed && r.agent_status == Some(AgentStatus::Error)
+    r.state == VmState::Failed && r.agent_status == Some(AgentStatus::Error) && !r.is_registered()
 }
 
 /// Whether the scheduled destruction time has come.
@@ -83,7 +91,9 @@ impl Supervising {
                 ),
             });
         }
-        if count > 0 && failed.is_empty() {
+        // Registered machines are fixed capacity: only a provisioner that launches adds VMs.
+        let launches = self.lablink.provisioner().capabilities().launch;
+        if count > 0 && failed.is_empty() && launches {
             match self.lablink.start_launch(&LaunchOptions { count }).await {
                 Ok(_) => {
                     shared.status().counters.pool_launched += count as u64;
@@ -110,7 +120,7 @@ impl Supervising {
         let ttl = span_of(pool.idle_ttl);
         let mut idle: Vec<&VmRecord> = records
             .iter()
-            .filter(|r| r.is_assignable() && now - r.state_changed_at >= ttl)
+            .filter(|r| releasable(r) && now - r.state_changed_at >= ttl)
             .collect();
         idle.sort_by_key(|r| r.state_changed_at);
         let doomed: Vec<Hostname> = idle
@@ -125,7 +135,7 @@ impl Supervising {
         let result = self
             .lablink
             .destroy_where(&doomed, |r| {
-                r.is_assignable() && release_at - r.state_changed_at >= ttl
+                releasable(r) && release_at - r.state_changed_at >= ttl
             })
             .await;
         match result {
@@ -237,19 +247,32 @@ impl Supervising {
                     continue;
                 }
                 let email = assignment.email.clone();
-                let result = self
-                    .lablink
-                    .destroy_where(std::slice::from_ref(&record.hostname), |r| {
-                        r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
-                    })
-                    .await;
+                let still_idle = |r: &VmRecord| {
+                    r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
+                };
+                // A registered machine stays in the pool: its participant is released from
+                // it. A VM that was launched is destroyed (the pool launches fresh ones).
+                let (result, how) = match record.is_registered() {
+                    true => (
+                        self.lablink
+                            .release_where(&record.hostname, still_idle)
+                            .await,
+                        "released from the registered machine",
+                    ),
+                    false => (
+                        self.lablink
+                            .destroy_where(std::slice::from_ref(&record.hostname), still_idle)
+                            .await,
+                        "released (destroyed)",
+                    ),
+                };
                 match result {
                     Ok(taken) if !taken.is_empty() => {
                         shared.status().counters.idle_released += 1;
                         shared.event(
                             now,
                             format!(
-                                "{}: not in use for {} s; released (destroyed)",
+                                "{}: not in use for {} s; {how}",
                                 record.hostname,
                                 idle.num_seconds()
                             ),

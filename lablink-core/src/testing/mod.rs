@@ -75,6 +75,8 @@ macro_rules! vm_store_conformance {
             roster_is_replaced_as_a_whole,
             a_shared_secret_is_stored_once_and_agreed_on,
             an_ended_session_stays_ended_until_it_expires,
+            registration_follows_its_token,
+            a_token_never_registers_more_machines_than_allowed,
         );
     };
 }

@@ -3,6 +3,8 @@
 use chrono::{DateTime, TimeZone, Utc};
 use futures::future::join_all;
 
+use crate::registration::{MachineRegistration, RegistrationToken};
+use crate::secret::RegistrationSecret;
 use crate::store::ClaimRequest;
 use crate::{
     AgentToken, Assignment, CrdCommand, Email, ErrorKind, GpuHealth, Hostname, LogAppend,
@@ -807,4 +809,244 @@ pub async fn an_ended_session_stays_ended_until_it_expires(store: &dyn VmStore) 
     );
     assert!(store.session_ended("s2", t(100)).await.unwrap());
     assert!(store.session_ended("s3", t(100)).await.unwrap());
+}
+
+/// A registration token created at `t0()`, valid for an hour, for `max_uses` machines.
+pub fn registration_token(max_uses: Option<u32>) -> (RegistrationToken, RegistrationSecret) {
+    let secret = RegistrationSecret::generate();
+    let token = RegistrationToken {
+        id: uuid::Uuid::new_v4(),
+        digest: secret.digest(),
+        label: "lab workstations".into(),
+        created_at: t0(),
+        expires_at: t0() + chrono::Duration::hours(1),
+        max_uses,
+        uses: 0,
+        revoked_at: None,
+    };
+    (token, secret)
+}
+
+/// A machine `name` with identity `identity` (padded to a valid length).
+pub fn machine(name: &str, identity: &str) -> MachineRegistration {
+    MachineRegistration {
+        hostname: host(name),
+        machine_identity: format!("{identity:0>32}"),
+        allow_reboot: false,
+        address: Some("192.168.1.20".into()),
+    }
+}
+
+/// A machine registers with a token: its record is `Booting`, registered, with its agent
+/// token; registering again (same name, same identity) keeps the record, changes the token
+/// and counts no use; another identity cannot take the name, nor one identity two names;
+/// a used-up, expired or revoked token registers nothing; tokens list newest first.
+pub async fn registration_follows_its_token(store: &dyn VmStore) {
+    let (token, secret) = registration_token(Some(2));
+    store.create_registration_token(&token).await.unwrap();
+    let first = AgentToken::generate();
+    let got = store
+        .register(
+            &secret.digest(),
+            &machine("ws-1", "a"),
+            first.digest(),
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert!(!got.again);
+    assert_eq!(got.record.state, VmState::Booting);
+    assert!(got.record.is_registered());
+    assert_eq!(
+        store.get_by_token(&first.digest()).await.unwrap().hostname,
+        host("ws-1")
+    );
+
+    // Again: same record, new token, no use counted.
+    let second = AgentToken::generate();
+    let again = store
+        .register(
+            &secret.digest(),
+            &machine("ws-1", "a"),
+            second.digest(),
+            t0(),
+        )
+        .await
+        .unwrap();
+    assert!(again.again);
+    assert_eq!(again.record.created_at, got.record.created_at);
+    assert!(again.record.generation > got.record.generation);
+    let gone = store.get_by_token(&first.digest()).await.unwrap_err();
+    assert_eq!(
+        gone.kind(),
+        ErrorKind::NotFound,
+        "the old agent token stops working"
+    );
+    assert_eq!(store.registration_tokens().await.unwrap()[0].uses, 1);
+
+    let refused = |result: crate::Result<crate::registration::Registered>, kind: ErrorKind| {
+        assert_eq!(result.unwrap_err().kind(), kind);
+    };
+    // Another machine cannot take the name; one machine cannot take two names.
+    refused(
+        store
+            .register(
+                &secret.digest(),
+                &machine("ws-1", "b"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Conflict,
+    );
+    refused(
+        store
+            .register(
+                &secret.digest(),
+                &machine("ws-9", "a"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Conflict,
+    );
+    // A VM a provisioner created keeps its name.
+    seed_available(store, 1).await;
+    refused(
+        store
+            .register(
+                &secret.digest(),
+                &machine("vm-0000", "c"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Conflict,
+    );
+    // The second use, then the token is used up (for new machines only).
+    store
+        .register(
+            &secret.digest(),
+            &machine("ws-2", "d"),
+            AgentToken::generate().digest(),
+            t0(),
+        )
+        .await
+        .unwrap();
+    refused(
+        store
+            .register(
+                &secret.digest(),
+                &machine("ws-3", "e"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Unauthenticated,
+    );
+    assert!(
+        store
+            .register(
+                &secret.digest(),
+                &machine("ws-2", "d"),
+                AgentToken::generate().digest(),
+                t0()
+            )
+            .await
+            .unwrap()
+            .again
+    );
+    // Unknown and expired tokens.
+    refused(
+        store
+            .register(
+                &RegistrationSecret::generate().digest(),
+                &machine("ws-4", "f"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Unauthenticated,
+    );
+    let (open, open_secret) = registration_token(None);
+    let mut open = open;
+    open.created_at = t0() + chrono::Duration::seconds(1);
+    store.create_registration_token(&open).await.unwrap();
+    refused(
+        store
+            .register(
+                &open_secret.digest(),
+                &machine("ws-4", "f"),
+                AgentToken::generate().digest(),
+                open.expires_at,
+            )
+            .await,
+        ErrorKind::Unauthenticated,
+    );
+    // Revoked: nothing more registers with it; revoking again keeps the first time.
+    let revoked = store
+        .revoke_registration_token(open.id, t0())
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(t0()));
+    let later = t0() + chrono::Duration::seconds(5);
+    assert_eq!(
+        store
+            .revoke_registration_token(open.id, later)
+            .await
+            .unwrap()
+            .revoked_at,
+        Some(t0())
+    );
+    refused(
+        store
+            .register(
+                &open_secret.digest(),
+                &machine("ws-4", "f"),
+                AgentToken::generate().digest(),
+                t0(),
+            )
+            .await,
+        ErrorKind::Unauthenticated,
+    );
+    let unknown = store
+        .revoke_registration_token(uuid::Uuid::new_v4(), t0())
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), ErrorKind::NotFound);
+    assert!(
+        store.get(&host("ws-4")).await.unwrap_err().is_not_found(),
+        "nothing recorded"
+    );
+    let tokens = store.registration_tokens().await.unwrap();
+    assert_eq!(
+        tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [open.id, token.id],
+        "newest first"
+    );
+    assert_eq!(tokens[1].uses, 2);
+}
+
+/// Machines racing with a token for `n` machines: exactly `n` register.
+pub async fn a_token_never_registers_more_machines_than_allowed(store: &dyn VmStore) {
+    let (token, secret) = registration_token(Some(3));
+    store.create_registration_token(&token).await.unwrap();
+    let digest = secret.digest();
+    let machines: Vec<MachineRegistration> = (0..12)
+        .map(|i| machine(&format!("race-{i}"), &format!("id{i}")))
+        .collect();
+    let results = join_all(
+        machines
+            .iter()
+            .map(|m| store.register(&digest, m, AgentToken::generate().digest(), t0())),
+    )
+    .await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 3, "exactly max_uses machines registered");
+    assert!(results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .all(|e| e.kind() == ErrorKind::Unauthenticated));
+    assert_eq!(store.registration_tokens().await.unwrap()[0].uses, 3);
+    assert_eq!(store.list(&VmFilter::default()).await.unwrap().len(), 3);
 }

@@ -30,6 +30,9 @@ pub use agent::wait_assignment;
         crate::http::collect::tasks, crate::http::collect::upload, crate::http::collect::list,
         crate::http::collect::one, crate::http::collect::request, crate::http::collect::download,
         crate::http::roster::get_roster, crate::http::roster::put_roster,
+        crate::http::registration::register, crate::http::registration::unregister,
+        crate::http::registration::create_token, crate::http::registration::list_tokens,
+        crate::http::registration::revoke_token,
     ),
     modifiers(&Security),
     tags(
@@ -48,6 +51,10 @@ impl Modify for Security {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "agent_token",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        components.add_security_scheme(
+            "registration_token",
             SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
         );
         components.add_security_scheme(
@@ -95,7 +102,7 @@ pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
 }
 
 /// A typed body from form-or-JSON fields (400 naming the problem).
-fn typed<T: DeserializeOwned>(form: FormOrJson) -> ApiResult<T> {
+pub(crate) fn typed<T: DeserializeOwned>(form: FormOrJson) -> ApiResult<T> {
     serde_json::from_value(serde_json::Value::Object(form.fields))
         .map_err(|e| ApiError::bad_request(shorten(format!("invalid request body: {e}"))))
 }
