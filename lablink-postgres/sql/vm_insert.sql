@@ -5,7 +5,8 @@ INSERT INTO lablink_vms (
     provision_start, provision_end, cloud_init_start, cloud_init_end,
     container_start, container_end, cloud_init_duration_seconds,
     container_startup_duration_seconds,
-    last_error, token_digest, generation, created_at, updated_at, state_changed_at
+    last_error, token_digest, generation, created_at, updated_at, state_changed_at,
+    machine_identity, allow_reboot
 ) VALUES (
     $1, $2, $3, $4, $5,
     $6, $7, $8, $9,
@@ -13,7 +14,8 @@ INSERT INTO lablink_vms (
     $16, $17, $18, $19,
     $20, $21, $22,
     $23,
-    $24, $25, $26, $27, $28, $29
+    $24, $25, $26, $27, $28, $29,
+    $30, $31
 )
 ON CONFLICT (hostname) DO NOTHING
 RETURNING hostname

@@ -18,7 +18,7 @@ pub(crate) enum PgError {
         reason: String,
     },
     /// A domain value does not fit its column.
-    #[error("{what} ({value}) does not fit in a PostgreSQL bigint")]
+    #[error("{what} ({value}) does not fit its PostgreSQL column")]
     OutOfRange {
         /// The field.
         what: &'static str,

@@ -15,7 +15,8 @@ pub use notifier::{PgNotifier, PgNotifierOptions, DEFAULT_CHANNEL};
 pub use store::PgVmStore;
 
 /// The migrations that create LabLink's tables (`lablink_vms`, `lablink_vm_log_streams`,
-/// `lablink_vm_log_lines`, `lablink_operations`), embedded from `migrations/`.
+/// `lablink_vm_log_lines`, `lablink_operations`, `lablink_registration_tokens`...), embedded
+/// from `migrations/`.
 ///
 /// Run them with [`setup`], or with your own tooling (`sqlx migrate run --source
 /// lablink-postgres/migrations`), or hand it to `#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]`.

@@ -1,4 +1,4 @@
-//! Mapping between [`VmRecord`] / [`Operation`] and their rows.
+//! Mapping between [`VmRecord`] / [`Operation`] / [`RegistrationToken`] and their rows.
 //!
 //! Every statement is a compile-time checked `sqlx::query_file!` whose rows are anonymous
 //! structs, one type per statement. [`vm_row!`] copies the columns of `lablink_vms` out of any
@@ -15,6 +15,7 @@ use lablink_core::{
 use uuid::Uuid;
 
 use crate::error::PgError;
+use lablink_core::registration::{Registration, RegistrationToken};
 use lablink_core::secret::TokenDigest;
 
 /// A column value as sqlx hands it back: `T` or `Option<T>` (see the module docs).
@@ -74,6 +75,8 @@ macro_rules! vm_row {
             created_at: $r.created_at.into_opt(),
             updated_at: $r.updated_at.into_opt(),
             state_changed_at: $r.state_changed_at.into_opt(),
+            machine_identity: $r.machine_identity.into_opt(),
+            allow_reboot: $r.allow_reboot.into_opt(),
         }
     }};
 }
@@ -111,9 +114,11 @@ pub(crate) struct VmRow {
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
     pub state_changed_at: Option<DateTime<Utc>>,
+    pub machine_identity: Option<String>,
+    pub allow_reboot: Option<bool>,
 }
 
-/// The values bound to `$1..$29` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
+/// The values bound to `$1..$31` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
 /// column of `lablink_vms`, in table order). No `Debug`: it holds the Chrome Remote Desktop
 /// command and the PIN in the clear.
 pub(crate) struct VmArgs<'a> {
@@ -146,6 +151,8 @@ pub(crate) struct VmArgs<'a> {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub state_changed_at: DateTime<Utc>,
+    pub machine_identity: Option<&'a str>,
+    pub allow_reboot: Option<bool>,
 }
 
 impl<'a> VmArgs<'a> {
@@ -183,6 +190,8 @@ impl<'a> VmArgs<'a> {
             created_at: r.created_at,
             updated_at: r.updated_at,
             state_changed_at: r.state_changed_at,
+            machine_identity: r.registration.as_ref().map(|g| g.machine_identity.as_str()),
+            allow_reboot: r.registration.as_ref().map(|g| g.allow_reboot),
         })
     }
 }
@@ -232,6 +241,13 @@ pub(crate) fn state(state: Option<String>, resume: Option<String>) -> Result<VmS
     VmState::from_parts(&state, resume).map_err(|e| corrupt("state", e))
 }
 
+/// A digest stored as `bytea` (32 bytes).
+pub(crate) fn digest(column: &'static str, bytes: &[u8]) -> Result<TokenDigest, PgError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(TokenDigest::from_bytes)
+        .map_err(|_| corrupt(column, "not 32 bytes"))
+}
+
 impl VmRow {
     /// Rebuilds the record stored in this row.
     pub(crate) fn into_record(self) -> Result<VmRecord, PgError> {
@@ -249,15 +265,19 @@ impl VmRow {
         };
         let token_digest = self
             .token_digest
-            .map(|bytes| {
-                <[u8; 32]>::try_from(bytes.as_slice())
-                    .map(TokenDigest::from_bytes)
-                    .map_err(|_| corrupt("token_digest", "not 32 bytes"))
-            })
+            .map(|bytes| digest("token_digest", &bytes))
             .transpose()?;
         let restarts = required("restarts", self.restarts)?;
         let generation = required("generation", self.generation)?;
         let gpu_health = required("gpu_health", self.gpu_health)?;
+        // Both set for a machine that registered itself, both NULL otherwise (a CHECK).
+        let registration = match self.machine_identity {
+            None => None,
+            Some(machine_identity) => Some(Registration {
+                machine_identity,
+                allow_reboot: required("allow_reboot", self.allow_reboot)?,
+            }),
+        };
         Ok(VmRecord {
             hostname: required("hostname", parse("hostname", self.hostname)?)?,
             instance_id: parse("instance_id", self.instance_id)?,
@@ -288,6 +308,7 @@ impl VmRow {
             created_at: required("created_at", self.created_at)?,
             updated_at: required("updated_at", self.updated_at)?,
             state_changed_at: required("state_changed_at", self.state_changed_at)?,
+            registration,
         })
     }
 }
@@ -336,4 +357,45 @@ impl OperationRow {
             finished_at: self.finished_at,
         })
     }
+}
+
+/// A row of `lablink_registration_tokens` (`SELECT *`; the types are checked at compile time
+/// by `query_file_as!`). It holds only the token's digest, never the token.
+#[derive(Debug)]
+pub(crate) struct RegistrationTokenRow {
+    pub id: Uuid,
+    pub digest: Vec<u8>,
+    pub label: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub max_uses: Option<i32>,
+    pub uses: i32,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl RegistrationTokenRow {
+    /// Rebuilds the token stored in this row.
+    pub(crate) fn into_token(self) -> Result<RegistrationToken, PgError> {
+        Ok(RegistrationToken {
+            id: self.id,
+            digest: digest("digest", &self.digest)?,
+            label: self.label,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            max_uses: self
+                .max_uses
+                .map(|m| u32::try_from(m).map_err(|e| corrupt("max_uses", e)))
+                .transpose()?,
+            uses: u32::try_from(self.uses).map_err(|e| corrupt("uses", e))?,
+            revoked_at: self.revoked_at,
+        })
+    }
+}
+
+/// A `u32` as a PostgreSQL `integer`.
+pub(crate) fn to_i32(what: &'static str, value: u32) -> Result<i32, PgError> {
+    i32::try_from(value).map_err(|_| PgError::OutOfRange {
+        what,
+        value: u64::from(value),
+    })
 }

@@ -14,8 +14,11 @@ use uuid::Uuid;
 use crate::claim::Claims;
 use crate::error::{classify, PgError};
 use crate::reads::Reads;
-use crate::row::{required, to_i64, vm_row, Column, OperationRow, VmArgs, VmRow};
+use crate::row::{
+    required, to_i32, to_i64, vm_row, Column, OperationRow, RegistrationTokenRow, VmArgs, VmRow,
+};
 use crate::{lock, logs};
+use lablink_core::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use lablink_core::secret::TokenDigest;
 use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
 
@@ -170,6 +173,8 @@ async fn write_record(
         a.created_at,
         a.updated_at,
         a.state_changed_at,
+        a.machine_identity,
+        a.allow_reboot,
         from_generation,
     )
     .execute(conn)
@@ -224,10 +229,57 @@ async fn insert_record(conn: &mut PgConnection, record: &VmRecord) -> Result<boo
         a.created_at,
         a.updated_at,
         a.state_changed_at,
+        a.machine_identity,
+        a.allow_reboot,
     )
     .fetch_optional(conn)
     .await?;
     Ok(inserted.is_some())
+}
+
+/// The record of the machine registered with `identity` (`sql/vm_get_by_identity.sql`).
+async fn fetch_by_identity(
+    conn: &mut PgConnection,
+    identity: &str,
+) -> Result<Option<VmRecord>, PgError> {
+    sqlx::query_file!("sql/vm_get_by_identity.sql", identity)
+        .fetch_optional(conn)
+        .await?
+        .map(|r| vm_row!(r).into_record())
+        .transpose()
+}
+
+/// The registration token whose digest is `digest`, its row locked until the transaction
+/// ends (`sql/registration_token_lock.sql`).
+async fn lock_registration_token(
+    conn: &mut PgConnection,
+    digest: &TokenDigest,
+) -> Result<Option<RegistrationToken>, PgError> {
+    sqlx::query_file_as!(
+        RegistrationTokenRow,
+        "sql/registration_token_lock.sql",
+        &digest.as_bytes()[..]
+    )
+    .fetch_optional(conn)
+    .await?
+    .map(RegistrationTokenRow::into_token)
+    .transpose()
+}
+
+/// A unique violation on the machine identity (the same machine registering under two names
+/// at once), as a LabLink conflict.
+fn identity_taken(error: PgError, operation: &'static str) -> Error {
+    let is_identity = matches!(&error, PgError::Sqlx(sqlx::Error::Database(db))
+        if db.is_unique_violation() && db.constraint() == Some("lablink_vms_machine_identity_key"));
+    if is_identity {
+        Error::conflict(
+            "this machine is registering under another name at the same time; \
+             unregister it first, or register it under that name",
+        )
+        .with_operation(operation)
+    } else {
+        classify(operation, error)
+    }
 }
 
 fn into_records(rows: impl IntoIterator<Item = VmRow>) -> Result<Vec<VmRecord>, PgError> {
@@ -563,5 +615,138 @@ impl VmStore for PgVmStore {
             .fetch_one(&self.pool)
             .await
             .map_err(|e| classify(op, e))
+    }
+
+    async fn create_registration_token(&self, token: &RegistrationToken) -> Result<()> {
+        let op = "create_registration_token";
+        let t = token;
+        let max_uses = t
+            .max_uses
+            .map(|m| to_i32("max_uses", m))
+            .transpose()
+            .map_err(|e| classify(op, e))?;
+        let uses = to_i32("uses", t.uses).map_err(|e| classify(op, e))?;
+        sqlx::query_file!(
+            "sql/registration_token_insert.sql",
+            t.id,
+            &t.digest.as_bytes()[..],
+            t.label,
+            t.created_at,
+            t.expires_at,
+            max_uses,
+            uses,
+            t.revoked_at,
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(|e| classify(op, e).with_context("id", t.id))?;
+        Ok(())
+    }
+
+    async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
+        let op = "registration_tokens";
+        let rows = sqlx::query_file_as!(RegistrationTokenRow, "sql/registration_token_list.sql")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify(op, e))?;
+        rows.into_iter()
+            .map(RegistrationTokenRow::into_token)
+            .collect::<Result<_, _>>()
+            .map_err(|e| classify(op, e))
+    }
+
+    async fn revoke_registration_token(
+        &self,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<RegistrationToken> {
+        let op = "revoke_registration_token";
+        let row = sqlx::query_file_as!(
+            RegistrationTokenRow,
+            "sql/registration_token_revoke.sql",
+            id,
+            now
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| classify(op, e))?
+        .ok_or_else(|| {
+            Error::not_found("no such registration token")
+                .with_operation(op)
+                .with_context("id", id)
+        })?;
+        row.into_token().map_err(|e| classify(op, e))
+    }
+
+    async fn register(
+        &self,
+        token: &TokenDigest,
+        request: &MachineRegistration,
+        agent_token: TokenDigest,
+        now: DateTime<Utc>,
+    ) -> Result<Registered> {
+        let op = "register";
+        let hostname = &request.hostname;
+        // One transaction: the token row is locked first (registrations with one token run
+        // one at a time, so its uses never pass max_uses), then the row under the name (a
+        // registration again rewrites it); every refusal returns before anything is written
+        // and the transaction rolls back when dropped.
+        let mut tx = self.pool.begin().await.map_err(|e| classify(op, e))?;
+        let stored = lock_registration_token(&mut tx, token)
+            .await
+            .map_err(|e| classify(op, e))?;
+        let by_name = lock_record(&mut tx, hostname)
+            .await
+            .map_err(|e| classify(op, e))?;
+        let by_identity = fetch_by_identity(&mut tx, &request.machine_identity)
+            .await
+            .map_err(|e| classify(op, e))?;
+        let again = registration::decide(
+            stored.as_ref(),
+            by_name.as_ref(),
+            by_identity.as_ref(),
+            request,
+            now,
+        )?;
+        let record = match by_name.filter(|_| again) {
+            Some(old) => {
+                let from = old.generation;
+                let record = normalized(registration::renewed(old, request, agent_token, now));
+                let written = write_record(&mut tx, &record, from)
+                    .await
+                    .map_err(|e| classify(op, e))?;
+                if !written {
+                    return Err(Error::conflict("the VM changed while it was locked")
+                        .with_operation(op)
+                        .with_context("hostname", hostname)
+                        .temporary());
+                }
+                record
+            }
+            None => {
+                let record = normalized(request.record(agent_token, now)?);
+                let inserted = insert_record(&mut tx, &record)
+                    .await
+                    .map_err(|e| identity_taken(e, op))?;
+                if !inserted {
+                    // Another transaction took the name after this one found it free.
+                    return Err(Error::conflict(
+                        "the name was registered at the same time; try again",
+                    )
+                    .with_operation(op)
+                    .with_context("hostname", hostname)
+                    .temporary());
+                }
+                if let Some(t) = &stored {
+                    sqlx::query_file!("sql/registration_token_use.sql", t.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| classify(op, e))?;
+                }
+                record
+            }
+        };
+        tx.commit().await.map_err(|e| classify(op, e))?;
+        Ok(Registered { record, again })
     }
 }

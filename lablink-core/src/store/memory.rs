@@ -431,7 +431,7 @@ impl VmStore for MemoryVmStore {
 
     async fn registration_tokens(&self) -> Result<Vec<RegistrationToken>> {
         let mut tokens = self.lock().registration_tokens.clone();
-        tokens.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        tokens.sort_by_key(|t| std::cmp::Reverse((t.created_at, t.id)));
         Ok(tokens)
     }
 
