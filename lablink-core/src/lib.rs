@@ -43,7 +43,7 @@ pub use fake::{FakeConfig, FakeProvisioner};
 pub use ids::{Email, Hostname, InstanceId};
 pub use lablink::{AllocatorConfig, LabLink, LabLinkBuilder};
 pub use logs::{LogAppend, LogStream, VmLogs};
-pub use manual::{ManualProvisioner, MixedProvisioner};
+pub use manual::{ManualProvisioner, MixedProvisioner, NoProvisioner};
 pub use notifier::{MemoryNotifier, Notifier};
 pub use operation::{Operation, OperationKind, OperationStatus};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};

@@ -194,3 +194,47 @@ impl Provisioner for MixedProvisioner {
         }
     }
 }
+
+/// The provisioner of a deployment whose machines all register themselves (the server's
+/// `[provisioner] kind = "manual"`): it launches nothing
+/// ([`ErrorKind::InvalidConfig`]) and has no machines of its own; the registered machines
+/// beside it ([`MixedProvisioner`]) are the whole pool.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProvisioner;
+
+#[async_trait]
+impl Provisioner for NoProvisioner {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            launch: false,
+            reboot: false,
+            list: true,
+            max_batch: None,
+        }
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> Result<Vec<ProvisionedVm>> {
+        match request.vms.is_empty() {
+            true => Ok(Vec::new()),
+            false => Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "this deployment launches no VMs: its machines join by registering (lablink-agent register)",
+            )),
+        }
+    }
+
+    async fn destroy(&self, _vms: &[ProvisionedVm]) -> Result<()> {
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<ProvisionedVm>> {
+        Ok(Vec::new())
+    }
+
+    async fn reboot(&self, _vm: &ProvisionedVm) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::InvalidConfig,
+            "this deployment has no provisioner to reboot machines with",
+        ))
+    }
+}

@@ -20,6 +20,9 @@ pub enum ProvisionerConfig {
     Local(LocalConfig),
     /// An in-memory cloud with latency and failures, for tests and load runs.
     Fake(FakeConfig),
+    /// Nothing is launched: the pool is the machines that register themselves (every kind
+    /// accepts those beside its own VMs).
+    Manual(ManualConfig),
     /// EC2 instances through the AWS API (feature `aws`).
     #[cfg(feature = "aws")]
     Aws(Box<lablink_aws::Ec2Config>),
@@ -35,9 +38,10 @@ impl Default for ProvisionerConfig {
 }
 
 /// Every kind, and the build feature it needs.
-const PROVISIONER_KINDS: [(&str, bool); 4] = [
+const PROVISIONER_KINDS: [(&str, bool); 5] = [
     ("local", true),
     ("fake", true),
+    ("manual", true),
     ("aws", cfg!(feature = "aws")),
     ("terraform", cfg!(feature = "terraform")),
 ];
@@ -48,6 +52,7 @@ impl ProvisionerConfig {
         match self {
             Self::Local(_) => "local",
             Self::Fake(_) => "fake",
+            Self::Manual(_) => "manual",
             #[cfg(feature = "aws")]
             Self::Aws(_) => "aws",
             #[cfg(feature = "terraform")]
@@ -60,6 +65,7 @@ impl ProvisionerConfig {
         Ok(match kind {
             "local" => Self::Local(LocalConfig::default()),
             "fake" => Self::Fake(FakeConfig::default()),
+            "manual" => Self::Manual(ManualConfig::default()),
             #[cfg(feature = "aws")]
             "aws" => Self::Aws(Box::default()),
             #[cfg(feature = "terraform")]
@@ -73,6 +79,7 @@ impl ProvisionerConfig {
         match self {
             Self::Local(c) => c.problems(),
             Self::Fake(c) => c.problems(),
+            Self::Manual(_) => Vec::new(),
             #[cfg(feature = "aws")]
             Self::Aws(c) => c.problems(),
             #[cfg(feature = "terraform")]
@@ -103,6 +110,7 @@ impl ProvisionerConfig {
                 (Arc::new(local.clone()), Some(local))
             }
             Self::Fake(c) => (Arc::new(c.build()?), None),
+            Self::Manual(_) => (Arc::new(lablink_core::NoProvisioner), None),
             #[cfg(feature = "aws")]
             Self::Aws(c) => {
                 let ec2 = Arc::new(c.builder().build().await?);
@@ -117,6 +125,12 @@ impl ProvisionerConfig {
         })
     }
 }
+
+/// `[provisioner] kind = "manual"`: no settings (machines join with registration tokens the
+/// admin creates).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManualConfig {}
 
 fn unknown_kind(section: &str, kind: &str, kinds: &[(&str, bool)]) -> String {
     if kinds.iter().any(|(k, built)| *k == kind && !built) {

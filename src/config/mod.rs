@@ -344,6 +344,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_of_registered_machines_only_is_kind_manual() {
+        let config = Config::load(None, env(&[("LABLINK_PROVISIONER__KIND", "manual")])).unwrap();
+        assert_eq!(
+            config.provisioner,
+            ProvisionerConfig::Manual(Default::default())
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lablink.toml");
+        std::fs::write(&path, "[provisioner]\nkind = \"manual\"\nami = \"ami-0abc\"\n").unwrap();
+        let error = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(error.contains("ami"), "{error}");
+    }
+
+    #[test]
     fn variables_override_the_file_with_the_settings_types() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lablink.toml");
