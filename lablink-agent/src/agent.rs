@@ -24,14 +24,35 @@ const MAX_AGENT_LINES: usize = 1000;
 /// How long the last report may take at shutdown.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
-/// One of the agent's loops ended, which must not happen (a panic): the agent stops, so
-/// that its supervisor (systemd) starts it again.
+/// How long telling the allocator `rebooting` may take before the reboot goes ahead anyway.
+const REBOOT_REPORT_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest the reboot command may run.
+const REBOOT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a reboot command succeeded, how long the agent waits for the machine to go down
+/// before it asks the allocator for work again.
+const REBOOT_GRACE: Duration = Duration::from_secs(300);
+
+/// Why the agent stopped on its own.
 #[derive(Debug, thiserror::Error)]
-#[error("an agent task ended unexpectedly: {0}")]
-pub struct AgentFailed(String);
+pub enum AgentFailed {
+    /// One of the agent's loops ended, which must not happen (a panic): the agent stops, so
+    /// that its supervisor (systemd) starts it again.
+    #[error("an agent task ended unexpectedly: {0}")]
+    TaskEnded(String),
+    /// A registered machine's token was refused (401): the machine was unregistered (or
+    /// registered again, with a new token), so running on cannot help. The binary exits
+    /// with [`EXIT_UNREGISTERED`](crate::EXIT_UNREGISTERED), which its systemd unit does
+    /// not restart.
+    #[error(
+        "this machine is no longer registered with the allocator (it refused the agent's token)"
+    )]
+    Unregistered,
+}
 
 /// Runs the agent until `shutdown` completes. It never gives up on the allocator: every
-/// failed call is retried with jittered exponential backoff.
+/// failed call is retried with jittered exponential backoff. The one exception is a
+/// registered machine ([`AgentConfig::registered`]) whose token the allocator refuses: it
+/// stops with [`AgentFailed::Unregistered`].
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()>,
@@ -40,6 +61,7 @@ pub async fn run(
         client: AllocatorClient::new(&config),
         reporter: Reporter::default(),
         state: StateDir::new(config.state_dir.clone()),
+        status: Mutex::new(None),
         config,
     });
     let mut shown = agent.config.allocator_url.clone();
@@ -60,21 +82,37 @@ pub async fn run(
         let tail = FileTail::new(file.path.clone(), position);
         tasks.spawn(agent.clone().ship_loop(tail, file.stream.as_str(), key));
     }
-    tasks.spawn(agent.clone().collect_loop());
+    tasks.spawn(agent.clone().tasks_loop());
     tasks.spawn(agent.clone().main_loop());
+    // Only a registered machine takes a refused token as the end: a VM the allocator
+    // created keeps retrying, as its token may not be known yet.
+    let unregistered = async {
+        if agent.config.registered {
+            agent.client.token_refused().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
     let outcome = tokio::select! {
         () = shutdown => Ok(()),
-        Some(ended) = tasks.join_next() => Err(AgentFailed(match ended {
+        () = unregistered => Err(AgentFailed::Unregistered),
+        Some(ended) = tasks.join_next() => Err(AgentFailed::TaskEnded(match ended {
             Ok(()) => "a loop returned".to_owned(),
             Err(e) => e.to_string(),
         })),
     };
     match &outcome {
         Ok(()) => tracing::info!("shutting down"),
+        Err(AgentFailed::Unregistered) => tracing::error!(
+            "this machine is no longer registered: the allocator refused its token; stopping \
+             (`lablink-agent register` joins it again)"
+        ),
         Err(e) => tracing::error!(error = %e, "stopping"),
     }
     tasks.shutdown().await;
-    agent.flush().await;
+    if !matches!(outcome, Err(AgentFailed::Unregistered)) {
+        agent.flush().await;
+    }
     outcome
 }
 
@@ -83,6 +121,8 @@ struct Agent {
     client: AllocatorClient,
     reporter: Reporter,
     state: StateDir,
+    /// The last status the agent reported (put back when a reboot fails).
+    status: Mutex<Option<String>>,
 }
 
 /// Telemetry waiting to be sent; newer values replace older ones, so a retry always carries
@@ -132,6 +172,9 @@ impl Agent {
     fn note(&self, report: TelemetryBody, line: String) {
         tracing::info!("{line}");
         let mut report = report;
+        if let Some(status) = &report.status {
+            *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status.clone());
+        }
         report.logs.push(LogBody {
             stream: "agent".into(),
             lines: vec![format!("{} {line}", now())],
@@ -368,14 +411,32 @@ impl Agent {
         }
     }
 
-    /// Waits for collection requests and carries each out, retrying a failed upload (the
-    /// whole archive again) with backoff for as long as the allocator still asks for it.
-    async fn collect_loop(self: Arc<Self>) {
+    /// Waits for tasks and carries each out: a reboot (see [`reboot`](Self::reboot)), or a
+    /// collection, retrying a failed upload (the whole archive again) with backoff for as
+    /// long as the allocator still asks for it.
+    async fn tasks_loop(self: Arc<Self>) {
         let mut backoff = Backoff::new(self.config.backoff_max);
         loop {
             let hold = self.config.wait_timeout;
             let asked = Instant::now();
-            match self.client.collection_task(hold).await {
+            let tasks = self.client.tasks(hold).await;
+            // A collection asked for together with a reboot waits for the machine to be back
+            // (the allocator still asks for it then).
+            let tasks = match tasks {
+                Ok(Some(tasks)) if tasks.reboot => {
+                    let pause = if self.reboot().await {
+                        backoff.reset();
+                        REBOOT_GRACE
+                    } else {
+                        backoff.next_delay()
+                    };
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                Ok(tasks) => Ok(tasks.and_then(|tasks| tasks.collection)),
+                Err(e) => Err(e),
+            };
+            match tasks {
                 Ok(Some(task)) => match self.collect(&task).await {
                     Ok(manifest) => {
                         backoff.reset();
@@ -454,6 +515,84 @@ impl Agent {
         }
     }
 
+    /// The allocator asked for a reboot: reports the status `rebooting` (waiting, at most
+    /// [`REBOOT_REPORT_DEADLINE`], for the allocator to have it), then runs the reboot
+    /// command. Whether the command succeeded; when it failed the previous status is
+    /// reported again.
+    async fn reboot(&self) -> bool {
+        let shown = self.config.reboot_command.join(" ");
+        let previous = self
+            .status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // Sent now, with whatever was waiting, not left to the report loop: the allocator
+        // should know before the machine goes down.
+        let line = format!("the allocator asked for a reboot; running `{shown}`");
+        tracing::info!("{line}");
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some("rebooting".into());
+        let mut report = self.reporter.take();
+        report.merge(TelemetryBody {
+            status: Some("rebooting".into()),
+            logs: vec![LogBody {
+                stream: "agent".into(),
+                lines: vec![format!("{} {line}", now())],
+            }],
+            ..Default::default()
+        });
+        if !self.deliver_now(report, REBOOT_REPORT_DEADLINE).await {
+            tracing::warn!("the status rebooting was not delivered; rebooting anyway");
+        }
+        match run_reboot_command(&self.config.reboot_command).await {
+            Ok(()) => {
+                self.note(
+                    TelemetryBody::default(),
+                    format!("`{shown}` succeeded; the machine is going down"),
+                );
+                true
+            }
+            Err(e) => {
+                self.note(
+                    TelemetryBody {
+                        status: previous,
+                        ..Default::default()
+                    },
+                    format!("the reboot failed: `{shown}` {e}"),
+                );
+                false
+            }
+        }
+    }
+
+    /// Sends `report` now, retrying for at most `deadline`: whether the allocator took it.
+    /// One it did not take is left to the report loop.
+    async fn deliver_now(&self, mut report: TelemetryBody, deadline: Duration) -> bool {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        let sent = tokio::time::timeout(deadline, async {
+            loop {
+                match self.client.report(&report).await {
+                    Ok(()) => return true,
+                    Err(e) if e.is_retryable() => {
+                        tracing::warn!(error = %e, "report failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "report refused; dropped");
+                        report = TelemetryBody::default();
+                        return false;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !sent && !report.is_empty() {
+            self.reporter.restore(report);
+            self.reporter.wake.notify_one();
+        }
+        sent
+    }
+
     /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
     /// log. A bad or expired code is the participant's problem, not the VM's: the VM's
     /// status stays `running`.
@@ -475,6 +614,41 @@ impl Agent {
         };
         self.note(TelemetryBody::default(), line);
     }
+}
+
+/// Runs the reboot command (no shell) and waits for it, at most
+/// [`REBOOT_COMMAND_TIMEOUT`]. The error says how it failed, with the end of its output.
+async fn run_reboot_command(command: &[String]) -> Result<(), String> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("is empty (LABLINK_REBOOT_COMMAND)".into());
+    };
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = match tokio::time::timeout(REBOOT_COMMAND_TIMEOUT, run).await {
+        Err(_) => return Err(format!("did not finish in {REBOOT_COMMAND_TIMEOUT:?}")),
+        Ok(Err(e)) => return Err(format!("could not be started: {e}")),
+        Ok(Ok(output)) => output,
+    };
+    if output.status.success() {
+        return Ok(());
+    }
+    let mut said = String::from_utf8_lossy(&output.stderr).into_owned();
+    if said.trim().is_empty() {
+        said = String::from_utf8_lossy(&output.stdout).into_owned();
+    }
+    let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
+    let tail: String = {
+        let chars: Vec<char> = said.chars().collect();
+        chars[chars.len().saturating_sub(300)..].iter().collect()
+    };
+    Err(if tail.is_empty() {
+        format!("failed ({})", output.status)
+    } else {
+        format!("failed ({}): {tail}", output.status)
+    })
 }
 
 /// Why one attempt at a collection failed.
@@ -499,5 +673,190 @@ impl std::io::Write for ChannelWriter {
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::config::StartHost;
+    use crate::test_http::{Reply, Request, TestServer};
+
+    fn config(url: &str, registered: bool) -> AgentConfig {
+        let mut c = AgentConfig::new(
+            url.parse().unwrap(),
+            "ws-1".parse().unwrap(),
+            Some("agent-token".into()),
+        );
+        c.registered = registered;
+        c.start_host = StartHost::DryRun;
+        c.nvidia_smi = "/nonexistent/nvidia-smi".into();
+        c.backoff_max = Duration::from_millis(50);
+        c.wait_timeout = Duration::from_secs(1);
+        c
+    }
+
+    /// Waits (a few seconds at most) until `done` holds for the requests `server` saw.
+    async fn until(server: &TestServer, what: &str, done: impl Fn(&[Request]) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&server.requests()) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn telemetry(requests: &[Request]) -> Vec<serde_json::Value> {
+        requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path().ends_with("/telemetry"))
+            .map(Request::json)
+            .collect()
+    }
+
+    fn agent_lines(report: &serde_json::Value) -> String {
+        report["logs"].to_string()
+    }
+
+    #[tokio::test]
+    async fn a_registered_machine_whose_token_is_refused_stops() {
+        let server = TestServer::start(|_: &Request| {
+            Reply::json(401, serde_json::json!({"error": "unknown token"}))
+        })
+        .await;
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(config(&server.url, true), std::future::pending()),
+        )
+        .await
+        .expect("the agent stops by itself");
+        assert!(
+            matches!(outcome, Err(AgentFailed::Unregistered)),
+            "{outcome:?}"
+        );
+        assert!(outcome
+            .unwrap_err()
+            .to_string()
+            .contains("no longer registered"));
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_token_is_refused_keeps_trying() {
+        let server = TestServer::start(|_: &Request| {
+            Reply::json(401, serde_json::json!({"error": "unknown token"}))
+        })
+        .await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(config(&server.url, false), async {
+            let _ = stopped.await;
+        }));
+        until(&server, "two refused calls", |r| r.len() >= 2).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !agent.is_finished(),
+            "a VM the allocator created does not give up"
+        );
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+    }
+
+    /// An allocator that asks for one reboot once the agent reported `running`; `rebooting`
+    /// reports are checked against `marker` (the reboot command's trace), which must not
+    /// exist yet then.
+    async fn rebooting_allocator(marker: PathBuf, told_first: Arc<AtomicBool>) -> TestServer {
+        let running = AtomicBool::new(false);
+        let asked = AtomicBool::new(false);
+        TestServer::start(move |r: &Request| {
+            let path = r.path();
+            if path.ends_with("/telemetry") {
+                match r.json()["status"].as_str() {
+                    Some("running") => running.store(true, Ordering::SeqCst),
+                    Some("rebooting") if !marker.exists() => {
+                        told_first.store(true, Ordering::SeqCst)
+                    }
+                    _ => {}
+                }
+                return Reply::json(200, serde_json::json!({}));
+            }
+            if path.ends_with("/tasks")
+                && running.load(Ordering::SeqCst)
+                && !asked.swap(true, Ordering::SeqCst)
+            {
+                return Reply::json(200, serde_json::json!({"collection": null, "reboot": true}));
+            }
+            Reply::empty(204)
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_reboot_is_reported_then_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("rebooted");
+        let told_first = Arc::new(AtomicBool::new(false));
+        let server = rebooting_allocator(marker.clone(), told_first.clone()).await;
+        let mut c = config(&server.url, true);
+        c.reboot_command = vec!["touch".into(), marker.display().to_string()];
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the reboot command did not run");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            told_first.load(Ordering::SeqCst),
+            "the allocator was told `rebooting` before the reboot"
+        );
+        until(&server, "the success line", |r| {
+            telemetry(r)
+                .iter()
+                .any(|t| agent_lines(t).contains("succeeded; the machine is going down"))
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        let reports = telemetry(&server.requests());
+        let rebooting = reports.iter().find(|t| t["status"] == "rebooting").unwrap();
+        assert!(
+            agent_lines(rebooting).contains("the allocator asked for a reboot; running `touch "),
+            "{rebooting}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_reboot_is_logged_and_the_status_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let told_first = Arc::new(AtomicBool::new(false));
+        let server = rebooting_allocator(dir.path().join("never"), told_first.clone()).await;
+        let mut c = config(&server.url, false);
+        c.reboot_command = vec!["/nonexistent/reboot".into(), "now".into()];
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        until(&server, "the failure line", |r| {
+            telemetry(r)
+                .iter()
+                .any(|t| agent_lines(t).contains("the reboot failed"))
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        assert!(told_first.load(Ordering::SeqCst));
+        let reports = telemetry(&server.requests());
+        let failed = reports
+            .iter()
+            .find(|t| agent_lines(t).contains("the reboot failed"))
+            .unwrap();
+        assert_eq!(failed["status"], "running", "{failed}");
+        assert!(
+            agent_lines(failed).contains("`/nonexistent/reboot now` could not be started"),
+            "{failed}"
+        );
     }
 }

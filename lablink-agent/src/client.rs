@@ -1,6 +1,7 @@
 //! The allocator's `/api/v1` agent routes (docs/protocol.md, part B), and the retry pacing every
 //! caller shares.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use lablink_protocol::{AssignmentBody, LogBody, TelemetryBody, TimingsBody};
@@ -80,6 +81,8 @@ pub struct AllocatorClient {
     base: Url,
     vm: String,
     token: Option<crate::config::ApiToken>,
+    /// Becomes `true` once the allocator answered 401 to the token (shared by the clones).
+    token_refused: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl AllocatorClient {
@@ -96,7 +99,18 @@ impl AllocatorClient {
             base: config.allocator_url.clone(),
             vm: config.vm_name.to_string(),
             token: config.api_token.clone(),
+            token_refused: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Completes once the allocator has answered 401 (unauthorized) to any call of this
+    /// client or its clones. The calls themselves still count 401 as retryable
+    /// ([`ClientError::Unavailable`]); what a refused token means is the caller's business
+    /// (a registered machine stops: it was unregistered).
+    pub async fn token_refused(&self) {
+        let mut refused = self.token_refused.subscribe();
+        // The sender lives as long as `self`, so this only ends once the flag is set.
+        let _ = refused.wait_for(|refused| *refused).await;
     }
 
     fn request(&self, method: Method, route: &str, timeout: Duration) -> RequestBuilder {
@@ -114,7 +128,7 @@ impl AllocatorClient {
         }
     }
 
-    async fn send(request: RequestBuilder) -> Result<reqwest::Response, ClientError> {
+    async fn send(&self, request: RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let response = request
             .send()
             .await
@@ -122,6 +136,9 @@ impl AllocatorClient {
         let status = response.status();
         if status.is_success() {
             return Ok(response);
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            self.token_refused.send_replace(true);
         }
         let message = response
             .json::<ErrorBody>()
@@ -145,7 +162,7 @@ impl AllocatorClient {
             status: Some(status.to_owned()),
             boot_id: Some(boot_id.to_owned()),
         };
-        Self::send(
+        self.send(
             self.request(Method::POST, "ready", Duration::from_secs(30))
                 .json(&body),
         )
@@ -155,7 +172,7 @@ impl AllocatorClient {
 
     /// `POST telemetry` with one batched report.
     pub async fn report(&self, report: &TelemetryBody) -> Result<(), ClientError> {
-        Self::send(
+        self.send(
             self.request(Method::POST, "telemetry", Duration::from_secs(30))
                 .json(report),
         )
@@ -173,7 +190,7 @@ impl AllocatorClient {
             .query(&WaitQuery {
                 timeout: Some(hold.as_secs_f64()),
             });
-        let response = Self::send(request).await?;
+        let response = self.send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -187,17 +204,24 @@ impl AllocatorClient {
 }
 
 impl AllocatorClient {
-    /// `GET tasks?timeout=`: a collection to do, or `None` when `hold` passed first.
+    /// `GET tasks?timeout=`: a collection to do, or `None` when `hold` passed first (or
+    /// the allocator asked for something else: see [`tasks`](Self::tasks)).
     pub async fn collection_task(
         &self,
         hold: Duration,
     ) -> Result<Option<CollectionTask>, ClientError> {
+        Ok(self.tasks(hold).await?.and_then(|tasks| tasks.collection))
+    }
+
+    /// `GET tasks?timeout=`: the work the allocator asks for (a collection, a reboot), or
+    /// `None` when `hold` passed first.
+    pub async fn tasks(&self, hold: Duration) -> Result<Option<TasksBody>, ClientError> {
         let request = self
             .request(Method::GET, "tasks", hold + Duration::from_secs(15))
             .query(&WaitQuery {
                 timeout: Some(hold.as_secs_f64()),
             });
-        let response = Self::send(request).await?;
+        let response = self.send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
@@ -205,7 +229,7 @@ impl AllocatorClient {
             .json()
             .await
             .map_err(|e| ClientError::Unavailable(format!("unreadable tasks: {e}")))?;
-        Ok(tasks.collection)
+        Ok(Some(tasks))
     }
 
     /// `PUT collections/<id>` with the archive streamed from `body`; the allocator answers with
@@ -220,7 +244,7 @@ impl AllocatorClient {
             .request(Method::PUT, &format!("collections/{id}"), timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
             .body(body);
-        let response = Self::send(request).await?;
+        let response = self.send(request).await?;
         response
             .json()
             .await

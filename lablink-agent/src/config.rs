@@ -1,6 +1,7 @@
 //! The agent's settings: from the environment (`ALLOCATOR_URL`, `VM_NAME`, `API_TOKEN`, as
 //! existing VM images provide, plus `LABLINK_*` options) and an optional file of the same
-//! `KEY=value` lines (`LABLINK_AGENT_CONFIG`). The environment wins over the file.
+//! `KEY=value` lines (`LABLINK_AGENT_CONFIG`; `lablink-agent register` writes one, with
+//! `LABLINK_REGISTERED=1`). The environment wins over the file.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -17,6 +18,8 @@ use crate::bootstrap::{BootstrapConfig, OnError};
 pub const DEFAULT_START_HOST: &str = "/opt/google/chrome-remote-desktop/start-host";
 /// The redirect URL of Chrome Remote Desktop's headless set-up.
 pub const DEFAULT_REDIRECT_URL: &str = "https://remotedesktop.google.com/_/oauthredirect";
+/// What the agent runs when the allocator asks a registered machine to reboot.
+pub const DEFAULT_REBOOT_COMMAND: &str = "systemctl reboot";
 
 /// A setting is missing or invalid. The message is one line and never contains a secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +120,13 @@ pub struct AgentConfig {
     /// What the agent sets up once before it becomes available (research-software
     /// container, tutorial, start-up script): see [`crate::bootstrap`].
     pub bootstrap: BootstrapConfig,
+    /// A machine that joined by registering (`LABLINK_REGISTERED=1`, written by
+    /// `lablink-agent register`): when the allocator refuses its token (401) the machine was
+    /// unregistered, and the agent stops instead of retrying (see [`crate::AgentFailed`]).
+    pub registered: bool,
+    /// What the agent runs when the allocator asks for a reboot (`LABLINK_REBOOT_COMMAND`,
+    /// split on whitespace and run without a shell; default `systemctl reboot`).
+    pub reboot_command: Vec<String>,
 }
 
 impl AgentConfig {
@@ -145,6 +155,11 @@ impl AgentConfig {
             boot_id: kernel_boot_id().unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             state_dir: None,
             bootstrap: BootstrapConfig::default(),
+            registered: false,
+            reboot_command: DEFAULT_REBOOT_COMMAND
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect(),
         }
     }
 
@@ -181,7 +196,7 @@ fn kernel_boot_id() -> Option<String> {
 }
 
 /// `KEY=value` lines; blank lines and `#` comments are skipped, values may be quoted.
-fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
+pub(crate) fn read_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(format!("LABLINK_AGENT_CONFIG {path:?} cannot be read: {e}"))
     })?;
@@ -295,6 +310,23 @@ impl Settings {
             c.crd_user = Some(user.to_owned());
         }
         c.state_dir = self.get("LABLINK_STATE_DIR").map(|d| d.trim().into());
+        c.registered = match self.get("LABLINK_REGISTERED").map(str::trim) {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(ConfigError::new(format!(
+                    "LABLINK_REGISTERED must be 1 or 0, not {other:?}"
+                )))
+            }
+        };
+        if c.registered && c.api_token.is_none() {
+            return Err(ConfigError::new(
+                "LABLINK_REGISTERED=1 needs API_TOKEN (register the machine again)",
+            ));
+        }
+        if let Some(command) = self.get("LABLINK_REBOOT_COMMAND") {
+            c.reboot_command = command.split_whitespace().map(str::to_owned).collect();
+        }
         self.bootstrap(&mut c.bootstrap)?;
         self.seconds(
             "LABLINK_START_HOST_TIMEOUT_SECS",
@@ -455,6 +487,41 @@ mod tests {
             let e = config(&pairs).unwrap_err().to_string();
             assert!(e.contains(expected), "{e:?} lacks {expected:?}");
             assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn registered_machines_and_the_reboot_command() {
+        let c = config(&BASE).unwrap();
+        assert!(!c.registered);
+        assert_eq!(c.reboot_command, ["systemctl", "reboot"]);
+        let c = config(&[
+            BASE[0],
+            BASE[1],
+            ("API_TOKEN", "t"),
+            ("LABLINK_REGISTERED", "1"),
+            ("LABLINK_REBOOT_COMMAND", " /sbin/shutdown  -r now "),
+        ])
+        .unwrap();
+        assert!(c.registered);
+        assert_eq!(c.reboot_command, ["/sbin/shutdown", "-r", "now"]);
+        assert!(
+            !config(&[BASE[0], BASE[1], ("LABLINK_REGISTERED", "0")])
+                .unwrap()
+                .registered
+        );
+        for (pairs, expected) in [
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_REGISTERED", "1")],
+                "LABLINK_REGISTERED=1 needs API_TOKEN",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_REGISTERED", "yes")],
+                "LABLINK_REGISTERED must be 1 or 0",
+            ),
+        ] {
+            let e = config(&pairs).unwrap_err().to_string();
+            assert!(e.contains(expected), "{e:?} lacks {expected:?}");
         }
     }
 

@@ -17,6 +17,25 @@
 //! The `lablink-agent` binary reads its settings from the environment (see [`AgentConfig`]);
 //! [`main_from_env`] is that binary, for programs that embed it.
 //!
+//! **Bring-your-own machines.** A lab's own workstation joins the allocator's pool, and leaves
+//! it, with the program's two commands (see [`register`]; run them as root):
+//!
+//! ```text
+//! lablink-agent register --allocator-url URL --token TOKEN [--name NAME] [--allow-reboot]
+//!                        [--address ADDR] [--config PATH] [--no-service]
+//! lablink-agent unregister [--config PATH] [--no-service]
+//! ```
+//!
+//! `register` registers the machine under its hostname (or `--name`), with a stable identity
+//! derived from `/etc/machine-id`, writes its settings to `/etc/lablink/agent.env` (mode 0600,
+//! with `LABLINK_REGISTERED=1`; other lines kept) and installs, enables and (re)starts the
+//! `lablink-agent` systemd service; the token may come from `LABLINK_REGISTRATION_TOKEN`
+//! instead. `unregister` tells the allocator, stops and removes the service and removes the
+//! settings file. A registered machine whose token the allocator refuses (401) stops with exit
+//! status [`EXIT_UNREGISTERED`], which its unit does not restart; one whose owner allowed
+//! reboots reports `rebooting` and reboots when the allocator asks (`LABLINK_REBOOT_COMMAND`,
+//! default `systemctl reboot`, run without a shell).
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), lablink_agent::ConfigError> {
 //! let config = lablink_agent::AgentConfig::from_env()?;
@@ -36,16 +55,44 @@ pub mod config;
 pub mod crd;
 pub mod logship;
 pub mod probes;
+pub mod register;
 pub mod state;
+#[cfg(test)]
+#[path = "../tests/support/http.rs"]
+mod test_http;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 pub use agent::{run, AgentFailed};
 pub use config::{AgentConfig, ConfigError, StartHost};
 
-/// The `lablink-agent` program: settings from the environment, logs to stderr (`RUST_LOG`
+/// The exit status of an agent whose machine is no longer registered (the allocator refused
+/// its token): `lablink-agent register` writes `RestartPreventExitStatus=3` into its unit.
+pub const EXIT_UNREGISTERED: u8 = 3;
+
+/// The `lablink-agent` program with its arguments (without the program name): none runs the
+/// agent ([`main_from_env`]); `register` and `unregister` are the commands of [`register`].
+pub async fn main_from_args(args: impl IntoIterator<Item = OsString>) -> ExitCode {
+    let args: Vec<OsString> = args.into_iter().collect();
+    if args.is_empty() {
+        return main_from_env().await;
+    }
+    let system = register::System::from_env();
+    let code = register::main(
+        args,
+        &system,
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+    )
+    .await;
+    ExitCode::from(code)
+}
+
+/// The agent program: settings from the environment, logs to stderr (`RUST_LOG`
 /// filters them), runs until SIGTERM or Ctrl-C. Bad settings print one line and exit 2; a
-/// loop that died makes it exit 1 (for its service manager to restart it).
+/// loop that died makes it exit 1 (for its service manager to restart it); a registered
+/// machine whose token the allocator refused exits [`EXIT_UNREGISTERED`].
 pub async fn main_from_env() -> ExitCode {
     let config = match AgentConfig::from_env() {
         Ok(config) => config,
@@ -63,7 +110,8 @@ pub async fn main_from_env() -> ExitCode {
         .try_init();
     match run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
+        Err(AgentFailed::Unregistered) => ExitCode::from(EXIT_UNREGISTERED),
+        Err(AgentFailed::TaskEnded(_)) => ExitCode::FAILURE,
     }
 }
 

@@ -124,28 +124,42 @@ exit "$code""#,
         }
     }
 
-    /// A local provisioner of real agents talking to `url`, fast intervals, plus `extra`.
-    pub fn provisioner(&self, url: &str, extra: &[(&str, &str)]) -> LocalProcessProvisioner {
-        // The fake nvidia-smi is found on PATH, as the real one is.
+    /// The environment of a real agent of this workdir: the fake `nvidia-smi` found on
+    /// `PATH` (as the real one is), the recording `start-host`, fast intervals.
+    pub fn agent_env(&self) -> Vec<(&'static str, String)> {
         let path = format!(
             "{}:{}",
             self.dir.path().display(),
             std::env::var("PATH").unwrap_or_default()
         );
+        let dir = self.dir.path().display().to_string();
+        let start_host = self.path("start-host").display().to_string();
+        [
+            ("PATH", path.as_str()),
+            ("RECORD_DIR", dir.as_str()),
+            ("LABLINK_START_HOST", start_host.as_str()),
+            ("LABLINK_GPU_INTERVAL_SECS", "0.5"),
+            ("LABLINK_INUSE_INTERVAL_SECS", "0.5"),
+            ("LABLINK_HEARTBEAT_SECS", "2"),
+            ("LABLINK_WAIT_SECS", "5"),
+            ("LABLINK_RECHECK_SECS", "0.5"),
+            ("LABLINK_BACKOFF_MAX_SECS", "1"),
+            ("LABLINK_LOG_POLL_SECS", "0.2"),
+            ("RUST_LOG", "lablink_agent=debug,info"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect()
+    }
+
+    /// A local provisioner of real agents talking to `url`, fast intervals, plus `extra`.
+    pub fn provisioner(&self, url: &str, extra: &[(&str, &str)]) -> LocalProcessProvisioner {
         let mut b = LocalProcessProvisioner::builder(agent_program(), url)
             .log_dir(self.path("agents"))
-            .state_dir(self.path("state"))
-            .env("PATH", path)
-            .env("RECORD_DIR", self.dir.path())
-            .env("LABLINK_START_HOST", self.path("start-host"))
-            .env("LABLINK_GPU_INTERVAL_SECS", "0.5")
-            .env("LABLINK_INUSE_INTERVAL_SECS", "0.5")
-            .env("LABLINK_HEARTBEAT_SECS", "2")
-            .env("LABLINK_WAIT_SECS", "5")
-            .env("LABLINK_RECHECK_SECS", "0.5")
-            .env("LABLINK_BACKOFF_MAX_SECS", "1")
-            .env("LABLINK_LOG_POLL_SECS", "0.2")
-            .env("RUST_LOG", "lablink_agent=debug,info");
+            .state_dir(self.path("state"));
+        for (k, v) in self.agent_env() {
+            b = b.env(k, v);
+        }
         for (k, v) in extra {
             b = b.env(k, v);
         }

@@ -352,8 +352,12 @@ mod tests {
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lablink.toml");
-        std::fs::write(&path, "[provisioner]\nkind = \"manual\"\nami = \"ami-0abc\"\n").unwrap();
-        let error = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        std::fs::write(
+            &path,
+            "[provisioner]\nkind = \"manual\"\nami = \"ami-0abc\"\n",
+        )
+        .unwrap();
+        let error = Config::load(Some(&path), env(&[])).unwrap_err().join("; ");
         assert!(error.contains("ami"), "{error}");
     }
 
