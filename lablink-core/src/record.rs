@@ -6,7 +6,6 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::registration::Registration;
 use crate::secret::TokenDigest;
 use crate::state::{transition, Assignment, VmEvent, VmState};
 use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result};
@@ -224,6 +223,15 @@ impl Default for Telemetry {
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
         }
     }
+}
+
+/// How a machine that registered itself joined (see [`crate::registration`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The machine's stable identity (see [`MachineRegistration::machine_identity`]).
+    pub machine_identity: String,
+    /// Whether its owner allows the allocator to reboot it.
+    pub allow_reboot: bool,
 }
 
 /// Longest boot id accepted in a heartbeat.

@@ -11,24 +11,15 @@
 //! lists it, and destroying it unregisters it without touching the machine.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use crate::record::Registration;
 use crate::secret::TokenDigest;
 use crate::{Error, Hostname, Result, VmRecord};
 
 /// Prefix of the instance id of a registered machine (`registered:<hostname>`): no cloud
 /// provider's id has it, so a provisioner can tell registered machines apart.
 pub const INSTANCE_ID_PREFIX: &str = "registered:";
-
-/// How a machine that registered itself joined (kept on its [`VmRecord`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Registration {
-    /// The machine's stable identity (see [`MachineRegistration::machine_identity`]).
-    pub machine_identity: String,
-    /// Whether its owner allows the allocator to reboot it.
-    pub allow_reboot: bool,
-}
 
 /// What a machine sends to join.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -222,3 +222,9 @@ pub fn wants_json(headers: &HeaderMap) -> bool {
                 .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
         })
 }
+
+/// A typed body from form-or-JSON fields (400 naming the problem).
+pub(crate) fn typed<T: DeserializeOwned>(form: FormOrJson) -> Result<T, ApiError> {
+    serde_json::from_value(Value::Object(form.fields))
+        .map_err(|e| ApiError::bad_request(shorten(format!("invalid request body: {e}"))))
+}

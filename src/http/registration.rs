@@ -25,7 +25,7 @@ use super::admin_auth::{Admin, AdminForm};
 use super::agent_auth::Agent;
 use super::client::ClientAddr;
 use super::error::{ApiError, ApiResult};
-use super::extract::{wants_json, ApiJson, PathText};
+use super::extract::{typed, wants_json, ApiJson, PathText};
 use super::views::{OperationView, VmView};
 use super::HttpState;
 
@@ -267,7 +267,7 @@ pub async fn create_token(
     parts: Parts,
     req: AdminForm,
 ) -> ApiResult<Response> {
-    let body: NewTokenBody = super::v1::typed(req.form)?;
+    let body: NewTokenBody = typed(req.form)?;
     let created = create(&state, &parts, body).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
@@ -417,7 +417,7 @@ async fn create_from_page(
                 None => {}
             }
         }
-        let created = create(&state, &parts, super::v1::typed(form)?).await?;
+        let created = create(&state, &parts, typed(form)?).await?;
         Ok::<_, ApiError>((
             Some(created),
             "Registration token created. Copy it now: it is not shown again.".to_owned(),

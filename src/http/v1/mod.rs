@@ -7,12 +7,10 @@ mod agent;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::error::{ApiError, ApiResult};
-use super::extract::{shorten, FormOrJson};
+use super::extract::typed;
 use super::HttpState;
 
 pub use admin::destroy;
@@ -99,10 +97,4 @@ pub fn routes() -> Router<HttpState> {
     responses((status = 200, description = "This document", content_type = "application/json")))]
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
-}
-
-/// A typed body from form-or-JSON fields (400 naming the problem).
-pub(crate) fn typed<T: DeserializeOwned>(form: FormOrJson) -> ApiResult<T> {
-    serde_json::from_value(serde_json::Value::Object(form.fields))
-        .map_err(|e| ApiError::bad_request(shorten(format!("invalid request body: {e}"))))
 }
