@@ -99,12 +99,16 @@ pub struct Registered {
     pub again: bool,
 }
 
-/// A registration token as stored (never the token itself).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A registration token as stored (never the token itself; it serializes without its
+/// digest, as admins see it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistrationToken {
     /// Its id (to list and revoke it).
     pub id: Uuid,
     /// The digest of the secret.
+    #[serde(skip)]
+    #[cfg_attr(feature = "openapi", schema(ignore))]
     pub digest: TokenDigest,
     /// What the admin called it.
     pub label: String,

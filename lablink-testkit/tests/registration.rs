@@ -49,8 +49,8 @@ impl Machine {
             .unwrap()
     }
 
-    fn register(&self, url: &str, token: &str, name: &str) -> Output {
-        self.agent(&[
+    fn register(&self, url: &str, token: &str, name: &str, extra: &[&str]) -> Output {
+        let mut args = vec![
             "register",
             "--allocator-url",
             url,
@@ -58,21 +58,28 @@ impl Machine {
             token,
             "--name",
             name,
-        ])
+        ];
+        args.extend(extra);
+        self.agent(&args)
     }
 
-    /// Starts the agent from its config file, as the service would (`VM_NAME` is set only
-    /// for the recording `start-host`, which names its files by it).
-    fn start(&self, work: &Workdir, log: &Path) -> Child {
+    /// The agent run from its config file, as the service runs it (`VM_NAME` is set only
+    /// for the recording scripts, which name their files by it), logging to `log`.
+    fn command(&self, work: &Workdir, log: &Path) -> Command {
         let log = std::fs::File::create(log).unwrap();
-        Command::new(agent_program())
+        let mut command = Command::new(agent_program());
+        command
             .envs(work.agent_env())
             .env("LABLINK_AGENT_CONFIG", &self.config)
             .env("VM_NAME", &self.name)
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
+            .stderr(log);
+        command
+    }
+
+    /// Starts the agent (see [`command`](Self::command)).
+    fn start(&self, work: &Workdir, log: &Path) -> Child {
+        self.command(work, log).spawn().unwrap()
     }
 }
 
@@ -146,7 +153,7 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
     // Register: the agent's config file gets the machine's own token, readable by its
     // owner only; nothing secret is printed.
     let ws = Machine::new(&work, "ws-1", "0123456789abcdef0123456789abcdef");
-    let out = ws.register(&url, &token, "ws-1");
+    let out = ws.register(&url, &token, "ws-1", &[]);
     assert!(out.status.success(), "{}", text(&out));
     let config = std::fs::read_to_string(&ws.config).unwrap();
     let agent_token = config
@@ -208,7 +215,7 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
     // Registering again (the token is used up, but this machine is already registered):
     // the same record, a new agent token; the running agent, refused, stops for good.
     let created_at = rig.vms().await[0]["created_at"].clone();
-    let out = ws.register(&url, &token, "ws-1");
+    let out = ws.register(&url, &token, "ws-1", &[]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("again"), "{}", text(&out));
     let vm = rig.admin_get("/api/v1/vms/ws-1").await;
@@ -226,14 +233,14 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
 
     // Another machine cannot take its name; the used-up token registers no new machine.
     let other = Machine::new(&work, "ws-2", "fedcba9876543210fedcba9876543210");
-    let out = other.register(&url, &token, "ws-1");
+    let out = other.register(&url, &token, "ws-1", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains("registered by another machine"),
         "{}",
         text(&out)
     );
-    let out = other.register(&url, &token, "ws-2");
+    let out = other.register(&url, &token, "ws-2", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("used up"), "{}", text(&out));
 
@@ -249,7 +256,7 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
     let (status, view) = json_of(r).await;
     assert_eq!(status, StatusCode::OK, "{view}");
     assert!(view["revoked_at"].is_string());
-    let out = other.register(&url, &revoked, "ws-2");
+    let out = other.register(&url, &revoked, "ws-2", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("revoked"), "{}", text(&out));
     assert_eq!(rig.vms().await.len(), 1, "nothing recorded");
@@ -276,6 +283,78 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
     assert!(!ws.config.exists(), "its config file is removed");
     assert_eq!(exit_code(&mut agent).await, Some(3));
     work.assert_agent_output_lacks(&[&token, &agent_token]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_reboots_a_registered_machine_only_where_its_owner_allowed_it() {
+    let work = Workdir::new();
+    lablink_testkit::script(
+        &work.path("reboot"),
+        r#"echo reboot >> "$RECORD_DIR/$VM_NAME.reboots""#,
+    );
+    let addr = free_addr().await;
+    let url = format!("http://{addr}");
+    let local = work.provisioner(&url, &[]);
+    let rig = Rig::start(addr, LabLink::builder(), &local).await;
+    let (_, token) = new_token(&rig, json!({"label": "lab"})).await;
+    let willing = Machine::new(&work, "ws-r", "11111111111111111111111111111111");
+    let unwilling = Machine::new(&work, "ws-n", "22222222222222222222222222222222");
+    let out = willing.register(&url, &token, "ws-r", &["--allow-reboot"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = unwilling.register(&url, &token, "ws-n", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let reboot = work.path("reboot").display().to_string();
+    let start = |machine: &Machine, log: &str| {
+        let mut child = machine.command(&work, &work.path(log));
+        child.env("LABLINK_REBOOT_COMMAND", &reboot);
+        child.spawn().unwrap()
+    };
+    let mut agent = start(&willing, "ws-r.log");
+    let _other = start(&unwilling, "ws-n.log");
+    rig.wait_for_vms("both machines", 2, |vm| vm["state"] == "available")
+        .await;
+
+    // Its owner did not allow it: refused, and nothing changes.
+    let r = admin(
+        &rig,
+        Method::POST,
+        "/api/v1/vms/ws-n/reboot",
+        Some(json!({})),
+    )
+    .await;
+    let message = expect_error(r, 403).await;
+    assert!(message.contains("did not allow reboots"), "{message}");
+    assert_eq!(
+        rig.admin_get("/api/v1/vms/ws-n").await["state"],
+        "available"
+    );
+
+    // Allowed: the agent is asked on its task poll, says so, and runs the reboot command.
+    let r = admin(
+        &rig,
+        Method::POST,
+        "/api/v1/vms/ws-r/reboot",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    wait_until("the reboot command", Duration::from_secs(30), || async {
+        work.read("ws-r.reboots")
+    })
+    .await;
+    let vm = rig.admin_get("/api/v1/vms/ws-r").await;
+    assert_eq!(vm["state"], "rebooting");
+    assert_eq!(vm["status"], "rebooting");
+    // Asked once: the agent's answer is on record, so it is not asked again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(work.read("ws-r.reboots").unwrap().lines().count(), 1);
+
+    // The machine comes back (its agent starts again): ready for the next participant.
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let _agent = start(&willing, "ws-r.again.log");
+    rig.wait_for_vms("the machine back", 2, |vm| vm["state"] == "available")
+        .await;
 }
 
 #[tokio::test]

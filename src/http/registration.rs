@@ -156,35 +156,18 @@ pub struct NewTokenBody {
 /// creation).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TokenView {
-    /// Its id (to revoke it).
-    pub id: Uuid,
-    /// What it is for.
-    pub label: String,
-    /// When it was created.
-    pub created_at: DateTime<Utc>,
-    /// When it stops working.
-    pub expires_at: DateTime<Utc>,
-    /// How many machines it may register (`null`: any number).
-    pub max_uses: Option<u32>,
-    /// How many it registered.
-    pub uses: u32,
-    /// When it was revoked.
-    pub revoked_at: Option<DateTime<Utc>>,
+    /// The token as stored.
+    #[serde(flatten)]
+    pub token: RegistrationToken,
     /// Whether it can register a new machine now.
     pub usable: bool,
 }
 
 impl TokenView {
-    fn new(t: &RegistrationToken, now: DateTime<Utc>) -> Self {
+    fn new(token: RegistrationToken, now: DateTime<Utc>) -> Self {
         Self {
-            id: t.id,
-            label: t.label.clone(),
-            created_at: t.created_at,
-            expires_at: t.expires_at,
-            max_uses: t.max_uses,
-            uses: t.uses,
-            revoked_at: t.revoked_at,
-            usable: t.is_usable(now),
+            usable: token.is_usable(now),
+            token,
         }
     }
 }
@@ -252,7 +235,7 @@ async fn create(
         .create_registration_token(&options)
         .await?;
     Ok(CreatedTokenView {
-        view: TokenView::new(&token, Utc::now()),
+        view: TokenView::new(token, Utc::now()),
         command: command(&allocator_url(state, parts), secret.expose()),
         token: secret.expose().to_owned(),
     })
@@ -283,7 +266,7 @@ pub async fn list_tokens(
     let now = Utc::now();
     let tokens = state.allocator().registration_tokens().await?;
     Ok(Json(
-        tokens.iter().map(|t| TokenView::new(t, now)).collect(),
+        tokens.into_iter().map(|t| TokenView::new(t, now)).collect(),
     ))
 }
 
@@ -308,7 +291,7 @@ async fn revoke(state: &HttpState, id: &str) -> ApiResult<TokenView> {
         .parse()
         .map_err(|_| ApiError::bad_request("not a registration token id"))?;
     let token = state.allocator().revoke_registration_token(id).await?;
-    Ok(TokenView::new(&token, Utc::now()))
+    Ok(TokenView::new(token, Utc::now()))
 }
 
 /// The admin page: registration tokens, registered machines, the onboarding command.
@@ -334,7 +317,7 @@ async fn render(
         .allocator()
         .registration_tokens()
         .await?
-        .iter()
+        .into_iter()
         .map(|t| TokenView::new(t, now))
         .collect();
     let machines: Vec<VmView> = state
@@ -440,9 +423,12 @@ async fn revoke_from_page(
     req: AdminForm,
 ) -> Response {
     let id = req.form.text("id").unwrap_or_default().to_owned();
-    let outcome = revoke(&state, &id)
-        .await
-        .map(|t| (None, format!("Registration token {:?} revoked.", t.label)));
+    let outcome = revoke(&state, &id).await.map(|t| {
+        (
+            None,
+            format!("Registration token {:?} revoked.", t.token.label),
+        )
+    });
     answer(&state, &parts, &admin, outcome).await
 }
 

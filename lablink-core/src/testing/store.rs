@@ -844,35 +844,33 @@ pub fn machine(name: &str, identity: &str) -> MachineRegistration {
 pub async fn registration_follows_its_token(store: &dyn VmStore) {
     let (token, secret) = registration_token(Some(2));
     store.create_registration_token(&token).await.unwrap();
-    let first = AgentToken::generate();
-    let got = store
-        .register(
-            &secret.digest(),
-            &machine("ws-1", "a"),
-            first.digest(),
-            t0(),
-        )
-        .await
-        .unwrap();
+    let (open, open_secret) = registration_token(None);
+    let open = RegistrationToken {
+        created_at: t0() + chrono::Duration::seconds(1),
+        ..open
+    };
+    store.create_registration_token(&open).await.unwrap();
+    // Registers machine `name` with `identity` at `at`, with a fresh agent token.
+    let register = |secret: &RegistrationSecret, name: &str, identity: &str, at| {
+        let request = machine(name, identity);
+        let digest = secret.digest();
+        async move {
+            let agent = AgentToken::generate();
+            let result = store.register(&digest, &request, agent.digest(), at).await;
+            result.map(|registered| (registered, agent))
+        }
+    };
+    let refused = |result: crate::Result<_>| result.map(drop).unwrap_err().kind();
+
+    let (got, first) = register(&secret, "ws-1", "a", t0()).await.unwrap();
     assert!(!got.again);
     assert_eq!(got.record.state, VmState::Booting);
     assert!(got.record.is_registered());
-    assert_eq!(
-        store.get_by_token(&first.digest()).await.unwrap().hostname,
-        host("ws-1")
-    );
+    let by_token = store.get_by_token(&first.digest()).await.unwrap();
+    assert_eq!(by_token.hostname, host("ws-1"));
 
     // Again: same record, new token, no use counted.
-    let second = AgentToken::generate();
-    let again = store
-        .register(
-            &secret.digest(),
-            &machine("ws-1", "a"),
-            second.digest(),
-            t0(),
-        )
-        .await
-        .unwrap();
+    let (again, _) = register(&secret, "ws-1", "a", t0()).await.unwrap();
     assert!(again.again);
     assert_eq!(again.record.created_at, got.record.created_at);
     assert!(again.record.generation > got.record.generation);
@@ -882,107 +880,36 @@ pub async fn registration_follows_its_token(store: &dyn VmStore) {
         ErrorKind::NotFound,
         "the old agent token stops working"
     );
-    assert_eq!(store.registration_tokens().await.unwrap()[0].uses, 1);
 
-    let refused = |result: crate::Result<crate::registration::Registered>, kind: ErrorKind| {
-        assert_eq!(result.unwrap_err().kind(), kind);
-    };
-    // Another machine cannot take the name; one machine cannot take two names.
-    refused(
-        store
-            .register(
-                &secret.digest(),
-                &machine("ws-1", "b"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Conflict,
+    // Another machine cannot take the name; one machine cannot take two names; a VM a
+    // provisioner created keeps its name.
+    assert_eq!(
+        refused(register(&secret, "ws-1", "b", t0()).await),
+        ErrorKind::Conflict
     );
-    refused(
-        store
-            .register(
-                &secret.digest(),
-                &machine("ws-9", "a"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Conflict,
+    assert_eq!(
+        refused(register(&secret, "ws-9", "a", t0()).await),
+        ErrorKind::Conflict
     );
-    // A VM a provisioner created keeps its name.
     seed_available(store, 1).await;
-    refused(
-        store
-            .register(
-                &secret.digest(),
-                &machine("vm-0000", "c"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Conflict,
+    assert_eq!(
+        refused(register(&secret, "vm-0000", "c", t0()).await),
+        ErrorKind::Conflict
     );
-    // The second use, then the token is used up (for new machines only).
-    store
-        .register(
-            &secret.digest(),
-            &machine("ws-2", "d"),
-            AgentToken::generate().digest(),
-            t0(),
-        )
-        .await
-        .unwrap();
-    refused(
-        store
-            .register(
-                &secret.digest(),
-                &machine("ws-3", "e"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Unauthenticated,
-    );
-    assert!(
-        store
-            .register(
-                &secret.digest(),
-                &machine("ws-2", "d"),
-                AgentToken::generate().digest(),
-                t0()
-            )
-            .await
-            .unwrap()
-            .again
-    );
+
+    // The second use, then the token is used up for new machines only.
+    register(&secret, "ws-2", "d", t0()).await.unwrap();
+    let used_up = refused(register(&secret, "ws-3", "e", t0()).await);
+    assert_eq!(used_up, ErrorKind::Unauthenticated);
+    assert!(register(&secret, "ws-2", "d", t0()).await.unwrap().0.again);
+
     // Unknown and expired tokens.
-    refused(
-        store
-            .register(
-                &RegistrationSecret::generate().digest(),
-                &machine("ws-4", "f"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Unauthenticated,
-    );
-    let (open, open_secret) = registration_token(None);
-    let mut open = open;
-    open.created_at = t0() + chrono::Duration::seconds(1);
-    store.create_registration_token(&open).await.unwrap();
-    refused(
-        store
-            .register(
-                &open_secret.digest(),
-                &machine("ws-4", "f"),
-                AgentToken::generate().digest(),
-                open.expires_at,
-            )
-            .await,
-        ErrorKind::Unauthenticated,
-    );
+    let unknown = RegistrationSecret::generate();
+    let refusal = refused(register(&unknown, "ws-4", "f", t0()).await);
+    assert_eq!(refusal, ErrorKind::Unauthenticated);
+    let expired = refused(register(&open_secret, "ws-4", "f", open.expires_at).await);
+    assert_eq!(expired, ErrorKind::Unauthenticated);
+
     // Revoked: nothing more registers with it; revoking again keeps the first time.
     let revoked = store
         .revoke_registration_token(open.id, t0())
@@ -990,40 +917,25 @@ pub async fn registration_follows_its_token(store: &dyn VmStore) {
         .unwrap();
     assert_eq!(revoked.revoked_at, Some(t0()));
     let later = t0() + chrono::Duration::seconds(5);
-    assert_eq!(
-        store
-            .revoke_registration_token(open.id, later)
-            .await
-            .unwrap()
-            .revoked_at,
-        Some(t0())
-    );
-    refused(
-        store
-            .register(
-                &open_secret.digest(),
-                &machine("ws-4", "f"),
-                AgentToken::generate().digest(),
-                t0(),
-            )
-            .await,
-        ErrorKind::Unauthenticated,
-    );
+    let again = store
+        .revoke_registration_token(open.id, later)
+        .await
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(t0()));
+    let refusal = refused(register(&open_secret, "ws-4", "f", t0()).await);
+    assert_eq!(refusal, ErrorKind::Unauthenticated);
     let unknown = store
         .revoke_registration_token(uuid::Uuid::new_v4(), t0())
-        .await
-        .unwrap_err();
-    assert_eq!(unknown.kind(), ErrorKind::NotFound);
+        .await;
+    assert_eq!(unknown.unwrap_err().kind(), ErrorKind::NotFound);
     assert!(
         store.get(&host("ws-4")).await.unwrap_err().is_not_found(),
         "nothing recorded"
     );
+
     let tokens = store.registration_tokens().await.unwrap();
-    assert_eq!(
-        tokens.iter().map(|t| t.id).collect::<Vec<_>>(),
-        [open.id, token.id],
-        "newest first"
-    );
+    let ids: Vec<_> = tokens.iter().map(|t| t.id).collect();
+    assert_eq!(ids, [open.id, token.id], "newest first");
     assert_eq!(tokens[1].uses, 2);
 }
 
