@@ -24,13 +24,35 @@ const MAX_AGENT_LINES: usize = 1000;
 /// How long the last report may take at shutdown.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
-/// How long telling the allocator `rebooting` may take before the reboot goes ahead anyway.
+/// How long the agent tries to tell the allocator `rebooting` when it is asked to reboot. The
+/// machine reboots only once the allocator took that report; when it did not in time, the
+/// agent does not reboot (it tries again if the allocator still asks on a later poll).
 const REBOOT_REPORT_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest the reboot command may run.
 const REBOOT_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a reboot command succeeded, how long the agent waits for the machine to go down
-/// before it asks the allocator for work again.
+/// After a reboot command succeeded, how long the agent waits for the machine to go down.
+/// Still up then, it reports its previous status again (so that the allocator does not show
+/// `rebooting` for ever) and asks the allocator for work again.
 const REBOOT_GRACE: Duration = Duration::from_secs(300);
+/// The agent's log line when the allocator asks for a reboot the owner did not allow.
+const REBOOT_NOT_ALLOWED: &str = "asked to reboot, but this machine's owner did not allow it \
+(`lablink-agent register --allow-reboot`, LABLINK_ALLOW_REBOOT=1); ignored";
+
+/// The waits of a reboot ([`REBOOT_REPORT_DEADLINE`], [`REBOOT_GRACE`]); tests shorten them.
+#[derive(Debug, Clone, Copy)]
+struct RebootTiming {
+    report_deadline: Duration,
+    grace: Duration,
+}
+
+impl Default for RebootTiming {
+    fn default() -> Self {
+        Self {
+            report_deadline: REBOOT_REPORT_DEADLINE,
+            grace: REBOOT_GRACE,
+        }
+    }
+}
 
 /// Why the agent stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +61,11 @@ pub enum AgentFailed {
     /// that its supervisor (systemd) starts it again.
     #[error("an agent task ended unexpectedly: {0}")]
     TaskEnded(String),
-    /// A registered machine's token was refused (401): the machine was unregistered (or
-    /// registered again, with a new token), so running on cannot help. The binary exits
-    /// with [`EXIT_UNREGISTERED`](crate::EXIT_UNREGISTERED), which its systemd unit does
-    /// not restart.
+    /// A registered machine's token was refused (401) for
+    /// [`AgentConfig::unregistered_after`], with no successful answer in between: the machine
+    /// was unregistered (or registered again, with a new token), so running on cannot help.
+    /// The binary exits with [`EXIT_UNREGISTERED`](crate::EXIT_UNREGISTERED), which its
+    /// systemd unit does not restart.
     #[error(
         "this machine is no longer registered with the allocator (it refused the agent's token)"
     )]
@@ -51,10 +74,19 @@ pub enum AgentFailed {
 
 /// Runs the agent until `shutdown` completes. It never gives up on the allocator: every
 /// failed call is retried with jittered exponential backoff. The one exception is a
-/// registered machine ([`AgentConfig::registered`]) whose token the allocator refuses: it
-/// stops with [`AgentFailed::Unregistered`].
+/// registered machine ([`AgentConfig::registered`]) whose token the allocator keeps refusing
+/// (every answer 401 for [`AgentConfig::unregistered_after`]): it stops with
+/// [`AgentFailed::Unregistered`].
 pub async fn run(
     config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentFailed> {
+    run_with(config, RebootTiming::default(), shutdown).await
+}
+
+async fn run_with(
+    config: AgentConfig,
+    reboot_timing: RebootTiming,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentFailed> {
     let agent = Arc::new(Agent {
@@ -62,6 +94,7 @@ pub async fn run(
         reporter: Reporter::default(),
         state: StateDir::new(config.state_dir.clone()),
         status: Mutex::new(None),
+        reboot_timing,
         config,
     });
     let mut shown = agent.config.allocator_url.clone();
@@ -84,11 +117,15 @@ pub async fn run(
     }
     tasks.spawn(agent.clone().tasks_loop());
     tasks.spawn(agent.clone().main_loop());
-    // Only a registered machine takes a refused token as the end: a VM the allocator
-    // created keeps retrying, as its token may not be known yet.
+    // Only a registered machine takes a refused token as the end (once the refusals lasted:
+    // one 401 may come from a proxy, or an allocator restarting): a VM the allocator created
+    // keeps retrying, as its token may not be known yet.
     let unregistered = async {
         if agent.config.registered {
-            agent.client.token_refused().await;
+            agent
+                .client
+                .token_refused(agent.config.unregistered_after)
+                .await;
         } else {
             std::future::pending::<()>().await;
         }
@@ -104,8 +141,9 @@ pub async fn run(
     match &outcome {
         Ok(()) => tracing::info!("shutting down"),
         Err(AgentFailed::Unregistered) => tracing::error!(
-            "this machine is no longer registered: the allocator refused its token; stopping \
-             (`lablink-agent register` joins it again)"
+            refused_for_at_least = ?agent.config.unregistered_after,
+            "this machine is no longer registered: the allocator kept refusing its token; \
+             stopping (`lablink-agent register` joins it again)"
         ),
         Err(e) => tracing::error!(error = %e, "stopping"),
     }
@@ -123,6 +161,16 @@ struct Agent {
     state: StateDir,
     /// The last status the agent reported (put back when a reboot fails).
     status: Mutex<Option<String>>,
+    reboot_timing: RebootTiming,
+}
+
+/// What came of the allocator's request for a reboot.
+enum Reboot {
+    /// The allocator took the status `rebooting` and the reboot command succeeded: the
+    /// machine is going down. `previous` is the status before.
+    Running { previous: Option<String> },
+    /// No reboot (not reported, or the command failed); the previous status is back.
+    NotDone,
 }
 
 /// Telemetry waiting to be sent; newer values replace older ones, so a retry always carries
@@ -416,6 +464,9 @@ impl Agent {
     /// long as the allocator still asks for it.
     async fn tasks_loop(self: Arc<Self>) {
         let mut backoff = Backoff::new(self.config.backoff_max);
+        // Only the owner's local consent lets the allocator reboot the machine.
+        let may_reboot = self.config.registered && self.config.allow_reboot;
+        let mut said_not_allowed = false;
         loop {
             let hold = self.config.wait_timeout;
             let asked = Instant::now();
@@ -423,17 +474,34 @@ impl Agent {
             // A collection asked for together with a reboot waits for the machine to be back
             // (the allocator still asks for it then).
             let tasks = match tasks {
-                Ok(Some(tasks)) if tasks.reboot => {
-                    let pause = if self.reboot().await {
-                        backoff.reset();
-                        REBOOT_GRACE
-                    } else {
-                        backoff.next_delay()
-                    };
-                    tokio::time::sleep(pause).await;
+                Ok(Some(tasks)) if tasks.reboot && may_reboot => {
+                    match self.reboot().await {
+                        Reboot::Running { previous } => {
+                            backoff.reset();
+                            tokio::time::sleep(self.reboot_timing.grace).await;
+                            self.still_up(previous);
+                        }
+                        Reboot::NotDone => tokio::time::sleep(backoff.next_delay()).await,
+                    }
                     continue;
                 }
-                Ok(tasks) => Ok(tasks.and_then(|tasks| tasks.collection)),
+                Ok(Some(tasks)) => {
+                    // Not allowed: said once, then the request is ignored (and the polls go
+                    // on as usual, paced like empty answers).
+                    if tasks.reboot && !said_not_allowed {
+                        said_not_allowed = true;
+                        tracing::warn!("{REBOOT_NOT_ALLOWED}");
+                        self.reporter.send(TelemetryBody {
+                            logs: vec![LogBody {
+                                stream: "agent".into(),
+                                lines: vec![format!("{} {REBOOT_NOT_ALLOWED}", now())],
+                            }],
+                            ..Default::default()
+                        });
+                    }
+                    Ok(tasks.collection)
+                }
+                Ok(None) => Ok(None),
                 Err(e) => Err(e),
             };
             match tasks {
@@ -515,22 +583,22 @@ impl Agent {
         }
     }
 
-    /// The allocator asked for a reboot: reports the status `rebooting` (waiting, at most
-    /// [`REBOOT_REPORT_DEADLINE`], for the allocator to have it), then runs the reboot
-    /// command. Whether the command succeeded; when it failed the previous status is
-    /// reported again.
-    async fn reboot(&self) -> bool {
+    /// The allocator asked for a reboot: reports the status `rebooting` (trying for at most
+    /// [`REBOOT_REPORT_DEADLINE`]) and, only once the allocator took it, runs the reboot
+    /// command. A machine that reboots without the allocator knowing could be asked again
+    /// after every boot; so when the report is not taken there is no reboot (the allocator,
+    /// asking again on a later poll, gets another try). When there is no reboot, the
+    /// previous status is reported again.
+    async fn reboot(&self) -> Reboot {
         let shown = self.config.reboot_command.join(" ");
-        let previous = self
-            .status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let previous = {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            status.replace("rebooting".into())
+        };
         // Sent now, with whatever was waiting, not left to the report loop: the allocator
-        // should know before the machine goes down.
+        // must know before the machine goes down.
         let line = format!("the allocator asked for a reboot; running `{shown}`");
         tracing::info!("{line}");
-        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some("rebooting".into());
         let mut report = self.reporter.take();
         report.merge(TelemetryBody {
             status: Some("rebooting".into()),
@@ -540,8 +608,20 @@ impl Agent {
             }],
             ..Default::default()
         });
-        if !self.deliver_now(report, REBOOT_REPORT_DEADLINE).await {
-            tracing::warn!("the status rebooting was not delivered; rebooting anyway");
+        if let Err(mut report) = self
+            .deliver_now(report, self.reboot_timing.report_deadline)
+            .await
+        {
+            // Its lines go with the report loop; its status is not `rebooting` after all.
+            report.status = None;
+            self.reporter.restore(report);
+            self.put_back_status(
+                previous,
+                "the allocator did not take the status `rebooting`, so the machine does not \
+                 reboot now (again if the allocator still asks)"
+                    .into(),
+            );
+            return Reboot::NotDone;
         }
         match run_reboot_command(&self.config.reboot_command).await {
             Ok(()) => {
@@ -549,24 +629,54 @@ impl Agent {
                     TelemetryBody::default(),
                     format!("`{shown}` succeeded; the machine is going down"),
                 );
-                true
+                Reboot::Running { previous }
             }
             Err(e) => {
-                self.note(
-                    TelemetryBody {
-                        status: previous,
-                        ..Default::default()
-                    },
-                    format!("the reboot failed: `{shown}` {e}"),
-                );
-                false
+                self.put_back_status(previous, format!("the reboot failed: `{shown}` {e}"));
+                Reboot::NotDone
             }
         }
     }
 
-    /// Sends `report` now, retrying for at most `deadline`: whether the allocator took it.
-    /// One it did not take is left to the report loop.
-    async fn deliver_now(&self, mut report: TelemetryBody, deadline: Duration) -> bool {
+    /// [`REBOOT_GRACE`] after a reboot command that succeeded the machine is still up: its
+    /// previous status is reported again, so that the allocator does not show `rebooting`
+    /// for ever.
+    fn still_up(&self, previous: Option<String>) {
+        let grace = self.reboot_timing.grace;
+        self.put_back_status(
+            previous,
+            format!("the machine is still up {grace:?} after the reboot command; back to work"),
+        );
+    }
+
+    /// Reports `previous` again (with `line`) in place of `rebooting`; a status noted since
+    /// (the bootstrap finished, say) stands instead.
+    fn put_back_status(&self, previous: Option<String>, line: String) {
+        let back = {
+            let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
+            if status.as_deref() == Some("rebooting") {
+                status.clone_from(&previous);
+                previous
+            } else {
+                None
+            }
+        };
+        self.note(
+            TelemetryBody {
+                status: back,
+                ..Default::default()
+            },
+            line,
+        );
+    }
+
+    /// Sends `report` now, retrying for at most `deadline`: `Ok` once the allocator took it,
+    /// else the report back (refused, or not delivered in time).
+    async fn deliver_now(
+        &self,
+        report: TelemetryBody,
+        deadline: Duration,
+    ) -> Result<(), TelemetryBody> {
         let mut backoff = Backoff::new(self.config.backoff_max);
         let sent = tokio::time::timeout(deadline, async {
             loop {
@@ -577,8 +687,7 @@ impl Agent {
                         tokio::time::sleep(backoff.next_delay()).await;
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "report refused; dropped");
-                        report = TelemetryBody::default();
+                        tracing::error!(error = %e, "report refused");
                         return false;
                     }
                 }
@@ -586,11 +695,11 @@ impl Agent {
         })
         .await
         .unwrap_or(false);
-        if !sent && !report.is_empty() {
-            self.reporter.restore(report);
-            self.reporter.wake.notify_one();
+        if sent {
+            Ok(())
+        } else {
+            Err(report)
         }
-        sent
     }
 
     /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
@@ -679,7 +788,7 @@ impl std::io::Write for ChannelWriter {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
     use crate::config::StartHost;
@@ -692,6 +801,8 @@ mod tests {
             Some("agent-token".into()),
         );
         c.registered = registered;
+        c.allow_reboot = registered;
+        c.unregistered_after = Duration::ZERO;
         c.start_host = StartHost::DryRun;
         c.nvidia_smi = "/nonexistent/nvidia-smi".into();
         c.backoff_max = Duration::from_millis(50);
@@ -718,6 +829,24 @@ mod tests {
 
     fn agent_lines(report: &serde_json::Value) -> String {
         report["logs"].to_string()
+    }
+
+    /// The distinct lines of the agent's log stream the server was sent holding `text` (a
+    /// report sent again carries its lines again).
+    fn distinct_lines(requests: &[Request], text: &str) -> usize {
+        let mut lines: Vec<String> = telemetry(requests)
+            .iter()
+            .filter_map(|t| t["logs"].as_array().cloned())
+            .flatten()
+            .filter(|batch| batch["stream"] == "agent")
+            .filter_map(|batch| batch["lines"].as_array().cloned())
+            .flatten()
+            .filter_map(|line| line.as_str().map(str::to_owned))
+            .filter(|line| line.contains(text))
+            .collect();
+        lines.sort();
+        lines.dedup();
+        lines.len()
     }
 
     #[tokio::test]
@@ -760,6 +889,235 @@ mod tests {
         );
         stop.send(()).unwrap();
         assert!(agent.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_registered_machine_stops_only_once_the_refusals_lasted() {
+        // One 401 (a proxy, an allocator restarting), then answers again: it runs on.
+        let refused_once = AtomicBool::new(false);
+        let server = TestServer::start(move |_: &Request| {
+            if !refused_once.swap(true, Ordering::SeqCst) {
+                return Reply::json(401, serde_json::json!({"error": "unknown token"}));
+            }
+            Reply::empty(204)
+        })
+        .await;
+        let mut c = config(&server.url, true);
+        c.unregistered_after = Duration::from_millis(500);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(server.requests().len() > 5);
+        assert!(!agent.is_finished(), "one 401 does not stop the agent");
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+
+        // Every answer 401: it stops once they lasted, not before.
+        let server = TestServer::start(|_: &Request| {
+            Reply::json(401, serde_json::json!({"error": "unknown token"}))
+        })
+        .await;
+        let mut c = config(&server.url, true);
+        c.unregistered_after = Duration::from_millis(400);
+        let started = Instant::now();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), run(c, std::future::pending()))
+            .await
+            .expect("the agent stops by itself");
+        assert!(
+            matches!(outcome, Err(AgentFailed::Unregistered)),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(400));
+    }
+
+    /// Answers every call, and asks for a reboot on every task poll once the agent reported
+    /// `running`. Counts the task polls.
+    async fn always_rebooting_allocator(polls: Arc<AtomicUsize>) -> TestServer {
+        let running = AtomicBool::new(false);
+        TestServer::start(move |r: &Request| {
+            let path = r.path();
+            if path.ends_with("/telemetry") {
+                if r.json()["status"] == "running" {
+                    running.store(true, Ordering::SeqCst);
+                }
+                return Reply::json(200, serde_json::json!({}));
+            }
+            if path.ends_with("/tasks") {
+                polls.fetch_add(1, Ordering::SeqCst);
+                if running.load(Ordering::SeqCst) {
+                    return Reply::json(
+                        200,
+                        serde_json::json!({"collection": null, "reboot": true}),
+                    );
+                }
+            }
+            Reply::empty(204)
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_reboot_the_owner_did_not_allow_is_ignored_with_one_warning() {
+        for (registered, allow_reboot) in [(true, false), (false, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let marker = dir.path().join("rebooted");
+            let polls = Arc::new(AtomicUsize::new(0));
+            let server = always_rebooting_allocator(polls.clone()).await;
+            let mut c = config(&server.url, registered);
+            c.allow_reboot = allow_reboot;
+            c.reboot_command = vec!["touch".into(), marker.display().to_string()];
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let agent = tokio::spawn(run(c, async {
+                let _ = stopped.await;
+            }));
+            until(&server, "the warning", |r| {
+                telemetry(r)
+                    .iter()
+                    .any(|t| agent_lines(t).contains("did not allow it"))
+            })
+            .await;
+            let asked = polls.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            let asked = polls.load(Ordering::SeqCst) - asked;
+            stop.send(()).unwrap();
+            assert!(agent.await.unwrap().is_ok());
+            assert!(!marker.exists(), "rebooted without the owner's consent");
+            assert!(
+                (2..=200).contains(&asked),
+                "it keeps polling, at its usual pace: {asked} polls in 1 s"
+            );
+            let reports = telemetry(&server.requests());
+            assert!(reports.iter().all(|t| t["status"] != "rebooting"));
+            assert_eq!(
+                distinct_lines(&server.requests(), REBOOT_NOT_ALLOWED),
+                1,
+                "the warning is said once"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn no_reboot_before_the_allocator_took_the_status_rebooting() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("rebooted");
+        // `rebooting` reports are answered 503 while `refusing`; others are taken.
+        let refusing = Arc::new(AtomicBool::new(true));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let taken_before_the_reboot = Arc::new(AtomicBool::new(false));
+        let running = AtomicBool::new(false);
+        let server = TestServer::start({
+            let (marker, refusing, refused, taken) = (
+                marker.clone(),
+                refusing.clone(),
+                refused.clone(),
+                taken_before_the_reboot.clone(),
+            );
+            move |r: &Request| {
+                let path = r.path();
+                if path.ends_with("/telemetry") {
+                    match r.json()["status"].as_str() {
+                        Some("running") => running.store(true, Ordering::SeqCst),
+                        Some("rebooting") if refusing.load(Ordering::SeqCst) => {
+                            refused.fetch_add(1, Ordering::SeqCst);
+                            return Reply::json(503, serde_json::json!({"error": "restarting"}));
+                        }
+                        Some("rebooting") if !marker.exists() => {
+                            taken.store(true, Ordering::SeqCst)
+                        }
+                        _ => {}
+                    }
+                    return Reply::json(200, serde_json::json!({}));
+                }
+                if path.ends_with("/tasks") && running.load(Ordering::SeqCst) {
+                    return Reply::json(
+                        200,
+                        serde_json::json!({"collection": null, "reboot": true}),
+                    );
+                }
+                Reply::empty(204)
+            }
+        })
+        .await;
+        let mut c = config(&server.url, true);
+        c.reboot_command = vec!["touch".into(), marker.display().to_string()];
+        let timing = RebootTiming {
+            report_deadline: Duration::from_millis(300),
+            grace: REBOOT_GRACE,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run_with(c, timing, async {
+            let _ = stopped.await;
+        }));
+        // Not taken: no reboot, the status put back, and another try on a later poll.
+        let not_taken = "did not take the status `rebooting`";
+        until(&server, "two tries", |r| distinct_lines(r, not_taken) >= 2).await;
+        assert!(
+            !marker.exists(),
+            "rebooted though the allocator did not know"
+        );
+        let reports = telemetry(&server.requests());
+        // (The lines of a report that was not taken may come again in the next try.)
+        let put_back = reports
+            .iter()
+            .find(|t| agent_lines(t).contains(not_taken) && t["status"] != "rebooting")
+            .unwrap();
+        assert_eq!(put_back["status"], "running", "{put_back}");
+        assert!(refused.load(Ordering::SeqCst) >= 2);
+
+        // Taken: the reboot command runs.
+        refusing.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !marker.exists() {
+            assert!(Instant::now() < deadline, "the reboot command did not run");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(taken_before_the_reboot.load(Ordering::SeqCst));
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_machine_still_up_after_the_grace_reports_its_status_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("rebooted");
+        let told_first = Arc::new(AtomicBool::new(false));
+        let server = rebooting_allocator(marker.clone(), told_first.clone()).await;
+        let mut c = config(&server.url, true);
+        c.reboot_command = vec!["touch".into(), marker.display().to_string()];
+        let timing = RebootTiming {
+            report_deadline: REBOOT_REPORT_DEADLINE,
+            grace: Duration::from_millis(300),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run_with(c, timing, async {
+            let _ = stopped.await;
+        }));
+        until(&server, "the status again", |r| {
+            telemetry(r)
+                .iter()
+                .any(|t| agent_lines(t).contains("still up"))
+        })
+        .await;
+        let polls = |r: &[Request]| r.iter().filter(|r| r.path().ends_with("/tasks")).count();
+        let before = polls(&server.requests());
+        until(&server, "polls again", |r| polls(r) >= before + 2).await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        assert!(marker.exists() && told_first.load(Ordering::SeqCst));
+        let reports = telemetry(&server.requests());
+        let statuses: Vec<&str> = reports
+            .iter()
+            .filter_map(|t| t["status"].as_str())
+            .collect();
+        let rebooting = statuses.iter().position(|s| *s == "rebooting").unwrap();
+        assert_eq!(statuses[rebooting + 1..], ["running"], "{statuses:?}");
+        let again = reports
+            .iter()
+            .find(|t| agent_lines(t).contains("still up"))
+            .unwrap();
+        assert_eq!(again["status"], "running", "{again}");
     }
 
     /// An allocator that asks for one reboot once the agent reported `running`; `rebooting`
@@ -833,7 +1191,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let told_first = Arc::new(AtomicBool::new(false));
         let server = rebooting_allocator(dir.path().join("never"), told_first.clone()).await;
-        let mut c = config(&server.url, false);
+        let mut c = config(&server.url, true);
         c.reboot_command = vec!["/nonexistent/reboot".into(), "now".into()];
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let agent = tokio::spawn(run(c, async {

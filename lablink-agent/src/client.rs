@@ -2,7 +2,7 @@
 //! caller shares.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use lablink_protocol::{AssignmentBody, LogBody, TelemetryBody, TimingsBody};
 use lablink_protocol::{
@@ -81,8 +81,27 @@ pub struct AllocatorClient {
     base: Url,
     vm: String,
     token: Option<crate::config::ApiToken>,
-    /// Becomes `true` once the allocator answered 401 to the token (shared by the clones).
-    token_refused: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The allocator's 401 answers since its last success (shared by the clones).
+    refusals: Arc<tokio::sync::watch::Sender<Refusals>>,
+}
+
+/// The 401 answers (token refused) since the last successful answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Refusals {
+    /// The first 401 since the last success; `None` after a success (or before any answer).
+    first: Option<Instant>,
+    /// The latest 401.
+    latest: Option<Instant>,
+}
+
+impl Refusals {
+    /// Whether every answer has been a refusal for at least `duration`.
+    fn lasted(&self, duration: Duration) -> bool {
+        match (self.first, self.latest) {
+            (Some(first), Some(latest)) => latest.saturating_duration_since(first) >= duration,
+            _ => false,
+        }
+    }
 }
 
 impl AllocatorClient {
@@ -99,18 +118,38 @@ impl AllocatorClient {
             base: config.allocator_url.clone(),
             vm: config.vm_name.to_string(),
             token: config.api_token.clone(),
-            token_refused: Arc::new(tokio::sync::watch::Sender::new(false)),
+            refusals: Arc::new(tokio::sync::watch::Sender::new(Refusals::default())),
         }
     }
 
-    /// Completes once the allocator has answered 401 (unauthorized) to any call of this
-    /// client or its clones. The calls themselves still count 401 as retryable
-    /// ([`ClientError::Unavailable`]); what a refused token means is the caller's business
-    /// (a registered machine stops: it was unregistered).
-    pub async fn token_refused(&self) {
-        let mut refused = self.token_refused.subscribe();
-        // The sender lives as long as `self`, so this only ends once the flag is set.
-        let _ = refused.wait_for(|refused| *refused).await;
+    /// Completes once the allocator has refused the token (401) to the calls of this client
+    /// and its clones for at least `duration`: a 401 answer came `duration` or more after the
+    /// first 401 since the last successful (2xx) answer. With [`Duration::ZERO`], the first
+    /// 401 does. Other failures (unreachable, 5xx, ...) neither count nor reset. The calls
+    /// themselves still count 401 as retryable ([`ClientError::Unavailable`]); what a refused
+    /// token means is the caller's business (a registered machine stops: it was
+    /// unregistered).
+    pub async fn token_refused(&self, duration: Duration) {
+        let mut refusals = self.refusals.subscribe();
+        // The sender lives as long as `self`, so this only ends once the refusals lasted.
+        let _ = refusals.wait_for(|r| r.lasted(duration)).await;
+    }
+
+    /// Notes an answer's status for [`token_refused`](Self::token_refused).
+    fn note_answer(&self, status: StatusCode) {
+        if status.is_success() {
+            self.refusals.send_if_modified(|r| {
+                let refused = r.first.is_some();
+                *r = Refusals::default();
+                refused
+            });
+        } else if status == StatusCode::UNAUTHORIZED {
+            let now = Instant::now();
+            self.refusals.send_modify(|r| {
+                r.first.get_or_insert(now);
+                r.latest = Some(now);
+            });
+        }
     }
 
     fn request(&self, method: Method, route: &str, timeout: Duration) -> RequestBuilder {
@@ -134,11 +173,9 @@ impl AllocatorClient {
             .await
             .map_err(|e| ClientError::Unavailable(e.without_url().to_string()))?;
         let status = response.status();
+        self.note_answer(status);
         if status.is_success() {
             return Ok(response);
-        }
-        if status == StatusCode::UNAUTHORIZED {
-            self.token_refused.send_replace(true);
         }
         let message = response
             .json::<ErrorBody>()
@@ -330,6 +367,59 @@ mod tests {
         assert_eq!(r.gpu_health.as_deref(), Some("Unhealthy"));
         assert_eq!(r.in_use, Some(true));
         assert_eq!(r.logs[0].lines, ["a", "b"]);
+    }
+
+    fn client() -> AllocatorClient {
+        AllocatorClient::new(&AgentConfig::new(
+            "http://127.0.0.1:9".parse().unwrap(),
+            "ws-1".parse().unwrap(),
+            Some("t".into()),
+        ))
+    }
+
+    /// Whether `token_refused(duration)` has completed (without waiting).
+    async fn refused(client: &AllocatorClient, duration: Duration) -> bool {
+        tokio::time::timeout(Duration::from_millis(10), client.token_refused(duration))
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_counts_only_once_the_refusals_lasted() {
+        let client = client();
+        let clone = client.clone();
+        assert!(!refused(&client, Duration::ZERO).await);
+        clone.note_answer(StatusCode::UNAUTHORIZED);
+        assert!(refused(&client, Duration::ZERO).await, "0: the first 401");
+        assert!(!refused(&client, Duration::from_millis(50)).await);
+
+        // Other failures neither count nor reset; a later 401 does count.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        client.note_answer(StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!refused(&client, Duration::from_millis(50)).await);
+        let waiting = tokio::spawn({
+            let client = client.clone();
+            async move { client.token_refused(Duration::from_millis(50)).await }
+        });
+        client.note_answer(StatusCode::UNAUTHORIZED);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("a waiter is woken")
+            .unwrap();
+
+        // A success starts again from the next 401.
+        client.note_answer(StatusCode::NO_CONTENT);
+        assert!(!refused(&client, Duration::ZERO).await);
+        client.note_answer(StatusCode::UNAUTHORIZED);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.note_answer(StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        client.note_answer(StatusCode::UNAUTHORIZED);
+        assert!(
+            !refused(&client, Duration::from_millis(50)).await,
+            "a success in between"
+        );
+        assert!(refused(&client, Duration::ZERO).await);
     }
 
     #[test]

@@ -121,9 +121,20 @@ pub struct AgentConfig {
     /// container, tutorial, start-up script): see [`crate::bootstrap`].
     pub bootstrap: BootstrapConfig,
     /// A machine that joined by registering (`LABLINK_REGISTERED=1`, written by
-    /// `lablink-agent register`): when the allocator refuses its token (401) the machine was
-    /// unregistered, and the agent stops instead of retrying (see [`crate::AgentFailed`]).
+    /// `lablink-agent register`): when the allocator keeps refusing its token (401, see
+    /// [`unregistered_after`](Self::unregistered_after)) the machine was unregistered, and
+    /// the agent stops instead of retrying (see [`crate::AgentFailed`]).
     pub registered: bool,
+    /// The machine's owner allowed the allocator to reboot it (`LABLINK_ALLOW_REBOOT=1`,
+    /// written by `lablink-agent register --allow-reboot`; default no). The agent reboots on
+    /// the allocator's request only on a [`registered`](Self::registered) machine with this
+    /// set.
+    pub allow_reboot: bool,
+    /// How long a registered machine's token must have been refused (every answer 401, no
+    /// success in between) before the agent takes the machine as unregistered and stops
+    /// (`LABLINK_UNREGISTERED_AFTER_SECS`, default 60; 0 stops at the first 401). A single
+    /// 401 (a proxy, an allocator restarting) does not stop it.
+    pub unregistered_after: Duration,
     /// What the agent runs when the allocator asks for a reboot (`LABLINK_REBOOT_COMMAND`,
     /// split on whitespace and run without a shell; default `systemctl reboot`).
     pub reboot_command: Vec<String>,
@@ -156,6 +167,8 @@ impl AgentConfig {
             state_dir: None,
             bootstrap: BootstrapConfig::default(),
             registered: false,
+            allow_reboot: false,
+            unregistered_after: Duration::from_secs(60),
             reboot_command: DEFAULT_REBOOT_COMMAND
                 .split_whitespace()
                 .map(str::to_owned)
@@ -252,6 +265,17 @@ impl Settings {
         Ok(())
     }
 
+    /// `1`/`true` or `0`/`false`; unset is false.
+    fn flag(&self, key: &str) -> Result<bool, ConfigError> {
+        match self.get(key).map(str::trim) {
+            None | Some("0" | "false") => Ok(false),
+            Some("1" | "true") => Ok(true),
+            Some(other) => Err(ConfigError::new(format!(
+                "{key} must be 1 or 0, not {other:?}"
+            ))),
+        }
+    }
+
     fn build(self) -> Result<AgentConfig, ConfigError> {
         let url = self.required("ALLOCATOR_URL")?;
         let allocator_url = Url::parse(url)
@@ -310,15 +334,8 @@ impl Settings {
             c.crd_user = Some(user.to_owned());
         }
         c.state_dir = self.get("LABLINK_STATE_DIR").map(|d| d.trim().into());
-        c.registered = match self.get("LABLINK_REGISTERED").map(str::trim) {
-            None | Some("0" | "false") => false,
-            Some("1" | "true") => true,
-            Some(other) => {
-                return Err(ConfigError::new(format!(
-                    "LABLINK_REGISTERED must be 1 or 0, not {other:?}"
-                )))
-            }
-        };
+        c.registered = self.flag("LABLINK_REGISTERED")?;
+        c.allow_reboot = self.flag("LABLINK_ALLOW_REBOOT")?;
         if c.registered && c.api_token.is_none() {
             return Err(ConfigError::new(
                 "LABLINK_REGISTERED=1 needs API_TOKEN (register the machine again)",
@@ -342,6 +359,11 @@ impl Settings {
         self.seconds("LABLINK_RECHECK_SECS", 0.1, &mut c.recheck_interval)?;
         self.seconds("LABLINK_BACKOFF_MAX_SECS", 0.1, &mut c.backoff_max)?;
         self.seconds("LABLINK_UPLOAD_TIMEOUT_SECS", 1.0, &mut c.upload_timeout)?;
+        self.seconds(
+            "LABLINK_UNREGISTERED_AFTER_SECS",
+            0.0,
+            &mut c.unregistered_after,
+        )?;
         Ok(c)
     }
 }
@@ -493,18 +515,37 @@ mod tests {
     #[test]
     fn registered_machines_and_the_reboot_command() {
         let c = config(&BASE).unwrap();
-        assert!(!c.registered);
+        assert!(!c.registered && !c.allow_reboot);
         assert_eq!(c.reboot_command, ["systemctl", "reboot"]);
+        assert_eq!(c.unregistered_after, Duration::from_secs(60));
         let c = config(&[
             BASE[0],
             BASE[1],
             ("API_TOKEN", "t"),
             ("LABLINK_REGISTERED", "1"),
             ("LABLINK_REBOOT_COMMAND", " /sbin/shutdown  -r now "),
+            ("LABLINK_UNREGISTERED_AFTER_SECS", "0"),
         ])
         .unwrap();
-        assert!(c.registered);
+        assert!(c.registered && !c.allow_reboot);
         assert_eq!(c.reboot_command, ["/sbin/shutdown", "-r", "now"]);
+        assert_eq!(c.unregistered_after, Duration::ZERO);
+        let c = config(&[
+            BASE[0],
+            BASE[1],
+            ("API_TOKEN", "t"),
+            ("LABLINK_REGISTERED", "1"),
+            ("LABLINK_ALLOW_REBOOT", "1"),
+            ("LABLINK_UNREGISTERED_AFTER_SECS", "90.5"),
+        ])
+        .unwrap();
+        assert!(c.registered && c.allow_reboot);
+        assert_eq!(c.unregistered_after, Duration::from_secs_f64(90.5));
+        assert!(
+            !config(&[BASE[0], BASE[1], ("LABLINK_ALLOW_REBOOT", "0")])
+                .unwrap()
+                .allow_reboot
+        );
         assert!(
             !config(&[BASE[0], BASE[1], ("LABLINK_REGISTERED", "0")])
                 .unwrap()
@@ -518,6 +559,14 @@ mod tests {
             (
                 vec![BASE[0], BASE[1], ("LABLINK_REGISTERED", "yes")],
                 "LABLINK_REGISTERED must be 1 or 0",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_ALLOW_REBOOT", "yes")],
+                "LABLINK_ALLOW_REBOOT must be 1 or 0",
+            ),
+            (
+                vec![BASE[0], BASE[1], ("LABLINK_UNREGISTERED_AFTER_SECS", "-1")],
+                "LABLINK_UNREGISTERED_AFTER_SECS",
             ),
         ] {
             let e = config(&pairs).unwrap_err().to_string();

@@ -26,15 +26,20 @@
 //! lablink-agent unregister [--config PATH] [--no-service]
 //! ```
 //!
-//! `register` registers the machine under its hostname (or `--name`), with a stable identity
-//! derived from `/etc/machine-id`, writes its settings to `/etc/lablink/agent.env` (mode 0600,
-//! with `LABLINK_REGISTERED=1`; other lines kept) and installs, enables and (re)starts the
-//! `lablink-agent` systemd service; the token may come from `LABLINK_REGISTRATION_TOKEN`
-//! instead. `unregister` tells the allocator, stops and removes the service and removes the
-//! settings file. A registered machine whose token the allocator refuses (401) stops with exit
-//! status [`EXIT_UNREGISTERED`], which its unit does not restart; one whose owner allowed
-//! reboots reports `rebooting` and reboots when the allocator asks (`LABLINK_REBOOT_COMMAND`,
-//! default `systemctl reboot`, run without a shell).
+//! `register` registers the machine under its hostname (or `--name`), with its identity: a
+//! secret of 256 random bits only root can read, kept in `/etc/lablink/machine-identity` (next
+//! to the settings file; `LABLINK_IDENTITY_FILE` names another), created at the first
+//! registration and kept by `unregister`. It writes its settings to `/etc/lablink/agent.env`
+//! (mode 0600, with `LABLINK_REGISTERED=1` and `LABLINK_ALLOW_REBOOT=1` or `0`; other lines
+//! kept) and installs, enables and (re)starts the `lablink-agent` systemd service; the token
+//! may come from `LABLINK_REGISTRATION_TOKEN` instead. `unregister` tells the allocator,
+//! stops and removes the service and removes the settings file. A registered machine whose
+//! token the allocator keeps refusing (every answer 401 for `LABLINK_UNREGISTERED_AFTER_SECS`,
+//! default 60, with no success in between) stops with exit status [`EXIT_UNREGISTERED`],
+//! which its unit does not restart. One whose owner allowed reboots (`--allow-reboot`)
+//! reboots when the allocator asks, once the allocator took its `rebooting` report
+//! (`LABLINK_REBOOT_COMMAND`, default `systemctl reboot`, run without a shell); any other
+//! machine ignores such a request.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), lablink_agent::ConfigError> {
@@ -67,8 +72,9 @@ use std::process::ExitCode;
 pub use agent::{run, AgentFailed};
 pub use config::{AgentConfig, ConfigError, StartHost};
 
-/// The exit status of an agent whose machine is no longer registered (the allocator refused
-/// its token): `lablink-agent register` writes `RestartPreventExitStatus=3` into its unit.
+/// The exit status of an agent whose machine is no longer registered (the allocator kept
+/// refusing its token): `lablink-agent register` writes `RestartPreventExitStatus=3` into
+/// its unit.
 pub const EXIT_UNREGISTERED: u8 = 3;
 
 /// The `lablink-agent` program with its arguments (without the program name): none runs the
@@ -92,7 +98,7 @@ pub async fn main_from_args(args: impl IntoIterator<Item = OsString>) -> ExitCod
 /// The agent program: settings from the environment, logs to stderr (`RUST_LOG`
 /// filters them), runs until SIGTERM or Ctrl-C. Bad settings print one line and exit 2; a
 /// loop that died makes it exit 1 (for its service manager to restart it); a registered
-/// machine whose token the allocator refused exits [`EXIT_UNREGISTERED`].
+/// machine whose token the allocator kept refusing exits [`EXIT_UNREGISTERED`].
 pub async fn main_from_env() -> ExitCode {
     let config = match AgentConfig::from_env() {
         Ok(config) => config,

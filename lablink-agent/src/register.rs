@@ -9,16 +9,24 @@
 //!
 //! `register` calls `POST {URL}/api/v1/registrations` with the registration token as its
 //! bearer token and a [`RegistrationBody`]: the machine's name (`--name`, default its hostname
-//! made valid, see [`sanitize_name`]) and a stable identity, a derivation of
-//! `/etc/machine-id` ([`identity_of`]; the raw id is confidential and never sent). With the
-//! agent token of the answer it writes the agent's settings file (`/etc/lablink/agent.env`,
-//! mode 0600 from the start, other lines kept: [`write_config`]) and, unless `--no-service`,
-//! installs and (re)starts the `lablink-agent` systemd service ([`unit_text`]). The token can
-//! come from `LABLINK_REGISTRATION_TOKEN` instead of the command line; neither token is ever
-//! printed.
+//! made valid, see [`sanitize_name`]) and its identity. The identity is a secret only root can
+//! read: 256 random bits as 64 lowercase hex characters, kept in the identity file
+//! `machine-identity` next to the settings file (`/etc/lablink/machine-identity` by default;
+//! `LABLINK_IDENTITY_FILE` names another), created on the first registration with mode 0600
+//! ([`load_or_create_identity`]) and sent again at every later one. The allocator keeps only
+//! its digest, so whoever registers the same name again must prove they are the same machine
+//! by holding the file. (It is not derived from `/etc/machine-id`, which every local user can
+//! read.) With the agent token of the answer `register` writes the agent's settings file
+//! (`/etc/lablink/agent.env`, mode 0600 from the start, other lines kept: [`write_config`]),
+//! with `LABLINK_REGISTERED=1` and `LABLINK_ALLOW_REBOOT=1` (`--allow-reboot`) or `0`: the
+//! agent reboots the machine on the allocator's request only with the owner's local consent.
+//! Unless `--no-service`, it installs and (re)starts the `lablink-agent` systemd service
+//! ([`unit_text`]). The token can come from `LABLINK_REGISTRATION_TOKEN` instead of the
+//! command line; neither token, nor the identity, is ever printed.
 //!
 //! `unregister` calls `DELETE {URL}/api/v1/vms/{name}/registration` with the agent token,
-//! then stops, disables and removes the service and removes the settings file.
+//! then stops, disables and removes the service and removes the settings file. It keeps the
+//! identity file: registering the machine again later keeps its identity (and so its name).
 //!
 //! Exit status: 0 done, 1 failed (the allocator's message is printed), 2 bad arguments.
 
@@ -31,7 +39,6 @@ use std::time::Duration;
 use lablink_core::Hostname;
 use lablink_protocol::{ErrorBody, RegisteredBody, RegistrationBody};
 use reqwest::{Method, StatusCode, Url};
-use sha2::{Digest, Sha256};
 
 /// The agent's settings file that `register` writes by default.
 pub const DEFAULT_CONFIG: &str = "/etc/lablink/agent.env";
@@ -39,14 +46,14 @@ pub const DEFAULT_CONFIG: &str = "/etc/lablink/agent.env";
 pub const UNIT_PATH: &str = "/etc/systemd/system/lablink-agent.service";
 /// The service's name for `systemctl`.
 pub const SERVICE: &str = "lablink-agent";
-/// Where the machine id is looked for, in order (machine-id(5)).
-pub const MACHINE_ID_FILES: [&str; 2] = ["/etc/machine-id", "/var/lib/dbus/machine-id"];
-/// Replaces [`MACHINE_ID_FILES`] with one file (tests simulate several machines on one host).
-pub const MACHINE_ID_FILE_VAR: &str = "LABLINK_MACHINE_ID_FILE";
+/// The identity file's name, in the directory of the settings file (`--config`).
+pub const IDENTITY_FILE_NAME: &str = "machine-identity";
+/// The identity file by default (next to [`DEFAULT_CONFIG`]).
+pub const DEFAULT_IDENTITY_FILE: &str = "/etc/lablink/machine-identity";
+/// Names the identity file instead (tests simulate several machines on one host).
+pub const IDENTITY_FILE_VAR: &str = "LABLINK_IDENTITY_FILE";
 /// The registration token, instead of `--token` (which the process list shows).
 pub const TOKEN_VAR: &str = "LABLINK_REGISTRATION_TOKEN";
-/// What the machine id is hashed with, so the identity is LabLink's own.
-const IDENTITY_CONTEXT: &str = "lablink-agent machine identity\n";
 
 const USAGE_REGISTER: &str = "usage: lablink-agent register --allocator-url URL --token TOKEN \
 [--name NAME] [--allow-reboot] [--address ADDR] [--config PATH] [--no-service]";
@@ -77,18 +84,25 @@ register      join this machine to a LabLink allocator's pool
   --name NAME          the name to serve under (default: this machine's hostname,
                        lower-cased, other characters than a-z 0-9 . _ - made '-')
   --allow-reboot       let the allocator reboot this machine (LABLINK_REBOOT_COMMAND,
-                       default `systemctl reboot`)
+                       default `systemctl reboot`); without it the settings say
+                       LABLINK_ALLOW_REBOOT=0 and the agent refuses reboot requests
   --address ADDR       this machine's address, shown to the allocator's admins
   --config PATH        the agent's settings file to write (default /etc/lablink/agent.env;
                        mode 0600, other lines kept)
   --no-service         do not install the lablink-agent systemd service; print the command
                        that runs the agent instead
+  The machine proves who it is with a secret identity (256 random bits) kept in the file
+  machine-identity next to the settings file (default /etc/lablink/machine-identity, mode
+  0600; LABLINK_IDENTITY_FILE names another), created at the first registration. Keep it:
+  only a machine that holds it can register this name again.
 unregister    take this machine out of the pool: tell the allocator, stop, disable and remove
               the lablink-agent service (unless --no-service), remove the settings file
+              (the identity file is kept, for registering again later)
   --config PATH        the settings file register wrote (default /etc/lablink/agent.env)
 
 Exit status: 0 done, 1 failed, 2 bad arguments. The agent itself exits 3 once the allocator
-no longer knows this machine (its service is then not restarted).
+has refused its token for LABLINK_UNREGISTERED_AFTER_SECS (default 60) without a success in
+between: the machine is no longer registered (its service is then not restarted).
 ";
 
 /// A registration token (`--token` or `LABLINK_REGISTRATION_TOKEN`). `Debug` prints `***`.
@@ -336,34 +350,80 @@ pub fn sanitize_name(hostname: &str) -> Option<Hostname> {
         .ok()
 }
 
-/// The identity sent for a machine id: lowercase hex of SHA-256 over
-/// `"lablink-agent machine identity\n"` and the trimmed id (64 characters). Stable for the
-/// machine, LabLink's own, and not the id itself (machine-id(5): the id is confidential).
-pub fn identity_of(machine_id: &str) -> String {
-    let digest = Sha256::new()
-        .chain_update(IDENTITY_CONTEXT)
-        .chain_update(machine_id.trim())
-        .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+/// A machine identity: 256 random bits from the operating system, as 64 lowercase hex
+/// characters.
+pub fn new_identity() -> io::Result<String> {
+    use rand::RngCore as _;
+
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The identity of this machine: [`identity_of`] the first of `files` that holds a machine
-/// id. The error names every file tried.
-pub fn machine_identity(files: &[PathBuf]) -> Result<String, String> {
-    for file in files {
-        if let Ok(text) = std::fs::read_to_string(file) {
-            let id = text.trim();
-            // machine-id(5): "uninitialized" during early boot.
-            if !id.is_empty() && id != "uninitialized" {
-                return Ok(identity_of(id));
+/// Whether `identity` is one the allocator takes: 16 to 128 of `[A-Za-z0-9_-]`.
+pub fn is_identity(identity: &str) -> bool {
+    (16..=128).contains(&identity.len())
+        && identity
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// The identity file of a machine whose settings file is `config`: `identity_file` (set from
+/// `LABLINK_IDENTITY_FILE`) when given, else [`IDENTITY_FILE_NAME`] in `config`'s directory.
+pub fn identity_path(config: &Path, identity_file: Option<&Path>) -> PathBuf {
+    match identity_file {
+        Some(file) => file.to_owned(),
+        None => parent_of(config).join(IDENTITY_FILE_NAME),
+    }
+}
+
+/// The machine's identity from the file at `path` (trimmed), or, when there is no such file,
+/// a [`new_identity`] written to it the way [`write_config`] writes (a temporary file created
+/// with mode 0600, then renamed; its directory created, mode 0700, if missing; an existing
+/// file is never replaced). Whether it was created comes with it. The error names the file,
+/// never its content.
+pub fn load_or_create_identity(path: &Path) -> Result<(String, bool), String> {
+    let read = |path: &Path| match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let identity = text.trim();
+            if is_identity(identity) {
+                Ok(Some(identity.to_owned()))
+            } else {
+                Err(format!(
+                    "the identity file {} does not hold a machine identity (16 to 128 of \
+                     A-Z a-z 0-9 _ -); restore it from a backup, or remove it to make a new \
+                     identity (which cannot register this machine's name again)",
+                    path.display()
+                ))
             }
         }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!(
+            "cannot read the identity file {}: {e} (run as root, or set {IDENTITY_FILE_VAR})",
+            path.display()
+        )),
+    };
+    if let Some(identity) = read(path)? {
+        return Ok((identity, false));
     }
-    let tried: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    Err(format!(
-        "this machine has no machine id (tried {}); `systemd-machine-id-setup` creates one",
-        tried.join(", ")
-    ))
+    let cannot_write = |e: io::Error| {
+        format!(
+            "cannot write the identity file {}: {e} (run as root, or set {IDENTITY_FILE_VAR})",
+            path.display()
+        )
+    };
+    let identity = new_identity().map_err(cannot_write)?;
+    match write_new_atomic(path, format!("{identity}\n").as_bytes(), 0o600, 0o700) {
+        Ok(()) => Ok((identity, true)),
+        // Created meanwhile (another `register`): that one counts.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match read(path)? {
+            Some(identity) => Ok((identity, false)),
+            None => Err(cannot_write(e)),
+        },
+        Err(e) => Err(cannot_write(e)),
+    }
 }
 
 /// The settings file's text with `settings` set: a line already setting one of them is
@@ -425,6 +485,23 @@ pub fn write_config(path: &Path, settings: &[(&str, &str)]) -> io::Result<()> {
 /// Writes `path` through a temporary file of mode `mode` in the same directory (created with
 /// `dir_mode` if missing), renamed over it.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32, dir_mode: u32) -> io::Result<()> {
+    write_through_temp(path, bytes, mode, dir_mode, false)
+}
+
+/// Like [`write_atomic`], but fails with [`io::ErrorKind::AlreadyExists`] instead of
+/// replacing a file that exists (the temporary file is linked to `path`, which never
+/// replaces; renamed where the file system has no hard links).
+fn write_new_atomic(path: &Path, bytes: &[u8], mode: u32, dir_mode: u32) -> io::Result<()> {
+    write_through_temp(path, bytes, mode, dir_mode, true)
+}
+
+fn write_through_temp(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    dir_mode: u32,
+    no_replace: bool,
+) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 
     let dir = parent_of(path);
@@ -446,7 +523,16 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32, dir_mode: u32) -> io::Resu
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temp, path)
+        if !no_replace {
+            return std::fs::rename(&temp, path);
+        }
+        match std::fs::hard_link(&temp, path) {
+            Ok(()) => std::fs::remove_file(&temp),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Err(e),
+            Err(_) if path.exists() => Err(io::ErrorKind::AlreadyExists.into()),
+            // No hard links on this file system: renamed (a race is then possible, unlikely).
+            Err(_) => std::fs::rename(&temp, path),
+        }
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -550,8 +636,9 @@ fn shell_word(word: &str) -> String {
 /// programs ([`System::from_env`]), or a test's.
 #[derive(Debug, Clone)]
 pub struct System {
-    /// Where the machine id is looked for, in order.
-    pub machine_id_files: Vec<PathBuf>,
+    /// The identity file (`LABLINK_IDENTITY_FILE`); `None`: [`IDENTITY_FILE_NAME`] next to the
+    /// settings file (see [`identity_path`]).
+    pub identity_file: Option<PathBuf>,
     /// The machine's hostname, as the kernel has it.
     pub hostname: Option<String>,
     /// This program, for the unit's `ExecStart=`.
@@ -565,21 +652,19 @@ pub struct System {
 }
 
 impl System {
-    /// This machine: [`MACHINE_ID_FILES`] (or `LABLINK_MACHINE_ID_FILE`), the kernel's
-    /// hostname, this program, [`UNIT_PATH`], `systemctl` on `PATH`, and
-    /// `LABLINK_REGISTRATION_TOKEN`.
+    /// This machine: `LABLINK_IDENTITY_FILE` (if set), the kernel's hostname, this program,
+    /// [`UNIT_PATH`], `systemctl` on `PATH`, and `LABLINK_REGISTRATION_TOKEN`.
     pub fn from_env() -> Self {
-        let machine_id_files = match std::env::var_os(MACHINE_ID_FILE_VAR) {
-            Some(file) if !file.is_empty() => vec![PathBuf::from(file)],
-            _ => MACHINE_ID_FILES.iter().map(PathBuf::from).collect(),
-        };
+        let identity_file = std::env::var_os(IDENTITY_FILE_VAR)
+            .filter(|file| !file.is_empty())
+            .map(|file| std::path::absolute(&file).unwrap_or_else(|_| file.into()));
         let hostname = ["/proc/sys/kernel/hostname", "/etc/hostname"]
             .iter()
             .filter_map(|f| std::fs::read_to_string(f).ok())
             .map(|h| h.trim().to_owned())
             .find(|h| !h.is_empty());
         Self {
-            machine_id_files,
+            identity_file,
             hostname,
             executable: std::env::current_exe().ok(),
             unit_path: UNIT_PATH.into(),
@@ -720,7 +805,6 @@ async fn register(args: &RegisterArgs, system: &System, out: &mut dyn Write) -> 
                 Failed("cannot make a name of this machine's hostname; pass --name".into())
             })?,
     };
-    let machine_identity = machine_identity(&system.machine_id_files).map_err(Failed)?;
     let config = &args.config;
     check_writable(config, 0o700).map_err(|e| {
         Failed(format!(
@@ -728,6 +812,9 @@ async fn register(args: &RegisterArgs, system: &System, out: &mut dyn Write) -> 
             config.display()
         ))
     })?;
+    // Never printed: whoever has it can register this machine's name.
+    let identity_file = identity_path(config, system.identity_file.as_deref());
+    let (machine_identity, _) = load_or_create_identity(&identity_file).map_err(Failed)?;
     let executable = if args.no_service {
         system.executable().ok()
     } else {
@@ -798,6 +885,10 @@ async fn register(args: &RegisterArgs, system: &System, out: &mut dyn Write) -> 
             ("VM_NAME", hostname.as_str()),
             ("API_TOKEN", token),
             ("LABLINK_REGISTERED", "1"),
+            (
+                "LABLINK_ALLOW_REBOOT",
+                if args.allow_reboot { "1" } else { "0" },
+            ),
         ],
     )
     .map_err(|e| {
@@ -983,7 +1074,6 @@ mod tests {
     use super::*;
     use crate::test_http::{Reply, Request, TestServer};
 
-    const MACHINE_ID: &str = "0123456789abcdef0123456789abcdef";
     const REGISTRATION_TOKEN: &str = "reg-s3cret-token";
     const AGENT_TOKEN: &str = "agent-s3cret-token";
 
@@ -1178,48 +1268,112 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_identity_is_a_stable_derivation_of_the_machine_id() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b, c) = (
-            dir.path().join("a"),
-            dir.path().join("b"),
-            dir.path().join("c"),
-        );
-        std::fs::write(&a, format!("{MACHINE_ID}\n")).unwrap();
-        std::fs::write(&b, MACHINE_ID).unwrap();
-        std::fs::write(&c, "fedcba9876543210fedcba9876543210\n").unwrap();
-        let id_a = machine_identity(std::slice::from_ref(&a)).unwrap();
-        // The documented derivation, computed independently.
-        assert_eq!(
-            id_a,
-            "87e85ce25c2356c270dc7eefc3a3a64fb2e5cde2524c58aa9049719f9059cf44"
-        );
-        assert_eq!(
-            machine_identity(&[b]).unwrap(),
-            id_a,
-            "same id, same identity"
-        );
-        let id_c = machine_identity(std::slice::from_ref(&c)).unwrap();
-        assert_ne!(id_c, id_a);
-        for id in [&id_a, &id_c] {
-            assert_eq!(id.len(), 64);
-            assert!(id
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn is_hex_identity(identity: &str) -> bool {
+        identity.len() == 64
+            && identity
                 .chars()
-                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
-            assert!(!id.contains(MACHINE_ID) && !id.contains("fedcba9876543210"));
-        }
-        // The first file that has an id counts.
-        let missing = dir.path().join("missing");
-        let empty = dir.path().join("empty");
-        std::fs::write(&empty, "uninitialized\n").unwrap();
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    }
+
+    #[test]
+    fn the_identity_file_is_next_to_the_settings_unless_named() {
         assert_eq!(
-            machine_identity(&[missing.clone(), empty.clone(), c]).unwrap(),
-            id_c
+            identity_path(Path::new("/tmp/x/ws.env"), None),
+            Path::new("/tmp/x/machine-identity")
         );
-        let e = machine_identity(&[missing.clone(), empty.clone()]).unwrap_err();
+        assert_eq!(
+            identity_path(Path::new(DEFAULT_CONFIG), None),
+            Path::new(DEFAULT_IDENTITY_FILE)
+        );
+        assert_eq!(
+            identity_path(Path::new("/tmp/x/ws.env"), Some(Path::new("/srv/id"))),
+            Path::new("/srv/id")
+        );
+    }
+
+    #[test]
+    fn the_identity_is_a_private_random_secret_created_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new/dir/machine-identity");
+        let (identity, created) = load_or_create_identity(&file).unwrap();
+        assert!(created);
+        assert!(is_hex_identity(&identity), "{identity}");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            format!("{identity}\n")
+        );
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(file.parent().unwrap()), 0o700);
+        let leftovers: Vec<_> = std::fs::read_dir(file.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["machine-identity"], "no temporary file is left");
+
+        // Kept: the same identity every time.
+        assert_eq!(
+            load_or_create_identity(&file).unwrap(),
+            (identity.clone(), false)
+        );
+        // Another machine, another identity.
+        let (other, _) = load_or_create_identity(&dir.path().join("other")).unwrap();
+        assert!(is_hex_identity(&other) && other != identity);
+        // An existing file is never replaced.
+        let e = write_new_atomic(&file, b"x", 0o600, 0o700).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            format!("{identity}\n")
+        );
+
+        // One the admin wrote (or restored) is used as it is, trimmed.
+        let own = dir.path().join("own");
+        std::fs::write(&own, "  My_Own-identity-0123 \n").unwrap();
+        assert_eq!(
+            load_or_create_identity(&own).unwrap(),
+            ("My_Own-identity-0123".to_owned(), false)
+        );
+    }
+
+    #[test]
+    fn a_bad_identity_file_is_named_but_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("machine-identity");
+        for bad in [
+            String::new(),
+            "too-short-1234".to_owned(),
+            "secret identity with spaces".to_owned(),
+            "secret/identity/0123456789".to_owned(),
+            "a".repeat(129),
+        ] {
+            std::fs::write(&file, &bad).unwrap();
+            let e = load_or_create_identity(&file).unwrap_err();
+            assert!(
+                e.contains(&file.display().to_string())
+                    && e.contains("does not hold a machine identity"),
+                "{e}"
+            );
+            assert!(bad.is_empty() || !e.contains(&bad), "{e}");
+            assert!(!e.contains('\n'));
+            assert_eq!(
+                std::fs::read_to_string(&file).unwrap(),
+                bad,
+                "left as it was"
+            );
+        }
+        for good in ["a".repeat(16), "Z-_9".repeat(32)] {
+            assert!(is_identity(&good), "{good}");
+        }
+        let e = load_or_create_identity(dir.path()).unwrap_err();
+        assert!(e.contains("cannot read the identity file"), "{e}");
+        let blocked = dir.path().join("machine-identity/under-a-file");
+        let e = load_or_create_identity(&blocked).unwrap_err();
         assert!(
-            e.contains(&missing.display().to_string()) && e.contains(&empty.display().to_string()),
+            e.contains(&blocked.display().to_string()) && e.contains(IDENTITY_FILE_VAR),
             "{e}"
         );
     }
@@ -1257,7 +1411,6 @@ mod tests {
             ("LABLINK_REGISTERED", "1"),
         ];
         write_config(&file, &settings).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&file), 0o600);
         assert_eq!(mode(file.parent().unwrap()), 0o700);
 
@@ -1346,8 +1499,9 @@ mod tests {
         }
     }
 
-    /// A scratch machine: a machine id, this "program", a unit directory and a `systemctl`
-    /// that records its arguments (`is-active` exits `active_status`).
+    /// A scratch machine: this "program", a unit directory and a `systemctl` that records
+    /// its arguments (`is-active` exits `active_status`); its identity file is made next to
+    /// the settings file, [`Machine::config`].
     struct Machine {
         dir: tempfile::TempDir,
         system: System,
@@ -1356,8 +1510,6 @@ mod tests {
     impl Machine {
         fn new(active_status: u8, fail_enable: bool) -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let id = dir.path().join("machine-id");
-            std::fs::write(&id, format!("{MACHINE_ID}\n")).unwrap();
             let exe = dir.path().join("bin/lablink-agent");
             std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
             std::fs::write(&exe, "").unwrap();
@@ -1381,7 +1533,7 @@ mod tests {
                 .unwrap();
             assert!(status.success());
             let system = System {
-                machine_id_files: vec![id],
+                identity_file: None,
                 hostname: Some("Lab-WS-07".into()),
                 executable: Some(exe),
                 unit_path: dir.path().join("systemd/lablink-agent.service"),
@@ -1395,6 +1547,18 @@ mod tests {
             self.dir.path().join("etc/agent.env")
         }
 
+        /// The identity file `register` uses.
+        fn identity_file(&self) -> PathBuf {
+            identity_path(&self.config(), self.system.identity_file.as_deref())
+        }
+
+        fn identity(&self) -> String {
+            std::fs::read_to_string(self.identity_file())
+                .unwrap()
+                .trim()
+                .to_owned()
+        }
+
         fn systemctl_calls(&self) -> String {
             std::fs::read_to_string(self.dir.path().join("systemctl.log")).unwrap_or_default()
         }
@@ -1406,10 +1570,16 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 String::from_utf8(err).unwrap(),
             );
+            let identity = std::fs::read_to_string(self.identity_file()).unwrap_or_default();
+            let identity = identity.trim();
             for text in [&out, &err] {
                 assert!(
                     !text.contains(REGISTRATION_TOKEN) && !text.contains(AGENT_TOKEN),
                     "a token was printed: {text}"
+                );
+                assert!(
+                    identity.is_empty() || !text.contains(identity),
+                    "the identity was printed: {text}"
                 );
             }
             (code, out, err)
@@ -1478,6 +1648,12 @@ mod tests {
             )
         );
 
+        // The identity: made at the first registration, next to the settings, private.
+        let identity_file = config.parent().unwrap().join("machine-identity");
+        assert_eq!(m.identity_file(), identity_file);
+        let identity = m.identity();
+        assert!(is_hex_identity(&identity), "{identity}");
+        assert_eq!(mode(&identity_file), 0o600);
         let requests = server.requests();
         assert_eq!(requests.len(), 1);
         let body = requests[0].json();
@@ -1485,29 +1661,84 @@ mod tests {
             body,
             serde_json::json!({
                 "hostname": "lab-ws-07",
-                "machine_identity": identity_of(MACHINE_ID),
+                "machine_identity": identity,
                 "allow_reboot": true,
                 "address": "10.1.2.3",
             })
-        );
-        assert!(
-            !requests[0].text().contains(MACHINE_ID),
-            "the raw machine id was sent"
         );
 
         let text = std::fs::read_to_string(&config).unwrap();
         assert_eq!(
             text,
             format!(
-                "ALLOCATOR_URL={url}\nVM_NAME=lab-ws-07\nAPI_TOKEN={AGENT_TOKEN}\nLABLINK_REGISTERED=1\n"
+                "ALLOCATOR_URL={url}\nVM_NAME=lab-ws-07\nAPI_TOKEN={AGENT_TOKEN}\nLABLINK_REGISTERED=1\n\
+                 LABLINK_ALLOW_REBOOT=1\n"
             )
         );
-        assert_eq!(
-            std::fs::metadata(&config).unwrap().permissions().mode() & 0o777,
-            0o600
+        assert!(
+            !text.contains(&identity),
+            "the identity is only in its own file"
         );
+        assert_eq!(mode(&config), 0o600);
         assert_eq!(m.systemctl_calls(), "", "--no-service runs no systemctl");
         assert!(!m.system.unit_path.exists());
+
+        // Registered again: the same identity; without --allow-reboot, reboots are off.
+        let (code, _, err) = m
+            .run(&[
+                "register",
+                &format!("--allocator-url={url}"),
+                &format!("--token={REGISTRATION_TOKEN}"),
+                &format!("--config={}", config.display()),
+                "--no-service",
+            ])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        let requests = server.requests();
+        assert_eq!(requests[1].json()["machine_identity"], identity.as_str());
+        assert_eq!(requests[1].json()["allow_reboot"], false);
+        assert_eq!(m.identity(), identity);
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert!(
+            text.ends_with("LABLINK_REGISTERED=1\nLABLINK_ALLOW_REBOOT=0\n"),
+            "{text}"
+        );
+        let agent = crate::AgentConfig::from_vars([(
+            "LABLINK_AGENT_CONFIG".into(),
+            config.clone().into_os_string(),
+        )])
+        .unwrap();
+        assert!(agent.registered && !agent.allow_reboot);
+    }
+
+    #[tokio::test]
+    async fn the_identity_file_can_be_named() {
+        let server = allocator(false, 202).await;
+        let mut m = Machine::new(3, false);
+        let named = m.dir.path().join("secrets/id");
+        m.system.identity_file = Some(named.clone());
+        let (code, _, err) = m
+            .run(&[
+                "register",
+                &format!("--allocator-url={}/base", server.url),
+                &format!("--token={REGISTRATION_TOKEN}"),
+                &format!("--config={}", m.config().display()),
+                "--no-service",
+            ])
+            .await;
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(m.identity_file(), named);
+        assert!(!m
+            .config()
+            .parent()
+            .unwrap()
+            .join("machine-identity")
+            .exists());
+        assert_eq!(
+            server.requests()[0].json()["machine_identity"],
+            m.identity().as_str()
+        );
+        assert_eq!(mode(&named), 0o600);
     }
 
     #[tokio::test]
@@ -1516,7 +1747,11 @@ mod tests {
         let m = Machine::new(3, false);
         let config = m.config();
         std::fs::create_dir_all(config.parent().unwrap()).unwrap();
-        std::fs::write(&config, "LABLINK_START_HOST=dry-run\nAPI_TOKEN=previous\n").unwrap();
+        std::fs::write(
+            &config,
+            "LABLINK_START_HOST=dry-run\nLABLINK_ALLOW_REBOOT=1\nAPI_TOKEN=previous\n",
+        )
+        .unwrap();
         let mut system = m.system.clone();
         system.registration_token = Some(RegistrationToken::new(REGISTRATION_TOKEN).unwrap());
         let (mut out, mut err) = (Vec::new(), Vec::new());
@@ -1540,10 +1775,11 @@ mod tests {
         let text = std::fs::read_to_string(&config).unwrap();
         assert!(
             text.starts_with(&format!(
-                "LABLINK_START_HOST=dry-run\nAPI_TOKEN={AGENT_TOKEN}\n"
+                "LABLINK_START_HOST=dry-run\nLABLINK_ALLOW_REBOOT=0\nAPI_TOKEN={AGENT_TOKEN}\n"
             )),
             "{text}"
         );
+        assert_eq!(text.matches("LABLINK_ALLOW_REBOOT").count(), 1, "{text}");
     }
 
     #[tokio::test]
@@ -1575,8 +1811,10 @@ mod tests {
     #[tokio::test]
     async fn register_checks_the_machine_before_it_spends_the_token() {
         let server = allocator(false, 202).await;
-        let mut m = Machine::new(3, false);
-        m.system.machine_id_files = vec![m.dir.path().join("none")];
+        let m = Machine::new(3, false);
+        let identity_file = m.identity_file();
+        std::fs::create_dir_all(identity_file.parent().unwrap()).unwrap();
+        std::fs::write(&identity_file, "not an identity\n").unwrap();
         let (code, _, err) = m
             .run(&[
                 "register",
@@ -1587,9 +1825,14 @@ mod tests {
             .await;
         assert_eq!(code, 1);
         assert!(
-            err.contains("no machine id") && err.contains("none"),
+            err.contains(&format!(
+                "the identity file {} does not hold a machine identity",
+                identity_file.display()
+            )),
             "{err}"
         );
+        assert!(!err.contains("not an identity"), "{err}");
+        assert!(!m.config().exists());
 
         let m = Machine::new(3, false);
         let blocked = m.dir.path().join("file");
@@ -1704,6 +1947,7 @@ mod tests {
                 ],
             )
             .unwrap();
+            let (identity, _) = load_or_create_identity(&m.identity_file()).unwrap();
             std::fs::create_dir_all(m.system.unit_path.parent().unwrap()).unwrap();
             std::fs::write(&m.system.unit_path, "[Unit]\n").unwrap();
             let (code, out, err) = m
@@ -1723,6 +1967,11 @@ mod tests {
                 "disable --now lablink-agent\ndaemon-reload\n"
             );
             assert!(!config.exists() && !m.system.unit_path.exists());
+            assert_eq!(
+                m.identity(),
+                identity,
+                "the identity is kept, for next time"
+            );
             let requests = server.requests();
             assert_eq!(requests.len(), 1);
             assert_eq!(requests[0].method, "DELETE");

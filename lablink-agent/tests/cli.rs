@@ -60,20 +60,41 @@ async fn allocator() -> TestServer {
     .await
 }
 
-fn machine_id(dir: &Path, name: &str, id: &str) -> String {
-    let file = dir.join(name);
-    std::fs::write(&file, format!("{id}\n")).unwrap();
-    file.display().to_string()
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
 #[tokio::test]
 async fn register_two_machines_then_a_refused_token() {
     let server = allocator().await;
     let dir = tempfile::tempdir().unwrap();
-    let one = machine_id(dir.path(), "id-1", "11111111111111111111111111111111");
-    let two = machine_id(dir.path(), "id-2", "22222222222222222222222222222222");
-    for (name, id_file) in [("ws-1", &one), ("ws-2", &two)] {
-        let config = dir.path().join(format!("{name}.env"));
+    // ws-1 keeps its identity next to its settings (the default), ws-2 where
+    // LABLINK_IDENTITY_FILE says.
+    let ws1_config = dir.path().join("ws-1/agent.env");
+    let ws2_config = dir.path().join("ws-2.env");
+    let ws2_identity = dir.path().join("ids/ws-2.identity");
+    let machines = [
+        (
+            "ws-1",
+            &ws1_config,
+            dir.path().join("ws-1/machine-identity"),
+            None,
+        ),
+        (
+            "ws-2",
+            &ws2_config,
+            ws2_identity.clone(),
+            Some(&ws2_identity),
+        ),
+    ];
+    let mut identities = Vec::new();
+    for (name, config, identity_file, named) in &machines {
+        let mut env = vec![("LABLINK_REGISTRATION_TOKEN", REGISTRATION_TOKEN.to_owned())];
+        if let Some(file) = named {
+            env.push(("LABLINK_IDENTITY_FILE", file.display().to_string()));
+        }
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let output = lablink_agent(
             &[
                 "register",
@@ -85,10 +106,7 @@ async fn register_two_machines_then_a_refused_token() {
                 config.to_str().unwrap(),
                 "--no-service",
             ],
-            &[
-                ("LABLINK_REGISTRATION_TOKEN", REGISTRATION_TOKEN),
-                ("LABLINK_MACHINE_ID_FILE", id_file),
-            ],
+            &env,
         )
         .await;
         assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
@@ -101,19 +119,49 @@ async fn register_two_machines_then_a_refused_token() {
             stdout.contains(&format!("LABLINK_AGENT_CONFIG={} ", config.display())),
             "{stdout}"
         );
-        let settings = std::fs::read_to_string(&config).unwrap();
+        let settings = std::fs::read_to_string(config).unwrap();
         assert!(
-            settings.contains(&format!("API_TOKEN={AGENT_TOKEN}\n")),
+            settings.contains(&format!("API_TOKEN={AGENT_TOKEN}\n"))
+                && settings.contains("LABLINK_ALLOW_REBOOT=0\n"),
             "{settings}"
         );
+        let identity = std::fs::read_to_string(identity_file).unwrap();
+        let identity = identity.trim().to_owned();
+        assert_eq!(identity.len(), 64, "256 bits in hex");
+        assert_eq!(mode(identity_file), 0o600);
+        for printed in [&output.stdout, &output.stderr] {
+            assert!(
+                !text(printed).contains(&identity),
+                "the identity was printed"
+            );
+        }
+        identities.push(identity);
     }
-    let identities: Vec<String> = server
+    let sent: Vec<String> = server
         .requests()
         .iter()
         .map(|r| r.json()["machine_identity"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(identities.len(), 2);
+    assert_eq!(sent, identities, "each machine sends its own identity");
     assert_ne!(identities[0], identities[1], "two machines, two identities");
+
+    // Unregistered (the allocator no longer knows it): the identity stays for next time.
+    let output = lablink_agent(
+        &[
+            "unregister",
+            "--config",
+            ws1_config.to_str().unwrap(),
+            "--no-service",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(!ws1_config.exists());
+    assert_eq!(
+        std::fs::read_to_string(&machines[0].2).unwrap().trim(),
+        identities[0]
+    );
 
     let output = lablink_agent(
         &[
@@ -125,7 +173,7 @@ async fn register_two_machines_then_a_refused_token() {
             dir.path().join("ws-3.env").to_str().unwrap(),
             "--no-service",
         ],
-        &[("LABLINK_MACHINE_ID_FILE", &one)],
+        &[],
     )
     .await;
     assert_eq!(output.status.code(), Some(1));
@@ -157,21 +205,27 @@ async fn a_registered_agent_whose_token_is_refused_exits_3() {
     let server = allocator().await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.env");
-    std::fs::write(
-        &config,
-        format!(
-            "ALLOCATOR_URL={}\nVM_NAME=ws-1\nAPI_TOKEN={AGENT_TOKEN}\nLABLINK_REGISTERED=1\n\
-             LABLINK_START_HOST=dry-run\nLABLINK_NVIDIA_SMI=/nonexistent/nvidia-smi\n\
-             LABLINK_BACKOFF_MAX_SECS=0.1\n",
-            server.url
-        ),
-    )
-    .unwrap();
-    let output = lablink_agent(&[], &[("LABLINK_AGENT_CONFIG", config.to_str().unwrap())]).await;
-    assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
-    assert!(
-        text(&output.stderr).contains("this machine is no longer registered"),
-        "{}",
-        text(&output.stderr)
-    );
+    // 0: the first 401 stops it; 1: only once every answer was 401 for a second.
+    for after in [0, 1] {
+        std::fs::write(
+            &config,
+            format!(
+                "ALLOCATOR_URL={}\nVM_NAME=ws-1\nAPI_TOKEN={AGENT_TOKEN}\nLABLINK_REGISTERED=1\n\
+                 LABLINK_START_HOST=dry-run\nLABLINK_NVIDIA_SMI=/nonexistent/nvidia-smi\n\
+                 LABLINK_BACKOFF_MAX_SECS=0.1\nLABLINK_UNREGISTERED_AFTER_SECS={after}\n",
+                server.url
+            ),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let output =
+            lablink_agent(&[], &[("LABLINK_AGENT_CONFIG", config.to_str().unwrap())]).await;
+        assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
+        assert!(
+            text(&output.stderr).contains("this machine is no longer registered"),
+            "{}",
+            text(&output.stderr)
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_secs(after));
+    }
 }

@@ -82,8 +82,14 @@ impl RegistrationTokenOptions {
                 "a registration token is valid for one minute to a year",
             ));
         }
-        if self.max_uses == Some(0) {
-            return Err(Error::invalid_input("max_uses must be at least 1"));
+        if self
+            .max_uses
+            .is_some_and(|n| !(1..=RegistrationToken::MAX_USES).contains(&n))
+        {
+            return Err(Error::invalid_input(format!(
+                "max_uses must be 1–{}",
+                RegistrationToken::MAX_USES
+            )));
         }
         if self.label.chars().count() > RegistrationToken::MAX_LABEL
             || self.label.chars().any(char::is_control)

@@ -312,30 +312,6 @@ impl LabLink {
             .temporary())
     }
 
-    /// Releases `hostname`'s participant if `pick` holds on the record at the moment it
-    /// changes; returns the hostname when it was released.
-    pub(crate) async fn release_where(
-        &self,
-        hostname: &Hostname,
-        pick: impl Fn(&VmRecord) -> bool + Send + Sync,
-    ) -> Result<Vec<Hostname>> {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        // The decision on the record version the change was applied to is the last one.
-        let chosen = AtomicBool::new(false);
-        let record = self
-            .apply_if(hostname, |r| {
-                let yes = r.state.is_owned() && pick(r);
-                chosen.store(yes, Ordering::SeqCst);
-                yes.then_some(VmEvent::Release)
-            })
-            .await?;
-        if !chosen.load(Ordering::SeqCst) || record.state.is_owned() {
-            return Ok(Vec::new());
-        }
-        self.publish(hostname).await;
-        Ok(vec![hostname.clone()])
-    }
-
     /// Wakes waiters of `hostname`. A failed publish only costs latency (waiters re-read on
     /// their timeout), so it is logged, not returned.
     pub(crate) async fn publish(&self, hostname: &Hostname) {
@@ -623,14 +599,25 @@ impl Allocator for LabLink {
         let span = tracing::info_span!("register", hostname = %request.hostname);
         async {
             request.check()?;
+            // `<prefix>-<n>` names are the ones launches number.
+            let prefix = format!("{}-", self.inner.config.hostname_prefix);
+            if request
+                .hostname
+                .as_str()
+                .strip_prefix(&prefix)
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(Error::invalid_input(format!(
+                    "names {prefix}<number> are for the VMs this deployment launches; choose another"
+                )));
+            }
             let token = AgentToken::generate();
             let now = self.inner.clock.now();
             let registered = self
                 .inner
                 .store
-                .register(&secret.digest(), request, token.digest(), now)
-                .await
-                .inspect_err(|e| tracing::warn!(error = %e, "registration refused"))?;
+                .register(&secret.digest(), &request.digested(), token.digest(), now)
+                .await?;
             tracing::info!(again = registered.again, "machine registered");
             // Waits under the previous token end; the agent starts again with the new one.
             self.publish(&request.hostname).await;

@@ -83,18 +83,19 @@ impl Provisioner for ManualProvisioner {
 
     async fn destroy(&self, vms: &[ProvisionedVm]) -> Result<()> {
         for vm in vms {
-            if self.registered(vm).await?.is_some_and(|r| in_pool(&r)) {
-                match self
-                    .store
-                    .apply(&vm.hostname, &VmEvent::Destroy, None, self.clock.now())
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if e.is_not_found() => {}
-                    Err(e) => return Err(e),
-                }
+            if !self.registered(vm).await?.is_some_and(|r| in_pool(&r)) {
+                continue;
             }
-            tracing::info!(hostname = %vm.hostname, "registered machine unregistered");
+            let now = self.clock.now();
+            match self
+                .store
+                .apply(&vm.hostname, &VmEvent::Destroy, None, now)
+                .await
+            {
+                Ok(_) => tracing::info!(hostname = %vm.hostname, "registered machine unregistered"),
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

@@ -313,6 +313,15 @@ impl VmRecord {
         self.registration.is_some()
     }
 
+    /// Whether this registered machine was asked to reboot (its owner allowed it) and its
+    /// agent has not answered yet: the reboot cleared the agent's status, and the agent
+    /// reports `rebooting` before it reboots.
+    pub fn reboot_requested(&self) -> bool {
+        matches!(self.state, VmState::Rebooting { .. })
+            && self.agent_status.is_none()
+            && self.registration.as_ref().is_some_and(|r| r.allow_reboot)
+    }
+
     /// Whether a claim may take this VM: `Available` and its GPU not reported unhealthy.
     pub fn is_assignable(&self) -> bool {
         self.state.is_assignable() && self.gpu_health != GpuHealth::Unhealthy

@@ -21,14 +21,16 @@ use crate::{Error, Hostname, Result, VmRecord};
 /// provider's id has it, so a provisioner can tell registered machines apart.
 pub const INSTANCE_ID_PREFIX: &str = "registered:";
 
-/// What a machine sends to join.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a machine sends to join. Its `Debug` hides the machine identity.
+#[derive(Clone, PartialEq, Eq)]
 pub struct MachineRegistration {
     /// The name it joins under (unique in the deployment).
     pub hostname: Hostname,
-    /// A stable identity of the machine, the same every time it registers (the agent
-    /// derives it from `/etc/machine-id`): 16–128 characters of `[A-Za-z0-9_-]`. Another
-    /// machine cannot take over a name registered with a different identity.
+    /// A stable identity of the machine, the same every time it registers: a secret only
+    /// the machine's owner can read (the agent keeps 256 random bits in a root-only file),
+    /// 16–128 characters of `[A-Za-z0-9_-]`. Another machine cannot take over a name
+    /// registered with a different identity. Stores keep only its digest
+    /// ([`digested`](Self::digested)).
     pub machine_identity: String,
     /// Whether the owner allows the allocator to reboot the machine.
     pub allow_reboot: bool,
@@ -36,7 +38,21 @@ pub struct MachineRegistration {
     pub address: Option<String>,
 }
 
+impl std::fmt::Debug for MachineRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineRegistration")
+            .field("hostname", &self.hostname)
+            .field("machine_identity", &"***")
+            .field("allow_reboot", &self.allow_reboot)
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
 impl MachineRegistration {
+    /// Longest name a machine registers under (its instance id, `registered:<name>`, stays
+    /// within the 255 characters an instance id may have).
+    pub const MAX_NAME: usize = 255 - INSTANCE_ID_PREFIX.len();
     /// Longest machine identity accepted.
     pub const MAX_IDENTITY: usize = 128;
     /// Shortest machine identity accepted.
@@ -45,6 +61,12 @@ impl MachineRegistration {
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the first
     /// malformed field.
     pub fn check(&self) -> Result<()> {
+        if self.hostname.as_str().len() > Self::MAX_NAME {
+            return Err(Error::invalid_input(format!(
+                "a registered machine's name is at most {} characters",
+                Self::MAX_NAME
+            )));
+        }
         let id = &self.machine_identity;
         if !(Self::MIN_IDENTITY..=Self::MAX_IDENTITY).contains(&id.len())
             || !id
@@ -68,6 +90,17 @@ impl MachineRegistration {
             }
         }
         Ok(())
+    }
+
+    /// This request with its machine identity replaced by the identity's SHA-256 (hex),
+    /// what stores keep and compare.
+    pub fn digested(&self) -> Self {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(self.machine_identity.as_bytes());
+        Self {
+            machine_identity: digest.iter().map(|b| format!("{b:02x}")).collect(),
+            ..self.clone()
+        }
     }
 
     /// The record a first registration creates: `Booting` (its agent makes it available),
@@ -127,6 +160,8 @@ pub struct RegistrationToken {
 impl RegistrationToken {
     /// Longest label accepted.
     pub const MAX_LABEL: usize = 200;
+    /// Most machines one token may register.
+    pub const MAX_USES: u32 = 1_000_000;
 
     /// Why the token cannot register a machine at `now` (a new one when `new_machine`), or
     /// `None` when it can. Re-registering a machine counts no use, so a used-up token still
@@ -187,6 +222,10 @@ pub fn decide(
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let token = token.ok_or_else(|| refused("the registration token is not valid"))?;
+    // A revoked or expired token learns nothing about the names in use.
+    if let Some(why) = token.refusal(now, false) {
+        return Err(refused(why));
+    }
     if let Some(other) = by_identity.filter(|r| r.hostname != request.hostname) {
         return Err(registered_as(other));
     }
@@ -194,15 +233,20 @@ pub fn decide(
         None => false,
         Some(r) => match &r.registration {
             Some(reg) if reg.machine_identity == request.machine_identity => {
-                if matches!(
-                    r.state,
-                    crate::VmState::Terminating | crate::VmState::Terminated
-                ) {
-                    return Err(Error::conflict(
-                        "this machine is being unregistered; register it again in a moment",
-                    ));
+                match r.state {
+                    crate::VmState::Terminating | crate::VmState::Terminated => {
+                        return Err(Error::conflict(
+                            "this machine is being unregistered; register it again in a moment",
+                        ))
+                    }
+                    // Nothing brings a failed record back: the admin sees why, then it goes.
+                    crate::VmState::Failed => {
+                        return Err(Error::conflict(
+                            "this machine's record failed (see the admin page); unregister it (lablink-agent unregister, or destroy it from the admin page), then register again",
+                        ))
+                    }
+                    _ => true,
                 }
-                true
             }
             _ => return Err(name_taken(r)),
         },

@@ -73,6 +73,9 @@ async fn a_mixed_pool_uses_both_launches_cloud_vms_only_and_flags_a_silent_regis
     let token1 = register(&lablink, &secret, "lab-ws-1").await;
     register(&lablink, &secret, "lab-ws-2").await;
     let fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+    // A registered machine counts toward K only once it is free (nothing replaces one
+    // stuck booting): the pool starts once both are.
+    tokio::time::sleep(BOOT + 5 * SEC).await;
     let supervisor = lablink.start_supervisor().unwrap();
     tokio::time::sleep(BOOT + 30 * SEC).await;
 

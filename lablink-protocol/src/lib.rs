@@ -222,15 +222,17 @@ pub struct TasksBody {
     pub reboot: bool,
 }
 
-/// Body of `POST /api/v1/registrations` (the bearer token is the registration token).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Body of `POST /api/v1/registrations` (the bearer token is the registration token). Its
+/// `Debug` hides the machine identity.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RegistrationBody {
     /// The name to join under: letters, digits, `.`, `_`, `-`; unique in the deployment.
     #[cfg_attr(feature = "openapi", schema(example = "lab-ws-07"))]
     pub hostname: String,
     /// A stable identity of the machine (16–128 of `[A-Za-z0-9_-]`), the same at every
-    /// registration; the agent derives it from `/etc/machine-id`.
+    /// registration: a secret only the machine's owner can read (the agent keeps 256 random
+    /// bits in a root-only file). The allocator keeps only its digest.
     pub machine_identity: String,
     /// Whether the allocator may reboot the machine (default: no).
     #[serde(default)]
@@ -238,6 +240,17 @@ pub struct RegistrationBody {
     /// The machine's address, shown to admins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+}
+
+impl std::fmt::Debug for RegistrationBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrationBody")
+            .field("hostname", &self.hostname)
+            .field("machine_identity", &"***")
+            .field("allow_reboot", &self.allow_reboot)
+            .field("address", &self.address)
+            .finish()
+    }
 }
 
 /// Answer of `POST /api/v1/registrations`: 201 for a new machine, 200 for one registered

@@ -19,7 +19,8 @@ use reqwest::header::{ACCEPT, COOKIE};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-/// A machine on this host: its name, machine-id file and agent's config file.
+/// A machine on this host: its name, identity file (the secret that tells it apart) and
+/// agent's config file.
 struct Machine {
     name: String,
     id_file: PathBuf,
@@ -27,9 +28,9 @@ struct Machine {
 }
 
 impl Machine {
-    fn new(work: &Workdir, name: &str, machine_id: &str) -> Self {
-        let id_file = work.path(&format!("{name}.machine-id"));
-        std::fs::write(&id_file, format!("{machine_id}\n")).unwrap();
+    fn new(work: &Workdir, name: &str, identity: &str) -> Self {
+        let id_file = work.path(&format!("{name}.identity"));
+        std::fs::write(&id_file, format!("{identity}\n")).unwrap();
         Self {
             name: name.to_owned(),
             id_file,
@@ -44,7 +45,7 @@ impl Machine {
             .arg("--config")
             .arg(&self.config)
             .arg("--no-service")
-            .env("LABLINK_MACHINE_ID_FILE", &self.id_file)
+            .env("LABLINK_IDENTITY_FILE", &self.id_file)
             .output()
             .unwrap()
     }
@@ -72,6 +73,8 @@ impl Machine {
             .envs(work.agent_env())
             .env("LABLINK_AGENT_CONFIG", &self.config)
             .env("VM_NAME", &self.name)
+            // Stop at the first refusal of its token (the default waits a minute).
+            .env("LABLINK_UNREGISTERED_AFTER_SECS", "0")
             .stdout(Stdio::null())
             .stderr(log);
         command
@@ -393,6 +396,10 @@ async fn refused_registrations_are_clear_4xx_answers_that_record_nothing() {
             "address",
         ),
         (json!({"hostname": "ws-9"}), "machine_identity"),
+        (
+            json!({"hostname": "lablink-vm-7", "machine_identity": "0123456789abcdef0123"}),
+            "launches",
+        ),
     ] {
         let message = expect_error(register(Some(&token), body).await.unwrap(), 400).await;
         assert!(message.contains(needle), "{message}");

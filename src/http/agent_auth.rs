@@ -16,17 +16,17 @@ use super::extract::vm_hostname;
 use super::{AgentAuthMode, HttpState};
 
 /// The bearer token of a request, if it has one.
-fn bearer(headers: &HeaderMap) -> Option<AgentToken> {
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty())
-        .then(|| AgentToken::from(token.to_owned()))
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
 }
 
 /// Resolves the token of a request to its hostname (401 when missing or unknown).
 async fn authenticate(headers: &HeaderMap, state: &HttpState) -> Result<Hostname, ApiError> {
     let token = bearer(headers)
+        .map(AgentToken::from)
         .ok_or_else(|| ApiError::unauthorized("missing or invalid Authorization header"))?;
     match state.allocator().authenticate_agent(&token).await {
         Ok(hostname) => Ok(hostname),
@@ -42,6 +42,11 @@ async fn authenticate(headers: &HeaderMap, state: &HttpState) -> Result<Hostname
 pub struct Agent(Option<Hostname>);
 
 impl Agent {
+    /// The VM whose token the request carries, in any agent auth mode (401 without one).
+    pub async fn authenticated(headers: &HeaderMap, state: &HttpState) -> Result<Self, ApiError> {
+        Ok(Self(Some(authenticate(headers, state).await?)))
+    }
+
     /// 403 unless the caller may act for `hostname`.
     pub fn authorize(&self, hostname: &Hostname) -> Result<(), ApiError> {
         match &self.0 {

@@ -42,7 +42,7 @@ pub async fn tasks(
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
     let hostname = agent.own(&name)?;
-    if reboot_asked(&state.allocator().vm(&hostname).await?) {
+    if state.allocator().vm(&hostname).await?.reboot_requested() {
         return Ok(Json(TasksBody {
             collection: None,
             reboot: true,
@@ -71,15 +71,6 @@ pub async fn tasks(
         .into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     })
-}
-
-/// Whether an admin (or the supervisor) asked this registered machine to reboot and its
-/// agent has not answered yet: the reboot cleared the agent's status, and the agent reports
-/// `rebooting` before it reboots.
-fn reboot_asked(record: &VmRecord) -> bool {
-    matches!(record.state, VmState::Rebooting { .. })
-        && record.agent_status.is_none()
-        && record.registration.as_ref().is_some_and(|r| r.allow_reboot)
 }
 
 /// The upload's answer: the collection's status.

@@ -22,7 +22,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::admin_auth::{Admin, AdminForm};
-use super::agent_auth::Agent;
+use super::agent_auth::{bearer, Agent};
 use super::client::ClientAddr;
 use super::error::{ApiError, ApiResult};
 use super::extract::{typed, wants_json, ApiJson, PathText};
@@ -41,15 +41,6 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/registration-tokens/{id}", delete(revoke_token))
         .route("/admin/machines", get(page).post(create_from_page))
         .route("/admin/machines/revoke", post(revoke_from_page))
-}
-
-/// The bearer token of a request as a registration secret.
-fn bearer(headers: &HeaderMap) -> Option<RegistrationSecret> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty())
-        .then(|| RegistrationSecret::from(token.to_owned()))
 }
 
 /// A machine joins the pool: 201 with its agent token, 200 when it was registered already
@@ -75,9 +66,11 @@ pub async fn register(
         )
     })?;
     let outcome = async {
-        let secret = bearer(&headers).ok_or_else(|| {
-            ApiError::unauthorized("send the registration token as the bearer token")
-        })?;
+        let secret = bearer(&headers)
+            .map(RegistrationSecret::from)
+            .ok_or_else(|| {
+                ApiError::unauthorized("send the registration token as the bearer token")
+            })?;
         let request = MachineRegistration {
             hostname: body
                 .hostname
@@ -123,10 +116,12 @@ pub async fn register(
     security(("agent_token" = [])))]
 pub async fn unregister(
     State(state): State<HttpState>,
-    agent: Agent,
+    headers: HeaderMap,
     PathText(name): PathText,
 ) -> ApiResult<Response> {
-    let hostname = agent.own(&name)?;
+    // The machine's own token, whatever the agent auth mode: an open-mode deployment must
+    // not let anyone take another's machine out of the pool.
+    let hostname = Agent::authenticated(&headers, &state).await?.own(&name)?;
     if !state.allocator().vm(&hostname).await?.is_registered() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -173,8 +168,8 @@ impl TokenView {
 }
 
 /// Answer of `POST /api/v1/registration-tokens`: the token, shown this once, and the
-/// command that registers a machine with it.
-#[derive(Debug, Serialize, ToSchema)]
+/// command that registers a machine with it. Its `Debug` hides both.
+#[derive(Serialize, ToSchema)]
 pub struct CreatedTokenView {
     /// The token as stored.
     #[serde(flatten)]
@@ -183,6 +178,16 @@ pub struct CreatedTokenView {
     pub token: String,
     /// The command to run (as root) on a machine to register it.
     pub command: String,
+}
+
+impl std::fmt::Debug for CreatedTokenView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedTokenView")
+            .field("view", &self.view)
+            .field("token", &"***")
+            .field("command", &"***")
+            .finish()
+    }
 }
 
 fn options(body: NewTokenBody) -> ApiResult<RegistrationTokenOptions> {

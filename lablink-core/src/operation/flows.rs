@@ -51,6 +51,13 @@ impl LabLink {
     }
 
     pub(crate) async fn start_launch(&self, options: &LaunchOptions) -> Result<Operation> {
+        if !self.inner.provisioner.capabilities().launch {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "this deployment launches no VMs: its machines join by registering (lablink-agent register)",
+            )
+            .with_operation("launch"));
+        }
         let max = self.inner.config.max_launch;
         if options.count == 0 || options.count > max {
             return Err(Error::invalid_input(format!(
@@ -127,8 +134,11 @@ impl LabLink {
             .unwrap_or(0);
         (1..=count as u64)
             .map(|i| {
+                let n = highest.checked_add(i).ok_or_else(|| {
+                    Error::invalid_input(format!("no VM numbers are left after {prefix}{highest}"))
+                })?;
                 Ok(VmSpec {
-                    hostname: format!("{prefix}{}", highest + i).parse()?,
+                    hostname: format!("{prefix}{n}").parse()?,
                     token: AgentToken::generate(),
                 })
             })

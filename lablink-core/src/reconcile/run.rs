@@ -50,7 +50,10 @@ impl LabLink {
                 }
                 _ => e,
             })?;
-        let machines = provisioner.list().await?;
+        // Registered machines are their records: nothing to compare them with (one that
+        // registers between the two reads must not look lost).
+        let mut machines = provisioner.list().await?;
+        machines.retain(|m| !crate::ManualProvisioner::owns(m));
         let records = self.inner.store.list(&VmFilter::default()).await?;
         let mut report = ReconcileReport {
             machines: machines.len(),
@@ -254,6 +257,11 @@ fn lost_applies(state: VmState) -> bool {
 /// The repair a record needs, given the machine that belongs to it (if any).
 fn step_for(record: &VmRecord, machine: Option<ProvisionedVm>) -> Option<Step> {
     match (record.state, machine) {
+        // Only an unfinished unregistration of a registered machine needs a repair.
+        (VmState::Terminating | VmState::Terminated, None) if record.is_registered() => {
+            Some(Step::FinishDestroy(None))
+        }
+        _ if record.is_registered() => None,
         (VmState::Requested, Some(m)) => Some(Step::Attach(m)),
         (VmState::Requested, None) => Some(Step::FailNeverCreated),
         (VmState::Terminating | VmState::Terminated, m) => Some(Step::FinishDestroy(m)),

@@ -9,8 +9,12 @@ use crate::supervision::Shared;
 use crate::supervisor::{DestructionConfig, FlagKind, IdleReleaseConfig, VmFlag};
 use crate::{AgentStatus, Email, Hostname, LaunchOptions, Phase, VmRecord, VmState};
 
-/// A VM that is free or will be: it counts toward K.
+/// A VM that is free or will be: it counts toward K. A registered machine counts only
+/// while free (nothing replaces one that is stuck).
 fn is_free_or_coming(r: &VmRecord) -> bool {
+    if r.is_registered() {
+        return r.is_assignable();
+    }
     match r.state {
         VmState::Requested | VmState::Booting => true,
         VmState::Available => r.is_assignable(),
@@ -230,6 +234,19 @@ impl Supervising {
             if record.state != VmState::Assigned || record.in_use {
                 continue;
             }
+            // A registered machine is not destroyed, and releasing it would hand the next
+            // participant this one's desktop and files: the admin decides.
+            if record.is_registered() {
+                flags.push(VmFlag {
+                    hostname: record.hostname.clone(),
+                    kind: FlagKind::Registered,
+                    message: format!(
+                        "not in use by {}; a registered machine is never released automatically (the next participant would find this one's session): release it from the admin page once it is cleaned up",
+                        assignment.email
+                    ),
+                });
+                continue;
+            }
             let key = (record.hostname.clone(), assignment.email.clone());
             // Not in use since the assignment, or since this leader first looked.
             let since = *memory
@@ -247,32 +264,19 @@ impl Supervising {
                     continue;
                 }
                 let email = assignment.email.clone();
-                let still_idle = |r: &VmRecord| {
-                    r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
-                };
-                // A registered machine stays in the pool: its participant is released from
-                // it. A VM that was launched is destroyed (the pool launches fresh ones).
-                let (result, how) = match record.is_registered() {
-                    true => (
-                        self.lablink
-                            .release_where(&record.hostname, still_idle)
-                            .await,
-                        "released from the registered machine",
-                    ),
-                    false => (
-                        self.lablink
-                            .destroy_where(std::slice::from_ref(&record.hostname), still_idle)
-                            .await,
-                        "released (destroyed)",
-                    ),
-                };
+                let result = self
+                    .lablink
+                    .destroy_where(std::slice::from_ref(&record.hostname), |r| {
+                        r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
+                    })
+                    .await;
                 match result {
                     Ok(taken) if !taken.is_empty() => {
                         shared.status().counters.idle_released += 1;
                         shared.event(
                             now,
                             format!(
-                                "{}: not in use for {} s; {how}",
+                                "{}: not in use for {} s; released (destroyed)",
                                 record.hostname,
                                 idle.num_seconds()
                             ),
