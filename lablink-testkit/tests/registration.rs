@@ -81,8 +81,19 @@ impl Machine {
     }
 
     /// Starts the agent (see [`command`](Self::command)).
-    fn start(&self, work: &Workdir, log: &Path) -> Child {
-        self.command(work, log).spawn().unwrap()
+    fn start(&self, work: &Workdir, log: &Path) -> Running {
+        Running(self.command(work, log).spawn().unwrap())
+    }
+}
+
+/// An agent process, killed when the test lets go of it (one that already stopped is only
+/// reaped).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -126,10 +137,10 @@ async fn new_token(rig: &Rig, body: Value) -> (String, String) {
     (created["id"].as_str().unwrap().to_owned(), token)
 }
 
-/// Waits for a child process to end; its exit code.
-async fn exit_code(child: &mut Child) -> Option<i32> {
+/// Waits for an agent process to end; its exit code.
+async fn exit_code(agent: &mut Running) -> Option<i32> {
     wait_until("the agent to stop", Duration::from_secs(30), || {
-        let status = child.try_wait().unwrap();
+        let status = agent.0.try_wait().unwrap();
         async move { status.map(|s| s.code()) }
     })
     .await
@@ -308,11 +319,11 @@ async fn an_admin_reboots_a_registered_machine_only_where_its_owner_allowed_it()
     assert!(out.status.success(), "{}", text(&out));
     let reboot = work.path("reboot").display().to_string();
     let start = |machine: &Machine, log: &str| {
-        let mut child = machine.command(&work, &work.path(log));
-        child.env("LABLINK_REBOOT_COMMAND", &reboot);
-        child.spawn().unwrap()
+        let mut command = machine.command(&work, &work.path(log));
+        command.env("LABLINK_REBOOT_COMMAND", &reboot);
+        Running(command.spawn().unwrap())
     };
-    let mut agent = start(&willing, "ws-r.log");
+    let agent = start(&willing, "ws-r.log");
     let _other = start(&unwilling, "ws-n.log");
     rig.wait_for_vms("both machines", 2, |vm| vm["state"] == "available")
         .await;
@@ -353,8 +364,7 @@ async fn an_admin_reboots_a_registered_machine_only_where_its_owner_allowed_it()
     assert_eq!(work.read("ws-r.reboots").unwrap().lines().count(), 1);
 
     // The machine comes back (its agent starts again): ready for the next participant.
-    agent.kill().unwrap();
-    agent.wait().unwrap();
+    drop(agent);
     let _agent = start(&willing, "ws-r.again.log");
     rig.wait_for_vms("the machine back", 2, |vm| vm["state"] == "available")
         .await;
