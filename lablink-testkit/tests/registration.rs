@@ -273,6 +273,17 @@ async fn a_real_machine_registers_serves_is_collected_registers_again_and_unregi
     let out = other.register(&url, &revoked, "ws-2", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("revoked"), "{}", text(&out));
+
+    // Nor does an expired one (stored as it stands an hour after it was created: tokens
+    // live at least a minute, longer than a test should wait).
+    let (mut expired, secret) = lablink_core::testing::store::registration_token(None);
+    let now = chrono::Utc::now();
+    (expired.created_at, expired.expires_at) = (now - chrono::Duration::hours(1), now);
+    let store = rig.lablink.store();
+    store.create_registration_token(&expired).await.unwrap();
+    let out = other.register(&url, secret.expose(), "ws-2", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("expired"), "{}", text(&out));
     assert_eq!(rig.vms().await.len(), 1, "nothing recorded");
 
     // Unregister: it leaves the pool, its token stops working, its agent stops.
