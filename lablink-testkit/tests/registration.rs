@@ -472,10 +472,10 @@ async fn refused_registrations_are_clear_4xx_answers_that_record_nothing() {
         .text()
         .await
         .unwrap();
-    assert!(
-        metrics.contains("lablink_registrations_total{outcome=\"bad_token\"}"),
-        "{metrics}"
-    );
+    for outcome in ["bad_token", "bad_input", "rate_limited"] {
+        let line = format!("lablink_registrations_total{{outcome=\"{outcome}\"}}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
 }
 
 #[tokio::test]

@@ -60,6 +60,7 @@ pub async fn register(
     ApiJson(body): ApiJson<RegistrationBody>,
 ) -> ApiResult<Response> {
     state.inner.registrations.take(addr).map_err(|wait| {
+        state.metrics().registration(StatusCode::TOO_MANY_REQUESTS);
         ApiError::too_many_requests(
             "too many failed registrations from your address; wait and try again",
             wait,
