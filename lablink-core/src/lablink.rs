@@ -169,7 +169,8 @@ impl LabLinkBuilder {
         Ok(LabLink {
             inner: Arc::new(Inner {
                 store,
-                provisioner: Arc::new(MixedProvisioner::new(provisioner, registered)),
+                provisioner: Arc::new(MixedProvisioner::new(provisioner.clone(), registered)),
+                launcher: provisioner,
                 notifier,
                 clock,
                 config: self.config,
@@ -204,6 +205,10 @@ impl WeakLabLink {
 pub(crate) struct Inner {
     pub(crate) store: Arc<dyn VmStore>,
     pub(crate) provisioner: Arc<dyn Provisioner>,
+    /// The provisioner given to the builder, without the registered machines: what the
+    /// flows that compare its inventory with the records list (registered machines are
+    /// their records; listing them again would read every record twice).
+    pub(crate) launcher: Arc<dyn Provisioner>,
     pub(crate) notifier: Arc<dyn Notifier>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) config: AllocatorConfig,

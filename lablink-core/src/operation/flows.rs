@@ -116,8 +116,8 @@ impl LabLink {
         let operations = store.list_operations(OPERATIONS_SCANNED_FOR_NAMES).await?;
         // The inventory only guards names; if it cannot be read, the launch goes ahead and
         // the provisioner's own failure is recorded on the VMs.
-        let machines = match self.inner.provisioner.capabilities().list {
-            true => self.inner.provisioner.list().await.unwrap_or_else(|e| {
+        let machines = match self.inner.launcher.capabilities().list {
+            true => self.inner.launcher.list().await.unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "could not read the provider's inventory");
                 Vec::new()
             }),

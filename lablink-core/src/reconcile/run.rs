@@ -51,8 +51,9 @@ impl LabLink {
                 _ => e,
             })?;
         // Registered machines are their records: nothing to compare them with (one that
-        // registers between the two reads must not look lost).
-        let mut machines = provisioner.list().await?;
+        // registers between the two reads must not look lost). The builder's provisioner may
+        // be a `ManualProvisioner` itself.
+        let mut machines = self.inner.launcher.list().await?;
         machines.retain(|m| !crate::ManualProvisioner::owns(m));
         let records = self.inner.store.list(&VmFilter::default()).await?;
         let mut report = ReconcileReport {
