@@ -13,6 +13,10 @@
 //!
 //! # W1 over HTTP and over HTTPS in one run, and their ratio (not part of the default set):
 //! target/release/examples/load w1-tls
+//!
+//! # The admin dashboard at scale (not part of the default set); LABLINK_LOAD_PROGRAM
+//! # names another `lablink` program to measure (an older build, for a before/after):
+//! target/release/examples/load admin
 //! ```
 //!
 //! - W1: 1,000 concurrent `POST /api/request_vm` against 1,000 ready VMs: throughput,
@@ -28,6 +32,9 @@
 //!   browsers make, and a keep-alive pool opened before the burst. Per run also the new
 //!   connections the client opened, the server's CPU time and the machine's listen-queue
 //!   overflows; then medians and the HTTPS/HTTP ratios (taken per round, then their median).
+//! - Admin: 4,000 VMs, 20 live admin views (`/admin/events`), one VM changing every second
+//!   for 30 s: the server's CPU use, `/healthz` latency sampled every 100 ms meanwhile, and
+//!   the bytes each view received per second.
 //!
 //! The same workloads at scale, with two replicas, a soak and faults: `lablink-proof` (`scripts/proof.sh`).
 
@@ -36,10 +43,12 @@ use lablink_proof as common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::{Error, SelfSigned, Server, W1};
 use futures::stream::{self, StreamExt};
 use reqwest::Client;
+use serde_json::json;
 
 async fn w1(http: &Client) -> Result<(), Error> {
     let server = Server::start_with(http, &[]).await?;
@@ -221,6 +230,79 @@ async fn w1_tls_run(tls: &SelfSigned, https: bool, pooled: bool) -> Result<TlsRu
 }
 
 /// The median of an odd number of values (the upper middle one of an even number).
+/// The admin workload: see the module's docs.
+async fn admin(http: &Client) -> Result<(), Error> {
+    const VMS: usize = 4_000;
+    const VIEWERS: usize = 20;
+    const SECONDS: u64 = 30;
+    let server = Server::start_with(http, &[]).await?;
+    let hostnames = server.launch(http, VMS).await?;
+    let received = Arc::new(AtomicUsize::new(0));
+    let mut views = Vec::new();
+    for _ in 0..VIEWERS {
+        let response = http
+            .get(server.url("/admin/events"))
+            .basic_auth("admin", Some(common::PASSWORD))
+            .send()
+            .await?
+            .error_for_status()?;
+        let received = received.clone();
+        views.push(tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            while let Some(Ok(chunk)) = body.next().await {
+                received.fetch_add(chunk.len(), Ordering::Relaxed);
+            }
+        }));
+    }
+    // Every view has its first full picture before the measured window.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (cpu_before, bytes_before, started) = (
+        server.cpu_seconds(),
+        received.load(Ordering::Relaxed),
+        Instant::now(),
+    );
+    let changes = async {
+        for (second, hostname) in (0..SECONDS).zip(hostnames.iter().cycle()) {
+            let health = if second % 2 == 0 { "Unhealthy" } else { "Healthy" };
+            http.post(server.url("/api/gpu_health"))
+                .json(&json!({"hostname": hostname, "gpu_status": health}))
+                .send()
+                .await?
+                .error_for_status()?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        Ok::<(), Error>(())
+    };
+    let probes = async {
+        let mut latencies = Vec::new();
+        while started.elapsed() < Duration::from_secs(SECONDS) {
+            let sent = Instant::now();
+            http.get(server.url("/healthz")).send().await?.error_for_status()?;
+            latencies.push(sent.elapsed());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok::<_, Error>(latencies)
+    };
+    let ((), mut latencies) = tokio::try_join!(changes, probes)?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = server.cpu_seconds() - cpu_before;
+    let bytes = received.load(Ordering::Relaxed) - bytes_before;
+    for view in views {
+        view.abort();
+    }
+    latencies.sort();
+    println!(
+        "admin: {VMS} VMs, {VIEWERS} live views, a change per second, {wall:.1} s: server CPU {:.1}% of one core; /healthz p50 {}, p99 {}, max {} ({} probes); {:.0} bytes per view per second",
+        100.0 * cpu / wall,
+        common::ms(common::percentile(&latencies, 0.5)),
+        common::ms(common::percentile(&latencies, 0.99)),
+        common::ms(*latencies.last().ok_or("no probe")?),
+        latencies.len(),
+        bytes as f64 / wall / VIEWERS as f64,
+    );
+    Ok(())
+}
+
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut values: Vec<f64> = values.collect();
     values.sort_by(f64::total_cmp);
@@ -247,6 +329,9 @@ async fn main() -> Result<(), Error> {
     }
     if run("w3") {
         common::w3(&http, 20).await?;
+    }
+    if args.iter().any(|a| a == "admin") {
+        admin(&http).await?;
     }
     Ok(())
 }

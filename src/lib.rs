@@ -36,6 +36,10 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod collect;
 
+/// Wrappers counting what the provisioner and the notifier do into the server's metrics.
+#[cfg(feature = "server")]
+pub mod metered;
+
 /// A whole allocator built from a [`config::Config`] and run until a shutdown signal.
 #[cfg(feature = "server")]
 pub mod server;

@@ -259,6 +259,8 @@ fn provisioned(hostname: &Hostname, m: &Machine) -> ProvisionedVm {
         hostname: hostname.clone(),
         instance_id: m.instance_id.clone(),
         address: Some("127.0.0.1".into()),
+        // A process on this machine: no instance type, no price.
+        instance_type: None,
     }
 }
 

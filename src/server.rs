@@ -25,7 +25,8 @@ use std::sync::Arc;
 use lablink_core::{Allocator as _, LabLink, Provisioner};
 
 use crate::config::Config;
-use crate::http::{HttpState, ReloadingCertResolver};
+use crate::http::{HttpState, Metrics, ReloadingCertResolver};
+use crate::metered::{MeteredNotifier, MeteredProvisioner};
 use crate::LocalProcessProvisioner;
 
 /// What building or running a server can fail with.
@@ -59,18 +60,26 @@ impl Server {
             Some(tls) => Some(Arc::new(ReloadingCertResolver::load(tls)?)),
             None => None,
         };
+        // One set of metrics for the routes and the metered provisioner and notifier.
+        let metrics = Arc::new(Metrics::default());
         let (provisioner, local) = provisioner(config, addr, tls.is_some()).await?;
+        let provisioner = Arc::new(MeteredProvisioner::new(
+            provisioner,
+            config.provisioner.kind(),
+            metrics.clone(),
+        ));
         let collector = Arc::new(crate::collect::Collector::new(
             config.collect.artifact_store().await?,
             config.collect.settings.clone(),
         ));
-        let lablink = allocator(config, provisioner, collector.clone()).await?;
+        let lablink = allocator(config, provisioner, collector.clone(), &metrics).await?;
         seed_roster(config, &lablink).await?;
         // The routes' destroys collect first through the state's CollectingAllocator.
-        let state = HttpState::with_collector(
+        let state = HttpState::with_metrics(
             Arc::new(lablink.clone()),
             config.http_options(admin_password_hash),
             collector,
+            metrics,
         );
         for warning in config.warnings() {
             tracing::warn!("{warning}");
@@ -145,13 +154,17 @@ async fn provisioner(
         .await?)
 }
 
-/// The allocator on the configured store and notifier (PostgreSQL migrated first).
+/// The allocator on the configured store and notifier (PostgreSQL migrated first); the
+/// notifier's resyncs are counted into `metrics`.
 async fn allocator(
     config: &Config,
     provisioner: Arc<dyn Provisioner>,
     collector: Arc<crate::collect::Collector>,
+    metrics: &Arc<Metrics>,
 ) -> Result<LabLink, BoxError> {
     #[allow(unused_mut)]
+    let mut notifier: Arc<dyn lablink_core::Notifier> =
+        Arc::new(lablink_core::MemoryNotifier::default());
     let mut builder = LabLink::builder()
         .with_config(config.allocator.clone())
         .with_provisioner(provisioner)
@@ -165,11 +178,10 @@ async fn allocator(
             .connect(&config.database.url)
             .await?;
         lablink_postgres::setup(&pool).await?;
-        let notifier = lablink_postgres::PgNotifier::connect(pool.clone()).await?;
-        builder = builder
-            .with_store(Arc::new(lablink_postgres::PgVmStore::new(pool)))
-            .with_notifier(Arc::new(notifier));
+        notifier = Arc::new(lablink_postgres::PgNotifier::connect(pool.clone()).await?);
+        builder = builder.with_store(Arc::new(lablink_postgres::PgVmStore::new(pool)));
     }
+    builder = builder.with_notifier(Arc::new(MeteredNotifier::new(notifier, metrics.clone())));
     tracing::info!(
         store = if config.database.url.is_empty() {
             "memory"

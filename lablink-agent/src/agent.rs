@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{SecondsFormat, Utc};
+use lablink_protocol::WarningTask;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
@@ -16,6 +17,7 @@ use crate::collect::{self, CollectionTask, Manifest};
 use crate::config::AgentConfig;
 use crate::crd::{HostInvocation, StartError, Started};
 use crate::logship::{FileTail, Position};
+use crate::notify::{DesktopNotifier, Shown};
 use crate::probes::{self, Gpu};
 use crate::state::StateDir;
 
@@ -95,6 +97,8 @@ async fn run_with(
         state: StateDir::new(config.state_dir.clone()),
         status: Mutex::new(None),
         reboot_timing,
+        notifier: DesktopNotifier::new(config.notify_send.clone(), config.crd_user.clone()),
+        shown: Mutex::default(),
         config,
     });
     let mut shown = agent.config.allocator_url.clone();
@@ -162,6 +166,10 @@ struct Agent {
     /// The last status the agent reported (put back when a reboot fails).
     status: Mutex<Option<String>>,
     reboot_timing: RebootTiming,
+    /// Shows the allocator's warnings on the desktop.
+    notifier: DesktopNotifier,
+    /// The warnings shown in this run (one whose acknowledgement was lost is not shown twice).
+    shown: Mutex<std::collections::HashSet<String>>,
 }
 
 /// What came of the allocator's request for a reboot.
@@ -471,6 +479,9 @@ impl Agent {
             let hold = self.config.wait_timeout;
             let asked = Instant::now();
             let tasks = self.client.tasks(hold).await;
+            if let Ok(Some(tasks)) = &tasks {
+                self.warn(&tasks.warnings).await;
+            }
             // A collection asked for together with a reboot waits for the machine to be back
             // (the allocator still asks for it then).
             let tasks = match tasks {
@@ -540,6 +551,39 @@ impl Agent {
                     tracing::warn!(error = %e, retry_in = ?pause, "asking for collection tasks failed");
                     tokio::time::sleep(pause).await;
                 }
+            }
+        }
+    }
+
+    /// Shows each warning on the desktop, once (one already shown in this run is only
+    /// acknowledged again), and acknowledges it so the allocator does not send it again. A
+    /// missing `notify-send` is said once in the agent's log; the warning counts as handled.
+    async fn warn(&self, warnings: &[WarningTask]) {
+        for w in warnings {
+            let new = self
+                .shown
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(w.id.clone());
+            if new {
+                let line = match self.notifier.show(&w.title, &w.message).await {
+                    Shown::Shown => Some(format!("warning shown on the desktop: {}", w.message)),
+                    Shown::Off => None,
+                    Shown::Missing { first: true } => Some(
+                        "no notify-send on this machine: warnings show on the participant's page only"
+                            .to_owned(),
+                    ),
+                    Shown::Missing { first: false } => None,
+                    Shown::Failed(why) => {
+                        Some(format!("the desktop notification of a warning failed: {why}"))
+                    }
+                };
+                if let Some(line) = line {
+                    self.note(TelemetryBody::default(), line);
+                }
+            }
+            if let Err(e) = self.client.acknowledge_warning(&w.id).await {
+                tracing::warn!(error = %e, warning = %w.id, "the warning was not acknowledged; again at the next poll");
             }
         }
     }

@@ -269,6 +269,20 @@ impl AllocatorClient {
         Ok(Some(tasks))
     }
 
+    /// `POST warnings/<id>/ack`: the warning `id` was shown (it is not sent again).
+    pub async fn acknowledge_warning(&self, id: &str) -> Result<(), ClientError> {
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Err(ClientError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                message: format!("{id:?} is not a warning id"),
+            });
+        }
+        let route = format!("warnings/{id}/ack");
+        self.send(self.request(Method::POST, &route, Duration::from_secs(30)))
+            .await
+            .map(drop)
+    }
+
     /// `PUT collections/<id>` with the archive streamed from `body`; the allocator answers with
     /// the collection's status (`complete` once it stored the collection).
     pub async fn upload_collection(

@@ -87,6 +87,10 @@ pub struct AgentConfig {
     pub crd_user: Option<String>,
     /// Longest a `start-host` run may take.
     pub start_host_timeout: Duration,
+    /// What shows the allocator's warnings on the desktop (`LABLINK_NOTIFY_SEND`: a program
+    /// name or path; `off`: none): `notify-send`, looked up on `PATH`, run as
+    /// [`crd_user`](Self::crd_user) when the agent runs as root. See [`crate::notify`].
+    pub notify_send: Option<PathBuf>,
     /// The GPU check program (`nvidia-smi`, looked up on `PATH`).
     pub nvidia_smi: PathBuf,
     /// Time between GPU checks.
@@ -151,6 +155,7 @@ impl AgentConfig {
             redirect_url: DEFAULT_REDIRECT_URL.to_owned(),
             crd_user: None,
             start_host_timeout: Duration::from_secs(120),
+            notify_send: Some("notify-send".into()),
             nvidia_smi: "nvidia-smi".into(),
             gpu_interval: Duration::from_secs(20),
             gpu_timeout: Duration::from_secs(10),
@@ -306,6 +311,11 @@ impl Settings {
                 ConfigError::new(format!("LABLINK_CRD_REDIRECT_URL {url:?} is not a URL"))
             })?;
             c.redirect_url = url.to_owned();
+        }
+        match self.get("LABLINK_NOTIFY_SEND").map(str::trim) {
+            Some("off") => c.notify_send = None,
+            Some("") | None => {}
+            Some(program) => c.notify_send = Some(program.into()),
         }
         if let Some(path) = self.get("LABLINK_NVIDIA_SMI") {
             c.nvidia_smi = path.into();

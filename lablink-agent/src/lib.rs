@@ -11,7 +11,10 @@
 //! the allocator's roots and patterns, never following symbolic links and never sending more
 //! than the size limit (what it leaves out is reported with the reason), and streams them as
 //! one tar archive with a SHA-256 per file and a final manifest ([`collect`]); a failed upload
-//! is retried as a whole. Every call to the allocator is retried with
+//! is retried as a whole. When the allocator warns that the VM will be destroyed or released
+//! (a warning in the same task poll), it shows a desktop notification with `notify-send`, as
+//! the desktop user, once per warning, and acknowledges it ([`notify`]). Every call to the
+//! allocator is retried with
 //! jittered exponential backoff, for ever, and every report is safe to repeat.
 //!
 //! The `lablink-agent` binary reads its settings from the environment (see [`AgentConfig`]);
@@ -59,6 +62,7 @@ pub mod collect;
 pub mod config;
 pub mod crd;
 pub mod logship;
+pub mod notify;
 pub mod probes;
 pub mod register;
 pub mod state;

@@ -469,6 +469,7 @@ impl Ec2Provisioner {
                         hostname: vm.spec.hostname.clone(),
                         instance_id: parse_id(&id)?,
                         address,
+                        instance_type: Some(placement.instance_type.clone()),
                     },
                 )),
                 Err(failure) => {
@@ -622,6 +623,7 @@ fn provisioned(instance: &Instance) -> Result<Option<ProvisionedVm>, AwsFailure>
         hostname,
         instance_id: parse_id(id)?,
         address: address(instance),
+        instance_type: instance.instance_type().map(|t| t.as_str().to_owned()),
     }))
 }
 

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::audit::{AuditEntry, AuditQuery};
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, RegistrationSecret};
 use crate::{
@@ -137,6 +138,19 @@ pub enum DestroyTarget {
 ///   ([`VmStore::shared_secret`](crate::VmStore::shared_secret),
 ///   [`VmStore::end_session`](crate::VmStore::end_session)), so every allocator on one
 ///   durable store agrees on a secret and sees a session ended by any of them at once.
+/// - `record_audit` and `audit_log` are the store's audit trail
+///   ([`VmStore::append_audit`](crate::VmStore::append_audit),
+///   [`VmStore::audit_entries`](crate::VmStore::audit_entries)): every allocator on one
+///   durable store reads the entries any of them recorded.
+/// - `workshop_settings` and `set_workshop_settings` are the store's settings
+///   ([`VmStore::workshop_settings`](crate::VmStore::workshop_settings)), or the config's
+///   while none were saved: a save through any allocator on one durable store is what every
+///   supervisor leader acts on from its next tick. A save is checked
+///   ([`WorkshopSettings::check`](crate::WorkshopSettings::check): `InvalidInput` naming
+///   the field) and optimistic (`Conflict` when the settings changed since
+///   `expected_revision`).
+/// - `vm_warnings` and `acknowledge_warning` are the store's warnings
+///   ([`VmStore::warnings`](crate::VmStore::warnings)), which the supervisor leader makes.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
 pub trait Allocator: Send + Sync + Debug {
@@ -226,6 +240,36 @@ pub trait Allocator: Send + Sync + Debug {
         secret: &RegistrationSecret,
         request: &MachineRegistration,
     ) -> Result<(Registered, AgentToken)>;
+
+    /// Records an admin action in the audit trail (kept in the store).
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()>;
+
+    /// The audit trail, newest first, as `query` selects it.
+    async fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+
+    /// The workshop settings in force (the warm pool, the destruction schedule).
+    async fn workshop_settings(&self) -> Result<crate::WorkshopSettings>;
+
+    /// Saves new workshop settings made from revision `expected_revision` (normalized:
+    /// times sorted, to the second); returns them as saved.
+    async fn set_workshop_settings(
+        &self,
+        settings: &crate::WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<crate::WorkshopSettings>;
+
+    /// The warnings to the participant of `hostname`, soonest first.
+    async fn vm_warnings(&self, hostname: &Hostname) -> Result<Vec<crate::VmWarning>>;
+
+    /// Records that `hostname`'s agent showed warning `id` (it is not sent again).
+    async fn acknowledge_warning(&self, hostname: &Hostname, id: Uuid) -> Result<crate::VmWarning>;
+
+    /// The fleet's VM time by kind and instance type until now, removed VMs included
+    /// (see [`crate::usage`]).
+    async fn usage(&self) -> Result<crate::FleetUsage>;
+
+    /// What is kept of the VMs removed so far, oldest first.
+    async fn removed_vms(&self) -> Result<Vec<crate::RemovedVm>>;
 
     /// What this allocator's supervisor is doing, for the admin UI and `/metrics`; `None`
     /// when none runs. No default: a wrapping allocator forwards it.

@@ -15,6 +15,9 @@ use crate::{
     Capabilities, Error, ErrorKind, Hostname, LaunchRequest, ProvisionedVm, Provisioner, Result,
 };
 
+/// The instance type every fake machine reports (a price table can name it).
+pub const FAKE_INSTANCE_TYPE: &str = "fake";
+
 /// `[provisioner] kind = "fake"` of the allocator's configuration: a [`FakeProvisioner`]'s
 /// settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -213,6 +216,7 @@ fn read_machine(dir: &Path, hostname: &Hostname) -> Result<Option<ProvisionedVm>
         hostname: hostname.clone(),
         instance_id,
         address: words.next().map(str::to_owned),
+        instance_type: Some(FAKE_INSTANCE_TYPE.to_owned()),
     }))
 }
 
@@ -259,6 +263,7 @@ impl FakeProvisioner {
                     (id >> 8) & 0xff,
                     id & 0xff
                 )),
+                instance_type: Some(FAKE_INSTANCE_TYPE.to_owned()),
             };
             let path = dir.join(spec.hostname.as_str());
             let tmp = dir.join(format!(".{}.{}", spec.hostname, std::process::id()));
@@ -310,6 +315,7 @@ impl Inner {
                 .parse()
                 .expect("valid instance id"),
             address: Some(format!("10.0.{}.{}", (id >> 8) & 0xff, id & 0xff)),
+            instance_type: Some(FAKE_INSTANCE_TYPE.to_owned()),
         }
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::audit::{AuditEntry, AuditQuery};
 use crate::logs::clean_lines;
 use crate::record::DEFAULT_LOG_CAP_BYTES;
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
@@ -630,6 +631,51 @@ impl Allocator for LabLink {
         }
         .instrument(span)
         .await
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.inner.store.append_audit(entry).await
+    }
+
+    async fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        self.inner.store.audit_entries(query).await
+    }
+
+    async fn workshop_settings(&self) -> Result<crate::WorkshopSettings> {
+        crate::settings::current(&*self.inner.store, &self.inner.config.supervisor).await
+    }
+
+    async fn set_workshop_settings(
+        &self,
+        settings: &crate::WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<crate::WorkshopSettings> {
+        let (store, config) = (&*self.inner.store, &self.inner.config.supervisor);
+        let now = self.inner.clock.now();
+        crate::settings::save(store, config, settings, expected_revision, now).await
+    }
+
+    async fn vm_warnings(&self, hostname: &Hostname) -> Result<Vec<crate::VmWarning>> {
+        self.inner.store.warnings(hostname).await
+    }
+
+    async fn acknowledge_warning(&self, hostname: &Hostname, id: Uuid) -> Result<crate::VmWarning> {
+        let now = self.inner.clock.now();
+        let warning = self
+            .inner
+            .store
+            .acknowledge_warning(hostname, id, now)
+            .await?;
+        tracing::info!(hostname = %hostname, warning = %id, kind = %warning.kind, "the agent showed the warning");
+        Ok(warning)
+    }
+
+    async fn usage(&self) -> Result<crate::FleetUsage> {
+        self.inner.store.usage(self.inner.clock.now()).await
+    }
+
+    async fn removed_vms(&self) -> Result<Vec<crate::RemovedVm>> {
+        self.inner.store.removed_vms().await
     }
 
     fn supervision(&self) -> Option<crate::SupervisorStatus> {

@@ -4,7 +4,9 @@
 // The modules are public: each holds its concern whole (`store`, `state`, `supervisor`...).
 // The items most code needs are also re-exported here.
 pub mod allocator;
+pub mod archive;
 pub mod artifact;
+pub mod audit;
 mod before_destroy;
 pub mod clock;
 mod demand;
@@ -23,10 +25,13 @@ pub mod registration;
 pub mod retry;
 mod roster;
 pub mod secret;
+pub mod settings;
 pub mod state;
 pub mod store;
 mod supervision;
 pub mod supervisor;
+pub mod usage;
+pub mod warning;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -36,6 +41,7 @@ pub use allocator::{
     VmRequest,
 };
 pub use artifact::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
+pub use audit::{AuditAction, AuditEntry, AuditQuery};
 pub use before_destroy::BeforeDestroy;
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use error::{Error, ErrorKind, Result};
@@ -48,13 +54,17 @@ pub use notifier::{MemoryNotifier, Notifier};
 pub use operation::{Operation, OperationKind, OperationStatus};
 pub use provisioner::{Capabilities, LaunchRequest, Progress, ProvisionedVm, Provisioner, VmSpec};
 pub use reconcile::{OrphanPolicy, ReconcileReport};
-pub use record::{AgentStatus, GpuHealth, StartupTimings, Telemetry, VmRecord};
+pub use record::{AgentStatus, GpuHealth, History, StartupTimings, Telemetry, VmRecord};
 pub use registration::{MachineRegistration, RegistrationToken};
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{redacted, AgentToken, CrdCommand};
 pub use state::{Assignment, Phase, VmEvent, VmState};
 pub use store::{MemoryVmStore, VmCounts, VmFilter, VmStore};
+pub use warning::{VmWarning, WarningKind};
+pub use settings::WorkshopSettings;
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorStatus};
+pub use archive::RemovedVm;
+pub use usage::{FleetUsage, Prices, UsageKind};
 
 #[cfg(feature = "mock")]
 pub use allocator::MockAllocator;

@@ -110,6 +110,7 @@ impl Provisioner for ManualProvisioner {
                     instance_id: r.instance_id?,
                     hostname: r.hostname,
                     address: r.address,
+                    instance_type: r.instance_type,
                 })
             })
             .collect())

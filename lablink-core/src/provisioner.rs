@@ -65,6 +65,8 @@ pub struct ProvisionedVm {
     pub instance_id: InstanceId,
     /// Its address, when known.
     pub address: Option<String>,
+    /// Its instance type (a price table's key), when the provider says.
+    pub instance_type: Option<String>,
 }
 
 /// What a provisioner can do.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::TokenDigest;
 use crate::state::{transition, Assignment, VmEvent, VmState};
+use crate::usage::Usage;
 use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result};
 
 macro_rules! wire_enum {
@@ -280,6 +281,53 @@ pub struct VmRecord {
     /// How the machine joined by registering itself; `None` for a machine a provisioner
     /// created.
     pub registration: Option<Registration>,
+    /// The instance type the provider reported.
+    pub instance_type: Option<String>,
+    /// What its time was spent on (see [`crate::usage`]).
+    pub usage: Usage,
+    /// Who had it before and how its health changed (bounded, see [`History`]).
+    pub history: History,
+}
+
+/// Longest history a record keeps of each kind; older entries are dropped.
+pub const HISTORY_LIMIT: usize = 50;
+
+/// What happened to a VM that its current fields no longer show.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// Participants who held it and let it go, oldest first.
+    #[serde(default)]
+    pub assignments: Vec<PastAssignment>,
+    /// Reported GPU health changes, oldest first.
+    #[serde(default)]
+    pub health: Vec<HealthChange>,
+}
+
+/// A participant who held the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PastAssignment {
+    /// Who.
+    pub email: Email,
+    /// From when.
+    pub assigned_at: DateTime<Utc>,
+    /// Until when.
+    pub ended_at: DateTime<Utc>,
+}
+
+/// A reported change of GPU health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthChange {
+    /// When it was reported.
+    pub at: DateTime<Utc>,
+    /// The new health.
+    pub health: GpuHealth,
+}
+
+fn push_bounded<T>(list: &mut Vec<T>, item: T) {
+    list.push(item);
+    if list.len() > HISTORY_LIMIT {
+        list.remove(0);
+    }
 }
 
 impl VmRecord {
@@ -305,6 +353,9 @@ impl VmRecord {
             updated_at: now,
             state_changed_at: now,
             registration: None,
+            instance_type: None,
+            usage: Usage::starting_at(now),
+            history: History::default(),
         }
     }
 
@@ -344,13 +395,16 @@ impl VmRecord {
         if to == self.state {
             return Ok(false);
         }
+        self.account(now);
         match event {
             VmEvent::Provisioned {
                 instance_id,
                 address,
+                instance_type,
             } => {
                 self.instance_id = Some(instance_id.clone());
                 self.address.clone_from(address);
+                self.instance_type.clone_from(instance_type);
             }
             VmEvent::ProvisionFailed { reason }
             | VmEvent::SetupFailed { reason }
@@ -369,7 +423,16 @@ impl VmRecord {
             _ => {}
         }
         if !to.is_owned() {
-            self.assignment = None;
+            if let Some(ended) = self.assignment.take() {
+                push_bounded(
+                    &mut self.history.assignments,
+                    PastAssignment {
+                        email: ended.email,
+                        assigned_at: ended.assigned_at,
+                        ended_at: now,
+                    },
+                );
+            }
         }
         tracing::info!(hostname = %self.hostname, from = %self.state, to = %to, event = event.name(), "vm state changed");
         self.state = to;
@@ -390,10 +453,22 @@ impl VmRecord {
         }
         let mut changed = false;
         if let Some(h) = telemetry.gpu_health {
-            changed |= std::mem::replace(&mut self.gpu_health, h) != h;
+            if self.gpu_health != h {
+                self.gpu_health = h;
+                push_bounded(
+                    &mut self.history.health,
+                    HealthChange { at: now, health: h },
+                );
+                changed = true;
+            }
         }
         if let Some(u) = telemetry.in_use {
-            changed |= std::mem::replace(&mut self.in_use, u) != u;
+            if self.in_use != u {
+                // The time so far was in use or idle as the VM was until now.
+                self.account(now);
+                self.in_use = u;
+                changed = true;
+            }
         }
         if let Some(s) = telemetry.status {
             changed |= self.agent_status.replace(s) != Some(s);
@@ -413,6 +488,20 @@ impl VmRecord {
             self.touch(now);
         }
         Ok(changed)
+    }
+
+    /// What this VM's time was spent on so far (see [`crate::usage`]).
+    pub fn usage_at(&self, now: DateTime<Utc>) -> crate::usage::Seconds {
+        self.usage
+            .at(crate::usage::UsageKind::of(&self.state, self.in_use), now)
+    }
+
+    /// Accounts the time since the last change to the kind the VM is in, before it changes.
+    fn account(&mut self, now: DateTime<Utc>) {
+        if now > self.usage.since {
+            self.usage.seconds = self.usage_at(now);
+            self.usage.since = now;
+        }
     }
 
     fn touch(&mut self, now: DateTime<Utc>) {

@@ -111,6 +111,7 @@ impl MachineRegistration {
             &crate::VmEvent::Provisioned {
                 instance_id: format!("{INSTANCE_ID_PREFIX}{}", self.hostname).parse()?,
                 address: self.address.clone(),
+                instance_type: None,
             },
             now,
         )?;

@@ -213,6 +213,8 @@ pub enum VmEvent {
         instance_id: InstanceId,
         /// Its address, when the provider knows one.
         address: Option<String>,
+        /// Its instance type, when the provider says.
+        instance_type: Option<String>,
     },
     /// The provider could not create it.
     ProvisionFailed {
@@ -408,6 +410,7 @@ mod tests {
                 VmEvent::Provisioned {
                     instance_id: id,
                     address: None,
+                    instance_type: None,
                 },
                 VmState::Booting,
             ),

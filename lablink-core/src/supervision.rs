@@ -81,6 +81,8 @@ pub struct SupervisorCounters {
     pub pool_released: u64,
     /// Assigned VMs released for being idle.
     pub idle_released: u64,
+    /// Warnings to participants made (scheduled destruction, idle release).
+    pub warnings_made: u64,
     /// Reconcile runs.
     pub reconciles: u64,
     /// Steps that failed (each is retried on a later tick).
@@ -106,7 +108,7 @@ pub struct SupervisorStatus {
     pub pool_target: Option<usize>,
     /// Free VMs (available, booting, requested) at the last tick.
     pub pool_free: usize,
-    /// When every VM will be destroyed, if scheduled.
+    /// The next scheduled destruction (once every time passed: the last one), if any.
     pub destruction_at: Option<DateTime<Utc>>,
     /// Whether the destruction warning is showing (it is near or past).
     pub destruction_warning: bool,

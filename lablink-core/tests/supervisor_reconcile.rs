@@ -192,6 +192,61 @@ impl VmStore for CrashingStore {
     async fn session_ended(&self, id: &str, now: DateTime<Utc>) -> lablink_core::Result<bool> {
         self.inner.session_ended(id, now).await
     }
+    async fn append_audit(&self, entry: &lablink_core::AuditEntry) -> lablink_core::Result<()> {
+        self.inner.append_audit(entry).await
+    }
+    async fn audit_entries(
+        &self,
+        query: &lablink_core::AuditQuery,
+    ) -> lablink_core::Result<Vec<lablink_core::AuditEntry>> {
+        self.inner.audit_entries(query).await
+    }
+    async fn workshop_settings(
+        &self,
+    ) -> lablink_core::Result<Option<lablink_core::WorkshopSettings>> {
+        self.inner.workshop_settings().await
+    }
+    async fn put_workshop_settings(
+        &self,
+        settings: &lablink_core::WorkshopSettings,
+        expected_revision: u64,
+    ) -> lablink_core::Result<lablink_core::WorkshopSettings> {
+        self.inner
+            .put_workshop_settings(settings, expected_revision)
+            .await
+    }
+    async fn put_warning(
+        &self,
+        warning: &lablink_core::VmWarning,
+    ) -> lablink_core::Result<lablink_core::VmWarning> {
+        self.inner.put_warning(warning).await
+    }
+    async fn warnings(
+        &self,
+        hostname: &Hostname,
+    ) -> lablink_core::Result<Vec<lablink_core::VmWarning>> {
+        self.inner.warnings(hostname).await
+    }
+    async fn all_warnings(&self) -> lablink_core::Result<Vec<lablink_core::VmWarning>> {
+        self.inner.all_warnings().await
+    }
+    async fn acknowledge_warning(
+        &self,
+        hostname: &Hostname,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> lablink_core::Result<lablink_core::VmWarning> {
+        self.inner.acknowledge_warning(hostname, id, now).await
+    }
+    async fn remove_warnings(&self, ids: &[Uuid]) -> lablink_core::Result<usize> {
+        self.inner.remove_warnings(ids).await
+    }
+    async fn usage(&self, now: DateTime<Utc>) -> lablink_core::Result<lablink_core::FleetUsage> {
+        self.inner.usage(now).await
+    }
+    async fn removed_vms(&self) -> lablink_core::Result<Vec<lablink_core::RemovedVm>> {
+        self.inner.removed_vms().await
+    }
     async fn create_registration_token(
         &self,
         token: &lablink_core::RegistrationToken,

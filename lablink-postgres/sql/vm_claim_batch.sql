@@ -34,7 +34,10 @@ WITH req AS (
         assigned_at = need.at,
         in_use = false,
         state_changed_at = need.at, updated_at = need.at,
-        generation = v.generation + 1
+        generation = v.generation + 1,
+        -- The free time until now, as VmRecord::apply accounts it.
+        usage_free = v.usage_free + greatest(0, extract(epoch FROM (need.at - v.usage_since)))::float8,
+        usage_since = greatest(v.usage_since, need.at)
     FROM need JOIN picked ON picked.k = need.k
     WHERE v.hostname = picked.hostname
       AND v.generation = picked.generation

@@ -17,7 +17,10 @@ WITH existing AS (
         email = $1, crd_command = $2, pin = $3, assigned_at = $4,
         in_use = false,
         state_changed_at = $4, updated_at = $4,
-        generation = v.generation + 1
+        generation = v.generation + 1,
+        -- The free time until now, as VmRecord::apply accounts it.
+        usage_free = v.usage_free + greatest(0, extract(epoch FROM ($4 - v.usage_since)))::float8,
+        usage_since = greatest(v.usage_since, $4)
     FROM picked
     WHERE v.hostname = picked.hostname
       AND v.generation = picked.generation

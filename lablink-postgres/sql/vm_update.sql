@@ -1,5 +1,5 @@
 -- Writes a record computed in Rust by VmRecord::apply / apply_telemetry (or
--- registration::renewed); $32 is the generation it was computed from (optimistic check).
+-- registration::renewed); $40 is the generation it was computed from (optimistic check).
 UPDATE lablink_vms SET
     instance_id = $2, address = $3, state = $4, resume = $5,
     email = $6, crd_command = $7, pin = $8, assigned_at = $9,
@@ -10,5 +10,7 @@ UPDATE lablink_vms SET
     container_startup_duration_seconds = $23,
     last_error = $24, token_digest = $25, generation = $26, created_at = $27,
     updated_at = $28, state_changed_at = $29,
-    machine_identity = $30, allow_reboot = $31
-WHERE hostname = $1 AND generation = $32
+    machine_identity = $30, allow_reboot = $31,
+    instance_type = $32, usage_starting = $33, usage_free = $34, usage_in_use = $35,
+    usage_idle = $36, usage_other = $37, usage_since = $38, history = $39
+WHERE hostname = $1 AND generation = $40

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod audit;
 mod claim;
 mod error;
 mod leader;
@@ -9,14 +10,15 @@ mod logs;
 mod notifier;
 mod reads;
 mod row;
+mod settings;
 mod store;
 
 pub use notifier::{PgNotifier, PgNotifierOptions, DEFAULT_CHANNEL};
 pub use store::PgVmStore;
 
 /// The migrations that create LabLink's tables (`lablink_vms`, `lablink_vm_log_streams`,
-/// `lablink_vm_log_lines`, `lablink_operations`, `lablink_registration_tokens`...), embedded
-/// from `migrations/`.
+/// `lablink_vm_log_lines`, `lablink_operations`, `lablink_registration_tokens`,
+/// `lablink_audit`, `lablink_settings`, `lablink_vm_warnings`...), embedded from `migrations/`.
 ///
 /// Run them with [`setup`], or with your own tooling (`sqlx migrate run --source
 /// lablink-postgres/migrations`), or hand it to `#[sqlx::test(migrator = "lablink_postgres::MIGRATOR")]`.

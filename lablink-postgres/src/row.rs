@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::error::PgError;
 use lablink_core::registration::{Registration, RegistrationToken};
 use lablink_core::secret::TokenDigest;
+use lablink_core::usage::{Seconds, Usage};
 
 /// A column value as sqlx hands it back: `T` or `Option<T>` (see the module docs).
 pub(crate) trait Column<T> {
@@ -38,7 +39,15 @@ macro_rules! column_types {
         }
     )*};
 }
-column_types!(String, bool, i64, f64, Vec<u8>, DateTime<Utc>);
+column_types!(
+    String,
+    bool,
+    i64,
+    f64,
+    Vec<u8>,
+    DateTime<Utc>,
+    serde_json::Value
+);
 
 /// Copies the columns of `lablink_vms` out of a row of any `query_file!` that returns them
 /// (`SELECT *`, `RETURNING v.*`) into a [`VmRow`].
@@ -77,6 +86,14 @@ macro_rules! vm_row {
             state_changed_at: $r.state_changed_at.into_opt(),
             machine_identity: $r.machine_identity.into_opt(),
             allow_reboot: $r.allow_reboot.into_opt(),
+            instance_type: $r.instance_type.into_opt(),
+            usage_starting: $r.usage_starting.into_opt(),
+            usage_free: $r.usage_free.into_opt(),
+            usage_in_use: $r.usage_in_use.into_opt(),
+            usage_idle: $r.usage_idle.into_opt(),
+            usage_other: $r.usage_other.into_opt(),
+            usage_since: $r.usage_since.into_opt(),
+            history: $r.history.into_opt(),
         }
     }};
 }
@@ -116,9 +133,17 @@ pub(crate) struct VmRow {
     pub state_changed_at: Option<DateTime<Utc>>,
     pub machine_identity: Option<String>,
     pub allow_reboot: Option<bool>,
+    pub instance_type: Option<String>,
+    pub usage_starting: Option<f64>,
+    pub usage_free: Option<f64>,
+    pub usage_in_use: Option<f64>,
+    pub usage_idle: Option<f64>,
+    pub usage_other: Option<f64>,
+    pub usage_since: Option<DateTime<Utc>>,
+    pub history: Option<serde_json::Value>,
 }
 
-/// The values bound to `$1..$31` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
+/// The values bound to `$1..$39` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
 /// column of `lablink_vms`, in table order). No `Debug`: it holds the Chrome Remote Desktop
 /// command and the PIN in the clear.
 pub(crate) struct VmArgs<'a> {
@@ -153,6 +178,10 @@ pub(crate) struct VmArgs<'a> {
     pub state_changed_at: DateTime<Utc>,
     pub machine_identity: Option<&'a str>,
     pub allow_reboot: Option<bool>,
+    pub instance_type: Option<&'a str>,
+    pub usage: Seconds,
+    pub usage_since: DateTime<Utc>,
+    pub history: serde_json::Value,
 }
 
 impl<'a> VmArgs<'a> {
@@ -192,6 +221,11 @@ impl<'a> VmArgs<'a> {
             state_changed_at: r.state_changed_at,
             machine_identity: r.registration.as_ref().map(|g| g.machine_identity.as_str()),
             allow_reboot: r.registration.as_ref().map(|g| g.allow_reboot),
+            instance_type: r.instance_type.as_deref(),
+            usage: r.usage.seconds,
+            usage_since: r.usage.since,
+            history: serde_json::to_value(&r.history)
+                .map_err(|e| corrupt("history", e))?,
         })
     }
 }
@@ -309,6 +343,19 @@ impl VmRow {
             updated_at: required("updated_at", self.updated_at)?,
             state_changed_at: required("state_changed_at", self.state_changed_at)?,
             registration,
+            instance_type: self.instance_type,
+            usage: Usage {
+                seconds: Seconds {
+                    starting: required("usage_starting", self.usage_starting)?,
+                    free: required("usage_free", self.usage_free)?,
+                    in_use: required("usage_in_use", self.usage_in_use)?,
+                    idle: required("usage_idle", self.usage_idle)?,
+                    other: required("usage_other", self.usage_other)?,
+                },
+                since: required("usage_since", self.usage_since)?,
+            },
+            history: serde_json::from_value(required("history", self.history)?)
+                .map_err(|e| corrupt("history", e))?,
         })
     }
 }

@@ -15,9 +15,13 @@ use crate::claim::Claims;
 use crate::error::{classify, PgError};
 use crate::reads::Reads;
 use crate::row::{
-    required, to_i32, to_i64, vm_row, Column, OperationRow, RegistrationTokenRow, VmArgs, VmRow,
+    corrupt, required, to_i32, to_i64, vm_row, Column, OperationRow, RegistrationTokenRow, VmArgs,
+    VmRow,
 };
-use crate::{lock, logs};
+use crate::{audit, lock, logs};
+use lablink_core::audit::{AuditEntry, AuditQuery};
+use lablink_core::usage::{FleetUsage, Seconds, UsageKind};
+use lablink_core::RemovedVm;
 use lablink_core::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use lablink_core::secret::TokenDigest;
 use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
@@ -175,6 +179,14 @@ async fn write_record(
         a.state_changed_at,
         a.machine_identity,
         a.allow_reboot,
+        a.instance_type,
+        a.usage.starting,
+        a.usage.free,
+        a.usage.in_use,
+        a.usage.idle,
+        a.usage.other,
+        a.usage_since,
+        a.history,
         from_generation,
     )
     .execute(conn)
@@ -191,6 +203,60 @@ fn email_taken(error: PgError, assignment: Option<&Assignment>, operation: &'sta
             .with_operation(operation)
             .with_context("email", &a.email),
         _ => classify(operation, error),
+    }
+}
+
+/// Removes the records of `names` and keeps a [`RemovedVm`] of each, in one transaction
+/// (`sql/vm_remove.sql`, `sql/removed_insert.sql`); how many were removed.
+async fn remove_keeping(pool: &PgPool, names: &[&str]) -> Result<usize, PgError> {
+    let mut tx = pool.begin().await?;
+    let rows = sqlx::query_file!("sql/vm_remove.sql", names as &[&str])
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut kept = RemovedColumns::default();
+    for r in rows {
+        let record = vm_row!(r).into_record()?;
+        kept.push(&RemovedVm::from(&record))?;
+    }
+    let removed = kept.hostnames.len();
+    sqlx::query_file!(
+        "sql/removed_insert.sql",
+        &kept.hostnames[..],
+        &kept.instance_types[..],
+        &kept.seconds[0][..],
+        &kept.seconds[1][..],
+        &kept.seconds[2][..],
+        &kept.seconds[3][..],
+        &kept.seconds[4][..],
+        &kept.vms[..],
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(removed)
+}
+
+/// The columns of `sql/removed_insert.sql`, one element per removed VM.
+#[derive(Default)]
+struct RemovedColumns {
+    hostnames: Vec<String>,
+    instance_types: Vec<String>,
+    /// Seconds by kind, in [`UsageKind::ALL`] order.
+    seconds: [Vec<f64>; 5],
+    vms: Vec<serde_json::Value>,
+}
+
+impl RemovedColumns {
+    fn push(&mut self, vm: &RemovedVm) -> Result<(), PgError> {
+        self.hostnames.push(vm.hostname.to_string());
+        self.instance_types
+            .push(vm.instance_type.clone().unwrap_or_default());
+        for (column, kind) in self.seconds.iter_mut().zip(UsageKind::ALL) {
+            column.push(vm.usage.get(kind));
+        }
+        self.vms
+            .push(serde_json::to_value(vm).map_err(|e| corrupt("vm", e))?);
+        Ok(())
     }
 }
 
@@ -231,6 +297,14 @@ async fn insert_record(conn: &mut PgConnection, record: &VmRecord) -> Result<boo
         a.state_changed_at,
         a.machine_identity,
         a.allow_reboot,
+        a.instance_type,
+        a.usage.starting,
+        a.usage.free,
+        a.usage.in_use,
+        a.usage.idle,
+        a.usage.other,
+        a.usage_since,
+        a.history,
     )
     .fetch_optional(conn)
     .await?;
@@ -480,11 +554,9 @@ impl VmStore for PgVmStore {
 
     async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
         let names: Vec<&str> = hostnames.iter().map(Hostname::as_str).collect();
-        let done = sqlx::query_file!("sql/vm_remove.sql", &names[..] as &[&str])
-            .execute(&self.pool)
+        remove_keeping(&self.pool, &names)
             .await
-            .map_err(|e| classify("remove", e))?;
-        Ok(done.rows_affected() as usize)
+            .map_err(|e| classify("remove", e))
     }
 
     async fn put_operation(&self, operation: &Operation) -> Result<()> {
@@ -748,5 +820,115 @@ impl VmStore for PgVmStore {
         };
         tx.commit().await.map_err(|e| classify(op, e))?;
         Ok(Registered { record, again })
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<()> {
+        audit::append(&self.pool, entry)
+            .await
+            .map_err(|e| classify("append_audit", e).with_context("id", entry.id))
+    }
+
+    async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        audit::entries(&self.pool, query)
+            .await
+            .map_err(|e| classify("audit_entries", e))
+    }
+
+    async fn workshop_settings(&self) -> Result<Option<lablink_core::WorkshopSettings>> {
+        crate::settings::get(&self.pool)
+            .await
+            .map_err(|e| classify("workshop_settings", e))
+    }
+
+    async fn put_workshop_settings(
+        &self,
+        settings: &lablink_core::WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<lablink_core::WorkshopSettings> {
+        let pool = &self.pool;
+        let saved = crate::settings::put(pool, settings, expected_revision)
+            .await
+            .map_err(|e| classify("put_workshop_settings", e))?;
+        match saved {
+            Some(saved) => Ok(saved),
+            // Someone saved since (or first): nothing was written.
+            None => Err(crate::settings::conflict(pool, expected_revision).await),
+        }
+    }
+
+    async fn put_warning(
+        &self,
+        warning: &lablink_core::VmWarning,
+    ) -> Result<lablink_core::VmWarning> {
+        crate::settings::put_warning(&self.pool, warning)
+            .await
+            .map_err(|e| classify("put_warning", e).with_context("hostname", &warning.hostname))
+    }
+
+    async fn warnings(&self, hostname: &Hostname) -> Result<Vec<lablink_core::VmWarning>> {
+        crate::settings::list(&self.pool, hostname)
+            .await
+            .map_err(|e| classify("warnings", e))
+    }
+
+    async fn all_warnings(&self) -> Result<Vec<lablink_core::VmWarning>> {
+        crate::settings::list_all(&self.pool)
+            .await
+            .map_err(|e| classify("all_warnings", e))
+    }
+
+    async fn acknowledge_warning(
+        &self,
+        hostname: &Hostname,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<lablink_core::VmWarning> {
+        let op = "acknowledge_warning";
+        crate::settings::acknowledge(&self.pool, hostname, id, now)
+            .await
+            .map_err(|e| classify(op, e))?
+            .ok_or_else(|| {
+                Error::not_found("no such warning for this VM")
+                    .with_operation(op)
+                    .with_context("hostname", hostname)
+            })
+    }
+
+    async fn remove_warnings(&self, ids: &[Uuid]) -> Result<usize> {
+        crate::settings::remove(&self.pool, ids)
+            .await
+            .map_err(|e| classify("remove_warnings", e))
+    }
+
+    async fn removed_vms(&self) -> Result<Vec<RemovedVm>> {
+        let rows = sqlx::query_file_scalar!("sql/removed_list.sql")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("removed_vms", e))?;
+        rows.into_iter()
+            .map(|vm| {
+                serde_json::from_value(vm)
+                    .map_err(|e| classify("removed_vms", corrupt("vm", e)))
+            })
+            .collect()
+    }
+
+    async fn usage(&self, now: DateTime<Utc>) -> Result<FleetUsage> {
+        let rows = sqlx::query_file!("sql/usage.sql", now)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| classify("usage", e))?;
+        let mut usage = FleetUsage::default();
+        for r in rows {
+            let seconds = Seconds {
+                starting: r.starting,
+                free: r.free,
+                in_use: r.in_use,
+                idle: r.idle,
+                other: r.other,
+            };
+            usage.add(Some(&r.instance_type), &seconds);
+        }
+        Ok(usage)
     }
 }

@@ -298,8 +298,12 @@ fn spawn_server(
     env: &[(String, String)],
     log: Option<&std::path::Path>,
 ) -> Result<Child, Error> {
-    // The `lablink` program of the same profile: target/<profile>/lablink.
-    let server = in_target_dir("lablink")?;
+    // The `lablink` program of the same profile: target/<profile>/lablink, unless
+    // LABLINK_LOAD_PROGRAM names another (an older build, to compare).
+    let server = match std::env::var_os("LABLINK_LOAD_PROGRAM") {
+        Some(program) => program.into(),
+        None => in_target_dir("lablink")?,
+    };
     let mut command = Command::new(&server);
     // Only the settings below: an inherited LABLINK_* variable (scripts/with-postgres.sh
     // exports LABLINK_PG_BIN, for instance) would be an unknown setting to the server.

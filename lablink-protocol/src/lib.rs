@@ -19,6 +19,7 @@
 //! | `POST heartbeat` | [`HeartbeatBody`] | the VM view |
 //! | `POST telemetry` | [`TelemetryBody`] | the VM view |
 //! | `GET tasks?timeout=` | [`WaitQuery`] | [`TasksBody`] or 204 |
+//! | `POST warnings/{id}/ack` | — | 204 |
 //! | `PUT collections/{id}` | a tar archive ending in a [`Manifest`] | [`CollectionStatus`] |
 //! | `DELETE registration` | — | 202 and the destroy operation |
 //!
@@ -211,7 +212,7 @@ pub struct TelemetryBody {
 }
 
 /// Work the allocator asks of an agent (the answer of `tasks`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TasksBody {
     /// A collection to upload.
@@ -220,6 +221,28 @@ pub struct TasksBody {
     /// status `rebooting`, then reboot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reboot: bool,
+    /// Warnings to show the participant on the desktop, each once: show it, then
+    /// acknowledge it (`POST warnings/{id}/ack`) so it is not sent again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<WarningTask>,
+}
+
+/// A warning for the participant at the VM's desktop: the VM will be destroyed (the
+/// scheduled destruction) or released (idle release) at `at`. Holds no secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WarningTask {
+    /// Its id, to acknowledge it.
+    pub id: String,
+    /// `destruction` or `idle_release`.
+    #[cfg_attr(feature = "openapi", schema(example = "destruction"))]
+    pub kind: String,
+    /// When it happens.
+    pub at: DateTime<Utc>,
+    /// The notification's title.
+    pub title: String,
+    /// The notification's text.
+    pub message: String,
 }
 
 /// Body of `POST /api/v1/registrations` (the bearer token is the registration token). Its

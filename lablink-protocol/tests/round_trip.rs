@@ -9,7 +9,7 @@ use lablink_core::StartupTimings;
 use lablink_protocol::{
     AssignmentBody, CollectedFile, CollectionState, CollectionStatus, CollectionTask, ErrorBody,
     HeartbeatBody, LogBody, Manifest, ReadyBody, SkippedFile, TasksBody, TelemetryBody,
-    TimingsBody, WaitQuery,
+    TimingsBody, WaitQuery, WarningTask,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -197,27 +197,40 @@ fn the_collection_task_travels_unchanged() {
     round_trip(
         &TasksBody {
             collection: Some(task),
-            reboot: false,
+            ..Default::default()
         },
         r#"{"collection":{"id":"c-0192","roots":["~","/srv/{hostname}/work"],"patterns":["**/*.slp"],"max_bytes":1073741824}}"#,
     );
+    round_trip(&TasksBody::default(), r#"{"collection":null}"#);
     round_trip(
         &TasksBody {
-            collection: None,
-            reboot: false,
-        },
-        r#"{"collection":null}"#,
-    );
-    round_trip(
-        &TasksBody {
-            collection: None,
             reboot: true,
+            ..Default::default()
         },
         r#"{"collection":null,"reboot":true}"#,
     );
     let parsed: TasksBody = parse(json!({}));
     assert_eq!(parsed.collection, None);
     assert!(!parsed.reboot);
+    assert!(parsed.warnings.is_empty());
+}
+
+#[test]
+fn a_warning_travels_unchanged_and_only_when_there_is_one() {
+    let warning = WarningTask {
+        id: "5f0c1a4e-8a8e-4d3b-9a55-0d6c2f1b7e21".into(),
+        kind: "destruction".into(),
+        at: "2026-12-06T17:00:00Z".parse().unwrap(),
+        title: "LabLink: this VM will be destroyed".into(),
+        message: "This VM will be destroyed at 17:00 UTC.".into(),
+    };
+    round_trip(
+        &TasksBody {
+            warnings: vec![warning],
+            ..Default::default()
+        },
+        r#"{"collection":null,"warnings":[{"id":"5f0c1a4e-8a8e-4d3b-9a55-0d6c2f1b7e21","kind":"destruction","at":"2026-12-06T17:00:00Z","title":"LabLink: this VM will be destroyed","message":"This VM will be destroyed at 17:00 UTC."}]}"#,
+    );
 }
 
 #[test]

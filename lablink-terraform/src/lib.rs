@@ -23,7 +23,9 @@ pub const MODULE_VARIABLES: &[&str] = &[vars::VMS_VARIABLE, vars::DEPLOYMENT_VAR
 /// The outputs every module applied by [`TerraformProvisioner`] must declare. The provisioner
 /// reads `vm_instance_ids` (its inventory), `vm_public_ips` / `vm_private_ips` (addresses)
 /// and `vm_tokens` (sensitive; keeps existing VMs' tokens); `vm_instance_names` and
-/// `instance_terraform_apply_times` keep the upstream module's contract.
+/// `instance_terraform_apply_times` keep the upstream module's contract. It also reads
+/// `vm_instance_types` (hostname → instance type, for the cost estimate) when a module
+/// declares it; the shipped module does.
 pub const MODULE_OUTPUTS: &[&str] = &[
     "vm_instance_names",
     outputs::INSTANCE_IDS,

@@ -5,6 +5,8 @@
 //! planned names in other outputs, so ids are the inventory). `vm_public_ips` and
 //! `vm_private_ips` map hostnames to addresses; `vm_tokens` (sensitive) maps hostnames to the
 //! tokens in state, so that existing machines keep theirs even if the variables file is lost.
+//! `vm_instance_types`, when the module declares it, maps hostnames to instance types (the
+//! key of the cost estimate's price table).
 
 use std::collections::BTreeMap;
 
@@ -21,6 +23,9 @@ pub(crate) const PUBLIC_IPS: &str = "vm_public_ips";
 pub(crate) const PRIVATE_IPS: &str = "vm_private_ips";
 /// Sensitive output that maps hostnames to their agent tokens.
 pub(crate) const TOKENS: &str = "vm_tokens";
+/// Optional: hostname → instance type (the cost estimate's key); a module without it gives
+/// machines of no known type.
+pub(crate) const INSTANCE_TYPES: &str = "vm_instance_types";
 
 /// One machine in Terraform's state.
 #[derive(Debug, Clone)]
@@ -63,6 +68,7 @@ pub(crate) fn parse(json: &str) -> Result<Option<Inventory>, TfFailure> {
     let public = strings(PUBLIC_IPS)?;
     let private = strings(PRIVATE_IPS)?;
     let mut tokens = strings(TOKENS)?;
+    let mut types = strings(INSTANCE_TYPES)?;
     let mut inventory = Inventory::new();
     for (name, id) in ids {
         let (Ok(hostname), Ok(instance_id)) = (name.parse::<Hostname>(), id.parse::<InstanceId>())
@@ -83,6 +89,7 @@ pub(crate) fn parse(json: &str) -> Result<Option<Inventory>, TfFailure> {
                     hostname,
                     instance_id,
                     address,
+                    instance_type: types.remove(&name).filter(|t| !t.is_empty()),
                 },
                 token,
             },

@@ -83,6 +83,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/admin/machines"),
     ("POST", "/admin/machines"),
     ("POST", "/admin/machines/revoke"),
+    ("GET", "/admin/audit"),
+    ("GET", "/api/v1/audit"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
 ];

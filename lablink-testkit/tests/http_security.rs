@@ -38,6 +38,8 @@ const ADMIN_ROUTES: &[(&str, &str)] = &[
         "/api/v1/operations/00000000-0000-0000-0000-000000000000",
     ),
     ("GET", "/api/v1/pool"),
+    ("GET", "/api/v1/audit"),
+    ("GET", "/admin/audit"),
 ];
 
 #[tokio::test]

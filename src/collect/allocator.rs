@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use lablink_core::registration::Registered;
 use lablink_core::secret::RegistrationSecret;
 use lablink_core::{
-    AgentToken, Allocator, Assignment, BeforeDestroy, DestroyTarget, Email, Error, Granted,
-    Hostname, LaunchOptions, MachineRegistration, Operation, RegistrationToken,
+    AgentToken, Allocator, Assignment, AuditEntry, AuditQuery, BeforeDestroy, DestroyTarget, Email,
+    Error, Granted, Hostname, LaunchOptions, MachineRegistration, Operation, RegistrationToken,
     RegistrationTokenOptions, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs,
     VmRecord, VmRequest, VmState,
 };
@@ -282,6 +282,48 @@ impl<A: Allocator + ?Sized> Allocator for CollectingAllocator<A> {
         request: &MachineRegistration,
     ) -> Result<(Registered, AgentToken)> {
         self.inner.register_machine(secret, request).await
+    }
+
+    async fn record_audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.inner.record_audit(entry).await
+    }
+
+    async fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        self.inner.audit_log(query).await
+    }
+
+    async fn workshop_settings(&self) -> Result<lablink_core::WorkshopSettings> {
+        self.inner.workshop_settings().await
+    }
+
+    async fn set_workshop_settings(
+        &self,
+        settings: &lablink_core::WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<lablink_core::WorkshopSettings> {
+        self.inner
+            .set_workshop_settings(settings, expected_revision)
+            .await
+    }
+
+    async fn vm_warnings(&self, hostname: &Hostname) -> Result<Vec<lablink_core::VmWarning>> {
+        self.inner.vm_warnings(hostname).await
+    }
+
+    async fn acknowledge_warning(
+        &self,
+        hostname: &Hostname,
+        id: Uuid,
+    ) -> Result<lablink_core::VmWarning> {
+        self.inner.acknowledge_warning(hostname, id).await
+    }
+
+    async fn usage(&self) -> Result<lablink_core::FleetUsage> {
+        self.inner.usage().await
+    }
+
+    async fn removed_vms(&self) -> Result<Vec<lablink_core::RemovedVm>> {
+        self.inner.removed_vms().await
     }
 
     fn supervision(&self) -> Option<SupervisorStatus> {

@@ -55,6 +55,8 @@ pub struct Config {
     pub collect: CollectConfig,
     /// Who may take a VM, and how fast one address may ask.
     pub participants: ParticipantsConfig,
+    /// Hourly prices by instance type, for the estimated cost.
+    pub cost: lablink_core::Prices,
 }
 
 impl Config {
@@ -135,6 +137,7 @@ impl Config {
             "log",
             "collect",
             "participants",
+            "cost",
         ];
         if let Some(map) = tree.as_object() {
             for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
@@ -163,6 +166,7 @@ impl Config {
                 CollectConfig::default()
             },
             participants: section(&tree, "participants", &mut problems),
+            cost: section(&tree, "cost", &mut problems),
         };
         problems.extend(config.host_problems());
         if problems.is_empty() {
@@ -187,6 +191,7 @@ impl Config {
         problems.extend(self.log.problems());
         problems.extend(self.collect.problems());
         problems.extend(self.participants.problems());
+        problems.extend(self.cost.problems());
         problems
     }
 
@@ -265,6 +270,7 @@ impl Config {
             ));
         }
         options.access_code = some(&self.participants.access_code);
+        options.prices = self.cost.clone();
         options.participant_limit = crate::http::RateLimit {
             burst: self.participants.requests_burst,
             per_minute: self.participants.requests_per_minute,

@@ -30,6 +30,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
+use super::audit::{Caller, Via, What};
 use super::client::{RateLimit, RateLimiter};
 use super::error::ApiError;
 use super::extract::{content_type_is, wants_json, FormOrJson};
@@ -337,6 +338,14 @@ impl Admin {
             Self::Basic => "",
         }
     }
+
+    /// How the admin signed in.
+    pub fn via(&self) -> Via {
+        match self {
+            Self::Session { .. } => Via::Session,
+            Self::Basic => Via::Basic,
+        }
+    }
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
@@ -379,7 +388,12 @@ impl Admin {
         }
         if let Some((user, password)) = basic_credentials(&parts.headers) {
             let addr = state.client_addr(parts);
-            state.verify_admin(addr, &user, &password).await?;
+            let verified = state.verify_admin(addr, &user, &password).await;
+            if verified.is_err() {
+                let what = What::request(parts.method.as_str(), parts.uri.path());
+                super::audit::sign_in(state, &user, Via::Basic, addr, what, &verified).await;
+            }
+            verified?;
             return Ok(Some(Self::Basic));
         }
         Ok(None)
@@ -401,7 +415,8 @@ impl FromRequestParts<HttpState> for Admin {
     }
 }
 
-/// An admin's write request: the body fields and whether JSON was asked for.
+/// An admin's write request: the body fields, whether JSON was asked for, and who sent it
+/// (for the audit trail).
 /// A session must send its CSRF token (form field `csrf` or header `X-CSRF-Token`); a Basic
 /// caller must be a script (`Accept: application/json` or a JSON body), never a browser form.
 #[derive(Debug)]
@@ -410,6 +425,8 @@ pub struct AdminForm {
     pub form: FormOrJson,
     /// `Accept: application/json`.
     pub wants_json: bool,
+    /// The admin and the client's address.
+    pub caller: Caller,
 }
 
 impl FromRequest<HttpState> for AdminForm {
@@ -418,6 +435,7 @@ impl FromRequest<HttpState> for AdminForm {
     async fn from_request(req: Request, state: &HttpState) -> Result<Self, Response> {
         let (mut parts, body) = req.into_parts();
         let admin = Admin::from_request_parts(&mut parts, state).await?;
+        let caller = Caller::admin(state, admin.via(), state.client_addr(&parts));
         let json = wants_json(&parts.headers);
         let header_csrf = parts
             .headers
@@ -446,6 +464,7 @@ impl FromRequest<HttpState> for AdminForm {
         Ok(Self {
             form,
             wants_json: json,
+            caller,
         })
     }
 }

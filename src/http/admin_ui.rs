@@ -2,33 +2,29 @@
 //! launch, destroy (with confirmation), reboot, release and operation progress. Every page
 //! also answers JSON to `Accept: application/json`.
 
-use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{AppendHeaders, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::stream::{self, Stream, StreamExt};
 use lablink_core::Allocator as _;
-use lablink_core::{DestroyTarget, Hostname, SupervisorStatus, VmFilter};
+use lablink_core::{AuditAction, DestroyTarget};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::admin_auth::{
     cookie, cookie_value, random_token, Admin, AdminForm, LOGIN_COOKIE, SESSION_COOKIE,
 };
+use super::audit::{self, Answered, Via, What};
 // The launch form posts what the Python client's /api/launch takes, answered the same way.
 use super::compat_admin::{answer, form_hostname, launch, started};
 use super::error::{ApiError, ApiResult};
 use super::extract::{wants_json, ApiQuery, FormOrJson, PathHostname};
-use super::views::{LogsView, OperationView, VmView};
+use super::live::dashboard_data;
+use super::views::{LogsView, VmView};
 use super::HttpState;
-
-/// How many operations the dashboard shows.
-const DASHBOARD_OPERATIONS: usize = 10;
 
 /// The admin UI routes (`/admin/events` is routed as a held request).
 pub fn routes() -> Router<HttpState> {
@@ -37,110 +33,71 @@ pub fn routes() -> Router<HttpState> {
         .route("/admin/login", get(login_page).post(login))
         .route("/admin/logout", post(logout))
         .route("/admin/vms/{hostname}", get(vm_page))
+        .route("/admin/confirm", get(confirm))
         .route("/admin/launch", post(launch))
         .route("/admin/reboot", post(reboot))
         .route("/admin/release", post(release))
         .route("/admin/collect", post(collect))
 }
 
-/// How many recent supervisor events the dashboard shows.
-const DASHBOARD_SUPERVISOR_EVENTS: usize = 10;
-
-/// The dashboard data: VMs (with the supervisor's flags), counts, recent operations, and
-/// the supervisor's state (`null` when none runs).
-async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
-    let allocator = state.allocator();
-    let supervision = allocator.supervision();
-    let vms_records = allocator.vms(&VmFilter::default()).await?;
-    let vms: Vec<Value> = vms_records
-        .iter()
-        .map(|record| {
-            let mut vm = json!(VmView::from(record));
-            let flags: Vec<&str> = supervision
-                .iter()
-                .flat_map(|s| &s.flags)
-                .filter(|f| f.hostname == record.hostname)
-                .map(|f| f.message.as_str())
-                .collect();
-            vm["flags"] = json!(flags);
-            vm
-        })
-        .collect();
-    let counts = allocator.counts().await?;
-    let operations: Vec<OperationView> = allocator
-        .operations(DASHBOARD_OPERATIONS)
-        .await?
-        .iter()
-        .map(OperationView::from)
-        .collect();
-    let hostnames: Vec<Hostname> = vms_records.iter().map(|r| r.hostname.clone()).collect();
-    let mut collections = Vec::new();
-    for hostname in &hostnames {
-        if let Some(c) = state.collector().status(hostname.as_str()).await? {
-            collections.push(json!({
-                "hostname": c.hostname,
-                "state": c.state,
-                "attempts": c.attempts,
-                "files": c.files,
-                "bytes": c.bytes,
-                "skipped": c.skipped,
-                "updated_at": c.updated_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-                "error": c.error,
-            }));
-        }
-    }
-    Ok(json!({
-        "vms": vms,
-        "collections": collections,
-        "counts": counts,
-        "operations": operations,
-        "supervisor": supervision.map(supervisor_view),
-    }))
+/// Query of the dashboard: a filter and a page of the VM table.
+#[derive(Debug, Deserialize)]
+struct DashboardQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default = "first_page")]
+    page: usize,
 }
 
-/// The supervisor's state for the dashboard: times as text, newest events first.
-fn supervisor_view(status: SupervisorStatus) -> Value {
-    let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
-        t.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-    };
-    let recent: Vec<Value> = status
-        .recent
-        .iter()
-        .rev()
-        .take(DASHBOARD_SUPERVISOR_EVENTS)
-        .map(|(at, what)| json!({ "at": when(Some(*at)), "what": what }))
-        .collect();
-    json!({
-        "id": status.id,
-        "running": status.running,
-        "leader": status.leader,
-        "leader_holder": status.leader_holder,
-        "leader_until": when(status.leader_until),
-        "last_tick": when(status.last_tick),
-        "pool_target": status.pool_target,
-        "pool_free": status.pool_free,
-        "destruction_at": when(status.destruction_at),
-        "destruction_warning": status.destruction_warning,
-        "last_reconcile_at": when(status.last_reconcile_at),
-        "last_reconcile": status.last_reconcile,
-        "counters": status.counters,
-        "flags": status.flags,
-        "recent": recent,
-        "last_error": status.last_error,
-    })
+fn first_page() -> usize {
+    1
 }
+
+/// VM rows on one page of the dashboard.
+const PAGE_ROWS: usize = 200;
 
 async fn dashboard(
     State(state): State<HttpState>,
     admin: Admin,
     headers: HeaderMap,
+    ApiQuery(query): ApiQuery<DashboardQuery>,
 ) -> ApiResult<Response> {
-    let data = dashboard_data(&state).await?;
     if wants_json(&headers) {
-        return Ok(Json(data).into_response());
+        return Ok(Json(dashboard_data(&state).await?).into_response());
     }
-    let mut context = data;
-    context["csrf"] = json!(admin.csrf());
+    let page = query.page.max(1);
+    let live = state
+        .inner
+        .live
+        .page(
+            &state,
+            state.options().admin_refresh / 2,
+            query.q.trim(),
+            page - 1,
+            PAGE_ROWS,
+        )
+        .await?;
+    let pages = live.matching.div_ceil(PAGE_ROWS).max(1);
+    let link = |page: usize| {
+        let query =
+            serde_urlencoded::to_string([("q", query.q.trim()), ("page", &page.to_string())])
+                .unwrap_or_default();
+        format!("/admin?{query}")
+    };
+    let counts = state.allocator().counts().await?;
+    let context = json!({
+        "csrf": admin.csrf(),
+        "rows": live.rows,
+        "version": live.version,
+        "fragments": live.fragments,
+        "counts": counts,
+        "q": query.q.trim(),
+        "page": page,
+        "pages": pages,
+        "matching": live.matching,
+        "previous": (page > 1).then(|| link(page - 1)),
+        "next": (page < pages).then(|| link(page + 1)),
+    });
     Ok(state
         .inner
         .templates
@@ -173,84 +130,6 @@ async fn vm_page(
         .inner
         .templates
         .page(StatusCode::OK, "vm.html", context))
-}
-
-/// `GET /admin/events`: server-sent events with re-rendered fragments of the VM table,
-/// the operations and the summary, sent whenever they change. Lives only in the response
-/// stream; ends on disconnect or shutdown.
-pub async fn events(
-    State(state): State<HttpState>,
-    admin: Admin,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let every = state.options().admin_refresh;
-    // The VM rows carry forms (collect one VM), which need the session's CSRF token.
-    let csrf = admin.csrf().to_owned();
-    let stop = {
-        let state = state.clone();
-        async move { state.shutting_down().await }
-    };
-    let updates = stream::unfold(
-        (
-            state,
-            [
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-                String::new(),
-            ],
-            true,
-        ),
-        move |(state, mut last, first)| {
-            let csrf = csrf.clone();
-            async move {
-                if !first {
-                    tokio::time::sleep(every).await;
-                }
-                let mut out = Vec::new();
-                if let Ok(mut data) = dashboard_data(&state).await {
-                    data["csrf"] = json!(csrf);
-                    let c = &data["counts"];
-                    let fragments = [
-                        ("vms", state.inner.templates.render("vm_rows.html", &data)),
-                        (
-                            "operations",
-                            state.inner.templates.render("operations.html", &data),
-                        ),
-                        (
-                            "supervisor",
-                            state.inner.templates.render("supervisor.html", &data),
-                        ),
-                        (
-                            "collections",
-                            state.inner.templates.render("collections.html", &data),
-                        ),
-                        (
-                            "summary",
-                            Ok(format!(
-                                "{} total, {} free, {} assigned",
-                                c["total"], c["assignable"], c["assigned"]
-                            )),
-                        ),
-                    ];
-                    for (i, (name, html)) in fragments.into_iter().enumerate() {
-                        match html {
-                            Ok(html) if html != last[i] => {
-                                out.push(Ok(Event::default().event(name).data(html.clone())));
-                                last[i] = html;
-                            }
-                            Ok(_) => {}
-                            Err(e) => tracing::error!(error = %e, "admin fragment failed"),
-                        }
-                    }
-                }
-                Some((stream::iter(out), (state, last, false)))
-            }
-        },
-    )
-    .flatten()
-    .take_until(stop);
-    Sse::new(updates).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 async fn login_page(State(state): State<HttpState>, req: Request) -> Response {
@@ -304,7 +183,9 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
         form.text("username").unwrap_or(""),
         form.text("password").unwrap_or(""),
     );
-    match state.verify_admin(addr, user, password).await {
+    let verified = state.verify_admin(addr, user, password).await;
+    audit::sign_in(&state, user, Via::Session, addr, What::nothing(), &verified).await;
+    match verified {
         Ok(()) => {
             let session = match state.inner.admin.start_session(&**state.allocator()).await {
                 Ok(session) => session,
@@ -328,15 +209,17 @@ async fn login(State(state): State<HttpState>, req: Request) -> Response {
     }
 }
 
-async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminForm) -> Response {
+async fn logout(State(state): State<HttpState>, headers: HeaderMap, req: AdminForm) -> Response {
     // Signed out on every replica (kept in the store until the cookie would expire).
     if let Some(value) = cookie_value(&headers, SESSION_COOKIE) {
-        if let Err(e) = state
+        let ended = state
             .inner
             .admin
             .end_session(&**state.allocator(), &value)
-            .await
-        {
+            .await;
+        let (action, what) = (AuditAction::SignOut, What::nothing());
+        audit::record(&state, &req.caller, action, what, &ended).await;
+        if let Err(e) = ended {
             return e.into_response();
         }
     }
@@ -346,38 +229,72 @@ async fn logout(State(state): State<HttpState>, headers: HeaderMap, _req: AdminF
     ([(header::SET_COOKIE, clear)], Redirect::to("/admin/login")).into_response()
 }
 
-/// Query of the destroy confirmation page.
+/// Query of a confirmation page.
 #[derive(Debug, Deserialize)]
-pub struct DestroyQuery {
+pub struct ConfirmQuery {
     hostname: Option<String>,
+    action: Option<String>,
 }
 
-/// The page confirming a destroy.
+/// The page confirming a destroy (`GET /admin/destroy`): one VM or all.
 pub async fn confirm_destroy(
     State(state): State<HttpState>,
     admin: Admin,
-    ApiQuery(query): ApiQuery<DestroyQuery>,
+    ApiQuery(query): ApiQuery<ConfirmQuery>,
 ) -> ApiResult<Response> {
-    let (hostname, count, assigned) = match query.hostname.filter(|h| !h.is_empty()) {
+    confirm_page(&state, &admin, "destroy", query.hostname).await
+}
+
+/// The page confirming a reboot, release or destroy of one VM (`GET /admin/confirm`).
+async fn confirm(
+    State(state): State<HttpState>,
+    admin: Admin,
+    ApiQuery(query): ApiQuery<ConfirmQuery>,
+) -> ApiResult<Response> {
+    let action = match query.action.as_deref() {
+        Some(a @ ("reboot" | "release" | "destroy")) => a,
+        _ => {
+            return Err(ApiError::bad_request(
+                "action must be reboot, release or destroy",
+            ))
+        }
+    };
+    if query.hostname.as_deref().is_none_or(str::is_empty) {
+        return Err(ApiError::bad_request("hostname is required"));
+    }
+    confirm_page(&state, &admin, action, query.hostname).await
+}
+
+/// Names the VM (or how many, for all) and who holds it before the admin says yes.
+async fn confirm_page(
+    state: &HttpState,
+    admin: &Admin,
+    action: &str,
+    hostname: Option<String>,
+) -> ApiResult<Response> {
+    let context = match hostname.filter(|h| !h.is_empty()) {
         Some(name) => {
             let hostname = form_hostname(Some(&Value::String(name)))?;
             let record = state.allocator().vm(&hostname).await?;
-            (
-                Some(hostname.to_string()),
-                1,
-                usize::from(record.assignment.is_some()),
-            )
+            json!({
+                "hostname": hostname.to_string(),
+                "participant": record.owner().map(|e| e.to_string()),
+                "count": 1,
+                "assigned": usize::from(record.assignment.is_some()),
+            })
         }
         None => {
             let counts = state.allocator().counts().await?;
-            (None, counts.total, counts.assigned)
+            json!({ "hostname": null, "count": counts.total, "assigned": counts.assigned })
         }
     };
-    Ok(state.inner.templates.page(
-        StatusCode::OK,
-        "confirm.html",
-        json!({ "csrf": admin.csrf(), "hostname": hostname, "count": count, "assigned": assigned }),
-    ))
+    let mut context = context;
+    context["action"] = json!(action);
+    context["csrf"] = json!(admin.csrf());
+    Ok(state
+        .inner
+        .templates
+        .page(StatusCode::OK, "confirm.html", context))
 }
 
 /// Destroys one VM or all (collecting first when configured).
@@ -395,6 +312,9 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> Response
         super::compat_admin::destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
+    let what = What::vm_or_all(req.form.text("hostname"));
+    let answered = Answered(&outcome);
+    audit::record(&state, &req.caller, AuditAction::Destroy, what, &answered).await;
     answer(&state, req.wants_json, outcome)
 }
 
@@ -405,6 +325,8 @@ async fn reboot(State(state): State<HttpState>, req: AdminForm) -> Response {
         Ok(started(&op))
     }
     .await;
+    let what = What::vm(req.form.text("hostname"));
+    audit::record(&state, &req.caller, AuditAction::Reboot, what, &outcome).await;
     answer(&state, req.wants_json, outcome)
 }
 
@@ -415,6 +337,8 @@ async fn collect(State(state): State<HttpState>, req: AdminForm) -> Response {
         Ok((StatusCode::ACCEPTED, json!({ "collections": started })))
     }
     .await;
+    let what = What::chosen(&req.form);
+    audit::record(&state, &req.caller, AuditAction::Collect, what, &outcome).await;
     answer(&state, req.wants_json, outcome)
 }
 
@@ -425,5 +349,7 @@ async fn release(State(state): State<HttpState>, req: AdminForm) -> Response {
         Ok((StatusCode::OK, json!({ "vm": VmView::from(&record) })))
     }
     .await;
+    let what = What::vm(req.form.text("hostname"));
+    audit::record(&state, &req.caller, AuditAction::Release, what, &outcome).await;
     answer(&state, req.wants_json, outcome)
 }

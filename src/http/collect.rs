@@ -10,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::Utc;
-use lablink_core::{Allocator as _, Hostname, Operation, VmFilter, VmRecord, VmState};
+use lablink_core::{Allocator as _, AuditAction, Hostname, Operation, VmFilter, VmRecord, VmState};
 use lablink_protocol::{TasksBody, WaitQuery};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -29,7 +29,8 @@ use lablink_protocol::ErrorBody;
 const DEFAULT_HOLD: Duration = Duration::from_secs(30);
 
 /// Long-poll: answers 200 with the VM's pending collection as soon as there is one, 204 when
-/// `timeout` passes first.
+/// `timeout` passes first. Warnings the agent has not shown yet (see
+/// [`warnings`](super::warnings)) are answered at once, with a collection if one is pending.
 #[utoipa::path(get, path = "/api/v1/vms/{hostname}/tasks", tag = "agent",
     params(("hostname" = String, Path, description = "The VM"), WaitQuery),
     responses((status = 200, body = TasksBody), (status = 204, description = "Nothing to do within the timeout; ask again"),
@@ -42,10 +43,12 @@ pub async fn tasks(
     ApiQuery(query): ApiQuery<WaitQuery>,
 ) -> ApiResult<Response> {
     let hostname = agent.own(&name)?;
+    let warnings = super::warnings::for_agent(&state, &hostname).await?;
     if state.allocator().vm(&hostname).await?.reboot_requested() {
         return Ok(Json(TasksBody {
-            collection: None,
             reboot: true,
+            warnings,
+            ..TasksBody::default()
         })
         .into_response());
     }
@@ -59,17 +62,23 @@ pub async fn tasks(
         }
     }
     .min(state.options().max_wait);
+    let hold = if warnings.is_empty() {
+        hold
+    } else {
+        Duration::ZERO
+    };
     let task = state
         .collector()
         .wait_task(hostname.as_str(), hold, state.shutting_down())
         .await?;
-    Ok(match task {
-        Some(task) => Json(TasksBody {
-            collection: Some(task),
-            reboot: false,
+    Ok(match (task, warnings.is_empty()) {
+        (None, true) => StatusCode::NO_CONTENT.into_response(),
+        (collection, _) => Json(TasksBody {
+            collection,
+            warnings,
+            ..TasksBody::default()
         })
         .into_response(),
-        None => StatusCode::NO_CONTENT.into_response(),
     })
 }
 
@@ -93,10 +102,12 @@ pub async fn upload(
         return Err(ApiError::not_found("no such collection"));
     }
     let body = request.into_body().into_data_stream();
-    state
+    let received = state
         .collector()
         .receive(hostname.as_str(), &id, body)
-        .await
+        .await;
+    state.metrics().collection_upload(received.is_ok());
+    received
         .map(Json)
         .map_err(|e| ApiError::new(status_for(e.kind), e.message))
 }
@@ -261,7 +272,10 @@ pub async fn request(
     State(state): State<HttpState>,
     req: AdminForm,
 ) -> ApiResult<(StatusCode, Json<Vec<CollectionStatus>>)> {
-    Ok((StatusCode::ACCEPTED, Json(start(&state, &req.form).await?)))
+    let outcome = start(&state, &req.form).await;
+    let what = super::audit::What::chosen(&req.form);
+    super::audit::record(&state, &req.caller, AuditAction::Collect, what, &outcome).await;
+    Ok((StatusCode::ACCEPTED, Json(outcome?)))
 }
 
 /// One zip of every VM's last complete collection: a folder per VM and

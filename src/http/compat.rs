@@ -53,9 +53,7 @@ fn vm_error(e: lablink_core::Error) -> ApiError {
 }
 
 async fn report(state: &HttpState, hostname: &Hostname, telemetry: Telemetry) -> ApiResult<()> {
-    state
-        .allocator()
-        .report(hostname, telemetry)
+    super::metrics::report(state, hostname, telemetry)
         .await
         .map(drop)
         .map_err(vm_error)
@@ -84,7 +82,7 @@ pub async fn vm_startup(
         outcome = wait => outcome.map_err(vm_error)?,
         () = state.shutting_down() => None,
     };
-    state.metrics().wait_ended(outcome.is_some());
+    state.metrics().wait_ended(outcome.as_ref());
     match outcome {
         Some(assignment) => Ok(Json(json!({
             "status": "success",

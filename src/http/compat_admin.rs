@@ -9,10 +9,11 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use lablink_core::Allocator as _;
-use lablink_core::{DestroyTarget, Hostname, LaunchOptions, Operation, VmFilter};
+use lablink_core::{AuditAction, DestroyTarget, Hostname, LaunchOptions, Operation, VmFilter};
 use serde_json::{json, Value};
 
 use super::admin_auth::{Admin, AdminForm};
+use super::audit::{self, Answered, What};
 use super::error::{ApiError, ApiResult};
 use super::views::{status_text, OperationView};
 use super::HttpState;
@@ -88,6 +89,8 @@ pub async fn launch(State(state): State<HttpState>, req: AdminForm) -> Response 
         Ok(started(&op))
     }
     .await;
+    let what = What::launch(parse_count(req.form.get("num_vms")).ok());
+    audit::record(&state, &req.caller, AuditAction::Launch, what, &outcome).await;
     answer(&state, req.wants_json, outcome)
 }
 
@@ -103,6 +106,8 @@ pub async fn destroy_all(State(state): State<HttpState>, req: AdminForm) -> Resp
         destroyed_answer(&destroyed, req.wants_json)
     }
     .await;
+    let (what, answered) = (What::vm_or_all(None), Answered(&outcome));
+    audit::record(&state, &req.caller, AuditAction::Destroy, what, &answered).await;
     answer(&state, req.wants_json, outcome)
 }
 
@@ -133,6 +138,8 @@ async fn reboot(State(state): State<HttpState>, req: AdminForm) -> Response {
         Ok((StatusCode::OK, body))
     }
     .await;
+    let what = What::vm(req.form.text("hostname"));
+    audit::record(&state, &req.caller, AuditAction::Reboot, what, &outcome).await;
     answer(&state, req.wants_json, outcome)
 }
 

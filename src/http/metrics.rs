@@ -1,45 +1,118 @@
-//! Prometheus metrics: request and claim counters, the waiter gauge, and at scrape time the
-//! VM states, provisioning / start-up durations and the supervisor's state read from the
-//! allocator.
+//! Prometheus metrics (`GET /metrics`), kept with `prometheus-client` so counters and
+//! histograms only ever grow: requests, claims, waits and wake-ups, registrations,
+//! collection uploads, provisioner calls (through [`MeteredProvisioner`]), notifier resyncs
+//! (through [`MeteredNotifier`]) and VM boot times are observed as they happen. At scrape
+//! time come this replica's supervisor and — from one replica only, see [`scrape::fleet_exporter`] —
+//! the fleet's gauges. docs/metrics.md lists every series and how to sum them over replicas.
+//!
+//! [`MeteredProvisioner`]: crate::metered::MeteredProvisioner
+//! [`MeteredNotifier`]: crate::metered::MeteredNotifier
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
 use lablink_core::Allocator as _;
-use lablink_core::{SupervisorStatus, VmFilter, VmRecord};
+use lablink_core::{
+    Assignment, Hostname, Phase, SupervisorStatus, Telemetry, VmFilter, VmRecord, VmState,
+};
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use super::error::{ApiError, ApiResult};
 use super::HttpState;
-use lablink_core::supervisor::FlagKind;
 
-/// Upper bounds (seconds) of the duration histogram buckets.
-const DURATION_BUCKETS: [f64; 10] = [
-    5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+mod scrape;
+
+/// Bucket bounds (seconds) of quick answers: requests and claims.
+const REQUEST_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Bucket bounds (seconds) from an assignment to its agent's wake-up.
+const WAKE_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Bucket bounds (seconds) of provider calls and boots: seconds to an hour.
+const SLOW_BUCKETS: [f64; 13] = [
+    0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
 ];
 
-/// Counters and gauges the HTTP layer keeps. Cheap to update from any handler.
-#[derive(Debug, Default)]
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every series the HTTP layer and the metered wrappers keep; cheap to update from any
+/// handler. Share one between [`HttpState::with_metrics`] and the
+/// [`MeteredProvisioner`](crate::metered::MeteredProvisioner) /
+/// [`MeteredNotifier`](crate::metered::MeteredNotifier) the allocator was built with.
+#[derive(Debug)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, &'static str, u16), u64>>,
-    claims_assigned: AtomicU64,
-    claims_rejoined: AtomicU64,
-    claims_no_capacity: AtomicU64,
-    claims_rejected: AtomicU64,
-    claims_rate_limited: AtomicU64,
-    claims_refused: AtomicU64,
-    claims_unproven: AtomicU64,
-    claims_failed: AtomicU64,
-    sign_ins_rate_limited: AtomicU64,
-    registrations: Mutex<BTreeMap<&'static str, u64>>,
-    waiters: AtomicI64,
-    waits_answered: AtomicU64,
-    waits_timed_out: AtomicU64,
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_seconds: HistogramFamily<RequestClassLabels>,
+    claims: Family<OutcomeLabels, Counter>,
+    claim_seconds: HistogramFamily<OutcomeLabels>,
+    sign_ins_rate_limited: Counter,
+    registrations: Family<OutcomeLabels, Counter>,
+    waiters: Gauge,
+    waits: Family<OutcomeLabels, Counter>,
+    wake_seconds: Histogram,
+    boot_seconds: Histogram,
+    collection_uploads: Family<OutcomeLabels, Counter>,
+    provisioner_seconds: HistogramFamily<ProvisionerLabels>,
+    provisioner_errors: Family<ProvisionerErrorLabels, Counter>,
+    provisioner_shortfall: Family<ProvisionerNameLabels, Counter>,
+    notifier_resyncs: Counter,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestClassLabels {
+    route: String,
+    method: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProvisionerLabels {
+    provisioner: &'static str,
+    operation: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProvisionerErrorLabels {
+    provisioner: &'static str,
+    operation: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProvisionerNameLabels {
+    provisioner: &'static str,
+}
+
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+
+fn slow_histogram() -> Histogram {
+    Histogram::new(SLOW_BUCKETS)
 }
 
 /// How a participant's request ended.
@@ -64,264 +137,361 @@ pub enum ClaimOutcome {
     Failed,
 }
 
-/// Counts one waiting agent while alive (the handler future holds it; dropping the future on
-/// disconnect drops the guard).
-#[derive(Debug)]
-pub struct WaiterGuard(Arc<Metrics>);
+impl ClaimOutcome {
+    const ALL: [ClaimOutcome; 8] = [
+        Self::Assigned,
+        Self::Rejoined,
+        Self::NoCapacity,
+        Self::Rejected,
+        Self::RateLimited,
+        Self::Refused,
+        Self::Unproven,
+        Self::Failed,
+    ];
 
-impl Drop for WaiterGuard {
-    fn drop(&mut self) {
-        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Assigned => "assigned",
+            Self::Rejoined => "rejoined",
+            Self::NoCapacity => "no_capacity",
+            Self::Rejected => "rejected",
+            Self::RateLimited => "rate_limited",
+            Self::Refused => "refused",
+            Self::Unproven => "unproven",
+            Self::Failed => "failed",
+        }
     }
 }
 
-impl Metrics {
-    /// Records one answered request.
-    pub fn request(&self, route: &str, method: &'static str, status: u16) {
-        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&(route.to_owned(), method, status)) {
-            *n += 1;
-        } else {
-            map.insert((route.to_owned(), method, status), 1);
+/// Counts one waiting agent while alive (the handler future holds it; dropping the future on
+/// disconnect drops the guard).
+#[derive(Debug)]
+pub struct WaiterGuard(Gauge);
+
+impl Drop for WaiterGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let metrics = Self {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(request_histogram),
+            claims: Family::default(),
+            claim_seconds: Family::new_with_constructor(request_histogram),
+            sign_ins_rate_limited: Counter::default(),
+            registrations: Family::default(),
+            waiters: Gauge::default(),
+            waits: Family::default(),
+            wake_seconds: Histogram::new(WAKE_BUCKETS),
+            boot_seconds: slow_histogram(),
+            collection_uploads: Family::default(),
+            provisioner_seconds: Family::new_with_constructor(slow_histogram),
+            provisioner_errors: Family::default(),
+            provisioner_shortfall: Family::default(),
+            notifier_resyncs: Counter::default(),
+        };
+        // Outcomes that exist from the start show as 0, so `rate()` sees their first one.
+        for outcome in ClaimOutcome::ALL {
+            let _ = metrics.claims.get_or_create(&label(outcome.as_str()));
         }
+        for outcome in ["assigned", "timed_out"] {
+            let _ = metrics.waits.get_or_create(&label(outcome));
+        }
+        metrics.register()
+    }
+}
+
+fn label(outcome: &'static str) -> OutcomeLabels {
+    OutcomeLabels { outcome }
+}
+
+impl Metrics {
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "lablink_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            self.requests.clone(),
+        );
+        r.register(
+            "lablink_http_request_duration_seconds",
+            "Time to answer an HTTP request (to its headers), by route template, method and status class",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "lablink_claims",
+            "Participant VM requests, by outcome",
+            self.claims.clone(),
+        );
+        r.register(
+            "lablink_claim_duration_seconds",
+            "Time to answer a participant's VM request, by outcome",
+            self.claim_seconds.clone(),
+        );
+        r.register(
+            "lablink_sign_ins_rate_limited",
+            "Admin sign-ins refused (429) by the per-address limit",
+            self.sign_ins_rate_limited.clone(),
+        );
+        r.register(
+            "lablink_registrations",
+            "Machine registrations, by outcome (registered, bad_token, conflict, bad_input, rate_limited, error)",
+            self.registrations.clone(),
+        );
+        r.register(
+            "lablink_waiters",
+            "Agents holding a wait-for-assignment request on this replica",
+            self.waiters.clone(),
+        );
+        r.register(
+            "lablink_waits",
+            "Finished waits for an assignment, by outcome",
+            self.waits.clone(),
+        );
+        r.register(
+            "lablink_assignment_to_wake_seconds",
+            "From a VM's assignment to its agent's wait answering with it",
+            self.wake_seconds.clone(),
+        );
+        r.register(
+            "lablink_vm_boot_seconds",
+            "From a VM's launch request to its agent making it available, once per VM",
+            self.boot_seconds.clone(),
+        );
+        r.register(
+            "lablink_collection_uploads",
+            "Collection uploads answered, by outcome (stored, refused)",
+            self.collection_uploads.clone(),
+        );
+        r.register(
+            "lablink_provisioner_duration_seconds",
+            "Time of provisioner launch and destroy calls (retries included), by provisioner and operation",
+            self.provisioner_seconds.clone(),
+        );
+        r.register(
+            "lablink_provisioner_errors",
+            "Failed provisioner calls, by provisioner, operation and error kind",
+            self.provisioner_errors.clone(),
+        );
+        r.register(
+            "lablink_provisioner_vms_not_created",
+            "VMs a launch was asked for and did not return (the allocator marks them failed), by provisioner",
+            self.provisioner_shortfall.clone(),
+        );
+        r.register(
+            "lablink_notifier_resyncs",
+            "Resync wake-ups delivered to this replica's waiters (notifications may have been lost: a reconnect, a lagging waiter)",
+            self.notifier_resyncs.clone(),
+        );
+        self
     }
 
-    /// Records one participant request.
-    pub fn claim(&self, outcome: ClaimOutcome) {
-        let counter = match outcome {
-            ClaimOutcome::Assigned => &self.claims_assigned,
-            ClaimOutcome::Rejoined => &self.claims_rejoined,
-            ClaimOutcome::NoCapacity => &self.claims_no_capacity,
-            ClaimOutcome::Rejected => &self.claims_rejected,
-            ClaimOutcome::RateLimited => &self.claims_rate_limited,
-            ClaimOutcome::Refused => &self.claims_refused,
-            ClaimOutcome::Unproven => &self.claims_unproven,
-            ClaimOutcome::Failed => &self.claims_failed,
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// Records one answered request, which took `took` to its headers.
+    pub fn request(&self, route: &str, method: &'static str, status: StatusCode, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                method,
+                status: status.as_u16(),
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&RequestClassLabels {
+                route: route.to_owned(),
+                method,
+                status_class: status_class(status),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one participant request, answered after `took`.
+    pub fn claim(&self, outcome: ClaimOutcome, took: Duration) {
+        let labels = label(outcome.as_str());
+        self.claims.get_or_create(&labels).inc();
+        self.claim_seconds
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     /// Records one admin sign-in refused by the per-address limit.
     pub fn sign_in_rate_limited(&self) {
-        self.sign_ins_rate_limited.fetch_add(1, Ordering::Relaxed);
+        self.sign_ins_rate_limited.inc();
     }
 
     /// Records one machine registration, by its answer.
     pub fn registration(&self, status: StatusCode) {
         let outcome = super::registration::outcome_label(status);
-        let mut map = self.registrations.lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(outcome).or_default() += 1;
+        self.registrations.get_or_create(&label(outcome)).inc();
     }
 
     /// Counts a waiter until the guard drops.
-    pub fn waiter(self: &Arc<Self>) -> WaiterGuard {
-        self.waiters.fetch_add(1, Ordering::Relaxed);
-        WaiterGuard(self.clone())
+    pub fn waiter(&self) -> WaiterGuard {
+        self.waiters.inc();
+        WaiterGuard(self.waiters.clone())
     }
 
-    /// Records how a wait ended.
-    pub fn wait_ended(&self, assigned: bool) {
-        if assigned {
-            self.waits_answered.fetch_add(1, Ordering::Relaxed);
+    /// Records how a wait ended: with the assignment (observing the time from the
+    /// assignment to now, the agent's wake-up) or without.
+    pub fn wait_ended(&self, assignment: Option<&Assignment>) {
+        let outcome = if assignment.is_some() {
+            "assigned"
         } else {
-            self.waits_timed_out.fetch_add(1, Ordering::Relaxed);
+            "timed_out"
+        };
+        self.waits.get_or_create(&label(outcome)).inc();
+        if let Some(assignment) = assignment {
+            self.wake_seconds
+                .observe(seconds_between(assignment.assigned_at, Utc::now()));
         }
     }
 
     /// Agents waiting right now.
     pub fn waiters(&self) -> i64 {
-        self.waiters.load(Ordering::Relaxed)
+        self.waiters.get()
     }
 
-    fn render(&self, vms: &[VmRecord], supervision: Option<&SupervisorStatus>) -> String {
-        let mut out = String::with_capacity(4096);
-        out.push_str("# HELP lablink_http_requests_total HTTP requests answered, by route, method and status.\n# TYPE lablink_http_requests_total counter\n");
-        for ((route, method, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "lablink_http_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
-                escape_label(route)
-            );
+    /// Observes the launch-to-available time of a VM that just became available for the
+    /// first time (from its launch request, or its registration for a machine that
+    /// registered itself).
+    pub fn vm_available(&self, record: &VmRecord) {
+        let launched = record.timings.provision_start.unwrap_or(record.created_at);
+        self.boot_seconds
+            .observe(seconds_between(launched, record.state_changed_at));
+    }
+
+    /// Records one answered collection upload.
+    pub fn collection_upload(&self, stored: bool) {
+        let outcome = if stored { "stored" } else { "refused" };
+        self.collection_uploads.get_or_create(&label(outcome)).inc();
+    }
+
+    /// Records one call of `provisioner`'s `operation`: its time (launch and destroy) and
+    /// its error kind when it failed.
+    pub fn provisioner_call(
+        &self,
+        provisioner: &'static str,
+        operation: &'static str,
+        took: Option<Duration>,
+        error: Option<&lablink_core::Error>,
+    ) {
+        if let Some(took) = took {
+            self.provisioner_seconds
+                .get_or_create(&ProvisionerLabels {
+                    provisioner,
+                    operation,
+                })
+                .observe(took.as_secs_f64());
         }
-        out.push_str("# HELP lablink_claims_total Participant VM requests, by outcome.\n# TYPE lablink_claims_total counter\n");
-        for (outcome, counter) in [
-            ("assigned", &self.claims_assigned),
-            ("rejoined", &self.claims_rejoined),
-            ("no_capacity", &self.claims_no_capacity),
-            ("rejected", &self.claims_rejected),
-            ("rate_limited", &self.claims_rate_limited),
-            ("refused", &self.claims_refused),
-            ("unproven", &self.claims_unproven),
-            ("failed", &self.claims_failed),
-        ] {
-            let _ = writeln!(
-                out,
-                "lablink_claims_total{{outcome=\"{outcome}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
+        if let Some(error) = error {
+            self.provisioner_errors
+                .get_or_create(&ProvisionerErrorLabels {
+                    provisioner,
+                    operation,
+                    kind: error_kind_label(error.kind()),
+                })
+                .inc();
         }
-        let _ = writeln!(out, "# HELP lablink_sign_ins_rate_limited_total Admin sign-ins refused (429) by the per-address limit.\n# TYPE lablink_sign_ins_rate_limited_total counter\nlablink_sign_ins_rate_limited_total {}", self.sign_ins_rate_limited.load(Ordering::Relaxed));
-        let _ = writeln!(out, "# HELP lablink_registrations_total Machine registrations, by outcome (registered, bad_token, conflict, bad_input, rate_limited, error).\n# TYPE lablink_registrations_total counter");
-        for (outcome, n) in self
-            .registrations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "lablink_registrations_total{{outcome=\"{outcome}\"}} {n}"
-            );
-        }
-        let _ = writeln!(out, "# HELP lablink_waiters Agents holding a wait-for-assignment request.\n# TYPE lablink_waiters gauge\nlablink_waiters {}", self.waiters());
-        let _ = writeln!(out, "# HELP lablink_waits_total Finished waits, by outcome.\n# TYPE lablink_waits_total counter\nlablink_waits_total{{outcome=\"assigned\"}} {}\nlablink_waits_total{{outcome=\"timed_out\"}} {}",
-            self.waits_answered.load(Ordering::Relaxed), self.waits_timed_out.load(Ordering::Relaxed));
-        let mut states: BTreeMap<&'static str, usize> = lablink_core::VmState::NAMES
-            .iter()
-            .map(|n| (*n, 0))
-            .collect();
-        for vm in vms {
-            *states.entry(vm.state.as_str()).or_default() += 1;
-        }
-        out.push_str("# HELP lablink_vms VMs by state.\n# TYPE lablink_vms gauge\n");
-        for (state, n) in states {
-            let _ = writeln!(out, "lablink_vms{{state=\"{state}\"}} {n}");
-        }
-        let assignable = vms.iter().filter(|v| v.is_assignable()).count();
-        let _ = writeln!(out, "# HELP lablink_vms_assignable VMs a participant can get right now.\n# TYPE lablink_vms_assignable gauge\nlablink_vms_assignable {assignable}");
-        histogram(
-            &mut out,
-            "lablink_vm_provision_seconds",
-            "Provisioning time of current VMs.",
-            vms.iter().filter_map(|v| v.timings.provision_seconds()),
-        );
-        histogram(
-            &mut out,
-            "lablink_vm_startup_seconds",
-            "Total start-up time (provisioning request to software ready) of current VMs.",
-            vms.iter().filter_map(|v| v.timings.total_startup_seconds()),
-        );
-        if let Some(status) = supervision {
-            supervisor_metrics(&mut out, status);
-        }
-        out
+    }
+
+    /// Records VMs a launch of `provisioner` did not create.
+    pub fn vms_not_created(&self, provisioner: &'static str, count: usize) {
+        self.provisioner_shortfall
+            .get_or_create(&ProvisionerNameLabels { provisioner })
+            .inc_by(count as u64);
+    }
+
+    /// Records one resync wake-up delivered to a waiter.
+    pub fn notifier_resync(&self) {
+        self.notifier_resyncs.inc();
+    }
+
+    /// The Prometheus text: what was observed, this replica's supervisor, and the fleet's
+    /// gauges when `fleet` holds them.
+    fn encode(
+        &self,
+        supervision: Option<&SupervisorStatus>,
+        fleet: Option<&[VmRecord]>,
+    ) -> Result<String, std::fmt::Error> {
+        let scraped = scrape::registry(supervision, fleet);
+        let mut out = String::with_capacity(16 * 1024);
+        prometheus_text::encode(&mut out, &self.registry)?;
+        prometheus_text::encode(&mut out, &scraped)?;
+        Ok(out)
     }
 }
 
-/// The supervisor's state: running/leader, what it did, flags, the pool and the schedule.
-fn supervisor_metrics(out: &mut String, s: &SupervisorStatus) {
-    let flag = |b: bool| u8::from(b);
-    let _ = writeln!(
-        out,
-        "# HELP lablink_supervisor_running Whether this replica's supervisor runs.
-# TYPE lablink_supervisor_running gauge
-lablink_supervisor_running {}",
-        flag(s.running)
-    );
-    let _ = writeln!(out, "# HELP lablink_supervisor_leader Whether this replica's supervisor holds the leader lease (only the leader acts).
-# TYPE lablink_supervisor_leader gauge
-lablink_supervisor_leader {}", flag(s.leader));
-    let c = &s.counters;
-    out.push_str(
-        "# HELP lablink_supervisor_actions_total What the supervisor did, by action.
-# TYPE lablink_supervisor_actions_total counter
-",
-    );
-    for (action, n) in [
-        ("lease_expired", c.leases_expired),
-        ("restart_seen", c.restarts_seen),
-        ("ladder_reboot", c.ladder_reboots),
-        ("ladder_replacement", c.ladder_replacements),
-        ("pool_launch", c.pool_launched),
-        ("pool_release", c.pool_released),
-        ("idle_release", c.idle_released),
-        ("reconcile", c.reconciles),
-        ("became_leader", c.became_leader),
-        ("error", c.errors),
-    ] {
-        let _ = writeln!(
-            out,
-            "lablink_supervisor_actions_total{{action=\"{action}\"}} {n}"
-        );
-    }
-    out.push_str(
-        "# HELP lablink_supervisor_flags VMs the supervisor wants an admin to look at, by reason.
-# TYPE lablink_supervisor_flags gauge
-",
-    );
-    for kind in [
-        FlagKind::NeedsAdmin,
-        FlagKind::LadderExhausted,
-        FlagKind::IdleWarning,
-        FlagKind::DestroyHeld,
-    ] {
-        let n = s.flags.iter().filter(|f| f.kind == kind).count();
-        let _ = writeln!(
-            out,
-            "lablink_supervisor_flags{{kind=\"{}\"}} {n}",
-            kind.as_str()
-        );
-    }
-    if let Some(target) = s.pool_target {
-        let _ = writeln!(
-            out,
-            "# HELP lablink_pool_target Free VMs the warm pool keeps right now (K).
-# TYPE lablink_pool_target gauge
-lablink_pool_target {target}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lablink_pool_free VMs free or on their way (available, booting, requested).
-# TYPE lablink_pool_free gauge
-lablink_pool_free {}",
-        s.pool_free
-    );
-    if let Some(at) = s.destruction_at {
-        let _ = writeln!(out, "# HELP lablink_scheduled_destruction_timestamp_seconds When every VM will be destroyed.
-# TYPE lablink_scheduled_destruction_timestamp_seconds gauge
-lablink_scheduled_destruction_timestamp_seconds {}", at.timestamp());
-    }
-    let _ = writeln!(out, "# HELP lablink_scheduled_destruction_warning Whether the scheduled destruction is near (its warning shows).
-# TYPE lablink_scheduled_destruction_warning gauge
-lablink_scheduled_destruction_warning {}", flag(s.destruction_warning));
-    if let Some(at) = s.last_reconcile_at {
-        let _ = writeln!(
-            out,
-            "# HELP lablink_reconcile_last_timestamp_seconds When reconcile last ran.
-# TYPE lablink_reconcile_last_timestamp_seconds gauge
-lablink_reconcile_last_timestamp_seconds {}",
-            at.timestamp()
-        );
+fn seconds_between(from: DateTime<Utc>, to: DateTime<Utc>) -> f64 {
+    // Clocks of two replicas may disagree a little: never a negative observation.
+    ((to - from).num_milliseconds() as f64 / 1000.0).max(0.0)
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
     }
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, values: impl Iterator<Item = f64>) {
-    let values: Vec<f64> = values.collect();
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for bound in DURATION_BUCKETS {
-        let n = values.iter().filter(|v| **v <= bound).count();
-        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+/// An [`ErrorKind`](lablink_core::ErrorKind)'s name as a label value (`no capacity` →
+/// `no_capacity`).
+fn error_kind_label(kind: lablink_core::ErrorKind) -> &'static str {
+    use lablink_core::ErrorKind as K;
+    match kind {
+        K::InvalidInput => "invalid_input",
+        K::InvalidConfig => "invalid_config",
+        K::NotFound => "not_found",
+        K::Conflict => "conflict",
+        K::InvalidTransition => "invalid_transition",
+        K::NoCapacity => "no_capacity",
+        K::Unauthenticated => "unauthenticated",
+        K::PermissionDenied => "permission_denied",
+        K::Timeout => "timeout",
+        K::Unavailable => "unavailable",
+        K::Provider => "provider",
+        K::Internal => "internal",
+        _ => "other",
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", values.len());
-    let _ = writeln!(out, "{name}_sum {}", values.iter().sum::<f64>());
-    let _ = writeln!(out, "{name}_count {}", values.len());
 }
 
-fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// Sends an agent's report to the allocator; when it moves the VM to `available` for the
+/// first time (from its booting phase), observes the VM's boot time. Only a report carrying
+/// a status or a GPU health can make a booting VM ready, so only those read the record first
+/// (an agent sends them when they change, not with every heartbeat). A VM whose agent
+/// reported ready before its launch call returned becomes available when the launch records
+/// it, not by a report, and is not observed.
+pub(crate) async fn report(
+    state: &HttpState,
+    hostname: &Hostname,
+    telemetry: Telemetry,
+) -> lablink_core::Result<VmRecord> {
+    let booting = if telemetry.status.is_some() || telemetry.gpu_health.is_some() {
+        state
+            .allocator()
+            .vm(hostname)
+            .await
+            .is_ok_and(|r| r.state.phase() == Some(Phase::Booting))
+    } else {
+        false
+    };
+    let record = state.allocator().report(hostname, telemetry).await?;
+    if booting && record.state == VmState::Available {
+        state.metrics().vm_available(&record);
+    }
+    Ok(record)
 }
 
-/// Middleware counting every request by its route template (never the raw path, so
-/// hostnames do not explode the label set).
+/// Middleware counting and timing every request by its route template (never the raw
+/// path, so hostnames do not explode the label set).
 pub async fn count_requests(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -339,7 +509,7 @@ pub async fn count_requests(State(state): State<HttpState>, req: Request, next: 
     state
         .inner
         .metrics
-        .request(&route, method, response.status().as_u16());
+        .request(&route, method, response.status(), started.elapsed());
     response
 }
 
@@ -357,15 +527,25 @@ pub async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> ApiR
             ));
         }
     }
-    let vms = state.allocator().vms(&VmFilter::default()).await?;
     let supervision = state.allocator().supervision();
-    let body = state.inner.metrics.render(&vms, supervision.as_ref());
+    let fleet = if scrape::fleet_exporter(supervision.as_ref()) {
+        Some(state.allocator().vms(&VmFilter::default()).await?)
+    } else {
+        None
+    };
+    let body = state
+        .inner
+        .metrics
+        .encode(supervision.as_ref(), fleet.as_deref())
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the metrics could not be encoded",
+            )
+        })?;
     Ok((
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
         body,
     )
         .into_response())

@@ -26,12 +26,16 @@
 mod admin_auth;
 mod admin_ui;
 mod agent_auth;
+mod audit;
+mod audit_log;
 mod client;
 mod collect;
 mod compat;
 mod compat_admin;
 mod error;
+mod export;
 mod extract;
+mod live;
 mod metrics;
 mod middleware;
 mod options;
@@ -39,11 +43,13 @@ mod public;
 mod registration;
 mod roster;
 mod serve;
+mod settings;
 mod signed;
 mod templates;
 mod tls;
 mod v1;
 mod views;
+mod warnings;
 
 use std::sync::Arc;
 
@@ -61,6 +67,7 @@ use tower_http::trace::TraceLayer;
 pub use admin_auth::hash_password;
 pub use client::RateLimit;
 pub use error::{status_for, ApiError, ApiResult};
+pub use live::MAX_LIVE_VIEWS;
 pub use metrics::Metrics;
 pub use options::{AgentAuthMode, HttpOptions};
 pub use signed::CookieKey;
@@ -87,6 +94,8 @@ struct Inner {
     admin: admin_auth::AdminAuth,
     templates: templates::Templates,
     shutdown: watch::Sender<bool>,
+    /// The admin dashboard's rows and fragments, rendered once for every viewer.
+    live: Arc<live::LiveView>,
     /// VM requests per client address.
     participants: client::RateLimiter,
     /// Failed machine registrations per client address.
@@ -112,6 +121,19 @@ impl HttpState {
         options: HttpOptions,
         collector: Arc<crate::collect::Collector>,
     ) -> Self {
+        Self::with_metrics(allocator, options, collector, Arc::default())
+    }
+
+    /// Like [`with_collector`](Self::with_collector), counting into `metrics`: the ones the
+    /// allocator's [`MeteredProvisioner`](crate::metered::MeteredProvisioner) and
+    /// [`MeteredNotifier`](crate::metered::MeteredNotifier) count into, so `/metrics` shows
+    /// theirs too.
+    pub fn with_metrics(
+        allocator: Arc<dyn Allocator>,
+        options: HttpOptions,
+        collector: Arc<crate::collect::Collector>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         if options.agent_auth == AgentAuthMode::Open {
             tracing::warn!(
                 "agent auth is OPEN: VM routes accept requests without a token; use only for local demos"
@@ -126,10 +148,11 @@ impl HttpState {
                     per_minute: REGISTRATION_FAILURES_PER_MINUTE,
                 }),
                 allocator: Arc::new(CollectingAllocator::new(allocator, collector)),
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 admin,
                 templates: templates::Templates::new(),
                 shutdown: watch::channel(false).0,
+                live: Arc::default(),
                 options,
             }),
         }
@@ -171,6 +194,11 @@ impl HttpState {
     /// a graceful shutdown does not wait for them.
     pub fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
     }
 
     /// Resolves once [`shutdown`](Self::shutdown) was called.
@@ -231,7 +259,7 @@ impl HttpState {
                 "/api/v1/vms/{hostname}/assignment",
                 get(v1::wait_assignment),
             )
-            .route("/admin/events", get(admin_ui::events))
+            .route("/admin/events", get(live::events))
             // Collections: long-poll, streamed uploads (no body limit but the VM's budget),
             // and destroys that may wait for collections first.
             .route("/api/v1/vms/{hostname}/tasks", get(collect::tasks))
@@ -263,7 +291,10 @@ impl HttpState {
             .merge(compat_admin::routes())
             .merge(admin_ui::routes())
             .merge(roster::routes())
+            .merge(settings::routes())
+            .merge(warnings::routes())
             .merge(registration::routes())
+            .merge(audit_log::routes())
             .merge(v1::routes())
             .route("/healthz", get(middleware::healthz))
             .route("/metrics", get(metrics::metrics))

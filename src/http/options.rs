@@ -63,6 +63,9 @@ pub struct HttpOptions {
     pub metrics_token: Option<String>,
     /// Signs the cookies that prove a participant's browser (replicas must share it).
     pub cookie_key: CookieKey,
+    /// Hourly prices by instance type, for the estimated cost in the admin UI, `/metrics`
+    /// and exports.
+    pub prices: lablink_core::Prices,
 }
 
 impl fmt::Debug for HttpOptions {
@@ -88,6 +91,7 @@ impl fmt::Debug for HttpOptions {
             .field("access_code", &self.access_code.as_ref().map(|_| "***"))
             .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
             .field("cookie_key", &self.cookie_key)
+            .field("prices", &self.prices)
             .finish()
     }
 }
@@ -122,6 +126,7 @@ impl HttpOptions {
             access_code: None,
             metrics_token: None,
             cookie_key: CookieKey::generate(),
+            prices: lablink_core::Prices::default(),
         }
     }
 

@@ -1,21 +1,25 @@
 //! The participant side: the page at `/`, `POST /api/request_vm` and the free-VM count.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use lablink_core::secret::Pin;
 use lablink_core::Allocator as _;
-use lablink_core::{CrdCommand, Email, ErrorKind, Granted, VmRequest};
+use lablink_core::{
+    CrdCommand, Email, ErrorKind, Granted, Hostname, VmFilter, VmRecord, VmRequest,
+};
 use serde_json::json;
 
 use super::admin_auth::{cookie, cookie_value};
 use super::error::ApiError;
 use super::extract::{wants_json, FormOrJson};
 use super::metrics::ClaimOutcome;
+use super::signed::CookieKey;
 use super::HttpState;
 
 /// The participant routes.
@@ -26,7 +30,7 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/unassigned_vms_count", get(unassigned_count))
 }
 
-async fn index(State(state): State<HttpState>) -> Response {
+async fn index(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     let free = state
         .allocator()
         .counts()
@@ -36,7 +40,12 @@ async fn index(State(state): State<HttpState>) -> Response {
     state.inner.templates.page(
         StatusCode::OK,
         "index.html",
-        json!({ "free": free, "access_code": state.options().access_code.is_some() }),
+        json!({
+            "free": free,
+            "access_code": state.options().access_code.is_some(),
+            // A browser that got a VM sees its warnings here too.
+            "participant": cookie_value(&headers, PARTICIPANT_COOKIE).is_some(),
+        }),
     )
 }
 
@@ -82,6 +91,42 @@ const PARTICIPANT_COOKIE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// What the participant cookie's signature is for.
 const PARTICIPANT_PURPOSE: &str = "participant";
 
+/// What the participant cookie is signed for: one assignment (VM and PIN; the PIN never
+/// leaves the signature).
+fn participant_purpose(hostname: &Hostname, pin: &Pin) -> String {
+    format!("{PARTICIPANT_PURPOSE}\0{hostname}\0{}", pin.expose())
+}
+
+/// The VM whose participant this browser is: the one assigned to the email its participant
+/// cookie carries, if the cookie was signed for that very assignment (401 otherwise, also
+/// once the VM was released or went to someone else).
+pub async fn participant_vm(state: &HttpState, headers: &HeaderMap) -> Result<VmRecord, ApiError> {
+    let unknown = || ApiError::unauthorized("This browser has no VM (or no longer has it).");
+    let value = cookie_value(headers, PARTICIPANT_COOKIE).ok_or_else(unknown)?;
+    let email: Email = CookieKey::claimed_payload(&value)
+        .and_then(|e| e.parse().ok())
+        .ok_or_else(unknown)?;
+    let filter = VmFilter {
+        email: Some(email.clone()),
+        ..VmFilter::default()
+    };
+    let record = state
+        .allocator()
+        .vms(&filter)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(unknown)?;
+    let assignment = record.assignment.as_ref().ok_or_else(unknown)?;
+    let purpose = participant_purpose(&record.hostname, &assignment.pin);
+    let now = chrono::Utc::now().timestamp();
+    let signed = state.options().cookie_key.verify(&purpose, &value, now);
+    if signed.as_deref() != Some(email.as_str()) {
+        return Err(unknown());
+    }
+    Ok(record)
+}
+
 /// A VM given to a participant, and the cookie that lets the same browser see it again.
 #[derive(Debug)]
 pub struct Taken {
@@ -104,8 +149,9 @@ pub async fn take_vm(
     parts: &Parts,
     form: &FormOrJson,
 ) -> Result<Taken, ApiError> {
+    let started = Instant::now();
     let counted = |outcome: ClaimOutcome, e: ApiError| {
-        state.metrics().claim(outcome);
+        state.metrics().claim(outcome, started.elapsed());
         e
     };
     let addr = state.client_addr(parts);
@@ -134,17 +180,13 @@ pub async fn take_vm(
         }
     }
     let request = parse_request(form).map_err(|e| counted(ClaimOutcome::Rejected, e))?;
-    let granted = claim(state, &request).await?;
+    let granted = claim(state, &request, started).await?;
     let key = &state.options().cookie_key;
     let now = chrono::Utc::now().timestamp();
     // The cookie is signed for this assignment (VM and PIN, which never leaves the
     // signature), so a cookie from an earlier assignment of the email proves nothing once
     // the VM was released and the email got another.
-    let purpose = format!(
-        "{PARTICIPANT_PURPOSE}\0{}\0{}",
-        granted.hostname,
-        granted.pin.expose()
-    );
+    let purpose = participant_purpose(&granted.hostname, &granted.pin);
     if !granted.newly_assigned && !granted.same_code {
         let proven = cookie_value(&parts.headers, PARTICIPANT_COOKIE)
             .and_then(|value| key.verify(&purpose, &value, now))
@@ -159,11 +201,12 @@ pub async fn take_vm(
             ));
         }
     }
-    state.metrics().claim(if granted.newly_assigned {
+    let outcome = if granted.newly_assigned {
         ClaimOutcome::Assigned
     } else {
         ClaimOutcome::Rejoined
-    });
+    };
+    state.metrics().claim(outcome, started.elapsed());
     let expires = now + PARTICIPANT_COOKIE_TTL.as_secs() as i64;
     let value = key.sign(&purpose, request.email.as_str(), expires);
     Ok(Taken {
@@ -177,36 +220,46 @@ pub async fn take_vm(
     })
 }
 
-/// Asks the allocator for a VM; counts the outcomes that end here.
-async fn claim(state: &HttpState, request: &VmRequest) -> Result<Granted, ApiError> {
+/// Asks the allocator for a VM; counts the outcomes that end here (timed from `started`).
+async fn claim(
+    state: &HttpState,
+    request: &VmRequest,
+    started: Instant,
+) -> Result<Granted, ApiError> {
     match state.allocator().request_vm(request).await {
         Ok(granted) => Ok(granted),
         Err(e) if e.kind() == ErrorKind::NoCapacity => {
-            state.metrics().claim(ClaimOutcome::NoCapacity);
+            state
+                .metrics()
+                .claim(ClaimOutcome::NoCapacity, started.elapsed());
             Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "No VM is free right now. Please try again in a few minutes or ask the organisers.",
             ))
         }
         Err(e) => {
-            state.metrics().claim(match e.kind() {
+            let outcome = match e.kind() {
                 ErrorKind::PermissionDenied => ClaimOutcome::Refused,
                 ErrorKind::InvalidInput => ClaimOutcome::Rejected,
                 _ => ClaimOutcome::Failed,
-            });
+            };
+            state.metrics().claim(outcome, started.elapsed());
             Err(e.into())
         }
     }
 }
 
 async fn request_vm(State(state): State<HttpState>, req: Request) -> Response {
+    let started = Instant::now();
     let (parts, body) = req.into_parts();
     let json = wants_json(&parts.headers);
     let outcome =
         match FormOrJson::from_request(Request::from_parts(parts.clone(), body), &state).await {
             Ok(form) => take_vm(&state, &parts, &form).await,
             Err(e) => {
-                state.metrics().claim(ClaimOutcome::Rejected);
+                state
+                    .metrics()
+                    .claim(ClaimOutcome::Rejected, started.elapsed());
                 Err(e)
             }
         };

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use lablink_core::secret::RegistrationSecret;
 use lablink_core::{
-    Allocator as _, DestroyTarget, MachineRegistration, RegistrationToken,
+    Allocator as _, AuditAction, DestroyTarget, MachineRegistration, RegistrationToken,
     RegistrationTokenOptions, VmFilter,
 };
 use lablink_protocol::{ErrorBody, RegisteredBody, RegistrationBody};
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::admin_auth::{Admin, AdminForm};
 use super::agent_auth::{bearer, Agent};
+use super::audit::{self, What};
 use super::client::ClientAddr;
 use super::error::{ApiError, ApiResult};
 use super::extract::{typed, wants_json, ApiJson, PathText};
@@ -256,9 +257,25 @@ pub async fn create_token(
     parts: Parts,
     req: AdminForm,
 ) -> ApiResult<Response> {
-    let body: NewTokenBody = typed(req.form)?;
-    let created = create(&state, &parts, body).await?;
-    Ok((StatusCode::CREATED, Json(created)).into_response())
+    let AdminForm { form, caller, .. } = req;
+    let label = form.text("label").map(str::to_owned);
+    let outcome = async { create(&state, &parts, typed(form)?).await }.await;
+    let what = created(outcome.as_ref().ok(), label.as_deref());
+    let action = AuditAction::RegistrationTokenCreated;
+    audit::record(&state, &caller, action, what, &outcome).await;
+    Ok((StatusCode::CREATED, Json(outcome?)).into_response())
+}
+
+/// What creating a token labelled `label` did (`created`, when it worked): the token's id
+/// and label, never the token.
+fn created(created: Option<&CreatedTokenView>, label: Option<&str>) -> What {
+    match created {
+        Some(created) => {
+            let token = &created.view.token;
+            What::token(Some(token.id.to_string()), Some(&token.label))
+        }
+        None => What::token(None, label),
+    }
 }
 
 /// Every registration token, newest first.
@@ -287,17 +304,25 @@ pub async fn revoke_token(
     PathText(id): PathText,
     req: AdminForm,
 ) -> ApiResult<Json<TokenView>> {
-    drop(req);
-    revoke(&state, &id).await.map(Json)
+    revoke(&state, &req, &id).await.map(Json)
 }
 
-async fn revoke(state: &HttpState, id: &str) -> ApiResult<TokenView> {
-    let id: Uuid = id
-        .trim()
-        .parse()
-        .map_err(|_| ApiError::bad_request("not a registration token id"))?;
-    let token = state.allocator().revoke_registration_token(id).await?;
-    Ok(TokenView::new(token, Utc::now()))
+/// Revokes token `id` (recorded in the audit trail).
+async fn revoke(state: &HttpState, req: &AdminForm, id: &str) -> ApiResult<TokenView> {
+    let outcome = async {
+        let id: Uuid = id
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::bad_request("not a registration token id"))?;
+        let token = state.allocator().revoke_registration_token(id).await?;
+        Ok(TokenView::new(token, Utc::now()))
+    }
+    .await;
+    let label = outcome.as_ref().ok().map(|t| t.token.label.as_str());
+    let what = What::token(Some(id.trim().to_owned()), label);
+    let action = AuditAction::RegistrationTokenRevoked;
+    audit::record(state, &req.caller, action, what, &outcome).await;
+    outcome
 }
 
 /// The admin page: registration tokens, registered machines, the onboarding command.
@@ -383,9 +408,14 @@ async fn create_from_page(
     parts: Parts,
     req: AdminForm,
 ) -> Response {
-    let wants_json = req.wants_json;
+    let AdminForm {
+        form,
+        wants_json,
+        caller,
+    } = req;
+    let label = form.text("label").map(str::to_owned);
     let outcome = async {
-        let mut form = req.form;
+        let mut form = form;
         // An HTML form sends every field as text; empty means "not given".
         for field in ["valid_hours", "max_uses"] {
             match form
@@ -413,6 +443,13 @@ async fn create_from_page(
         ))
     }
     .await;
+    let token = outcome
+        .as_ref()
+        .ok()
+        .and_then(|(created, _)| created.as_ref());
+    let what = created(token, label.as_deref());
+    let action = AuditAction::RegistrationTokenCreated;
+    audit::record(&state, &caller, action, what, &outcome).await;
     if wants_json {
         return match outcome {
             Ok((created, _)) => (StatusCode::CREATED, Json(created)).into_response(),
@@ -429,7 +466,7 @@ async fn revoke_from_page(
     req: AdminForm,
 ) -> Response {
     let id = req.form.text("id").unwrap_or_default().to_owned();
-    let outcome = revoke(&state, &id).await.map(|t| {
+    let outcome = revoke(&state, &req, &id).await.map(|t| {
         (
             None,
             format!("Registration token {:?} revoked.", t.token.label),

@@ -7,10 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use lablink_core::Allocator as _;
-use lablink_core::Email;
+use lablink_core::{AuditAction, Email};
 use serde_json::{json, Value};
 
 use super::admin_auth::{Admin, AdminForm};
+use super::audit::{self, What};
 use super::error::{ApiError, ApiResult};
 use super::extract::wants_json;
 use super::HttpState;
@@ -132,9 +133,23 @@ fn view(emails: &[Email]) -> Json<Value> {
     responses((status = 200, body = RosterView), (status = 400, description = "A line or entry that is not an email, named", body = lablink_protocol::ErrorBody), (status = 401, body = lablink_protocol::ErrorBody)),
     security(("admin_basic" = [])))]
 pub async fn put_roster(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Json<Value>> {
-    let emails = emails_from(&req.form)?;
-    state.allocator().set_roster(&emails).await?;
-    Ok(view(&state.allocator().roster().await?))
+    let outcome = replace(&state, &req).await;
+    Ok(view(&outcome?))
+}
+
+/// Replaces the roster with the emails `req` sends (recorded in the audit trail); the
+/// roster as it now stands.
+async fn replace(state: &HttpState, req: &AdminForm) -> ApiResult<Vec<Email>> {
+    let outcome = async {
+        let emails = emails_from(&req.form)?;
+        state.allocator().set_roster(&emails).await?;
+        Ok::<_, ApiError>(state.allocator().roster().await?)
+    }
+    .await;
+    let what = What::roster(outcome.as_ref().ok().map(Vec::len));
+    let action = AuditAction::RosterChanged;
+    audit::record(state, &req.caller, action, what, &outcome).await;
+    outcome
 }
 
 async fn page(
@@ -170,12 +185,7 @@ fn render(
 }
 
 async fn upload(State(state): State<HttpState>, admin: Admin, req: AdminForm) -> Response {
-    let outcome = async {
-        let emails = emails_from(&req.form)?;
-        state.allocator().set_roster(&emails).await?;
-        Ok::<_, ApiError>(state.allocator().roster().await?)
-    }
-    .await;
+    let outcome = replace(&state, &req).await;
     match (outcome, req.wants_json) {
         (Ok(emails), true) => {
             Json(json!({ "count": emails.len(), "emails": emails })).into_response()

@@ -89,6 +89,14 @@ impl CookieKey {
         (now < expires).then_some((payload, expires))
     }
 
+    /// The payload `value` claims to carry, unverified: only to look up what to
+    /// [`verify`](Self::verify) it against (a participant cookie's email, to find the VM its
+    /// purpose names).
+    pub fn claimed_payload(value: &str) -> Option<String> {
+        let encoded = value.split('.').next()?;
+        String::from_utf8(URL_SAFE_NO_PAD.decode(encoded).ok()?).ok()
+    }
+
     /// A token bound to `payload` for `purpose` (URL-safe): whoever holds the key computes
     /// the same one, nobody else can. Use a purpose of its own, never one of signed values.
     pub fn token(&self, purpose: &str, payload: &str) -> String {

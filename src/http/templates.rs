@@ -26,17 +26,21 @@ impl Templates {
             "base.html",
             "index.html",
             "result.html",
+            "participant_banner.html",
             "login.html",
             "admin.html",
-            "vm_rows.html",
+            "vm_row.html",
             "supervisor.html",
             "operations.html",
             "collections.html",
+            "usage.html",
             "vm.html",
             "confirm.html",
             "message.html",
             "participants.html",
+            "settings.html",
             "machines.html",
+            "audit.html",
         ) {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("template {name} does not compile: {e}"));

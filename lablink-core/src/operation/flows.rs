@@ -240,6 +240,7 @@ impl LabLink {
         let event = VmEvent::Provisioned {
             instance_id: vm.instance_id.clone(),
             address: vm.address.clone(),
+            instance_type: vm.instance_type.clone(),
         };
         self.apply_if(&vm.hostname, |r| {
             (r.state == VmState::Requested).then(|| event.clone())
@@ -294,6 +295,7 @@ impl LabLink {
                     hostname: record.hostname.clone(),
                     instance_id: instance_id.clone(),
                     address: record.address.clone(),
+                    instance_type: record.instance_type.clone(),
                 });
             }
         }
@@ -382,6 +384,7 @@ impl LabLink {
             hostname: hostname.clone(),
             instance_id,
             address: record.address,
+            instance_type: record.instance_type,
         };
         let this = self.clone();
         let op = operation.clone();
@@ -456,6 +459,7 @@ impl LabLink {
                     hostname: hostname.clone(),
                     instance_id: instance_id.clone(),
                     address: record.address.clone(),
+                    instance_type: record.instance_type.clone(),
                 });
             }
             taken.push(hostname.clone());

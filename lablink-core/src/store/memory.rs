@@ -1,12 +1,15 @@
 //! [`MemoryVmStore`]: the always-available in-process [`VmStore`].
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::audit::{AuditEntry, AuditQuery, BoundedAuditLog};
+use crate::archive::RemovedVm;
+use crate::usage::FleetUsage;
 use crate::logs::BoundedLog;
 use crate::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use crate::secret::TokenDigest;
@@ -18,7 +21,9 @@ use crate::{
 
 /// An in-process [`VmStore`]: a map of records behind one mutex, with indexes that make
 /// claims O(log n). `Clone` shares the state, so several allocators in one process can share
-/// a store. Good enough to run a workshop on one machine (state is lost on restart).
+/// a store. Good enough to run a workshop on one machine (state is lost on restart). Its
+/// audit trail keeps the newest [`MEMORY_AUDIT_CAP`](crate::audit::MEMORY_AUDIT_CAP)
+/// entries (100,000; a few hundred bytes each) and drops older ones.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryVmStore {
     inner: Arc<Mutex<Inner>>,
@@ -38,6 +43,17 @@ struct Inner {
     /// Ended sessions and until when.
     ended_sessions: HashMap<String, DateTime<Utc>>,
     registration_tokens: Vec<RegistrationToken>,
+    /// The newest [`MEMORY_AUDIT_CAP`](crate::audit::MEMORY_AUDIT_CAP) audit entries.
+    audit: BoundedAuditLog,
+    /// The VMs removed so far, oldest first (the newest
+    /// [`MEMORY_REMOVED_CAP`](crate::store::MEMORY_REMOVED_CAP)).
+    removed: VecDeque<RemovedVm>,
+    /// The time of every VM removed so far, including those the cap dropped.
+    removed_usage: FleetUsage,
+    /// The workshop settings saved last.
+    settings: Option<crate::WorkshopSettings>,
+    /// Warnings to participants.
+    warnings: crate::warning::WarningBook,
 }
 
 /// Shared secrets by name; `Debug` shows the names only.
@@ -315,6 +331,15 @@ impl VmStore for MemoryVmStore {
         for hostname in hostnames {
             if let Some(entry) = inner.vms.remove(hostname) {
                 inner.reindex(hostname, Some(Keys::of(&entry.record)), None);
+                inner.warnings.forget(hostname);
+                let record = &entry.record;
+                inner
+                    .removed_usage
+                    .add(record.instance_type.as_deref(), &record.usage.seconds);
+                inner.removed.push_back(RemovedVm::from(record));
+                if inner.removed.len() > crate::store::MEMORY_REMOVED_CAP {
+                    inner.removed.pop_front();
+                }
                 removed += 1;
             }
         }
@@ -500,5 +525,69 @@ impl VmStore for MemoryVmStore {
             }
         }
         Ok(Registered { record, again })
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<()> {
+        self.lock().audit.append(entry);
+        Ok(())
+    }
+
+    async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        Ok(self.lock().audit.query(query))
+    }
+
+    async fn workshop_settings(&self) -> Result<Option<crate::WorkshopSettings>> {
+        Ok(self.lock().settings.clone())
+    }
+
+    async fn put_workshop_settings(
+        &self,
+        settings: &crate::WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<crate::WorkshopSettings> {
+        crate::settings::put(&mut self.lock().settings, settings, expected_revision)
+    }
+
+    async fn put_warning(&self, warning: &crate::VmWarning) -> Result<crate::VmWarning> {
+        let mut inner = self.lock();
+        if !inner.vms.contains_key(&warning.hostname) {
+            return Err(not_found(&warning.hostname));
+        }
+        Ok(inner.warnings.put(warning))
+    }
+
+    async fn warnings(&self, hostname: &Hostname) -> Result<Vec<crate::VmWarning>> {
+        Ok(self.lock().warnings.list(Some(hostname)))
+    }
+
+    async fn all_warnings(&self) -> Result<Vec<crate::VmWarning>> {
+        Ok(self.lock().warnings.list(None))
+    }
+
+    async fn acknowledge_warning(
+        &self,
+        hostname: &Hostname,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<crate::VmWarning> {
+        self.lock().warnings.acknowledge(hostname, id, now)
+    }
+
+    async fn remove_warnings(&self, ids: &[Uuid]) -> Result<usize> {
+        Ok(self.lock().warnings.remove(ids))
+    }
+
+    async fn removed_vms(&self) -> Result<Vec<RemovedVm>> {
+        Ok(self.lock().removed.iter().cloned().collect())
+    }
+
+    async fn usage(&self, now: DateTime<Utc>) -> Result<FleetUsage> {
+        let inner = self.lock();
+        let mut usage = inner.removed_usage.clone();
+        for entry in inner.vms.values() {
+            let record = &entry.record;
+            usage.add(record.instance_type.as_deref(), &record.usage_at(now));
+        }
+        Ok(usage)
     }
 }

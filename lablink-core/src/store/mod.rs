@@ -14,8 +14,13 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::audit::{AuditEntry, AuditQuery};
+use crate::archive::RemovedVm;
+use crate::usage::FleetUsage;
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, TokenDigest};
+use crate::settings::WorkshopSettings;
+use crate::warning::VmWarning;
 use crate::{
     CrdCommand, Email, Hostname, Operation, Result, Telemetry, VmEvent, VmLogs, VmRecord, VmState,
 };
@@ -141,6 +146,9 @@ impl fmt::Debug for ProvisioningLock {
     }
 }
 
+/// How many removed VMs [`MemoryVmStore`] remembers (a store for demos and tests).
+pub const MEMORY_REMOVED_CAP: usize = 100_000;
+
 /// Durable VM records.
 ///
 /// # Contract
@@ -187,6 +195,37 @@ impl fmt::Debug for ProvisioningLock {
 ///   machine gets [`MachineRegistration::record`] and counts one use of the token, which
 ///   never goes past `max_uses` under any concurrency; a machine registering again keeps its
 ///   record ([`registration::renewed`](crate::registration::renewed)) and counts no use.
+/// - `append_audit` keeps an entry as given (across processes for durable stores); an entry
+///   whose id is held already changes nothing, so a retried append is recorded once.
+///   `audit_entries` returns the newest `limit` entries older than the entry `before` (all
+///   when `None`; none when the store does not hold that id), newest first: by `at`, and
+///   entries with the same `at` in the reverse order of appending, so paging with the last
+///   id of each page gives every entry exactly once. A store may drop the oldest entries
+///   past a documented bound ([`MemoryVmStore`] keeps the newest
+///   [`MEMORY_AUDIT_CAP`](crate::audit::MEMORY_AUDIT_CAP)).
+/// - Every record's [`usage`](VmRecord::usage) is kept as the record computes it, except
+///   that a claim may account the VM's free time itself, exactly as
+///   [`VmRecord::apply`] would. `usage` sums every record's time up to `now`
+///   ([`VmRecord::usage_at`]) and, for every VM removed before, its time as accounted at
+///   its last change (a terminated VM's whole time), by instance type.
+/// - `remove` keeps a [`RemovedVm`] of every record it removes, in the same step;
+///   `removed_vms` returns them oldest first. [`MemoryVmStore`] keeps the newest
+///   [`MEMORY_REMOVED_CAP`] (its `usage` still counts every removed VM).
+/// - `workshop_settings` is `None` until settings are first put. `put_workshop_settings` is
+///   atomic (across processes for durable stores): when the stored revision (0 when none
+///   is stored) is `expected_revision` it stores the settings as given with revision
+///   `expected_revision + 1` and returns them as stored; otherwise it changes nothing and
+///   fails with [`ErrorKind::Conflict`](crate::ErrorKind::Conflict). Durations are kept to
+///   the millisecond, times to the microsecond.
+/// - `put_warning` keeps at most one warning per VM, kind and due time (across processes
+///   for durable stores): it stores the warning unless one with the same three is stored,
+///   and returns the stored one either way; for an unknown hostname it fails with
+///   [`ErrorKind::NotFound`](crate::ErrorKind::NotFound). `warnings` (one VM's) and
+///   `all_warnings` list warnings by hostname, then due time, then kind.
+///   `acknowledge_warning` records when the VM's agent showed a warning (a repeat keeps
+///   the first time), `NotFound` for a warning that VM does not have. `remove_warnings`
+///   removes warnings by id (unknown ids are ignored); `remove` removes a VM's warnings
+///   with it.
 /// - Stores never read a clock: callers pass `now`.
 #[cfg_attr(feature = "mock", mockall::automock)]
 #[async_trait]
@@ -296,4 +335,47 @@ pub trait VmStore: Send + Sync + Debug {
         agent_token: TokenDigest,
         now: DateTime<Utc>,
     ) -> Result<Registered>;
+
+    /// Appends an entry to the audit trail (an id held already changes nothing).
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<()>;
+
+    /// Audit entries, newest first, as `query` selects them.
+    async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>>;
+
+    /// The workshop settings an admin saved last, if any.
+    async fn workshop_settings(&self) -> Result<Option<WorkshopSettings>>;
+
+    /// Stores `settings` as revision `expected_revision + 1` if the stored revision is
+    /// `expected_revision`, else `Conflict`.
+    async fn put_workshop_settings(
+        &self,
+        settings: &WorkshopSettings,
+        expected_revision: u64,
+    ) -> Result<WorkshopSettings>;
+
+    /// Stores `warning` unless its VM has one of its kind and due time; the stored one.
+    async fn put_warning(&self, warning: &VmWarning) -> Result<VmWarning>;
+
+    /// The warnings of `hostname`.
+    async fn warnings(&self, hostname: &Hostname) -> Result<Vec<VmWarning>>;
+
+    /// The warnings of every VM.
+    async fn all_warnings(&self) -> Result<Vec<VmWarning>>;
+
+    /// Records that `hostname`'s agent showed warning `id` at `now`; the warning.
+    async fn acknowledge_warning(
+        &self,
+        hostname: &Hostname,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<VmWarning>;
+
+    /// Removes warnings by id; how many went.
+    async fn remove_warnings(&self, ids: &[Uuid]) -> Result<usize>;
+
+    /// The VMs removed so far (what [`RemovedVm`] keeps), oldest first.
+    async fn removed_vms(&self) -> Result<Vec<RemovedVm>>;
+
+    /// The fleet's VM time by kind and instance type up to `now`, removed VMs included.
+    async fn usage(&self, now: DateTime<Utc>) -> Result<FleetUsage>;
 }

@@ -199,23 +199,30 @@ pub struct PoolWindow {
     pub min_available: usize,
 }
 
+impl PoolWindow {
+    /// Whether the window is on at `now`, counting `prewarm` before its start.
+    pub fn is_on(&self, prewarm: Duration, now: DateTime<Utc>) -> bool {
+        let prewarm = chrono::Duration::from_std(prewarm).unwrap_or(chrono::Duration::MAX);
+        self.start.checked_sub_signed(prewarm).unwrap_or(self.start) <= now && now < self.end
+    }
+}
+
 impl PoolConfig {
     /// K at `now`: the largest of the base K and every window that is on (counting its
     /// prewarm).
     pub fn min_available_at(&self, now: DateTime<Utc>) -> usize {
-        let prewarm = chrono::Duration::from_std(self.prewarm).unwrap_or(chrono::Duration::MAX);
         self.windows
             .iter()
-            .filter(|w| {
-                w.start.checked_sub_signed(prewarm).unwrap_or(w.start) <= now && now < w.end
-            })
+            .filter(|w| w.is_on(self.prewarm, now))
             .map(|w| w.min_available)
             .fold(self.min_available, usize::max)
     }
 }
 
 /// Scheduled destruction: every VM is destroyed at `at`; from `at - warning` the admin UI
-/// and `/metrics` show the coming destruction. The pool launches nothing from `at` on.
+/// and `/metrics` show the coming destruction and participants are warned. The pool launches
+/// nothing from `at` on. These are the initial values: admins change the schedule (to
+/// several times) at run time ([`WorkshopSettings`](crate::settings::WorkshopSettings)).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DestructionConfig {

@@ -15,6 +15,7 @@
 mod config;
 mod health;
 mod pool;
+mod warnings;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -222,9 +223,22 @@ impl Supervising {
             }
         }
 
+        // What an admin set at run time, through whichever replica: it replaces the
+        // config's pool and destruction time. Unreadable, nothing is done this tick (acting
+        // on the config's values could destroy VMs an admin rescheduled).
+        let settings = match crate::settings::current(&*self.store, &config).await {
+            Ok(settings) => settings,
+            Err(e) => return shared.error("read settings", &e),
+        };
+        let config = settings.apply_to(&config);
+        let schedule = settings.destruction;
         let records = match self.store.list(&VmFilter::default()).await {
             Ok(records) => records,
             Err(e) => return shared.error("list VMs", &e),
+        };
+        let warned = match self.store.all_warnings().await {
+            Ok(warned) => warned,
+            Err(e) => return shared.error("read warnings", &e),
         };
         let mut flags = Vec::new();
         if config.leases.enabled {
@@ -242,21 +256,26 @@ impl Supervising {
                 &r.hostname == h && !matches!(r.state, VmState::Terminating | VmState::Terminated)
             })
         });
-        self.scheduled_destruction(&config.destruction, &records, now, shared, memory)
+        let mut wanted = warnings::destruction_warnings(&schedule, &records, now);
+        self.scheduled_destruction(&config, &schedule, &records, now, shared, memory)
             .await;
-        self.keep_pool(&config, &records, now, shared, &mut flags)
+        self.keep_pool(&config, &schedule, &records, now, shared, &mut flags)
             .await;
         if config.idle_release.enabled {
-            self.release_idle(
-                &config.idle_release,
-                &records,
-                now,
-                shared,
-                memory,
-                &mut flags,
-            )
-            .await;
+            warnings::resume_idle_clocks(&warned, &config.idle_release, memory);
+            let idle = self
+                .release_idle(
+                    &config.idle_release,
+                    &records,
+                    now,
+                    shared,
+                    memory,
+                    &mut flags,
+                )
+                .await;
+            wanted.extend(idle);
         }
+        self.sync_warnings(&warned, &wanted, now, shared).await;
         flags.extend(memory.kept.iter().map(|(hostname, why)| VmFlag {
             hostname: hostname.clone(),
             kind: FlagKind::DestroyHeld,

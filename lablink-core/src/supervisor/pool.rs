@@ -4,10 +4,12 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
+use super::warnings::Wanted;
 use super::{span_of, Memory, Supervising, SupervisorConfig};
+use crate::settings::ScheduleSettings;
 use crate::supervision::Shared;
-use crate::supervisor::{DestructionConfig, FlagKind, IdleReleaseConfig, VmFlag};
-use crate::{AgentStatus, Email, Hostname, LaunchOptions, Phase, VmRecord, VmState};
+use crate::supervisor::{FlagKind, IdleReleaseConfig, VmFlag};
+use crate::{AgentStatus, Email, Hostname, LaunchOptions, Phase, VmRecord, VmState, WarningKind};
 
 /// A VM that is free or will be: it counts toward K. A registered machine counts only
 /// while free (nothing replaces one that is stuck).
@@ -44,9 +46,20 @@ fn failed_setup(r: &VmRecord) -> bool {
     r.state == VmState::Failed && r.agent_status == Some(AgentStatus::Error) && !r.is_registered()
 }
 
-/// Whether the scheduled destruction time has come.
-fn destruction_due(config: &DestructionConfig, now: DateTime<Utc>) -> bool {
-    config.at.is_some_and(|at| now >= at)
+/// Whether the scheduled destruction has come for `r` at `now`: it was created before a
+/// time that passed; or the last time passed and no pool window after it is on (the
+/// workshop is over: every VM goes, as a single destruction time always did).
+pub(super) fn destruction_due(
+    schedule: &ScheduleSettings,
+    config: &SupervisorConfig,
+    r: &VmRecord,
+    now: DateTime<Utc>,
+) -> bool {
+    let Some(last) = schedule.last_passed(now) else {
+        return false;
+    };
+    r.created_at < last
+        || (schedule.next(Some(now)).is_none() && schedule.pauses_pool(&config.pool, now))
 }
 
 impl Supervising {
@@ -56,6 +69,7 @@ impl Supervising {
     pub(super) async fn keep_pool(
         &self,
         config: &SupervisorConfig,
+        schedule: &ScheduleSettings,
         records: &[VmRecord],
         now: DateTime<Utc>,
         shared: &Shared,
@@ -68,7 +82,7 @@ impl Supervising {
             s.pool_free = free;
             s.pool_target = pool.enabled.then(|| pool.min_available_at(now));
         }
-        if !pool.enabled || destruction_due(&config.destruction, now) {
+        if !pool.enabled || schedule.pauses_pool(pool, now) {
             return;
         }
         let k = pool.min_available_at(now);
@@ -160,34 +174,31 @@ impl Supervising {
         }
     }
 
-    /// Shows the warning before the scheduled destruction, and destroys every VM once it is
-    /// due (again on later ticks, until none is left).
+    /// Shows the coming destruction, and destroys every VM whose destruction has come (see
+    /// [`destruction_due`]; again on later ticks, until none is left).
     pub(super) async fn scheduled_destruction(
         &self,
-        config: &DestructionConfig,
+        config: &SupervisorConfig,
+        schedule: &ScheduleSettings,
         records: &[VmRecord],
         now: DateTime<Utc>,
         shared: &Shared,
         memory: &mut Memory,
     ) {
-        let Some(at) = config.at else {
-            let mut s = shared.status();
-            s.destruction_at = None;
-            s.destruction_warning = false;
-            return;
-        };
         {
+            let shown = schedule.shown(now);
             let mut s = shared.status();
-            s.destruction_at = Some(at);
-            s.destruction_warning = now >= at - span_of(config.warning);
-        }
-        if now < at {
-            return;
+            s.destruction_at = shown;
+            s.destruction_warning = shown.is_some_and(|at| schedule.warns(at, now));
         }
         let left: Vec<&VmRecord> = records
             .iter()
             .filter(|r| !matches!(r.state, VmState::Terminating | VmState::Terminated))
+            .filter(|r| destruction_due(schedule, config, r, now))
             .collect();
+        if left.is_empty() {
+            return;
+        }
         // Only these VMs, once cleared: a VM launched meanwhile waits for the next tick.
         let Some(left) = self.cleared_for_destroy(&left, now, shared, memory).await else {
             return;
@@ -215,7 +226,9 @@ impl Supervising {
         }
     }
 
-    /// Destroys assigned VMs not in use for longer than the limit, after a warning period.
+    /// Destroys assigned VMs not in use for longer than the limit, after a warning period;
+    /// the warnings their participants are to see (from the warning period on, until the VM
+    /// is gone).
     pub(super) async fn release_idle(
         &self,
         config: &IdleReleaseConfig,
@@ -224,9 +237,10 @@ impl Supervising {
         shared: &Shared,
         memory: &mut Memory,
         flags: &mut Vec<VmFlag>,
-    ) {
+    ) -> Vec<Wanted> {
         let leader_since = memory.leader_since.unwrap_or(now);
         let mut seen = Vec::new();
+        let mut wanted = Vec::new();
         for record in records {
             let Some(assignment) = record.assignment.as_ref() else {
                 continue;
@@ -256,6 +270,15 @@ impl Supervising {
             seen.push(key);
             let idle = now - since;
             let release_at = since + span_of(config.after);
+            if idle >= span_of(config.after) - span_of(config.warning) && !config.warning.is_zero()
+            {
+                wanted.push(Wanted::new(
+                    &record.hostname,
+                    WarningKind::IdleRelease,
+                    &assignment.email,
+                    release_at,
+                ));
+            }
             if idle >= span_of(config.after) {
                 let cleared = self
                     .cleared_for_destroy(&[record], now, shared, memory)
@@ -299,6 +322,7 @@ impl Supervising {
             }
         }
         memory.idle_since.retain(|k, _| seen.contains(k));
+        wanted
     }
 }
 

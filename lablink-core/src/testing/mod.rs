@@ -23,11 +23,14 @@
 //! [`provisioner_conformance!`]: crate::provisioner_conformance
 
 pub mod artifact;
+pub mod audit;
 pub mod fleet;
 pub mod notifier;
 pub mod provisioner;
+pub mod settings;
 pub mod store;
 pub mod strategies;
+pub mod usage;
 
 /// Stamps one test per suite function. Internal to the conformance macros.
 #[doc(hidden)]
@@ -77,6 +80,19 @@ macro_rules! vm_store_conformance {
             an_ended_session_stays_ended_until_it_expires,
             registration_follows_its_token,
             a_token_never_registers_more_machines_than_allowed,
+        );
+        $crate::__conformance_tests!(audit [$attr] $setup ($($arg: $ty),*) ($($arg),*);
+            audit_entries_read_back_newest_first,
+            audit_entries_page_with_limit_and_before,
+        );
+        $crate::__conformance_tests!(settings [$attr] $setup ($($arg: $ty),*) ($($arg),*);
+            workshop_settings_are_saved_only_from_the_stored_revision,
+            concurrent_settings_saves_store_exactly_one,
+            warnings_are_kept_once_per_vm_kind_and_due_time,
+            warnings_are_acknowledged_once_and_go_with_their_vm,
+        );
+        $crate::__conformance_tests!(usage [$attr] $setup ($($arg: $ty),*) ($($arg),*);
+            usage_accumulates_by_kind_and_outlives_the_vm,
         );
     };
 }

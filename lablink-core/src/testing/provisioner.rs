@@ -111,6 +111,7 @@ pub async fn reboot_reaches_known_machines_only(p: &dyn Provisioner) {
         hostname: host("pv-ghost"),
         instance_id: "i-ghost".parse().unwrap(),
         address: None,
+        instance_type: None,
     };
     if !p.capabilities().reboot {
         let err = p.reboot(&vms[0]).await.unwrap_err();

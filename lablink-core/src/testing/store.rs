@@ -55,6 +55,7 @@ pub async fn seed_available(store: &dyn VmStore, n: usize) -> Vec<Hostname> {
         let provisioned = VmEvent::Provisioned {
             instance_id: format!("i-{i:08}").parse().unwrap(),
             address: Some(format!("10.0.0.{}", i % 250)),
+            instance_type: Some("test.small".into()),
         };
         store
             .apply(h, &provisioned, None, t0())

@@ -71,6 +71,7 @@ pub fn vm_event() -> impl Strategy<Value = VmEvent> {
         "[0-9a-f]{8}".prop_map(|id| VmEvent::Provisioned {
             instance_id: format!("i-{id}").parse().expect("valid"),
             address: None,
+            instance_type: None,
         }),
         Just(VmEvent::ProvisionFailed {
             reason: "no capacity".into()

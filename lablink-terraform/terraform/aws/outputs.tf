@@ -21,6 +21,11 @@ output "vm_public_ips" {
   value       = { for h, vm in aws_instance.vm : h => vm.public_ip }
 }
 
+output "vm_instance_types" {
+  description = "Hostname => EC2 instance type (optional for the provisioner: the cost estimate's key)."
+  value       = { for h, vm in aws_instance.vm : h => vm.instance_type }
+}
+
 output "vm_tokens" {
   description = "Hostname => the agent token the VM was created with, so that later applies keep it."
   value       = { for h, vm in aws_instance.vm : h => try(var.vms[h].token, null) }

@@ -6,14 +6,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lablink_core::Allocator as _;
-use lablink_core::{DestroyTarget, LaunchOptions, VmFilter};
+use lablink_core::{AuditAction, DestroyTarget, LaunchOptions, VmFilter};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{typed, ErrorBody};
 use crate::http::admin_auth::{Admin, AdminForm};
 use crate::http::agent_auth::AdminOrAgent;
+use crate::http::audit::{self, Answered, What};
 use crate::http::error::{ApiError, ApiResult};
 use crate::http::extract::{vm_hostname, ApiQuery, FormOrJson, PathText};
 use crate::http::public::take_vm;
@@ -145,12 +147,17 @@ pub async fn launch(
     State(state): State<HttpState>,
     req: AdminForm,
 ) -> ApiResult<(StatusCode, Json<OperationView>)> {
-    let body: LaunchBody = typed(req.form)?;
-    let op = state
-        .allocator()
-        .launch(&LaunchOptions { count: body.count })
-        .await?;
-    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+    let AdminForm { form, caller, .. } = req;
+    let count = form.get("count").and_then(Value::as_u64);
+    let what = What::launch(count.and_then(|n| usize::try_from(n).ok()));
+    let outcome = async {
+        let body: LaunchBody = typed(form)?;
+        let options = LaunchOptions { count: body.count };
+        Ok::<_, ApiError>(state.allocator().launch(&options).await?)
+    }
+    .await;
+    audit::record(&state, &caller, AuditAction::Launch, what, &outcome).await;
+    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&outcome?))))
 }
 
 /// Body of `destroy`: either `all: true` or a list of hostnames.
@@ -177,7 +184,16 @@ pub struct DestroyBody {
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)),
     security(("admin_basic" = [])))]
 pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> ApiResult<Response> {
-    let body: DestroyBody = typed(req.form)?;
+    let what = What::chosen(&req.form);
+    let outcome = destroy_chosen(&state, req.form).await;
+    let answered = Answered(&outcome);
+    audit::record(&state, &req.caller, AuditAction::Destroy, what, &answered).await;
+    outcome.map(|(status, body)| (status, Json(body)).into_response())
+}
+
+/// Destroys the VMs `form` chooses: the status and body of the answer.
+async fn destroy_chosen(state: &HttpState, form: FormOrJson) -> ApiResult<(StatusCode, Value)> {
+    let body: DestroyBody = typed(form)?;
     let target = match (body.all, body.hostnames.is_empty()) {
         (true, true) => DestroyTarget::All,
         (false, false) => DestroyTarget::Hostnames(
@@ -200,10 +216,9 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> ApiResul
         .allocator()
         .destroy_collecting(&target, body.force)
         .await?;
-    let (status, body) = crate::http::collect::destroyed_json(&destroyed, |op| {
+    Ok(crate::http::collect::destroyed_json(&destroyed, |op| {
         serde_json::json!(OperationView::from(op))
-    });
-    Ok((status, Json(body)).into_response())
+    }))
 }
 
 /// Starts rebooting a VM.
@@ -214,10 +229,16 @@ pub async fn destroy(State(state): State<HttpState>, req: AdminForm) -> ApiResul
 pub async fn reboot(
     State(state): State<HttpState>,
     PathText(name): PathText,
-    _req: AdminForm,
+    req: AdminForm,
 ) -> ApiResult<(StatusCode, Json<OperationView>)> {
-    let op = state.allocator().reboot(&vm_hostname(&name)?).await?;
-    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&op))))
+    let outcome = async {
+        let hostname = vm_hostname(&name)?;
+        Ok::<_, ApiError>(state.allocator().reboot(&hostname).await?)
+    }
+    .await;
+    let what = What::vm(Some(&name));
+    audit::record(&state, &req.caller, AuditAction::Reboot, what, &outcome).await;
+    Ok((StatusCode::ACCEPTED, Json(OperationView::from(&outcome?))))
 }
 
 /// Ends a VM's assignment; it becomes free again.
@@ -228,10 +249,16 @@ pub async fn reboot(
 pub async fn release(
     State(state): State<HttpState>,
     PathText(name): PathText,
-    _req: AdminForm,
+    req: AdminForm,
 ) -> ApiResult<Json<VmView>> {
-    let record = state.allocator().release(&vm_hostname(&name)?).await?;
-    Ok(Json(VmView::from(&record)))
+    let outcome = async {
+        let hostname = vm_hostname(&name)?;
+        Ok::<_, ApiError>(state.allocator().release(&hostname).await?)
+    }
+    .await;
+    let what = What::vm(Some(&name));
+    audit::record(&state, &req.caller, AuditAction::Release, what, &outcome).await;
+    Ok(Json(VmView::from(&outcome?)))
 }
 
 /// Query of `operations`.

@@ -26,7 +26,7 @@ async fn report(
     hostname: &Hostname,
     telemetry: Telemetry,
 ) -> ApiResult<Json<VmView>> {
-    let record = state.allocator().report(hostname, telemetry).await?;
+    let record = crate::http::metrics::report(state, hostname, telemetry).await?;
     Ok(Json(VmView::from(&record)))
 }
 
@@ -87,7 +87,7 @@ pub async fn wait_assignment(
         outcome = state.allocator().wait_for_assignment(&hostname, timeout) => outcome?,
         () = state.shutting_down() => None,
     };
-    state.metrics().wait_ended(outcome.is_some());
+    state.metrics().wait_ended(outcome.as_ref());
     Ok(match outcome {
         Some(a) => Json(AssignmentBody {
             hostname: hostname.to_string(),

@@ -4,6 +4,7 @@
 
 mod admin;
 mod agent;
+mod settings;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -30,7 +31,9 @@ pub use agent::wait_assignment;
         crate::http::roster::get_roster, crate::http::roster::put_roster,
         crate::http::registration::register, crate::http::registration::unregister,
         crate::http::registration::create_token, crate::http::registration::list_tokens,
-        crate::http::registration::revoke_token,
+        crate::http::registration::revoke_token, crate::http::audit_log::list,
+        settings::get_settings, settings::put_settings,
+        crate::http::warnings::participant_warnings, crate::http::warnings::acknowledge,
     ),
     modifiers(&Security),
     tags(
@@ -83,6 +86,10 @@ pub fn routes() -> Router<HttpState> {
         .route("/api/v1/operations/{id}", get(admin::operation))
         .route("/api/v1/pool", get(admin::pool))
         .route(
+            "/api/v1/settings",
+            get(settings::get_settings).put(settings::put_settings),
+        )
+        .route(
             "/api/v1/collections",
             get(crate::http::collect::list).post(crate::http::collect::request),
         )
@@ -90,6 +97,8 @@ pub fn routes() -> Router<HttpState> {
             "/api/v1/collections/{hostname}",
             get(crate::http::collect::one),
         )
+        .route("/api/v1/usage", get(crate::http::export::usage))
+        .route("/api/v1/export", get(crate::http::export::export))
 }
 
 /// The OpenAPI document.

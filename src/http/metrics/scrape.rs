@@ -1,0 +1,188 @@
+//! What `/metrics` reads when it is scraped: this replica's supervisor, and the fleet's
+//! gauges from the one replica that exports them ([`fleet_exporter`]).
+
+use lablink_core::supervisor::FlagKind;
+use lablink_core::{GpuHealth, SupervisorStatus, VmRecord, VmState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: &'static str,
+}
+
+/// Whether this replica exports the fleet's gauges (VMs by state, the pool, the flags, the
+/// schedule): only the one whose supervisor holds the leader lease, or one that runs no
+/// supervisor at all (a single process). Summed over replicas they count the fleet once.
+pub fn fleet_exporter(supervision: Option<&SupervisorStatus>) -> bool {
+    supervision.is_none_or(|s| s.leader)
+}
+
+/// The series read at scrape time: `lablink_fleet_exporter`, the fleet's gauges when this
+/// replica exports them (`fleet` holds the VMs then), and this replica's supervisor.
+pub(super) fn registry(
+    supervision: Option<&SupervisorStatus>,
+    fleet: Option<&[VmRecord]>,
+) -> Registry {
+    let mut r = Registry::default();
+    gauge(
+        &mut r,
+        "lablink_fleet_exporter",
+        "Whether this replica exports the fleet's gauges (it runs the leading supervisor, or no supervisor at all)",
+        i64::from(fleet.is_some()),
+    );
+    if let Some(vms) = fleet {
+        register_fleet(&mut r, vms, supervision);
+    }
+    if let Some(status) = supervision {
+        register_supervisor(&mut r, status);
+    }
+    r
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
+    let gauge = Gauge::<i64>::default();
+    gauge.set(value);
+    registry.register(name, help, gauge);
+}
+
+/// The fleet's gauges: VMs by state, assignable and GPU-unhealthy VMs, and what the leading
+/// supervisor knows of the fleet (pool, flags, schedule, reconcile).
+fn register_fleet(r: &mut Registry, vms: &[VmRecord], supervision: Option<&SupervisorStatus>) {
+    let states = Family::<StateLabels, Gauge>::default();
+    for name in VmState::NAMES {
+        let _ = states.get_or_create(&StateLabels { state: name });
+    }
+    for vm in vms {
+        states
+            .get_or_create(&StateLabels {
+                state: vm.state.as_str(),
+            })
+            .inc();
+    }
+    r.register("lablink_vms", "VMs by state", states);
+    let count = |keep: fn(&VmRecord) -> bool| vms.iter().filter(|v| keep(v)).count() as i64;
+    gauge(
+        r,
+        "lablink_vms_assignable",
+        "VMs a participant can get right now",
+        count(VmRecord::is_assignable),
+    );
+    gauge(
+        r,
+        "lablink_vms_gpu_unhealthy",
+        "VMs not being destroyed whose agent reports their GPU unhealthy",
+        count(|v| {
+            v.gpu_health == GpuHealth::Unhealthy
+                && !matches!(v.state, VmState::Terminating | VmState::Terminated)
+        }),
+    );
+    let Some(s) = supervision else {
+        return;
+    };
+    let flags = Family::<KindLabels, Gauge>::default();
+    for kind in [
+        FlagKind::NeedsAdmin,
+        FlagKind::LadderExhausted,
+        FlagKind::IdleWarning,
+        FlagKind::DestroyHeld,
+    ] {
+        let n = s.flags.iter().filter(|f| f.kind == kind).count();
+        flags
+            .get_or_create(&KindLabels {
+                kind: kind.as_str(),
+            })
+            .set(n as i64);
+    }
+    r.register(
+        "lablink_supervisor_flags",
+        "VMs the supervisor wants an admin to look at, by reason",
+        flags,
+    );
+    if let Some(target) = s.pool_target {
+        gauge(
+            r,
+            "lablink_pool_target",
+            "Free VMs the warm pool keeps right now (K)",
+            target as i64,
+        );
+    }
+    gauge(
+        r,
+        "lablink_pool_free",
+        "VMs free or on their way (available, booting, requested)",
+        s.pool_free as i64,
+    );
+    if let Some(at) = s.destruction_at {
+        gauge(
+            r,
+            "lablink_scheduled_destruction_timestamp_seconds",
+            "When every VM will be destroyed",
+            at.timestamp(),
+        );
+    }
+    gauge(
+        r,
+        "lablink_scheduled_destruction_warning",
+        "Whether the scheduled destruction is near (its warning shows)",
+        i64::from(s.destruction_warning),
+    );
+    if let Some(at) = s.last_reconcile_at {
+        gauge(
+            r,
+            "lablink_reconcile_last_timestamp_seconds",
+            "When reconcile last ran",
+            at.timestamp(),
+        );
+    }
+}
+
+/// This replica's supervisor: running, leader, and what it did since it started.
+fn register_supervisor(r: &mut Registry, s: &SupervisorStatus) {
+    gauge(
+        r,
+        "lablink_supervisor_running",
+        "Whether this replica's supervisor runs",
+        i64::from(s.running),
+    );
+    gauge(
+        r,
+        "lablink_supervisor_leader",
+        "Whether this replica's supervisor holds the leader lease (only the leader acts)",
+        i64::from(s.leader),
+    );
+    let c = &s.counters;
+    let actions = Family::<ActionLabels, Counter>::default();
+    for (action, n) in [
+        ("lease_expired", c.leases_expired),
+        ("restart_seen", c.restarts_seen),
+        ("ladder_reboot", c.ladder_reboots),
+        ("ladder_replacement", c.ladder_replacements),
+        ("pool_launch", c.pool_launched),
+        ("pool_release", c.pool_released),
+        ("idle_release", c.idle_released),
+        ("reconcile", c.reconciles),
+        ("became_leader", c.became_leader),
+        ("error", c.errors),
+    ] {
+        actions.get_or_create(&ActionLabels { action }).inc_by(n);
+    }
+    r.register(
+        "lablink_supervisor_actions",
+        "What this replica's supervisor did since it started, by action",
+        actions,
+    );
+}
