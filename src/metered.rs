@@ -1,7 +1,9 @@
-//! Wrappers that count what a backend does into the server's [`Metrics`], tower-style: a
-//! [`MeteredProvisioner`] around the configured provisioner (time of launches and destroys,
-//! errors by kind, VMs a launch did not create) and a [`MeteredNotifier`] around the
-//! notifier (resync wake-ups its waiters received). Neither changes what it wraps.
+//! Wrappers that count what a backend does into the server's
+//! [`Metrics`](crate::http::Metrics), tower-style: a
+//! [`MeteredProvisioner`](crate::metered::MeteredProvisioner) around the configured
+//! provisioner (time of launches and destroys, errors by kind, VMs a launch did not create)
+//! and a [`MeteredNotifier`](crate::metered::MeteredNotifier) around the notifier (resync
+//! wake-ups its waiters received). Neither changes what it wraps.
 //!
 //! ```
 //! use std::sync::Arc;

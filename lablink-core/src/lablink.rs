@@ -642,7 +642,7 @@ impl Allocator for LabLink {
     }
 
     async fn workshop_settings(&self) -> Result<crate::WorkshopSettings> {
-        crate::settings::current(&*self.inner.store, &self.inner.config.supervisor).await
+        crate::supervisor::settings::current(&*self.inner.store, &self.inner.config.supervisor).await
     }
 
     async fn set_workshop_settings(
@@ -652,7 +652,7 @@ impl Allocator for LabLink {
     ) -> Result<crate::WorkshopSettings> {
         let (store, config) = (&*self.inner.store, &self.inner.config.supervisor);
         let now = self.inner.clock.now();
-        crate::settings::save(store, config, settings, expected_revision, now).await
+        crate::supervisor::settings::save(store, config, settings, expected_revision, now).await
     }
 
     async fn vm_warnings(&self, hostname: &Hostname) -> Result<Vec<crate::VmWarning>> {

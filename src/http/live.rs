@@ -43,7 +43,13 @@ const DASHBOARD_OPERATIONS: usize = 10;
 const DASHBOARD_SUPERVISOR_EVENTS: usize = 10;
 
 /// The dashboard fragments other than the VM rows, in the order they are sent.
-const FRAGMENTS: [&str; 5] = ["operations", "supervisor", "collections", "usage", "summary"];
+const FRAGMENTS: [&str; 5] = [
+    "operations",
+    "supervisor",
+    "collections",
+    "usage",
+    "summary",
+];
 
 /// The shared live view of one replica.
 #[derive(Debug)]
@@ -126,7 +132,7 @@ impl LiveView {
 
     /// Reads the fleet and records what changed, unless another refresh happened within
     /// `fresh`.
-    async fn refresh(&self, state: &HttpState, fresh: Duration) -> ApiResult<()> {
+    async fn refresh(self: &Arc<Self>, state: &HttpState, fresh: Duration) -> ApiResult<()> {
         let _one = self.refreshing.lock().await;
         if self
             .snapshot()
@@ -136,6 +142,22 @@ impl LiveView {
             return Ok(());
         }
         let data = read(state).await?;
+        // Building thousands of views and rows is CPU work: off the threads that serve
+        // requests.
+        let (live, state) = (self.clone(), state.clone());
+        tokio::task::spawn_blocking(move || live.apply(&state, data))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "the admin live view's refresh failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the admin page could not be rendered",
+                )
+            })?
+    }
+
+    /// Records what changed between the snapshot and `data`.
+    fn apply(&self, state: &HttpState, data: Read) -> ApiResult<()> {
         let templates = &state.inner.templates;
         let fragments = [
             render(templates, "operations.html", &data.context)?,
@@ -147,10 +169,11 @@ impl LiveView {
         let mut snap = self.snapshot();
         let version = snap.version + 1;
         let mut changed = false;
-        let mut order = Vec::with_capacity(data.vms.len());
+        let mut order = Vec::with_capacity(data.records.len());
         let mut rows = BTreeMap::new();
-        for vm in &data.vms {
-            let hostname = vm["hostname"].as_str().unwrap_or_default().to_owned();
+        for record in &data.records {
+            let vm = vm_view(record, data.supervision.as_ref());
+            let hostname = record.hostname.to_string();
             let view = vm.to_string();
             // Only a row whose view changed is rendered again; only one whose HTML changed
             // is sent.
@@ -232,7 +255,7 @@ impl LiveView {
     /// The rows of page `page` (from 0) of `size` rows that contain `filter` (any case),
     /// refreshed first if older than `fresh`.
     pub async fn page(
-        &self,
+        self: &Arc<Self>,
         state: &HttpState,
         fresh: Duration,
         filter: &str,
@@ -356,25 +379,24 @@ fn render(
 
 /// What one refresh reads.
 struct Read {
-    /// Each VM's view with the supervisor's flags.
-    vms: Vec<Value>,
+    records: Vec<VmRecord>,
+    supervision: Option<SupervisorStatus>,
     /// The context of the other fragments.
     context: Value,
     summary: String,
 }
 
 async fn read(state: &HttpState) -> ApiResult<Read> {
-    let data = dashboard_data(state).await?;
-    let c = &data["counts"];
+    let (records, supervision, mut context) = dashboard_parts(state).await?;
+    let c = &context["counts"];
     let summary = format!(
         "{} total, {} free, {} assigned",
         c["total"], c["assignable"], c["assigned"]
     );
-    let vms = data["vms"].as_array().cloned().unwrap_or_default();
-    let mut context = data;
     context["usage"] = super::export::usage_view(state).await?;
     Ok(Read {
-        vms,
+        records,
+        supervision,
         context,
         summary,
     })
@@ -383,13 +405,21 @@ async fn read(state: &HttpState) -> ApiResult<Read> {
 /// The dashboard data: VMs (with the supervisor's flags), counts, recent operations,
 /// collections, and the supervisor's state (`null` when none runs).
 pub async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
-    let allocator = state.allocator();
-    let supervision = allocator.supervision();
-    let records = allocator.vms(&VmFilter::default()).await?;
-    let vms: Vec<Value> = records
+    let (records, supervision, mut data) = dashboard_parts(state).await?;
+    data["vms"] = records
         .iter()
         .map(|record| vm_view(record, supervision.as_ref()))
         .collect();
+    Ok(data)
+}
+
+/// The VM records, the supervisor's state, and the dashboard data without the VMs.
+async fn dashboard_parts(
+    state: &HttpState,
+) -> ApiResult<(Vec<VmRecord>, Option<SupervisorStatus>, Value)> {
+    let allocator = state.allocator();
+    let supervision = allocator.supervision();
+    let records = allocator.vms(&VmFilter::default()).await?;
     let counts = allocator.counts().await?;
     let operations: Vec<OperationView> = allocator
         .operations(DASHBOARD_OPERATIONS)
@@ -412,13 +442,13 @@ pub async fn dashboard_data(state: &HttpState) -> ApiResult<Value> {
             }));
         }
     }
-    Ok(json!({
-        "vms": vms,
+    let data = json!({
         "collections": collections,
         "counts": counts,
         "operations": operations,
-        "supervisor": supervision.map(supervisor_view),
-    }))
+        "supervisor": supervision.clone().map(supervisor_view),
+    });
+    Ok((records, supervision, data))
 }
 
 /// A VM's view with the supervisor's flags on it.

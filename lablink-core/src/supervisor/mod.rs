@@ -8,6 +8,12 @@
 //! ([`VmStore::try_lead`](crate::VmStore::try_lead)) acts; the others keep trying to take the
 //! lease and take over within [`SupervisorConfig::leader_lease`] of the leader's death.
 //!
+//! The warm pool and the destruction schedule are the store's
+//! [`WorkshopSettings`](crate::WorkshopSettings) (the config gives their initial values),
+//! read by the leader at every tick, so an admin's change through any replica is acted on
+//! within a tick. Before the destruction of a participant's VM, and before idle release, the
+//! leader records a [warning](crate::warning) for the participant in the store.
+//!
 //! The task holds only a weak reference to the allocator: dropping every [`LabLink`] clone
 //! ends it, and so does dropping (abort) or [`stop`](Supervisor::stop)ping (graceful,
 //! resigns the lease) its handle.
@@ -15,6 +21,7 @@
 mod config;
 mod health;
 mod pool;
+pub(crate) mod settings;
 mod warnings;
 
 use std::collections::{HashMap, VecDeque};
@@ -226,7 +233,7 @@ impl Supervising {
         // What an admin set at run time, through whichever replica: it replaces the
         // config's pool and destruction time. Unreadable, nothing is done this tick (acting
         // on the config's values could destroy VMs an admin rescheduled).
-        let settings = match crate::settings::current(&*self.store, &config).await {
+        let settings = match settings::current(&*self.store, &config).await {
             Ok(settings) => settings,
             Err(e) => return shared.error("read settings", &e),
         };
