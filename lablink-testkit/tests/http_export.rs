@@ -100,6 +100,17 @@ async fn hours_and_cost_follow_the_vms_agree_across_replicas_and_outlive_them() 
     // A replica started now, with nothing in memory, reads the same.
     let c = replica(&db, &clock).await;
     assert_eq!(usage(&c).await, now, "a restarted replica disagrees");
+    let metrics = c.metrics().await;
+    for series in [
+        r#"lablink_vm_seconds_total{kind="in_use",instance_type="fake"} 1800"#,
+        r#"lablink_vm_seconds_total{kind="free",instance_type="fake"} 10800"#,
+        r#"lablink_estimated_cost{currency="EUR"} 8"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(series)),
+            "no {series} in {metrics}"
+        );
+    }
 
     // Destroyed and removed, the VMs stay in the totals and in the export.
     let registration = c

@@ -415,7 +415,7 @@ impl Metrics {
     fn encode(
         &self,
         supervision: Option<&SupervisorStatus>,
-        fleet: Option<&[VmRecord]>,
+        fleet: Option<scrape::Fleet>,
     ) -> Result<String, std::fmt::Error> {
         let scraped = scrape::registry(supervision, fleet);
         let mut out = String::with_capacity(16 * 1024);
@@ -529,14 +529,24 @@ pub async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> ApiR
     }
     let supervision = state.allocator().supervision();
     let fleet = if scrape::fleet_exporter(supervision.as_ref()) {
-        Some(state.allocator().vms(&VmFilter::default()).await?)
+        Some((
+            state.allocator().vms(&VmFilter::default()).await?,
+            state.allocator().usage().await?,
+        ))
     } else {
         None
     };
     let body = state
         .inner
         .metrics
-        .encode(supervision.as_ref(), fleet.as_deref())
+        .encode(
+            supervision.as_ref(),
+            fleet.as_ref().map(|(vms, usage)| scrape::Fleet {
+                vms,
+                usage,
+                prices: &state.options().prices,
+            }),
+        )
         .map_err(|_| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

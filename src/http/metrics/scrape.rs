@@ -2,7 +2,9 @@
 //! gauges from the one replica that exports them ([`fleet_exporter`]).
 
 use lablink_core::supervisor::FlagKind;
-use lablink_core::{GpuHealth, SupervisorStatus, VmRecord, VmState};
+use std::sync::atomic::AtomicU64;
+
+use lablink_core::{FleetUsage, GpuHealth, Prices, SupervisorStatus, UsageKind, VmRecord, VmState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -31,12 +33,16 @@ pub fn fleet_exporter(supervision: Option<&SupervisorStatus>) -> bool {
     supervision.is_none_or(|s| s.leader)
 }
 
+/// What the fleet's series are read from: the VMs, and their usage with the prices.
+pub(super) struct Fleet<'a> {
+    pub vms: &'a [VmRecord],
+    pub usage: &'a FleetUsage,
+    pub prices: &'a Prices,
+}
+
 /// The series read at scrape time: `lablink_fleet_exporter`, the fleet's gauges when this
 /// replica exports them (`fleet` holds the VMs then), and this replica's supervisor.
-pub(super) fn registry(
-    supervision: Option<&SupervisorStatus>,
-    fleet: Option<&[VmRecord]>,
-) -> Registry {
+pub(super) fn registry(supervision: Option<&SupervisorStatus>, fleet: Option<Fleet>) -> Registry {
     let mut r = Registry::default();
     gauge(
         &mut r,
@@ -44,8 +50,9 @@ pub(super) fn registry(
         "Whether this replica exports the fleet's gauges (it runs the leading supervisor, or no supervisor at all)",
         i64::from(fleet.is_some()),
     );
-    if let Some(vms) = fleet {
-        register_fleet(&mut r, vms, supervision);
+    if let Some(fleet) = fleet {
+        register_usage(&mut r, &fleet);
+        register_fleet(&mut r, fleet.vms, supervision);
     }
     if let Some(status) = supervision {
         register_supervisor(&mut r, status);
@@ -57,6 +64,48 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let gauge = Gauge::<i64>::default();
     gauge.set(value);
     registry.register(name, help, gauge);
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UsageLabels {
+    kind: &'static str,
+    instance_type: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CurrencyLabels {
+    currency: String,
+}
+
+/// The fleet's VM time by kind and instance type (kept in the store, so it only grows, and
+/// every replica would read the same) and the estimated cost.
+fn register_usage(r: &mut Registry, fleet: &Fleet) {
+    let seconds = Family::<UsageLabels, Counter<f64, AtomicU64>>::default();
+    for (instance_type, by_kind) in &fleet.usage.by_instance_type {
+        for kind in UsageKind::ALL {
+            seconds
+                .get_or_create(&UsageLabels {
+                    kind: kind.as_str(),
+                    instance_type: instance_type.clone(),
+                })
+                .inc_by(by_kind.get(kind));
+        }
+    }
+    r.register(
+        "lablink_vm_seconds",
+        "VM time since the deployment began, by kind (starting, free, in_use, idle, other) and instance type (empty: none known), destroyed VMs included",
+        seconds,
+    );
+    let cost = Family::<CurrencyLabels, Gauge<f64, AtomicU64>>::default();
+    cost.get_or_create(&CurrencyLabels {
+        currency: fleet.prices.currency.clone(),
+    })
+    .set(fleet.usage.cost(fleet.prices).0);
+    r.register(
+        "lablink_estimated_cost",
+        "Estimated cost of the fleet so far: VM-hours times [cost.hourly] prices",
+        cost,
+    );
 }
 
 /// The fleet's gauges: VMs by state, assignable and GPU-unhealthy VMs, and what the leading
