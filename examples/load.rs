@@ -263,7 +263,11 @@ async fn admin(http: &Client) -> Result<(), Error> {
     );
     let changes = async {
         for (second, hostname) in (0..SECONDS).zip(hostnames.iter().cycle()) {
-            let health = if second % 2 == 0 { "Unhealthy" } else { "Healthy" };
+            let health = if second % 2 == 0 {
+                "Unhealthy"
+            } else {
+                "Healthy"
+            };
             http.post(server.url("/api/gpu_health"))
                 .json(&json!({"hostname": hostname, "gpu_status": health}))
                 .send()
@@ -277,7 +281,10 @@ async fn admin(http: &Client) -> Result<(), Error> {
         let mut latencies = Vec::new();
         while started.elapsed() < Duration::from_secs(SECONDS) {
             let sent = Instant::now();
-            http.get(server.url("/healthz")).send().await?.error_for_status()?;
+            http.get(server.url("/healthz"))
+                .send()
+                .await?
+                .error_for_status()?;
             latencies.push(sent.elapsed());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -642,7 +642,8 @@ impl Allocator for LabLink {
     }
 
     async fn workshop_settings(&self) -> Result<crate::WorkshopSettings> {
-        crate::supervisor::settings::current(&*self.inner.store, &self.inner.config.supervisor).await
+        crate::supervisor::settings::current(&*self.inner.store, &self.inner.config.supervisor)
+            .await
     }
 
     async fn set_workshop_settings(

@@ -40,6 +40,7 @@ pub use allocator::{
     Allocator, AllocatorExt, DestroyTarget, Granted, LaunchOptions, RegistrationTokenOptions,
     VmRequest,
 };
+pub use archive::RemovedVm;
 pub use artifact::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
 pub use audit::{AuditAction, AuditEntry, AuditQuery};
 pub use before_destroy::BeforeDestroy;
@@ -58,13 +59,12 @@ pub use record::{AgentStatus, GpuHealth, History, StartupTimings, Telemetry, VmR
 pub use registration::{MachineRegistration, RegistrationToken};
 pub use retry::{RetryPolicy, RetryProvisioner};
 pub use secret::{redacted, AgentToken, CrdCommand};
+pub use settings::WorkshopSettings;
 pub use state::{Assignment, Phase, VmEvent, VmState};
 pub use store::{MemoryVmStore, VmCounts, VmFilter, VmStore};
-pub use warning::{VmWarning, WarningKind};
-pub use settings::WorkshopSettings;
 pub use supervisor::{Supervisor, SupervisorConfig, SupervisorStatus};
-pub use archive::RemovedVm;
 pub use usage::{FleetUsage, Prices, UsageKind};
+pub use warning::{VmWarning, WarningKind};
 
 #[cfg(feature = "mock")]
 pub use allocator::MockAllocator;

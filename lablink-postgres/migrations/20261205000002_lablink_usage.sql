@@ -13,9 +13,11 @@ ALTER TABLE lablink_vms
     ADD COLUMN usage_since    timestamptz,
     ADD COLUMN history        jsonb NOT NULL DEFAULT '{}';
 
--- VMs recorded before this migration count from their last change.
+-- VMs recorded before this migration count from their last change; a row inserted without
+-- it (the store always sets it) from its insertion.
 UPDATE lablink_vms SET usage_since = updated_at;
-ALTER TABLE lablink_vms ALTER COLUMN usage_since SET NOT NULL;
+ALTER TABLE lablink_vms ALTER COLUMN usage_since SET NOT NULL,
+    ALTER COLUMN usage_since SET DEFAULT now();
 
 -- What is kept of each removed VM (lablink_core::RemovedVm, as JSON), with its time by kind
 -- in columns for the fleet's usage; in order of removal.

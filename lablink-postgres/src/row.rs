@@ -224,8 +224,7 @@ impl<'a> VmArgs<'a> {
             instance_type: r.instance_type.as_deref(),
             usage: r.usage.seconds,
             usage_since: r.usage.since,
-            history: serde_json::to_value(&r.history)
-                .map_err(|e| corrupt("history", e))?,
+            history: serde_json::to_value(&r.history).map_err(|e| corrupt("history", e))?,
         })
     }
 }

@@ -20,11 +20,11 @@ use crate::row::{
 };
 use crate::{audit, lock, logs};
 use lablink_core::audit::{AuditEntry, AuditQuery};
-use lablink_core::usage::{FleetUsage, Seconds, UsageKind};
-use lablink_core::RemovedVm;
 use lablink_core::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use lablink_core::secret::TokenDigest;
 use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
+use lablink_core::usage::{FleetUsage, Seconds, UsageKind};
+use lablink_core::RemovedVm;
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
 ///
@@ -105,6 +105,7 @@ fn normalized(mut r: VmRecord) -> VmRecord {
     r.created_at = micros(r.created_at);
     r.updated_at = micros(r.updated_at);
     r.state_changed_at = micros(r.state_changed_at);
+    r.usage.since = micros(r.usage.since);
     r
 }
 
@@ -907,8 +908,7 @@ impl VmStore for PgVmStore {
             .map_err(|e| classify("removed_vms", e))?;
         rows.into_iter()
             .map(|vm| {
-                serde_json::from_value(vm)
-                    .map_err(|e| classify("removed_vms", corrupt("vm", e)))
+                serde_json::from_value(vm).map_err(|e| classify("removed_vms", corrupt("vm", e)))
             })
             .collect()
     }

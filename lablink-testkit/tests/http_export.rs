@@ -89,7 +89,11 @@ async fn hours_and_cost_follow_the_vms_agree_across_replicas_and_outlive_them() 
     let now = usage(&b).await;
     let hours = &now["hours"];
     assert_eq!(
-        (hours["free"].clone(), hours["idle"].clone(), hours["in_use"].clone()),
+        (
+            hours["free"].clone(),
+            hours["idle"].clone(),
+            hours["in_use"].clone()
+        ),
         (json!(3.0), json!(0.5), json!(0.5)),
         "{now}"
     );

@@ -343,7 +343,7 @@ async fn replicas_act_on_settings_and_warn_once(stores: [Arc<dyn VmStore>; 3]) {
 
     // The destruction moves to a few seconds from now (through C): the leader destroys
     // every VM at the new time, and the pool launches nothing after it.
-    let soon = (Utc::now() + chrono::Duration::seconds(3))
+    let soon = (Utc::now() + chrono::Duration::seconds(5))
         .with_nanosecond(0)
         .unwrap();
     let mut moved = c.settings().await;

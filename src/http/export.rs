@@ -249,8 +249,12 @@ impl VmRow {
             hours("total"),
             num(self.estimated_cost),
             opt(&self.collection),
-            self.collected_files.map(|n| n.to_string()).unwrap_or_default(),
-            self.collected_bytes.map(|n| n.to_string()).unwrap_or_default(),
+            self.collected_files
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            self.collected_bytes
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
             opt(&self.last_error),
         ]
     }

@@ -7,13 +7,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::audit::{AuditEntry, AuditQuery, BoundedAuditLog};
 use crate::archive::RemovedVm;
-use crate::usage::FleetUsage;
+use crate::audit::{AuditEntry, AuditQuery, BoundedAuditLog};
 use crate::logs::BoundedLog;
 use crate::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use crate::secret::TokenDigest;
 use crate::store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock};
+use crate::usage::FleetUsage;
 use crate::{
     Assignment, Email, Error, ErrorKind, Hostname, LogStream, Operation, Result, Telemetry,
     VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmStore,

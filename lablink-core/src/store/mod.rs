@@ -14,12 +14,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::audit::{AuditEntry, AuditQuery};
 use crate::archive::RemovedVm;
-use crate::usage::FleetUsage;
+use crate::audit::{AuditEntry, AuditQuery};
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, TokenDigest};
 use crate::settings::WorkshopSettings;
+use crate::usage::FleetUsage;
 use crate::warning::VmWarning;
 use crate::{
     CrdCommand, Email, Hostname, Operation, Result, Telemetry, VmEvent, VmLogs, VmRecord, VmState,

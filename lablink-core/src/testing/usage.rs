@@ -45,7 +45,10 @@ pub async fn usage_accumulates_by_kind_and_outlives_the_vm(store: &dyn VmStore) 
         in_use: Some(true),
         ..Telemetry::default()
     };
-    store.record_telemetry(&vm, &in_use, at(1000)).await.unwrap();
+    store
+        .record_telemetry(&vm, &in_use, at(1000))
+        .await
+        .unwrap();
 
     let usage = store.usage(at(1600)).await.unwrap();
     let want = Seconds {
@@ -85,5 +88,8 @@ pub async fn usage_accumulates_by_kind_and_outlives_the_vm(store: &dyn VmStore) 
     assert_eq!(kept.usage, whole);
     assert_eq!(kept.ended_at, at(3060));
     assert_eq!(kept.history.assignments.len(), 1);
-    assert_eq!(kept.history.assignments[0].email.as_str(), "ada@example.org");
+    assert_eq!(
+        kept.history.assignments[0].email.as_str(),
+        "ada@example.org"
+    );
 }
