@@ -605,3 +605,106 @@ async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
     assert_eq!(b.allocator.counts().await.unwrap().total, 2);
     driver.call(reqwest::Method::DELETE, "", json!({})).await;
 }
+
+/// Running a workshop from the admin UI: in the browser the admin changes the warm pool
+/// and the destruction schedule, sees the usage and cost panel, and downloads the export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_the_pool_and_schedule_sees_the_cost_and_downloads_the_export() {
+    let driver = Driver::start().await;
+    let s = TestServer::start_with(LabLink::builder(), |o| {
+        o.admin_refresh = Duration::from_millis(300);
+        o.prices = lablink::Prices {
+            currency: "EUR".into(),
+            hourly: [(lablink::fake::FAKE_INSTANCE_TYPE.to_owned(), 2.0)].into(),
+        };
+    })
+    .await;
+    s.launch_ready(2).await;
+
+    driver.go(&s.url("/admin")).await;
+    driver.type_into("#username", ADMIN_USER).await;
+    driver.type_into("#password", ADMIN_PASSWORD).await;
+    driver.click("#sign-in").await;
+    driver
+        .wait_for(
+            "the dashboard with the cost panel",
+            "return location.pathname === '/admin' && !!document.querySelector('#usage-cost')",
+        )
+        .await;
+    let cost = driver
+        .script("return document.querySelector('#usage-cost').textContent")
+        .await;
+    assert!(cost.as_str().unwrap().ends_with(" EUR"), "{cost}");
+    assert_eq!(
+        driver
+            .script("return document.querySelectorAll('#usage-table td').length")
+            .await,
+        json!(6),
+        "hours by kind and their total"
+    );
+    driver.screenshot("usage-and-cost").await;
+
+    // The export downloads as CSV, one row per VM, with the columns documented.
+    let got = driver
+        .async_script(
+            "const done = arguments[0]; fetch(document.querySelector('#export-csv').href)
+               .then(r => r.text().then(t => done([r.status, r.headers.get('content-type'),
+                 r.headers.get('content-disposition'), t])));",
+        )
+        .await;
+    assert_eq!(got[0], json!(200), "{got}");
+    assert_eq!(got[1], json!("text/csv; charset=utf-8"), "{got}");
+    assert!(got[2].as_str().unwrap().starts_with("attachment;"), "{got}");
+    let csv = got[3].as_str().unwrap();
+    assert!(
+        csv.starts_with("hostname,origin,instance_id,instance_type"),
+        "{csv}"
+    );
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+
+    // The pool and the schedule, changed in the settings page.
+    driver.go(&s.url("/admin/settings")).await;
+    driver
+        .wait_for(
+            "the settings form",
+            "return !!document.querySelector('#save-settings')",
+        )
+        .await;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%d 17:00");
+    driver
+        .script("document.querySelector('#pool_enabled').checked = true; return true")
+        .await;
+    driver.type_into("#min_available", "3").await;
+    driver.type_into("#max_total", "12").await;
+    driver
+        .type_into("#destruction_times", &tomorrow.to_string())
+        .await;
+    driver.type_into("#warning_minutes", "20").await;
+    driver.click_and_load("#save-settings").await;
+    let notice = driver
+        .script("return document.querySelector('#notice')?.className ?? ''")
+        .await;
+    assert!(notice.as_str().unwrap().contains("success"), "{notice}");
+    driver.screenshot("settings").await;
+    let saved: Value = s
+        .admin(reqwest::Method::GET, "/api/v1/settings")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(saved["pool"]["enabled"], json!(true), "{saved}");
+    assert_eq!(saved["pool"]["min_available"], json!(3), "{saved}");
+    assert_eq!(saved["pool"]["max_total"], json!(12), "{saved}");
+    assert_eq!(saved["destruction"]["warning"], json!(1200.0), "{saved}");
+    let times = saved["destruction"]["times"].as_array().unwrap();
+    assert_eq!(times.len(), 1, "{saved}");
+    assert!(
+        times[0].as_str().unwrap().contains(&format!(
+            "{}T17:00:00",
+            (chrono::Utc::now() + chrono::Duration::days(1)).format("%Y-%m-%d")
+        )),
+        "{saved}"
+    );
+}
