@@ -302,6 +302,10 @@ async fn confirmations_name_the_vm_and_who_holds_it() {
         vm.contains(&format!(r#"<td id="vm-instance-id">{instance}</td>"#)),
         "{vm}"
     );
+    assert!(
+        vm.contains(r#"<td id="vm-instance-type">fake</td>"#),
+        "{vm}"
+    );
 }
 
 #[tokio::test]

@@ -60,6 +60,8 @@ pub struct VmView {
     pub instance_id: Option<String>,
     /// Its address.
     pub address: Option<String>,
+    /// The provider's instance type, when it said.
+    pub instance_type: Option<String>,
     /// Last heartbeat.
     pub last_heartbeat: Option<DateTime<Utc>>,
     /// Agent restarts seen (boot id changes).
@@ -91,6 +93,7 @@ impl From<&VmRecord> for VmView {
             assigned_at: r.assignment.as_ref().map(|a| a.assigned_at),
             instance_id: r.instance_id.as_ref().map(ToString::to_string),
             address: r.address.clone(),
+            instance_type: r.instance_type.clone(),
             last_heartbeat: r.last_heartbeat,
             restarts: r.restarts,
             last_error: r.last_error.clone(),
