@@ -238,6 +238,19 @@ impl TestServer {
         response.text().await.unwrap()
     }
 
+    /// The HTML of `path` as the signed-in browser with `session` (`name=value`) gets it.
+    pub async fn page_as(&self, session: &str, path: &str) -> String {
+        self.client
+            .get(self.url(path))
+            .header(COOKIE, session)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Posts the sign-out form with a session cookie and its CSRF token.
     pub async fn sign_out(&self, session: &str, csrf: &str) -> reqwest::Response {
         self.client

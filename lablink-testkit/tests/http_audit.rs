@@ -94,16 +94,7 @@ async fn an_admin_session_and_a_script_leave_every_action_in_the_audit_trail_wit
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 
     let (session, csrf) = s.sign_in(ADMIN_PASSWORD).await.unwrap();
-    let admin_page = s
-        .client
-        .get(s.url("/admin"))
-        .header(COOKIE, &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let admin_page = s.page_as(&session, "/admin").await;
     assert!(
         admin_page.contains("href=\"/admin/audit\""),
         "the nav links to the audit page"

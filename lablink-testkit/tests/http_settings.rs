@@ -384,16 +384,7 @@ async fn the_settings_page_saves_with_its_csrf_token_names_a_bad_field_and_is_au
     let html = page.text().await.unwrap();
     assert_eq!(form_csrf(&html), csrf);
     assert!(html.contains(r#"name="revision" value="0""#), "{html}");
-    let admin_page = s
-        .client
-        .get(s.url("/admin"))
-        .header(COOKIE, &session)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let admin_page = s.page_as(&session, "/admin").await;
     assert!(
         admin_page.contains(r#"href="/admin/settings""#),
         "not in the nav"

@@ -125,43 +125,25 @@ impl VmRow {
     /// The CSV header, in [`csv_fields`](Self::csv_fields) order.
     const CSV_HEADER: &'static str = "hostname,origin,instance_id,instance_type,address,state,created_at,ended_at,participant,assigned_at,past_participants,provision_seconds,startup_seconds,cloud_init_seconds,container_seconds,restarts,gpu_health,health_changes,starting_hours,free_hours,in_use_hours,idle_hours,other_hours,total_hours,estimated_cost,collection,collected_files,collected_bytes,last_error";
 
+    /// A current VM: what a removed one shows, with its state, its participant and its
+    /// time up to `now`.
     fn new(state: &HttpState, record: &VmRecord, now: DateTime<Utc>) -> Self {
-        let t = &record.timings;
         let seconds = record.usage_at(now);
-        Self {
-            hostname: record.hostname.to_string(),
-            origin: if record.is_registered() {
-                "registered"
-            } else {
-                "launched"
-            },
-            instance_id: record.instance_id.as_ref().map(ToString::to_string),
-            instance_type: record.instance_type.clone(),
-            address: record.address.clone(),
-            state: record.state.as_str().to_owned(),
-            created_at: record.created_at,
-            ended_at: None,
-            participant: record.owner().map(ToString::to_string),
-            assigned_at: record.assignment.as_ref().map(|a| a.assigned_at),
-            past_participants: record.history.assignments.clone(),
-            provision_seconds: t.provision_seconds(),
-            startup_seconds: t.total_startup_seconds(),
-            cloud_init_seconds: t.cloud_init_duration_seconds,
-            container_seconds: t.container_startup_duration_seconds,
-            restarts: record.restarts,
-            gpu_health: record.gpu_health.as_str().to_owned(),
-            health_changes: record.history.health.clone(),
-            hours: hours_of(&seconds),
-            estimated_cost: cost_of(
-                &state.options().prices,
-                record.instance_type.as_deref(),
-                &seconds,
-            ),
-            collection: None,
-            collected_files: None,
-            collected_bytes: None,
-            last_error: record.last_error.clone(),
-        }
+        let mut row = Self::removed(state, &RemovedVm::from(record));
+        row.state = record.state.as_str().to_owned();
+        row.ended_at = None;
+        row.participant = record.owner().map(ToString::to_string);
+        row.assigned_at = record.assignment.as_ref().map(|a| a.assigned_at);
+        // The current participant is not a past one.
+        row.past_participants
+            .clone_from(&record.history.assignments);
+        row.hours = hours_of(&seconds);
+        row.estimated_cost = cost_of(
+            &state.options().prices,
+            record.instance_type.as_deref(),
+            &seconds,
+        );
+        row
     }
 
     fn removed(state: &HttpState, vm: &RemovedVm) -> Self {

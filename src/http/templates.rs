@@ -29,6 +29,7 @@ impl Templates {
             "participant_banner.html",
             "login.html",
             "admin.html",
+            "admin_nav.html",
             "vm_row.html",
             "supervisor.html",
             "operations.html",
