@@ -71,3 +71,10 @@ pub(crate) mod seconds {
 pub(crate) fn span_of(d: std::time::Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
+
+/// `d` before `at`; the earliest time there is when that is out of range (a configured span
+/// of centuries), never a panic.
+pub(crate) fn before(at: DateTime<Utc>, d: std::time::Duration) -> DateTime<Utc> {
+    at.checked_sub_signed(span_of(d))
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}

@@ -19,7 +19,6 @@ use std::time::Duration;
 use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::clock::span_of;
 use crate::{Error, Result};
 
 /// Most VMs a pool setting (`min_available`, `max_total`) may name.
@@ -220,7 +219,7 @@ impl ScheduleSettings {
 
     /// Whether the warning before `at` is on at `now` (also once `at` passed).
     pub fn warns(&self, at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        now >= at - span_of(self.warning)
+        now >= crate::clock::before(at, self.warning)
     }
 }
 

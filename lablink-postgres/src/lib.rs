@@ -12,6 +12,7 @@ mod reads;
 mod row;
 mod settings;
 mod store;
+mod usage;
 
 pub use notifier::{PgNotifier, PgNotifierOptions, DEFAULT_CHANNEL};
 pub use store::PgVmStore;

@@ -15,15 +15,14 @@ use crate::claim::Claims;
 use crate::error::{classify, PgError};
 use crate::reads::Reads;
 use crate::row::{
-    corrupt, required, to_i32, to_i64, vm_row, Column, OperationRow, RegistrationTokenRow, VmArgs,
-    VmRow,
+    required, to_i32, to_i64, vm_row, Column, OperationRow, RegistrationTokenRow, VmArgs, VmRow,
 };
-use crate::{audit, lock, logs};
+use crate::{audit, lock, logs, usage};
 use lablink_core::audit::{AuditEntry, AuditQuery};
 use lablink_core::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use lablink_core::secret::TokenDigest;
 use lablink_core::store::{ClaimRequest, Claimed, ProvisioningLock};
-use lablink_core::usage::{FleetUsage, Seconds, UsageKind};
+use lablink_core::usage::FleetUsage;
 use lablink_core::RemovedVm;
 
 /// A [`VmStore`] on PostgreSQL, built from an existing [`PgPool`].
@@ -204,60 +203,6 @@ fn email_taken(error: PgError, assignment: Option<&Assignment>, operation: &'sta
             .with_operation(operation)
             .with_context("email", &a.email),
         _ => classify(operation, error),
-    }
-}
-
-/// Removes the records of `names` and keeps a [`RemovedVm`] of each, in one transaction
-/// (`sql/vm_remove.sql`, `sql/removed_insert.sql`); how many were removed.
-async fn remove_keeping(pool: &PgPool, names: &[&str]) -> Result<usize, PgError> {
-    let mut tx = pool.begin().await?;
-    let rows = sqlx::query_file!("sql/vm_remove.sql", names as &[&str])
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut kept = RemovedColumns::default();
-    for r in rows {
-        let record = vm_row!(r).into_record()?;
-        kept.push(&RemovedVm::from(&record))?;
-    }
-    let removed = kept.hostnames.len();
-    sqlx::query_file!(
-        "sql/removed_insert.sql",
-        &kept.hostnames[..],
-        &kept.instance_types[..],
-        &kept.seconds[0][..],
-        &kept.seconds[1][..],
-        &kept.seconds[2][..],
-        &kept.seconds[3][..],
-        &kept.seconds[4][..],
-        &kept.vms[..],
-    )
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(removed)
-}
-
-/// The columns of `sql/removed_insert.sql`, one element per removed VM.
-#[derive(Default)]
-struct RemovedColumns {
-    hostnames: Vec<String>,
-    instance_types: Vec<String>,
-    /// Seconds by kind, in [`UsageKind::ALL`] order.
-    seconds: [Vec<f64>; 5],
-    vms: Vec<serde_json::Value>,
-}
-
-impl RemovedColumns {
-    fn push(&mut self, vm: &RemovedVm) -> Result<(), PgError> {
-        self.hostnames.push(vm.hostname.to_string());
-        self.instance_types
-            .push(vm.instance_type.clone().unwrap_or_default());
-        for (column, kind) in self.seconds.iter_mut().zip(UsageKind::ALL) {
-            column.push(vm.usage.get(kind));
-        }
-        self.vms
-            .push(serde_json::to_value(vm).map_err(|e| corrupt("vm", e))?);
-        Ok(())
     }
 }
 
@@ -555,7 +500,7 @@ impl VmStore for PgVmStore {
 
     async fn remove(&self, hostnames: &[Hostname]) -> Result<usize> {
         let names: Vec<&str> = hostnames.iter().map(Hostname::as_str).collect();
-        remove_keeping(&self.pool, &names)
+        usage::remove_keeping(&self.pool, &names)
             .await
             .map_err(|e| classify("remove", e))
     }
@@ -902,33 +847,14 @@ impl VmStore for PgVmStore {
     }
 
     async fn removed_vms(&self) -> Result<Vec<RemovedVm>> {
-        let rows = sqlx::query_file_scalar!("sql/removed_list.sql")
-            .fetch_all(&self.pool)
+        usage::removed_vms(&self.pool)
             .await
-            .map_err(|e| classify("removed_vms", e))?;
-        rows.into_iter()
-            .map(|vm| {
-                serde_json::from_value(vm).map_err(|e| classify("removed_vms", corrupt("vm", e)))
-            })
-            .collect()
+            .map_err(|e| classify("removed_vms", e))
     }
 
     async fn usage(&self, now: DateTime<Utc>) -> Result<FleetUsage> {
-        let rows = sqlx::query_file!("sql/usage.sql", now)
-            .fetch_all(&self.pool)
+        usage::fleet(&self.pool, now)
             .await
-            .map_err(|e| classify("usage", e))?;
-        let mut usage = FleetUsage::default();
-        for r in rows {
-            let seconds = Seconds {
-                starting: r.starting,
-                free: r.free,
-                in_use: r.in_use,
-                idle: r.idle,
-                other: r.other,
-            };
-            usage.add(Some(&r.instance_type), &seconds);
-        }
-        Ok(usage)
+            .map_err(|e| classify("usage", e))
     }
 }

@@ -166,31 +166,53 @@ impl LiveView {
             render(templates, "usage.html", &data.context)?,
             data.summary,
         ];
+        // What each row shows; only a row whose shown fields changed is rendered again.
+        let views: Vec<(String, Value)> = data
+            .records
+            .iter()
+            .map(|r| {
+                (
+                    r.hostname.to_string(),
+                    row_view(r, data.supervision.as_ref()),
+                )
+            })
+            .collect();
+        let keys: Vec<String> = views.iter().map(|(_, v)| v.to_string()).collect();
+        let stale: Vec<bool> = {
+            let snap = self.snapshot();
+            views
+                .iter()
+                .zip(&keys)
+                .map(|((h, _), key)| snap.rows.get(h).is_none_or(|row| row.view != *key))
+                .collect()
+        };
+        // Rendered without the lock (viewers keep reading), and nothing changes unless
+        // every row rendered.
+        let mut rendered = Vec::with_capacity(views.len());
+        for ((hostname, vm), stale) in views.into_iter().zip(stale) {
+            let html = match stale {
+                true => Some(render(templates, "vm_row.html", &json!({ "vm": vm }))?),
+                false => None,
+            };
+            rendered.push((hostname, html));
+        }
+        // Refreshes run one at a time, so the rows are as they were when compared.
         let mut snap = self.snapshot();
         let version = snap.version + 1;
         let mut changed = false;
-        let mut order = Vec::with_capacity(data.records.len());
+        let mut order = Vec::with_capacity(rendered.len());
         let mut rows = BTreeMap::new();
-        for record in &data.records {
-            let vm = vm_view(record, data.supervision.as_ref());
-            let hostname = record.hostname.to_string();
-            let view = vm.to_string();
-            // Only a row whose view changed is rendered again; only one whose HTML changed
-            // is sent.
-            let row = match snap.rows.remove(&hostname) {
-                Some(old) if old.view == view => old,
-                old => {
-                    let html = render(templates, "vm_row.html", &json!({ "vm": vm }))?;
-                    match old {
-                        Some(old) if old.html == html => Row { view, ..old },
-                        _ => {
-                            changed = true;
-                            Row {
-                                version,
-                                view,
-                                html,
-                            }
-                        }
+        for ((hostname, html), view) in rendered.into_iter().zip(keys) {
+            let old = snap.rows.remove(&hostname);
+            let row = match (old, html) {
+                (Some(old), None) => old,
+                (Some(old), Some(html)) if old.html == html => Row { view, ..old },
+                (_, html) => {
+                    changed = true;
+                    Row {
+                        version,
+                        view,
+                        html: html.unwrap_or_default(),
                     }
                 }
             };
@@ -236,7 +258,7 @@ impl LiveView {
             .map(|(_, h)| Change::Removed(h.clone()))
             .collect();
         changes.extend(snap.order.iter().filter_map(|h| {
-            let row = &snap.rows[h];
+            let row = snap.rows.get(h)?;
             (row.version > since).then(|| Change::Row {
                 hostname: h.clone(),
                 html: row.html.clone(),
@@ -268,7 +290,7 @@ impl LiveView {
         let matching: Vec<&Row> = snap
             .order
             .iter()
-            .map(|h| &snap.rows[h])
+            .filter_map(|h| snap.rows.get(h))
             .filter(|row| filter.is_empty() || text_of(&row.html).contains(&filter))
             .collect();
         Ok(Page {
@@ -449,6 +471,24 @@ async fn dashboard_parts(
         "supervisor": supervision.clone().map(supervisor_view),
     });
     Ok((records, supervision, data))
+}
+
+/// What a VM's table row shows (`vm_row.html`): its view without what the row leaves out,
+/// such as the last heartbeat, so that a heartbeat renders nothing again.
+fn row_view(record: &VmRecord, supervision: Option<&SupervisorStatus>) -> Value {
+    let mut vm = vm_view(record, supervision);
+    if let Value::Object(fields) = &mut vm {
+        for hidden in [
+            "last_heartbeat",
+            "updated_at",
+            "created_at",
+            "restarts",
+            "assigned_at",
+        ] {
+            fields.remove(hidden);
+        }
+    }
+    vm
 }
 
 /// A VM's view with the supervisor's flags on it.

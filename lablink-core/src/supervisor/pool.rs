@@ -91,7 +91,7 @@ impl Supervising {
             false => self
                 .lablink
                 .turned_away()
-                .since(now - span_of(pool.turned_away_window)),
+                .since(crate::clock::before(now, pool.turned_away_window)),
         };
         let total = records.iter().filter(|r| counts_toward_total(r)).count();
         let count = (k + turned_away)

@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, SubsecRound, Utc};
 
-use super::{span_of, Memory, Supervising};
+use super::{Memory, Supervising};
 use crate::settings::ScheduleSettings;
 use crate::supervision::Shared;
 use crate::supervisor::IdleReleaseConfig;
@@ -79,7 +79,7 @@ pub(super) fn resume_idle_clocks(
         memory
             .idle_since
             .entry((w.hostname.clone(), w.email.clone()))
-            .or_insert(w.due_at - span_of(config.after));
+            .or_insert(crate::clock::before(w.due_at, config.after));
     }
 }
 
