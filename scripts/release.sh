@@ -88,11 +88,14 @@ docs() { # docs DIR: README and LICENSE, when the repository has them
 
 server_name="lablink-$version-$target"
 server="$stage/server"
-install -d "$server/bin" "$server/etc" "$server/systemd"
+install -d "$server/bin" "$server/etc" "$server/systemd" "$server/monitoring"
 install -m 0755 "$lablink_bin" "$server/bin/lablink"
 install -m 0755 deploy/install.sh "$server/install.sh"
 install -m 0644 deploy/systemd/lablink.service "$server/systemd/lablink.service"
 install -m 0644 deploy/lablink.toml "$server/etc/lablink.toml"
+# For Prometheus and Grafana (docs/metrics.md in the repository describes the series).
+install -m 0644 deploy/grafana/lablink-dashboard.json "$server/monitoring/lablink-dashboard.json"
+install -m 0644 deploy/prometheus/lablink-alerts.yml "$server/monitoring/lablink-alerts.yml"
 echo "$server_name" >"$server/RELEASE"
 docs "$server"
 pack "$server" "$server_name"

@@ -119,6 +119,13 @@ fn the_release_tarball_installs_serves_stops_cleanly_and_its_unit_verifies() {
         .current_dir(&dist));
     let sums = std::fs::read_to_string(dist.join("SHA256SUMS")).unwrap();
     assert_eq!(sums.lines().count(), 2, "SHA256SUMS:\n{sums}");
+    let server_files = stdout(&run(Command::new("tar").arg("-tzf").arg(&server)));
+    for file in [
+        "monitoring/lablink-dashboard.json",
+        "monitoring/lablink-alerts.yml",
+    ] {
+        assert!(server_files.lines().any(|l| l == file), "{server_files}");
+    }
     let agent_files = stdout(&run(Command::new("tar").arg("-tzf").arg(&agent)));
     assert!(
         agent_files.lines().any(|l| l == "bin/lablink-agent"),

@@ -47,11 +47,13 @@ pub enum AuditAction {
     RegistrationTokenRevoked,
     /// The workshop settings (warm pool, destruction schedule) were changed.
     SettingsChanged,
+    /// The workshop export (who had which VM) was downloaded.
+    Export,
 }
 
 impl AuditAction {
     /// Every action.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::SignIn,
         Self::SignInFailed,
         Self::SignOut,
@@ -64,6 +66,7 @@ impl AuditAction {
         Self::RegistrationTokenCreated,
         Self::RegistrationTokenRevoked,
         Self::SettingsChanged,
+        Self::Export,
     ];
 
     /// Lower-case name, as stored and serialized.
@@ -81,6 +84,7 @@ impl AuditAction {
             Self::RegistrationTokenCreated => "registration_token_created",
             Self::RegistrationTokenRevoked => "registration_token_revoked",
             Self::SettingsChanged => "settings_changed",
+            Self::Export => "export",
         }
     }
 }

@@ -187,6 +187,10 @@ async fn hours_and_cost_follow_the_vms_agree_across_replicas_and_outlive_them() 
         .map(|e| e["action"].as_str().unwrap())
         .collect();
     assert!(actions.contains(&"destroy"), "{actions:?}");
+    assert!(
+        actions.contains(&"export"),
+        "the CSV download is not in the audit trail: {actions:?}"
+    );
     let (status, audit_csv) = get(&c, "/api/v1/export?format=csv&table=audit").await;
     assert_eq!(status, StatusCode::OK);
     assert!(audit_csv.starts_with("at,actor,address,action,target,detail,ok\n"));

@@ -94,6 +94,14 @@ impl What {
         Self::default()
     }
 
+    /// A detail only (what an export held).
+    pub fn detail(detail: impl Into<String>) -> Self {
+        Self {
+            target: None,
+            detail: Some(detail.into()),
+        }
+    }
+
     /// The VM the admin named (as given, when it is not a valid hostname).
     pub fn vm(name: Option<&str>) -> Self {
         Self {

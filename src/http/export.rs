@@ -20,9 +20,15 @@ use lablink_core::{Prices, RemovedVm, UsageKind, VmFilter, VmRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use lablink_core::audit::AuditAction;
+use utoipa::IntoParams;
+
 use super::admin_auth::Admin;
+use super::audit::{self, Caller, What};
+use super::client::ClientAddr;
 use super::error::{ApiError, ApiResult};
 use super::extract::ApiQuery;
+use super::v1::ErrorBody;
 use super::HttpState;
 
 /// Most audit entries an export carries (the newest).
@@ -74,12 +80,16 @@ fn round(x: f64) -> f64 {
 }
 
 /// `GET /api/v1/usage` (admin).
+#[utoipa::path(get, path = "/api/v1/usage", tag = "admin",
+    responses((status = 200, description = "VM-hours by kind since the deployment began (destroyed VMs included), overall and per instance type, and the estimated cost: `{hours, cost, currency, unpriced_instance_types, by_instance_type}`", content_type = "application/json"),
+        (status = 401, body = ErrorBody)),
+    security(("admin_basic" = [])))]
 pub async fn usage(State(state): State<HttpState>, _admin: Admin) -> ApiResult<Json<Value>> {
     Ok(Json(usage_view(&state).await?))
 }
 
 /// Query of the export.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 pub struct ExportQuery {
     /// `csv` (the default) or `json`.
     format: Option<String>,
@@ -294,14 +304,31 @@ async fn vm_rows(state: &HttpState) -> ApiResult<Vec<VmRow>> {
     Ok(rows)
 }
 
-/// `GET /api/v1/export?format=csv|json[&table=vms|audit]` (admin): a download.
+/// `GET /api/v1/export?format=csv|json[&table=vms|audit]` (admin): a download, recorded in
+/// the audit trail (it holds the participants' emails).
+#[utoipa::path(get, path = "/api/v1/export", tag = "admin", params(ExportQuery),
+    responses((status = 200, description = "CSV (one row per VM, current then destroyed, or the audit trail) or JSON `{generated_at, usage, vms, audit}`, as an attachment"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("admin_basic" = [])))]
 pub async fn export(
     State(state): State<HttpState>,
-    _admin: Admin,
+    admin: Admin,
+    ClientAddr(address): ClientAddr,
     ApiQuery(query): ApiQuery<ExportQuery>,
 ) -> ApiResult<Response> {
     let format = query.format.as_deref().unwrap_or("csv");
     let table = query.table.as_deref().unwrap_or("vms");
+    let caller = Caller::admin(&state, admin.via(), address);
+    let what = What::detail(format!("{format} {table}"));
+    let outcome = exported(&state, format, table).await;
+    // The answer's body is not `Sync`: the audit sees only whether it worked.
+    let worked: ApiResult<()> = outcome.as_ref().map(|_| ()).map_err(Clone::clone);
+    audit::record(&state, &caller, AuditAction::Export, what, &worked).await;
+    outcome
+}
+
+/// The export's answer.
+async fn exported(state: &HttpState, format: &str, table: &str) -> ApiResult<Response> {
     let stamp = Utc::now().format("%Y%m%d-%H%M%S");
     let audit = || async {
         state
@@ -316,8 +343,8 @@ pub async fn export(
         ("json", _) => {
             let body = json!({
                 "generated_at": Utc::now(),
-                "usage": usage_view(&state).await?,
-                "vms": vm_rows(&state).await?,
+                "usage": usage_view(state).await?,
+                "vms": vm_rows(state).await?,
                 "audit": audit().await?,
             });
             (
@@ -328,7 +355,7 @@ pub async fn export(
         }
         ("csv", "vms") => {
             let mut out = format!("{}\n", VmRow::CSV_HEADER);
-            for row in vm_rows(&state).await? {
+            for row in vm_rows(state).await? {
                 csv_line(&mut out, &row.csv_fields());
             }
             (

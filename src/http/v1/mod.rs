@@ -34,6 +34,7 @@ pub use agent::wait_assignment;
         crate::http::registration::revoke_token, crate::http::audit_log::list,
         settings::get_settings, settings::put_settings,
         crate::http::warnings::participant_warnings, crate::http::warnings::acknowledge,
+        crate::http::export::usage, crate::http::export::export,
     ),
     modifiers(&Security),
     tags(
