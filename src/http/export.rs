@@ -28,8 +28,8 @@ use super::audit::{self, Caller, What};
 use super::client::ClientAddr;
 use super::error::{ApiError, ApiResult};
 use super::extract::ApiQuery;
-use super::v1::ErrorBody;
 use super::HttpState;
+use lablink_protocol::ErrorBody;
 
 /// Most audit entries an export carries (the newest).
 const EXPORT_AUDIT_ENTRIES: usize = 100_000;
