@@ -47,7 +47,7 @@ fn pool(rt: &Runtime, n: usize) -> Pool {
     let requests = (0..n)
         .map(|i| VmRequest {
             email: format!("p{i}@example.org").parse::<Email>().unwrap(),
-            crd_command: command.clone(),
+            crd_command: Some(command.clone()),
         })
         .collect();
     Pool {

@@ -58,8 +58,10 @@ async fn main() -> lablink::Result<()> {
     // 4. A participant asks for a VM (asking twice gives the same VM).
     let request = VmRequest {
         email: "ada@example.org".parse()?,
-        crd_command: "start-host --code=\"4/0AbCdEf\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\""
-            .parse()?,
+        crd_command: Some(
+            "start-host --code=\"4/0AbCdEf\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\""
+                .parse()?,
+        ),
     };
     let granted = allocator.request_vm(&request).await?;
     let again = allocator.request_vm(&request).await?;
@@ -77,7 +79,7 @@ async fn main() -> lablink::Result<()> {
             Some(assignment) => println!(
                 "agent {hostname}: assigned to {}; runs start-host with code of {} chars",
                 assignment.email,
-                assignment.crd_command.code().len()
+                assignment.crd_command.map_or(0, |c| c.code().len())
             ),
             None => println!("agent {hostname}: still free"),
         }

@@ -8,6 +8,10 @@
 # - terraform on PATH, with the hashicorp/aws provider mirror the Terraform tests use.
 # - Chromium and ChromeDriver for the browser tests: Debian's chromium and chromium-driver.
 # - systemd-analyze, which checks the shipped systemd unit: Debian's systemd.
+# - The browser desktop's VNC server and picture tools: Debian's tigervnc-standalone-server
+#   (Xvnc), tigervnc-tools (vncpasswd, to check the agent's password files),
+#   x11-xserver-utils (xsetroot) and xdotool; noVNC from npm, the exact version pinned in
+#   desktop/package-lock.json, installed into desktop/node_modules by `npm ci`.
 # - The AWS API emulator moto_server: moto[server] from PyPI, one pinned version.
 # Anything missing that cannot be installed stops here with a message naming it.
 
@@ -30,6 +34,11 @@ lablink_components() {
     command -v chromium >/dev/null || packages+=(chromium)
     command -v chromedriver >/dev/null || packages+=(chromium-driver)
     command -v systemd-analyze >/dev/null || packages+=(systemd)
+    command -v Xvnc >/dev/null || packages+=(tigervnc-standalone-server)
+    command -v vncpasswd >/dev/null || packages+=(tigervnc-tools)
+    command -v xsetroot >/dev/null || packages+=(x11-xserver-utils)
+    command -v xdotool >/dev/null || packages+=(xdotool)
+    command -v npm >/dev/null || packages+=(npm)
     if ((${#packages[@]})); then
         echo "scripts/components.sh: installing ${packages[*]} from Debian's packages" >&2
         local sudo=()
@@ -40,6 +49,7 @@ lablink_components() {
             return 1
         fi
     fi
+    lablink_novnc || return 1
     if [[ "$(python3 -m pip show moto 2>/dev/null | sed -n 's/^Version: //p')" != "$LABLINK_MOTO_VERSION" ]]; then
         echo "scripts/components.sh: installing the AWS emulator moto_server $LABLINK_MOTO_VERSION" >&2
         python3 -m pip install --quiet "moto[server]==$LABLINK_MOTO_VERSION" \
@@ -51,6 +61,21 @@ lablink_components() {
     export PATH
     command -v moto_server >/dev/null \
         || { echo "scripts/components.sh: moto_server is not on PATH after installing moto[server]" >&2; return 1; }
+}
+
+# noVNC, as desktop/package-lock.json pins it, in desktop/node_modules (git-ignored): the
+# browser desktop tests serve it, the release tarball carries it. Installed again only when
+# the lock file changed since.
+lablink_novnc() {
+    local repo
+    repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    local installed="$repo/desktop/node_modules/.package-lock.json"
+    if [[ ! -f "$repo/desktop/node_modules/@novnc/novnc/core/rfb.js" \
+        || "$repo/desktop/package-lock.json" -nt "$installed" ]]; then
+        echo "scripts/components.sh: installing noVNC (npm ci --prefix desktop)" >&2
+        npm ci --prefix "$repo/desktop" --ignore-scripts --no-audit --no-fund >/dev/null \
+            || { echo "scripts/components.sh: could not install noVNC (npm ci --prefix desktop)" >&2; return 1; }
+    fi
 }
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then

@@ -3,7 +3,9 @@
 #
 #   dist/lablink-<version>-<target>.tar.gz        the allocator (default features + aws):
 #       install.sh, bin/lablink, systemd/lablink.service, etc/lablink.toml (the embedded
-#       default, commented), README.md, RELEASE (the tarball's name)
+#       default, commented), README.md, RELEASE (the tarball's name), novnc/ (the browser
+#       desktop's noVNC, as desktop/package-lock.json pins it, with its licence files:
+#       `[desktop] novnc_dir` names it)
 #   dist/lablink-agent-<version>-<target>.tar.gz  the VM agent: bin/lablink-agent, README.md
 #       (its systemd unit is written by the VMs' user-data, which downloads the bare binary:
 #       host bin/lablink-agent and set agent_url and agent_sha256 under [provisioner])
@@ -96,6 +98,22 @@ install -m 0644 deploy/lablink.toml "$server/etc/lablink.toml"
 # For Prometheus and Grafana (docs/metrics.md in the repository describes the series).
 install -m 0644 deploy/grafana/lablink-dashboard.json "$server/monitoring/lablink-dashboard.json"
 install -m 0644 deploy/prometheus/lablink-alerts.yml "$server/monitoring/lablink-alerts.yml"
+# The browser desktop's client: noVNC's ES modules as npm ships them (no build step), with
+# its AUTHORS and licence files (MPL-2.0; its vendored pako is MIT).
+novnc="$repo/desktop/node_modules/@novnc/novnc"
+if [ ! -f "$novnc/core/rfb.js" ] || [ "$repo/desktop/package-lock.json" -nt "$repo/desktop/node_modules/.package-lock.json" ]; then
+  npm ci --prefix "$repo/desktop" --ignore-scripts --no-audit --no-fund >&2
+fi
+[ -f "$novnc/core/rfb.js" ] || { echo "release.sh: noVNC is not installed (npm ci --prefix desktop)" >&2; exit 1; }
+install -d "$server/novnc"
+cp -R "$novnc/core" "$novnc/vendor" "$server/novnc/"
+for doc in LICENSE.txt AUTHORS README.md package.json; do
+  install -m 0644 "$novnc/$doc" "$server/novnc/$doc"
+done
+if [ -d "$novnc/docs" ]; then
+  install -d "$server/novnc/docs"
+  find "$novnc/docs" -maxdepth 1 -name 'LICENSE*' -exec install -m 0644 {} "$server/novnc/docs/" \;
+fi
 echo "$server_name" >"$server/RELEASE"
 docs "$server"
 pack "$server" "$server_name"

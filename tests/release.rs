@@ -123,6 +123,11 @@ fn the_release_tarball_installs_serves_stops_cleanly_and_its_unit_verifies() {
     for file in [
         "monitoring/lablink-dashboard.json",
         "monitoring/lablink-alerts.yml",
+        // The browser desktop's noVNC, with its licences.
+        "novnc/core/rfb.js",
+        "novnc/LICENSE.txt",
+        "novnc/docs/LICENSE.MPL-2.0",
+        "novnc/vendor/pako/LICENSE",
     ] {
         assert!(server_files.lines().any(|l| l == file), "{server_files}");
     }

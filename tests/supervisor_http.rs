@@ -47,7 +47,7 @@ async fn admin_page_and_metrics_show_the_supervisor_its_flags_and_the_coming_des
     lablink.report(&host, running).await.unwrap();
     let request = VmRequest {
         email: email("ada"),
-        crd_command: command("ada"),
+        crd_command: Some(command("ada")),
     };
     lablink.request_vm(&request).await.unwrap();
     let sick = Telemetry {

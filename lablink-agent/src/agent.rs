@@ -4,14 +4,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
+use lablink_core::{DesktopFailure, DesktopStage};
 use lablink_protocol::WarningTask;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::client::{
-    AllocatorClient, AssignmentBody, Backoff, ClientError, Coalesce as _, LogBody, TelemetryBody,
-    TimingsBody,
+    AllocatorClient, AssignmentBody, Backoff, ClientError, Coalesce as _, DesktopReportBody,
+    LogBody, TelemetryBody, TimingsBody,
 };
 use crate::collect::{self, CollectionTask, Manifest};
 use crate::config::AgentConfig;
@@ -93,7 +94,8 @@ async fn run_with(
 ) -> Result<(), AgentFailed> {
     let agent = Arc::new(Agent {
         client: AllocatorClient::new(&config),
-        reporter: Reporter::default(),
+        reporter: Arc::default(),
+        browser: Mutex::default(),
         state: StateDir::new(config.state_dir.clone()),
         status: Mutex::new(None),
         reboot_timing,
@@ -161,7 +163,9 @@ async fn run_with(
 struct Agent {
     config: AgentConfig,
     client: AllocatorClient,
-    reporter: Reporter,
+    reporter: Arc<Reporter>,
+    /// The browser desktop of the current assignment (browser mode).
+    browser: Mutex<BrowserDesktop>,
     state: StateDir,
     /// The last status the agent reported (put back when a reboot fails).
     status: Mutex<Option<String>>,
@@ -190,6 +194,18 @@ struct Reporter {
 }
 
 impl Reporter {
+    /// A line for the allocator's `agent` log stream (and the local log).
+    fn line(&self, line: String) {
+        tracing::info!("{line}");
+        self.send(TelemetryBody {
+            logs: vec![LogBody {
+                stream: "agent".into(),
+                lines: vec![format!("{} {line}", now())],
+            }],
+            ..Default::default()
+        });
+    }
+
     fn send(&self, report: TelemetryBody) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.merge(report);
@@ -213,10 +229,51 @@ impl Reporter {
     }
 }
 
-/// What identifies an assignment (kept in the state directory): its time, as the allocator
-/// sent it.
+/// What identifies an assignment: its time, as the allocator sent it.
 fn assignment_key(a: &AssignmentBody) -> String {
     a.assigned_at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// What identifies one start of the desktop (kept in the state directory): the assignment
+/// ([`assignment_key`]) and, after its first attempt, `#<attempt>`. The first attempt keeps
+/// the key of agents that knew no attempts, so that one upgraded in the middle of an
+/// assignment does not start the host again (its code was used).
+fn work_key(a: &AssignmentBody) -> String {
+    let at = assignment_key(a);
+    if a.attempt <= 1 {
+        at
+    } else {
+        format!("{at}#{}", a.attempt)
+    }
+}
+
+/// The report of how far starting the desktop of `attempt` got. Never a code or a PIN.
+fn desktop_report(
+    attempt: u32,
+    stage: DesktopStage,
+    failed: Option<(DesktopFailure, Option<i32>)>,
+) -> TelemetryBody {
+    TelemetryBody {
+        desktop: Some(DesktopReportBody {
+            attempt,
+            stage: stage.as_str().to_owned(),
+            failure: failed.map(|(failure, _)| failure.as_str().to_owned()),
+            exit_status: failed.and_then(|(_, status)| status),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The browser desktop of an assignment (browser mode): the VNC server the agent started
+/// for it, if any (killed when dropped), and its tunnels (ended when dropped).
+#[derive(Default)]
+struct BrowserDesktop {
+    /// The assignment this is for (set once its VNC server was prepared, or failed to be).
+    assigned_at: Option<DateTime<Utc>>,
+    vnc: Option<tokio::process::Child>,
+    /// The newest tunnel opened.
+    tunnel: Option<String>,
+    relays: JoinSet<()>,
 }
 
 fn now() -> String {
@@ -418,41 +475,72 @@ impl Agent {
         tokio::join!(self.gpu_loop(gpu), self.wait_loop());
     }
 
-    async fn wait_loop(&self) {
+    /// Waits for the VM's assignment and starts the desktop for each new unit of work (an
+    /// assignment, or a new attempt of it: [`work_key`]); then waits for the assignment's
+    /// next change (`seen`: a new attempt, a tunnel, the release). With an allocator that
+    /// sends no versions, it looks again every [`recheck_interval`](AgentConfig::recheck_interval).
+    async fn wait_loop(self: &Arc<Self>) {
         let mut backoff = Backoff::new(self.config.backoff_max);
-        // The assignment already handled, also by an earlier run of the agent on this VM:
-        // its one-time code was used, so it is not started again.
+        // The work already handled, also by an earlier run of the agent on this VM: its
+        // one-time code was used, so it is not started again. Kept after a release: the
+        // next assignment has another key anyway.
         let mut handled = self.state.load("assignment").filter(|a| !a.is_empty());
+        // Whether the VM is (as far as the agent knows) assigned, for the release line and
+        // to look without holding when the assignment's version is unknown.
+        let mut assigned = handled.is_some();
+        // The version of the assignment last answered: the next wait holds until it changes.
+        let mut seen: Option<String> = None;
         loop {
-            // Once an assignment is handled, only look (no hold) for a release or a new one.
-            let hold = if handled.is_some() {
+            let hold = if seen.is_none() && assigned {
                 Duration::ZERO
             } else {
                 self.config.wait_timeout
             };
             let asked = Instant::now();
-            match self.client.wait_assignment(hold).await {
-                Ok(Some(a)) if handled.as_deref() == Some(assignment_key(&a).as_str()) => {
-                    backoff.reset();
-                    tokio::time::sleep(self.config.recheck_interval).await;
-                }
+            let answer = self.client.wait_assignment(hold, seen.as_deref()).await;
+            // An allocator that answers held requests at once (shutting down, a tiny maximum
+            // hold) must not make this loop spin.
+            let hasty = hold >= Duration::from_secs(1) && asked.elapsed() < Duration::from_secs(1);
+            match answer {
                 Ok(Some(a)) => {
-                    backoff.reset();
-                    let key = assignment_key(&a);
-                    self.state.save("assignment", &key);
-                    self.start(&a).await;
-                    handled = Some(key);
+                    assigned = true;
+                    let unchanged = seen.as_deref() == Some(a.version.as_str());
+                    let key = work_key(&a);
+                    if handled.as_deref() != Some(key.as_str()) {
+                        self.state.save("assignment", &key);
+                        handled = Some(key);
+                        self.start(&a).await;
+                    } else if a.mode == "browser" {
+                        self.keep_browser_desktop(&a).await;
+                    }
+                    if a.version.is_empty() {
+                        // An allocator without versions: look again in a while.
+                        seen = None;
+                        backoff.reset();
+                        tokio::time::sleep(self.config.recheck_interval).await;
+                        continue;
+                    }
+                    if unchanged && hasty {
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    } else {
+                        backoff.reset();
+                    }
+                    seen = Some(a.version);
+                }
+                Ok(None) if seen.is_some() => {
+                    // Released, or an allocator shutting down: look once more before taking
+                    // it as released.
+                    seen = None;
                 }
                 Ok(None) => {
-                    if handled.take().is_some() {
+                    if std::mem::take(&mut assigned) {
+                        self.end_browser_desktop();
                         self.note(
                             TelemetryBody::default(),
                             "the assignment was released; waiting again".into(),
                         );
                     }
-                    // An allocator that answers long-polls at once (shutting down, a tiny
-                    // maximum hold) must not make this loop spin.
-                    if hold >= Duration::from_secs(1) && asked.elapsed() < Duration::from_secs(1) {
+                    if hasty {
                         tokio::time::sleep(backoff.next_delay()).await;
                     } else {
                         backoff.reset();
@@ -485,6 +573,11 @@ impl Agent {
             // A collection asked for together with a reboot waits for the machine to be back
             // (the allocator still asks for it then).
             let tasks = match tasks {
+                Ok(Some(tasks)) if tasks.reset => {
+                    backoff.reset();
+                    self.reset().await;
+                    continue;
+                }
                 Ok(Some(tasks)) if tasks.reboot && may_reboot => {
                     match self.reboot().await {
                         Reboot::Running { previous } => {
@@ -746,26 +839,246 @@ impl Agent {
         }
     }
 
-    /// Starts Chrome Remote Desktop for `assignment` and reports the outcome in the agent's
-    /// log. A bad or expired code is the participant's problem, not the VM's: the VM's
-    /// status stays `running`.
-    async fn start(&self, assignment: &AssignmentBody) {
-        let outcome = match HostInvocation::from_assignment(assignment) {
+    /// Starts the desktop for `assignment`: Chrome Remote Desktop, or the browser desktop
+    /// (browser mode: [`start_browser_desktop`](Self::start_browser_desktop)). The allocator
+    /// hears `received` first, then `ready` or `failed` with the class of failure and
+    /// start-host's exit status (the participant's page shows them), and the agent's log says
+    /// what happened. A bad or expired code is the participant's problem, not the VM's: the
+    /// VM's status stays `running`, and a fresh command comes as the next attempt.
+    async fn start(self: &Arc<Self>, assignment: &AssignmentBody) {
+        if assignment.mode == "browser" {
+            return self.start_browser_desktop(assignment).await;
+        }
+        let at = assignment_key(assignment);
+        let attempt = assignment.attempt;
+        let which = if attempt > 1 {
+            format!("the assignment of {at} (attempt {attempt})")
+        } else {
+            format!("the assignment of {at}")
+        };
+        let invocation = HostInvocation::from_assignment(assignment);
+        self.note(
+            desktop_report(attempt, DesktopStage::Received, None),
+            format!("starting Chrome Remote Desktop for {which}"),
+        );
+        let outcome = match invocation {
             Ok(invocation) => invocation.run(&self.config).await,
             Err(e) => Err(e),
         };
-        let at = assignment_key(assignment);
-        let line = match outcome {
-            Ok(Started::Program) => {
-                format!("Chrome Remote Desktop started for the assignment of {at}")
+        let (report, line) = match outcome {
+            Ok(Started::Program) => (
+                desktop_report(attempt, DesktopStage::Ready, None),
+                format!("Chrome Remote Desktop started for {which}"),
+            ),
+            Ok(Started::DryRun) => (
+                desktop_report(attempt, DesktopStage::Ready, None),
+                format!("dry run: Chrome Remote Desktop would start now for {which}"),
+            ),
+            Err(e) => {
+                let failure = e.failure();
+                let verb = match e {
+                    StartError::Invalid(_) => "rejected",
+                    StartError::Failed { .. } => "failed",
+                };
+                (
+                    desktop_report(
+                        attempt,
+                        DesktopStage::Failed,
+                        Some((failure, e.exit_status())),
+                    ),
+                    format!("{which} {verb}: {e} (reported as {failure})"),
+                )
             }
-            Ok(Started::DryRun) => {
-                format!("dry run: Chrome Remote Desktop would start now for the assignment of {at}")
-            }
-            Err(e @ StartError::Invalid(_)) => format!("assignment of {at} rejected: {e}"),
-            Err(e @ StartError::Failed(_)) => format!("assignment of {at} failed: {e}"),
         };
-        self.note(TelemetryBody::default(), line);
+        self.note(report, line);
+    }
+
+    /// Browser mode: prepares the VM's VNC server for `assignment` (a fresh password from
+    /// its PIN; a server started if none listens, see [`crate::vnc::prepare`]) and opens the
+    /// tunnel a browser asked for. The allocator hears `received`, or `failed` with
+    /// `desktop_unavailable` when no VNC server could be had; the desktop is `ready` once the
+    /// participant's browser gets its first frame (the allocator sees that).
+    async fn start_browser_desktop(self: &Arc<Self>, assignment: &AssignmentBody) {
+        let at = assignment_key(assignment);
+        let attempt = assignment.attempt;
+        let port = self.config.vnc.port;
+        self.note(
+            desktop_report(attempt, DesktopStage::Received, None),
+            format!("preparing the browser desktop (VNC on 127.0.0.1:{port}) for the assignment of {at}"),
+        );
+        // The previous assignment's server and tunnels end first.
+        self.end_browser_desktop();
+        let password_file = self
+            .config
+            .vnc
+            .password_path(self.config.state_dir.as_deref());
+        let prepared = crate::vnc::prepare(
+            &self.config.vnc,
+            &password_file,
+            &crate::vnc::password_of_pin(&assignment.pin),
+            self.config.crd_user.as_deref(),
+        )
+        .await;
+        let failed = {
+            let mut browser = self.browser.lock().unwrap_or_else(|e| e.into_inner());
+            *browser = BrowserDesktop {
+                assigned_at: Some(assignment.assigned_at),
+                ..BrowserDesktop::default()
+            };
+            match prepared {
+                Ok(started) => {
+                    browser.vnc = started;
+                    None
+                }
+                Err(e) => Some(e),
+            }
+        };
+        match failed {
+            None => self.note(
+                TelemetryBody::default(),
+                format!("browser desktop prepared for the assignment of {at}; waiting for the participant's browser"),
+            ),
+            Some(e) => self.note(
+                desktop_report(
+                    attempt,
+                    DesktopStage::Failed,
+                    Some((DesktopFailure::DesktopUnavailable, None)),
+                ),
+                format!("the browser desktop is unavailable for the assignment of {at}: {e}"),
+            ),
+        }
+        self.open_tunnel(assignment);
+    }
+
+    /// Browser mode, an assignment already handled: prepares its desktop again if this run
+    /// of the agent did not (it was restarted), and opens a tunnel a browser asked for.
+    async fn keep_browser_desktop(self: &Arc<Self>, assignment: &AssignmentBody) {
+        let prepared = self
+            .browser
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .assigned_at
+            == Some(assignment.assigned_at);
+        if prepared {
+            self.open_tunnel(assignment);
+        } else {
+            self.start_browser_desktop(assignment).await;
+        }
+    }
+
+    /// Opens the tunnel of `assignment` to the VNC server, unless it is open already.
+    fn open_tunnel(&self, assignment: &AssignmentBody) {
+        let Some(tunnel) = &assignment.tunnel else {
+            return;
+        };
+        let mut browser = self.browser.lock().unwrap_or_else(|e| e.into_inner());
+        if browser.assigned_at != Some(assignment.assigned_at)
+            || browser.tunnel.as_deref() == Some(tunnel.id.as_str())
+        {
+            return;
+        }
+        browser.tunnel = Some(tunnel.id.clone());
+        let url = match crate::tunnel::resolve(&self.config.allocator_url, &tunnel.url) {
+            Ok(url) => url,
+            Err(e) => {
+                drop(browser);
+                self.reporter
+                    .line(format!("tunnel {} not opened: {e}", tunnel.id));
+                return;
+            }
+        };
+        let (id, token, port) = (
+            tunnel.id.clone(),
+            self.config.api_token.clone(),
+            self.config.vnc.port,
+        );
+        let reporter = self.reporter.clone();
+        browser.relays.spawn(async move {
+            tracing::info!(tunnel = %id, "opening the tunnel to the VNC server");
+            match crate::tunnel::relay(&url, token.as_ref(), port).await {
+                Ok(()) => tracing::info!(tunnel = %id, "tunnel closed"),
+                Err(e) => reporter.line(format!("tunnel {id} failed: {e}")),
+            }
+        });
+    }
+
+    /// Ends the browser desktop of the assignment that ended: its tunnels, and the VNC
+    /// server the agent started for it.
+    fn end_browser_desktop(&self) {
+        let ended = std::mem::take(&mut *self.browser.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(ended);
+    }
+
+    /// The allocator asked for a reset for the next participant: reports `initializing`,
+    /// ends the browser desktop, forgets the handled assignment, runs the reset's steps
+    /// ([`crate::reset`]), then reports `running` (the VM is handed out again) or `error`
+    /// with what failed (the VM stays out of the pool).
+    async fn reset(&self) {
+        self.report_status_now(
+            "initializing",
+            "the allocator asked for a reset for the next participant; resetting".into(),
+        )
+        .await;
+        self.end_browser_desktop();
+        self.state.save("assignment", "");
+        let outcome = match self.config.reset.plan(
+            self.config.crd_user.as_deref(),
+            self.config.bootstrap.desktop_home.as_deref(),
+        ) {
+            Ok(plan) => {
+                plan.run(|line| self.note(TelemetryBody::default(), line))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        // The tutorial the set-up cloned into the home went with it: clone it again.
+        let outcome = match outcome {
+            Ok(()) => crate::bootstrap::refill_home(
+                &self.config.bootstrap,
+                self.config.crd_user.as_deref(),
+                |line| self.note(TelemetryBody::default(), line),
+            )
+            .await
+            .map_err(Into::into),
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                self.report_status_now("running", "reset done; waiting for an assignment".into())
+                    .await;
+            }
+            Err(e) => {
+                self.report_status_now(
+                    "error",
+                    format!("reset failed: {e}; this VM stays out of the pool"),
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Reports `status` (with `line` and whatever was waiting) now, trying for the reboot's
+    /// report deadline, then leaves it to the report loop: the allocator's next answer to a
+    /// task poll depends on it.
+    async fn report_status_now(&self, status: &str, line: String) {
+        tracing::info!("{line}");
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(status.to_owned());
+        let mut report = self.reporter.take();
+        report.merge(TelemetryBody {
+            status: Some(status.to_owned()),
+            logs: vec![LogBody {
+                stream: "agent".into(),
+                lines: vec![format!("{} {line}", now())],
+            }],
+            ..Default::default()
+        });
+        if let Err(report) = self
+            .deliver_now(report, self.reboot_timing.report_deadline)
+            .await
+        {
+            self.reporter.restore(report);
+            self.reporter.wake.notify_one();
+        }
     }
 }
 
@@ -1259,6 +1572,265 @@ mod tests {
         assert!(
             agent_lines(failed).contains("`/nonexistent/reboot now` could not be started"),
             "{failed}"
+        );
+    }
+
+    /// An assignment of attempt `attempt` (version `v<attempt>`) in `mode`.
+    fn assignment_json(attempt: u32, mode: &str) -> serde_json::Value {
+        let code = format!("4/0Ab-code_{attempt}");
+        serde_json::json!({
+            "hostname": "ws-1",
+            "command": format!("start-host --code={code} --redirect-url=https://remotedesktop.google.com/_/oauthredirect --name=ws-1"),
+            "code": code,
+            "pin": "908172635",
+            "assigned_at": "2026-01-01T00:00:00Z",
+            "mode": mode,
+            "attempt": attempt,
+            "version": format!("v{attempt}"),
+        })
+    }
+
+    /// The desktop reports the server was sent: `(attempt, stage, failure)`, repeats dropped.
+    fn desktop_reports(requests: &[Request]) -> Vec<(u64, String, String)> {
+        let mut reports: Vec<(u64, String, String)> = Vec::new();
+        for t in telemetry(requests) {
+            let d = &t["desktop"];
+            if d.is_null() {
+                continue;
+            }
+            let report = (
+                d["attempt"].as_u64().unwrap(),
+                d["stage"].as_str().unwrap().to_owned(),
+                d["failure"].as_str().unwrap_or_default().to_owned(),
+            );
+            if reports.last() != Some(&report) {
+                reports.push(report);
+            }
+        }
+        reports
+    }
+
+    #[tokio::test]
+    async fn a_new_attempt_starts_the_desktop_again_and_the_wait_names_the_version_seen() {
+        let attempt = Arc::new(std::sync::atomic::AtomicU32::new(1));
+        let server = TestServer::start({
+            let attempt = attempt.clone();
+            move |r: &Request| {
+                if r.path().ends_with("/assignment") {
+                    // The hold "ended" at once: the same assignment until the next attempt.
+                    return Reply::json(
+                        200,
+                        assignment_json(attempt.load(Ordering::SeqCst), "crd"),
+                    );
+                }
+                if r.path().ends_with("/telemetry") {
+                    return Reply::json(200, serde_json::json!({}));
+                }
+                Reply::empty(204)
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(&server.url, false);
+        c.state_dir = Some(dir.path().to_owned());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        until(&server, "attempt 1 ready", |r| {
+            desktop_reports(r).contains(&(1, "ready".into(), String::new()))
+        })
+        .await;
+        until(&server, "a wait with the version seen", |r| {
+            r.iter().any(|r| r.target.contains("seen=v1"))
+        })
+        .await;
+        attempt.store(2, Ordering::SeqCst);
+        until(&server, "attempt 2 ready", |r| {
+            desktop_reports(r).contains(&(2, "ready".into(), String::new()))
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        // (A `received` still waiting is replaced by the `ready` right after it.)
+        let reports = desktop_reports(&server.requests());
+        let outcomes: Vec<_> = reports.iter().filter(|d| d.1 != "received").collect();
+        assert_eq!(
+            outcomes,
+            [
+                &(1, "ready".into(), String::new()),
+                &(2, "ready".into(), String::new())
+            ],
+            "{reports:?}"
+        );
+        let requests = server.requests();
+        assert_eq!(
+            distinct_lines(&requests, "starting Chrome Remote Desktop for"),
+            2,
+            "each attempt started once"
+        );
+        assert_eq!(
+            distinct_lines(
+                &requests,
+                "dry run: Chrome Remote Desktop would start now for the assignment of 2026-01-01T00:00:00Z (attempt 2)"
+            ),
+            1
+        );
+        assert_eq!(
+            StateDir::new(Some(dir.path().to_owned()))
+                .load("assignment")
+                .as_deref(),
+            Some("2026-01-01T00:00:00Z#2")
+        );
+        let said: String = telemetry(&requests).iter().map(agent_lines).collect();
+        assert!(
+            !said.contains("code_") && !said.contains("908172635"),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_browser_assignment_without_a_vnc_server_is_reported_unavailable() {
+        let server = TestServer::start(|r: &Request| {
+            if r.path().ends_with("/assignment") {
+                let mut a = assignment_json(1, "browser");
+                a["command"] = "".into();
+                a["code"] = "".into();
+                return Reply::json(200, a);
+            }
+            if r.path().ends_with("/telemetry") {
+                return Reply::json(200, serde_json::json!({}));
+            }
+            Reply::empty(204)
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(&server.url, false);
+        c.vnc.port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        c.vnc.command = Some(vec!["/nonexistent/vncserver".into()]);
+        c.vnc.password_file = Some(dir.path().join("vnc-passwd"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        until(&server, "the failure", |r| {
+            desktop_reports(r).iter().any(|d| d.1 == "failed")
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        assert_eq!(
+            desktop_reports(&server.requests()),
+            [
+                (1, "received".into(), String::new()),
+                (1, "failed".into(), "desktop_unavailable".into()),
+            ]
+        );
+        assert_eq!(
+            distinct_lines(&server.requests(), "the browser desktop is unavailable"),
+            1
+        );
+    }
+
+    /// Asks for a reset on every task poll until the agent reports a status after the
+    /// first request for one (as the allocator does); records the statuses.
+    async fn resetting_allocator() -> TestServer {
+        let asked = AtomicBool::new(false);
+        let reported = AtomicBool::new(false);
+        TestServer::start(move |r: &Request| {
+            let path = r.path();
+            if path.ends_with("/telemetry") {
+                if asked.load(Ordering::SeqCst) && r.json()["status"].is_string() {
+                    reported.store(true, Ordering::SeqCst);
+                }
+                return Reply::json(200, serde_json::json!({}));
+            }
+            if path.ends_with("/tasks") && !reported.load(Ordering::SeqCst) {
+                asked.store(true, Ordering::SeqCst);
+                return Reply::json(200, serde_json::json!({"collection": null, "reset": true}));
+            }
+            Reply::empty(204)
+        })
+        .await
+    }
+
+    fn statuses(requests: &[Request]) -> Vec<String> {
+        telemetry(requests)
+            .iter()
+            .filter_map(|t| t["status"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_reset_restores_the_home_forgets_the_assignment_and_reports_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let (home, skel, state) = (
+            dir.path().join("home"),
+            dir.path().join("skel"),
+            dir.path().join("state"),
+        );
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&skel).unwrap();
+        std::fs::write(home.join("work.slp"), "work").unwrap();
+        std::fs::write(skel.join(".bashrc"), "# bashrc").unwrap();
+        StateDir::new(Some(state.clone())).save("assignment", "2026-01-01T00:00:00Z");
+        let server = resetting_allocator().await;
+        let mut c = config(&server.url, false);
+        c.state_dir = Some(state.clone());
+        c.reset.home = Some(home.clone());
+        c.reset.skeleton = skel;
+        c.reset.end_session = Some(vec!["true".into()]);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(c, async {
+            let _ = stopped.await;
+        }));
+        until(&server, "the reset's end", |r| {
+            distinct_lines(r, "reset done; waiting for an assignment") == 1
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        let statuses = statuses(&server.requests());
+        let reset = statuses.iter().rposition(|s| s == "initializing").unwrap();
+        assert_eq!(
+            statuses[reset..],
+            ["initializing", "running"],
+            "{statuses:?}"
+        );
+        assert!(!home.join("work.slp").exists());
+        assert_eq!(
+            std::fs::read_to_string(home.join(".bashrc")).unwrap(),
+            "# bashrc"
+        );
+        assert_eq!(
+            StateDir::new(Some(state)).load("assignment").as_deref(),
+            Some("")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_with_nothing_to_reset_reports_an_error() {
+        let server = resetting_allocator().await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(run(config(&server.url, false), async {
+            let _ = stopped.await;
+        }));
+        until(&server, "the error", |r| {
+            statuses(r).iter().any(|s| s == "error")
+        })
+        .await;
+        stop.send(()).unwrap();
+        assert!(agent.await.unwrap().is_ok());
+        let reports = telemetry(&server.requests());
+        let error = reports.iter().find(|t| t["status"] == "error").unwrap();
+        assert!(
+            agent_lines(error).contains(
+                "reset failed: reset is not configured: set LABLINK_CRD_USER or LABLINK_RESET_HOME"
+            ),
+            "{error}"
         );
     }
 }

@@ -105,10 +105,7 @@ pub async fn run(
         note("bootstrap already done on this machine; skipped".into());
         return Ok(());
     }
-    let home = config
-        .desktop_home
-        .clone()
-        .or_else(|| user.map(|u| Path::new("/home").join(u)));
+    let home = home_of(config, user);
     let all_steps = async {
         let mut steps: Vec<Result<(), StepFailed>> = Vec::new();
         if let Some(repo) = &config.tutorial_repo {
@@ -212,6 +209,28 @@ async fn with_retries(
         }
     }
     false
+}
+
+/// Puts back what the set-up put into the desktop user's home (the tutorial), after a reset
+/// restored the home from its skeleton: the next participant starts from the same home as
+/// the first one did.
+pub async fn refill_home(
+    config: &BootstrapConfig,
+    user: Option<&str>,
+    note: impl Fn(String),
+) -> Result<(), StepFailed> {
+    let Some(repo) = &config.tutorial_repo else {
+        return Ok(());
+    };
+    clone(config, repo, home_of(config, user).as_deref(), user, &note).await
+}
+
+/// The desktop user's home: `LABLINK_DESKTOP_HOME`, else `/home/<user>`.
+fn home_of(config: &BootstrapConfig, user: Option<&str>) -> Option<PathBuf> {
+    config
+        .desktop_home
+        .clone()
+        .or_else(|| user.map(|u| Path::new("/home").join(u)))
 }
 
 async fn clone(

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use lablink_protocol::{AssignmentBody, LogBody, TelemetryBody, TimingsBody};
+pub use lablink_protocol::{
+    AssignmentBody, DesktopReportBody, LogBody, TelemetryBody, TimingsBody, TunnelBody,
+};
 use lablink_protocol::{
     CollectionStatus, CollectionTask, ErrorBody, ReadyBody, TasksBody, WaitQuery,
 };
@@ -59,7 +61,9 @@ impl Coalesce for TelemetryBody {
             boot_id,
             timings,
             logs,
+            desktop,
         } = newer;
+        self.desktop = desktop.or(self.desktop.take());
         self.gpu_health = gpu_health.or(self.gpu_health.take());
         self.in_use = in_use.or(self.in_use);
         self.status = status.or(self.status.take());
@@ -218,14 +222,21 @@ impl AllocatorClient {
     }
 
     /// `GET assignment?timeout=`: the assignment, or `None` when `hold` passed first.
+    ///
+    /// With `seen` (the [`version`](AssignmentBody::version) of the assignment the agent
+    /// has), `&seen=` too: the allocator holds the request while the assignment is still
+    /// that version, then answers it (changed, or the same once the hold ended), or `None`
+    /// when there is no assignment (released).
     pub async fn wait_assignment(
         &self,
         hold: Duration,
+        seen: Option<&str>,
     ) -> Result<Option<AssignmentBody>, ClientError> {
         let request = self
             .request(Method::GET, "assignment", hold + Duration::from_secs(15))
             .query(&WaitQuery {
                 timeout: Some(hold.as_secs_f64()),
+                seen: seen.map(str::to_owned),
             });
         let response = self.send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
@@ -257,6 +268,7 @@ impl AllocatorClient {
             .request(Method::GET, "tasks", hold + Duration::from_secs(15))
             .query(&WaitQuery {
                 timeout: Some(hold.as_secs_f64()),
+                seen: None,
             });
         let response = self.send(request).await?;
         if response.status() == StatusCode::NO_CONTENT {
@@ -383,6 +395,28 @@ mod tests {
         assert_eq!(r.logs[0].lines, ["a", "b"]);
     }
 
+    #[test]
+    fn merging_keeps_the_newest_desktop_report() {
+        let report = |attempt, stage: &str| TelemetryBody {
+            desktop: Some(lablink_protocol::DesktopReportBody {
+                attempt,
+                stage: stage.into(),
+                failure: None,
+                exit_status: None,
+            }),
+            ..Default::default()
+        };
+        let mut r = report(1, "received");
+        r.merge(TelemetryBody {
+            in_use: Some(false),
+            ..Default::default()
+        });
+        assert_eq!(r.desktop.as_ref().unwrap().stage, "received", "kept");
+        r.merge(report(2, "ready"));
+        let desktop = r.desktop.unwrap();
+        assert_eq!((desktop.attempt, desktop.stage.as_str()), (2, "ready"));
+    }
+
     fn client() -> AllocatorClient {
         AllocatorClient::new(&AgentConfig::new(
             "http://127.0.0.1:9".parse().unwrap(),
@@ -444,6 +478,10 @@ mod tests {
             code: "4/secret".into(),
             pin: "123456".into(),
             assigned_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            mode: "crd".into(),
+            attempt: 1,
+            version: "1767225600000000.1-assigned".into(),
+            tunnel: None,
         };
         let shown = format!("{a:?}");
         assert!(

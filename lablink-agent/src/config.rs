@@ -142,6 +142,16 @@ pub struct AgentConfig {
     /// What the agent runs when the allocator asks for a reboot (`LABLINK_REBOOT_COMMAND`,
     /// split on whitespace and run without a shell; default `systemctl reboot`).
     pub reboot_command: Vec<String>,
+    /// The desktop this VM serves (`LABLINK_DESKTOP`: `crd`, the default, or `browser`).
+    pub desktop: lablink_core::DesktopMode,
+    /// The VNC server of the browser desktop (`VNC_PORT`, `VNC_COMMAND`,
+    /// `LABLINK_VNC_PASSWORD_FILE`); its user is [`crd_user`](Self::crd_user).
+    pub vnc: crate::vnc::VncConfig,
+    /// How the machine is reset for the next participant when the allocator asks
+    /// (`LABLINK_RESET_HOME`, `LABLINK_RESET_SKELETON`, `LABLINK_RESET_END_SESSION`); its
+    /// desktop user is [`crd_user`](Self::crd_user), whose home is the bootstrap's
+    /// `desktop_home` when set. See [`crate::reset`].
+    pub reset: crate::reset::ResetConfig,
 }
 
 impl AgentConfig {
@@ -178,6 +188,9 @@ impl AgentConfig {
                 .split_whitespace()
                 .map(str::to_owned)
                 .collect(),
+            desktop: lablink_core::DesktopMode::default(),
+            vnc: crate::vnc::VncConfig::default(),
+            reset: crate::reset::ResetConfig::default(),
         }
     }
 
@@ -355,6 +368,8 @@ impl Settings {
             c.reboot_command = command.split_whitespace().map(str::to_owned).collect();
         }
         self.bootstrap(&mut c.bootstrap)?;
+        self.desktop(&mut c)?;
+        self.reset(&mut c.reset);
         self.seconds(
             "LABLINK_START_HOST_TIMEOUT_SECS",
             1.0,
@@ -379,6 +394,51 @@ impl Settings {
 }
 
 impl Settings {
+    /// The browser desktop's settings: `LABLINK_DESKTOP`, `VNC_PORT`, `VNC_COMMAND`,
+    /// `LABLINK_VNC_PASSWORD_FILE`.
+    fn desktop(&self, c: &mut AgentConfig) -> Result<(), ConfigError> {
+        if let Some(mode) = self.get("LABLINK_DESKTOP") {
+            c.desktop = mode.trim().parse().map_err(|_| {
+                ConfigError::new(format!(
+                    "LABLINK_DESKTOP must be crd or browser, not {mode:?}"
+                ))
+            })?;
+        }
+        if let Some(port) = self.get("VNC_PORT") {
+            c.vnc.port = port
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| (5900..=65535).contains(p))
+                .ok_or_else(|| {
+                    ConfigError::new(format!(
+                        "VNC_PORT must be a port from 5900 (display :0) to 65535, not {port:?}"
+                    ))
+                })?;
+        }
+        c.vnc.command = self
+            .get("VNC_COMMAND")
+            .map(|command| command.split_whitespace().map(str::to_owned).collect());
+        c.vnc.password_file = self
+            .get("LABLINK_VNC_PASSWORD_FILE")
+            .map(|p| p.trim().into());
+        Ok(())
+    }
+
+    /// The settings of [`crate::reset`]: `LABLINK_RESET_HOME`, `LABLINK_RESET_SKELETON`,
+    /// `LABLINK_RESET_END_SESSION` (split on whitespace, no shell).
+    fn reset(&self, r: &mut crate::reset::ResetConfig) {
+        if let Some(home) = self.get("LABLINK_RESET_HOME") {
+            r.home = Some(home.trim().into());
+        }
+        if let Some(skeleton) = self.get("LABLINK_RESET_SKELETON") {
+            r.skeleton = skeleton.trim().into();
+        }
+        if let Some(command) = self.get("LABLINK_RESET_END_SESSION") {
+            r.end_session = Some(command.split_whitespace().map(str::to_owned).collect());
+        }
+    }
+
     /// The settings of [`crate::bootstrap`].
     fn bootstrap(&self, b: &mut BootstrapConfig) -> Result<(), ConfigError> {
         let text = |key| self.get(key).map(|v| v.trim().to_owned());
@@ -582,6 +642,57 @@ mod tests {
             let e = config(&pairs).unwrap_err().to_string();
             assert!(e.contains(expected), "{e:?} lacks {expected:?}");
         }
+    }
+
+    #[test]
+    fn the_browser_desktop_settings() {
+        let c = config(&BASE).unwrap();
+        assert_eq!(c.desktop, lablink_core::DesktopMode::Crd);
+        assert_eq!((c.vnc.port, c.vnc.display()), (5901, Some(1)));
+        let c = config(&[
+            BASE[0],
+            BASE[1],
+            ("LABLINK_DESKTOP", "browser"),
+            ("VNC_PORT", "5902"),
+            ("VNC_COMMAND", "/usr/bin/x0vncserver -rfbport 5902"),
+        ])
+        .unwrap();
+        assert_eq!(c.desktop, lablink_core::DesktopMode::Browser);
+        assert_eq!(c.vnc.port, 5902);
+        assert_eq!(
+            c.vnc.command.unwrap(),
+            ["/usr/bin/x0vncserver", "-rfbport", "5902"]
+        );
+        for (key, value) in [("LABLINK_DESKTOP", "vnc"), ("VNC_PORT", "80")] {
+            let e = config(&[BASE[0], BASE[1], (key, value)]).unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_reset_settings() {
+        let c = config(&BASE).unwrap();
+        assert_eq!(c.reset, crate::reset::ResetConfig::default());
+        let c = config(&[
+            BASE[0],
+            BASE[1],
+            ("LABLINK_RESET_HOME", "/srv/participant"),
+            ("LABLINK_RESET_SKELETON", "/etc/lablink/skel"),
+            (
+                "LABLINK_RESET_END_SESSION",
+                " loginctl terminate-user  participant ",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.reset.home.as_deref(),
+            Some(std::path::Path::new("/srv/participant"))
+        );
+        assert_eq!(c.reset.skeleton, std::path::Path::new("/etc/lablink/skel"));
+        assert_eq!(
+            c.reset.end_session.unwrap(),
+            ["loginctl", "terminate-user", "participant"]
+        );
     }
 
     #[test]

@@ -9,22 +9,72 @@
 use std::ffi::OsString;
 use std::process::Stdio;
 
-use lablink_core::CrdCommand;
+use lablink_core::{CrdCommand, DesktopFailure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::client::AssignmentBody;
 use crate::config::{AgentConfig, StartHost};
 
-/// Why an assignment was not started.
+/// Why an assignment was not started. Never holds the code or the PIN.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The command or PIN is not acceptable; nothing was run.
     #[error("{0}")]
     Invalid(String),
     /// `start-host` could not be started, failed, or timed out.
-    #[error("{0}")]
-    Failed(String),
+    #[error("{message}")]
+    Failed {
+        /// What happened, with the end of start-host's stderr (code and PIN blanked out).
+        message: String,
+        /// The class of failure, for the participant's page.
+        failure: DesktopFailure,
+        /// start-host's exit status, when it exited.
+        exit_status: Option<i32>,
+    },
+}
+
+impl StartError {
+    /// The class of failure the allocator is told: an invalid command or PIN is
+    /// `invalid_command`; a failure carries its own.
+    pub fn failure(&self) -> DesktopFailure {
+        match self {
+            Self::Invalid(_) => DesktopFailure::InvalidCommand,
+            Self::Failed { failure, .. } => *failure,
+        }
+    }
+
+    /// start-host's exit status, when it ran and exited.
+    pub fn exit_status(&self) -> Option<i32> {
+        match self {
+            Self::Invalid(_) => None,
+            Self::Failed { exit_status, .. } => *exit_status,
+        }
+    }
+}
+
+/// What start-host says when Google refused the one-time code (case-insensitive): the real
+/// one prints `Couldn't start host: OAuth error.` when exchanging the authorization code
+/// failed (an expired, used or mistyped code); the others are the OAuth error texts and
+/// wrappers' wordings of the same.
+const CODE_REJECTED: [&str; 5] = [
+    "oauth",
+    "authorization code",
+    "invalid_grant",
+    "code has expired",
+    "already been used",
+];
+
+/// The class of a start-host run that exited with a failure, from what it printed: the
+/// code was refused ([`DesktopFailure::CodeRejected`]) or something else failed
+/// ([`DesktopFailure::HostFailed`]).
+pub fn classify_exit(stderr: &str) -> DesktopFailure {
+    let said = stderr.to_lowercase();
+    if CODE_REJECTED.iter().any(|sign| said.contains(sign)) {
+        DesktopFailure::CodeRejected
+    } else {
+        DesktopFailure::HostFailed
+    }
 }
 
 /// The validated pieces of an assignment.
@@ -81,7 +131,11 @@ impl HostInvocation {
             StartHost::DryRun => return Ok(Started::DryRun),
             StartHost::Program(path) => path,
         };
-        let failed = |what: String| StartError::Failed(format!("{}: {what}", program.display()));
+        let failed = |what: String, failure, exit_status| StartError::Failed {
+            message: format!("{}: {what}", program.display()),
+            failure,
+            exit_status,
+        };
         let mut child = Command::new(program)
             .args(self.args(
                 &config.redirect_url,
@@ -94,7 +148,7 @@ impl HostInvocation {
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| failed(e.to_string()))?;
+            .map_err(|e| failed(e.to_string(), DesktopFailure::HostFailed, None))?;
         if let Some(mut stdin) = child.stdin.take() {
             let pin = format!("{0}\n{0}\n", self.pin);
             // start-host may exit without reading its PIN; its status says what happened.
@@ -108,12 +162,13 @@ impl HostInvocation {
         .await;
         let (status, stderr) = match waited {
             Ok(Ok(done)) => done,
-            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Ok(Err(e)) => return Err(failed(e.to_string(), DesktopFailure::HostFailed, None)),
             Err(_) => {
-                return Err(failed(format!(
-                    "no exit within {:?}",
-                    config.start_host_timeout
-                )))
+                return Err(failed(
+                    format!("no exit within {:?}", config.start_host_timeout),
+                    DesktopFailure::TimedOut,
+                    None,
+                ))
             }
         };
         if status.success() {
@@ -123,11 +178,13 @@ impl HostInvocation {
             .replace(&self.code, "***")
             .replace(&self.pin, "***");
         let said = said.split_whitespace().collect::<Vec<_>>().join(" ");
-        Err(failed(if said.is_empty() {
+        let failure = classify_exit(&said);
+        let what = if said.is_empty() {
             format!("exited with {status}")
         } else {
             format!("exited with {status}: {said}")
-        }))
+        };
+        Err(failed(what, failure, status.code()))
     }
 }
 
@@ -169,6 +226,10 @@ mod tests {
             code: code.into(),
             pin: "123456".into(),
             assigned_at: chrono::DateTime::UNIX_EPOCH,
+            mode: "crd".into(),
+            attempt: 1,
+            version: String::new(),
+            tunnel: None,
         }
     }
 
@@ -229,5 +290,118 @@ mod tests {
             HostInvocation::from_assignment(&a),
             Err(StartError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn what_start_host_prints_tells_a_refused_code_from_other_failures() {
+        for (said, expected) in [
+            // Chrome Remote Desktop's own start-host, for every code Google refuses.
+            (
+                "Couldn't start host: OAuth error.",
+                DesktopFailure::CodeRejected,
+            ),
+            (
+                "OAuth error: the authorization code has expired",
+                DesktopFailure::CodeRejected,
+            ),
+            (
+                "error: invalid_grant (Bad Request)",
+                DesktopFailure::CodeRejected,
+            ),
+            (
+                "The code has already been used",
+                DesktopFailure::CodeRejected,
+            ),
+            (
+                "Couldn't start host: network error.",
+                DesktopFailure::HostFailed,
+            ),
+            (
+                "Couldn't start host: Permission denied.",
+                DesktopFailure::HostFailed,
+            ),
+            ("Couldn't start host.", DesktopFailure::HostFailed),
+            ("", DesktopFailure::HostFailed),
+        ] {
+            assert_eq!(classify_exit(said), expected, "{said:?}");
+        }
+    }
+
+    /// A `start-host` running `body` (installed by a child process, so that no write
+    /// descriptor of it leaks into a process another test forks).
+    fn start_host(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+        let source = dir.join("start-host.source");
+        let script = dir.join("start-host");
+        std::fs::write(&source, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let installed = std::process::Command::new("install")
+            .args(["-m", "0755"])
+            .arg(&source)
+            .arg(&script)
+            .status()
+            .unwrap();
+        assert!(installed.success());
+        script
+    }
+
+    async fn run(body: &str, timeout: std::time::Duration) -> Result<Started, StartError> {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = AgentConfig::new(
+            "http://127.0.0.1:9".parse().unwrap(),
+            "vm-1".parse().unwrap(),
+            None,
+        );
+        config.start_host = StartHost::Program(start_host(dir.path(), body));
+        config.start_host_timeout = timeout;
+        let a = assignment("x --code=4/0Ab-secret", "4/0Ab-secret");
+        HostInvocation::from_assignment(&a)
+            .unwrap()
+            .run(&config)
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_is_classified_with_its_exit_status_and_never_quotes_the_code() {
+        let second = std::time::Duration::from_secs(20);
+        let e = run(
+            r#"echo "Couldn't start host: OAuth error. ($1)" >&2; exit 1"#,
+            second,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.failure(), DesktopFailure::CodeRejected, "{e}");
+        assert_eq!(e.exit_status(), Some(1));
+        let said = e.to_string();
+        assert!(
+            said.contains("OAuth error") && !said.contains("secret"),
+            "{said}"
+        );
+
+        let e = run("echo 'Couldn'\\''t start host.' >&2; exit 3", second)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.failure(), e.exit_status()),
+            (DesktopFailure::HostFailed, Some(3)),
+            "{e}"
+        );
+
+        let e = run("exec sleep 30", std::time::Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (e.failure(), e.exit_status()),
+            (DesktopFailure::TimedOut, None),
+            "{e}"
+        );
+
+        assert_eq!(
+            run("cat > /dev/null", second).await.unwrap(),
+            Started::Program
+        );
+        let invalid = HostInvocation::from_assignment(&assignment("x --code=a;b", "a;b"));
+        assert_eq!(
+            invalid.unwrap_err().failure(),
+            DesktopFailure::InvalidCommand
+        );
     }
 }

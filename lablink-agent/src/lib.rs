@@ -17,6 +17,19 @@
 //! allocator is retried with
 //! jittered exponential backoff, for ever, and every report is safe to repeat.
 //!
+//! **The participant's desktop.** The agent tells the allocator how starting the desktop
+//! goes, per attempt: `received`, then `ready`, or `failed` with a class of failure
+//! (`code_rejected` when Chrome Remote Desktop refused the code, `invalid_command`,
+//! `host_failed`, `timed_out`, `desktop_unavailable`) and start-host's exit status, never the
+//! code or the PIN; the participant's page shows it. Once it handled an assignment it waits
+//! for the assignment's next change (`seen=<version>`): a fresh command after a failed start
+//! is a new attempt, and start-host runs again with its code. In browser mode
+//! (`LABLINK_DESKTOP=browser`) it prepares the VNC server ([`vnc`]) and opens the tunnels
+//! browsers ask for ([`tunnel`]) instead. When the allocator reuses VMs by resetting them,
+//! it asks for a **reset** in the task poll: the agent ends the desktop user's session,
+//! removes the remote-desktop registration and restores the home directory from a skeleton,
+//! then reports `running` (or `error`, which keeps the VM out of the pool) ([`reset`]).
+//!
 //! The `lablink-agent` binary reads its settings from the environment (see [`AgentConfig`]);
 //! [`main_from_env`] is that binary, for programs that embed it.
 //!
@@ -65,10 +78,13 @@ pub mod logship;
 pub mod notify;
 pub mod probes;
 pub mod register;
+pub mod reset;
 pub mod state;
 #[cfg(test)]
 #[path = "../tests/support/http.rs"]
 mod test_http;
+pub mod tunnel;
+pub mod vnc;
 
 use std::ffi::OsString;
 use std::process::ExitCode;

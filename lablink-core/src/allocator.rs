@@ -11,7 +11,7 @@ use crate::audit::{AuditEntry, AuditQuery};
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, RegistrationSecret};
 use crate::{
-    AgentToken, Assignment, CrdCommand, Email, Error, ErrorKind, Hostname, Operation, Result,
+    AgentToken, Assignment, CrdCommand, DesktopChange, Email, Error, ErrorKind, Hostname, Operation, Result,
     SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 
@@ -20,8 +20,8 @@ use crate::{
 pub struct VmRequest {
     /// Who asks.
     pub email: Email,
-    /// Their Chrome Remote Desktop command.
-    pub crd_command: CrdCommand,
+    /// Their Chrome Remote Desktop command (`None` for a browser desktop).
+    pub crd_command: Option<CrdCommand>,
 }
 
 /// The VM a participant got.
@@ -180,8 +180,27 @@ pub trait Allocator: Send + Sync + Debug {
     /// Starts rebooting a VM.
     async fn reboot(&self, hostname: &Hostname) -> Result<Operation>;
 
-    /// Ends the assignment of a VM; it becomes free again.
+    /// Ends the assignment of a VM, as `[allocator] reuse` says: free again as it is
+    /// (`keep`), reset by its agent first (`reset`: `Resetting`, after its work was
+    /// collected when collection before destroy is on), or destroyed (`replace`). A VM whose
+    /// collection failed stays assigned (a conflict error says why).
     async fn release(&self, hostname: &Hostname) -> Result<VmRecord>;
+
+    /// Applies `change` to the desktop of `hostname`'s current assignment (see
+    /// [`DesktopSession::apply`](crate::DesktopSession::apply)) and wakes its agent. Not
+    /// found when the VM has no assignment.
+    async fn change_desktop(&self, hostname: &Hostname, change: &DesktopChange)
+        -> Result<VmRecord>;
+
+    /// Agent side: waits until `hostname`'s assignment is no longer the one whose
+    /// [`Assignment::version`] is `seen` (a new attempt, a tunnel request, a release or
+    /// another assignment), at most `timeout`; the assignment then (`None`: none).
+    async fn watch_assignment(
+        &self,
+        hostname: &Hostname,
+        seen: &str,
+        timeout: Duration,
+    ) -> Result<Option<Assignment>>;
 
     /// One VM.
     async fn vm(&self, hostname: &Hostname) -> Result<VmRecord>;

@@ -11,6 +11,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::audit::{AuditEntry, AuditQuery};
+use crate::desktop::{DesktopChange, DesktopMode, Reuse};
 use crate::logs::clean_lines;
 use crate::record::DEFAULT_LOG_CAP_BYTES;
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
@@ -44,6 +45,10 @@ pub struct AllocatorConfig {
     pub orphan_policy: OrphanPolicy,
     /// The supervisor's loops ([`LabLink::start_supervisor`]).
     pub supervisor: SupervisorConfig,
+    /// How participants reach their desktop (the server's `[desktop] mode`).
+    pub desktop_mode: DesktopMode,
+    /// What happens to a VM whose participant's assignment ends.
+    pub reuse: Reuse,
 }
 
 impl Default for AllocatorConfig {
@@ -56,6 +61,8 @@ impl Default for AllocatorConfig {
             max_launch: 1000,
             orphan_policy: OrphanPolicy::default(),
             supervisor: SupervisorConfig::default(),
+            desktop_mode: DesktopMode::default(),
+            reuse: Reuse::default(),
         }
     }
 }
@@ -326,6 +333,74 @@ impl LabLink {
         }
     }
 
+    /// Waits until `done` holds for `hostname`'s assignment, at most `timeout` (capped by
+    /// `max_wait`); the assignment then. Subscribes before it reads, so a change in between
+    /// is not missed.
+    async fn wait_until(
+        &self,
+        hostname: &Hostname,
+        timeout: Duration,
+        done: impl Fn(Option<&Assignment>) -> bool + Send,
+    ) -> Result<Option<Assignment>> {
+        let deadline = tokio::time::Instant::now() + timeout.min(self.inner.config.max_wait);
+        let mut wakes = self.inner.notifier.subscribe(hostname).await?;
+        loop {
+            let assignment = self.live_vm(hostname).await?.assignment;
+            if done(assignment.as_ref()) {
+                return Ok(assignment);
+            }
+            match tokio::time::timeout_at(deadline, wakes.next()).await {
+                Ok(Some(_)) => continue,
+                Ok(None) => {
+                    return Err(Error::new(ErrorKind::Unavailable, "the notifier stopped")
+                        .with_context("hostname", hostname))
+                }
+                Err(_elapsed) => return Ok(assignment),
+            }
+        }
+    }
+
+    /// Ends `hostname`'s assignment as `[allocator] reuse` says (see
+    /// [`Allocator::release`]).
+    async fn end_assignment(&self, hostname: &Hostname) -> Result<VmRecord> {
+        let record = self.inner.store.get(hostname).await?;
+        let reuse = self.inner.config.reuse;
+        let Some(owner) = record.owner().cloned() else {
+            // Nothing to end: the usual transition error says so.
+            return self.apply_if(hostname, |_| Some(VmEvent::Release)).await;
+        };
+        if reuse != Reuse::Keep {
+            if let Some(hook) = self.before_destroy() {
+                let kept = hook.before_destroy(std::slice::from_ref(&record)).await?;
+                if let Some(why) = kept.get(hostname) {
+                    return Err(Error::conflict(format!(
+                        "the participant's work could not be collected ({why}), so the VM stays assigned; collect again, or destroy it"
+                    ))
+                    .with_context("hostname", hostname));
+                }
+            }
+        }
+        let same_owner = |r: &VmRecord| r.owner() == Some(&owner);
+        let record = match reuse {
+            // A registered machine is not destroyed: it is reset instead.
+            Reuse::Replace if !record.is_registered() => {
+                self.destroy_where(std::slice::from_ref(hostname), same_owner)
+                    .await?;
+                self.inner.store.get(hostname).await?
+            }
+            Reuse::Keep => {
+                self.apply_if(hostname, |r| same_owner(r).then_some(VmEvent::Release))
+                    .await?
+            }
+            Reuse::Reset | Reuse::Replace => {
+                self.apply_if(hostname, |r| same_owner(r).then_some(VmEvent::Reset))
+                    .await?
+            }
+        };
+        self.publish(hostname).await;
+        Ok(record)
+    }
+
     /// Looks up a VM for an agent operation, checking it is not being torn down.
     async fn live_vm(&self, hostname: &Hostname) -> Result<VmRecord> {
         let record = self.inner.store.get(hostname).await?;
@@ -348,6 +423,9 @@ fn reaction(record: &VmRecord) -> Option<VmEvent> {
     let sick = record.gpu_health == GpuHealth::Unhealthy || error;
     match record.state {
         // An error before the VM was ever ready is its set-up failing (STARTUP_ON_ERROR=fail).
+        VmState::Resetting if error => Some(VmEvent::SetupFailed {
+            reason: "its reset failed (the agent reported an error while resetting it for the next participant; see the VM's log)".into(),
+        }),
         _ if error && record.state.phase() == Some(Phase::Booting) => Some(VmEvent::SetupFailed {
             reason: "its set-up failed (the agent reported an error before the VM was ready; see the VM's log)".into(),
         }),
@@ -359,7 +437,7 @@ fn reaction(record: &VmRecord) -> Option<VmEvent> {
             },
         }),
         VmState::Unhealthy { .. } if !sick => Some(VmEvent::Recovered),
-        VmState::Booting | VmState::Rebooting { .. }
+        VmState::Booting | VmState::Resetting | VmState::Rebooting { .. }
             if record.agent_status == Some(AgentStatus::Running) =>
         {
             Some(VmEvent::AgentReady)
@@ -384,9 +462,15 @@ impl Allocator for LabLink {
                     "this email is not on the list of registered participants; use the email you registered with, or ask the organisers",
                 ));
             }
+            let crd_command = match self.inner.config.desktop_mode {
+                DesktopMode::Browser => None,
+                DesktopMode::Crd => Some(request.crd_command.clone().ok_or_else(|| {
+                    Error::invalid_input("give the Chrome Remote Desktop command")
+                })?),
+            };
             let claim = ClaimRequest {
                 email: request.email.clone(),
-                crd_command: request.crd_command.clone(),
+                crd_command: crd_command.clone(),
                 pin: Pin::generate(self.inner.config.pin_length, &mut rand::thread_rng()),
             };
             let now = self.inner.clock.now();
@@ -412,7 +496,8 @@ impl Allocator for LabLink {
                 .ok_or_else(|| Error::internal("a claimed VM has no assignment"))?;
             Ok(Granted {
                 hostname,
-                same_code: assignment.crd_command == request.crd_command,
+                // A browser desktop has no one-time code to prove anything with.
+                same_code: crd_command.is_some() && assignment.crd_command == crd_command,
                 pin: assignment.pin,
                 newly_assigned: claimed.newly_assigned,
             })
@@ -426,22 +511,17 @@ impl Allocator for LabLink {
         hostname: &Hostname,
         timeout: Duration,
     ) -> Result<Option<Assignment>> {
-        let deadline = tokio::time::Instant::now() + timeout.min(self.inner.config.max_wait);
-        // Subscribe before reading, so an assignment in between is not missed.
-        let mut wakes = self.inner.notifier.subscribe(hostname).await?;
-        loop {
-            if let Some(assignment) = self.live_vm(hostname).await?.assignment {
-                return Ok(Some(assignment));
-            }
-            match tokio::time::timeout_at(deadline, wakes.next()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => {
-                    return Err(Error::new(ErrorKind::Unavailable, "the notifier stopped")
-                        .with_context("hostname", hostname))
-                }
-                Err(_elapsed) => return Ok(None),
-            }
-        }
+        self.wait_until(hostname, timeout, |a| a.is_some()).await
+    }
+
+    async fn watch_assignment(
+        &self,
+        hostname: &Hostname,
+        seen: &str,
+        timeout: Duration,
+    ) -> Result<Option<Assignment>> {
+        self.wait_until(hostname, timeout, |a| a.is_none_or(|a| a.version() != seen))
+            .await
     }
 
     async fn authenticate_agent(&self, token: &AgentToken) -> Result<Hostname> {
@@ -505,10 +585,43 @@ impl Allocator for LabLink {
     }
 
     async fn release(&self, hostname: &Hostname) -> Result<VmRecord> {
-        let record = self
-            .apply_if(hostname, |_| Some(VmEvent::Release))
+        self.end_assignment(hostname)
             .instrument(tracing::info_span!("release", hostname = %hostname))
+            .await
+    }
+
+    async fn change_desktop(
+        &self,
+        hostname: &Hostname,
+        change: &DesktopChange,
+    ) -> Result<VmRecord> {
+        let event = VmEvent::Desktop(change.clone());
+        // A change the session refuses (a command while an attempt runs) is the caller's
+        // answer, not a race to retry: decided on the record read, and not applied.
+        let refused = std::sync::Mutex::new(None);
+        let record = self
+            .apply_if(hostname, |r| {
+                let mut a = r.assignment.clone()?;
+                match a
+                    .desktop
+                    .apply(change, &mut a.crd_command, self.inner.clock.now())
+                {
+                    Ok(_) => Some(event.clone()),
+                    Err(e) => {
+                        *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        None
+                    }
+                }
+            })
             .await?;
+        if let Some(e) = refused.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e.with_context("hostname", hostname));
+        }
+        if record.assignment.is_none() {
+            return Err(
+                Error::not_found("this VM has no participant").with_context("hostname", hostname)
+            );
+        }
         self.publish(hostname).await;
         Ok(record)
     }

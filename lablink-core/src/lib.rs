@@ -10,6 +10,7 @@ pub mod audit;
 mod before_destroy;
 pub mod clock;
 mod demand;
+pub mod desktop;
 pub mod error;
 pub mod fake;
 pub mod ids;
@@ -45,6 +46,10 @@ pub use artifact::{ArtifactStore, LocalDirArtifactStore, MemoryArtifactStore};
 pub use audit::{AuditAction, AuditEntry, AuditQuery};
 pub use before_destroy::BeforeDestroy;
 pub use clock::{Clock, SystemClock, TokioClock};
+pub use desktop::{
+    DesktopChange, DesktopFailure, DesktopMode, DesktopReport, DesktopSession, DesktopStage, Reuse,
+    TunnelRequest,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use fake::{FakeConfig, FakeProvisioner};
 pub use ids::{Email, Hostname, InstanceId};

@@ -47,6 +47,7 @@ macro_rules! wire_enum {
         }
     };
 }
+pub(crate) use wire_enum;
 
 wire_enum!(
     /// GPU health as the agent reports it (`Default`: `Unknown`).
@@ -373,6 +374,12 @@ impl VmRecord {
             && self.registration.as_ref().is_some_and(|r| r.allow_reboot)
     }
 
+    /// Whether the VM waits for its agent to reset it (`Resetting`, and the agent has not
+    /// reported since the reset began).
+    pub fn reset_requested(&self) -> bool {
+        self.state == VmState::Resetting && self.agent_status.is_none()
+    }
+
     /// Whether a claim may take this VM: `Available` and its GPU not reported unhealthy.
     pub fn is_assignable(&self) -> bool {
         self.state.is_assignable() && self.gpu_health != GpuHealth::Unhealthy
@@ -392,6 +399,13 @@ impl VmRecord {
                 .with_operation("apply")
                 .with_context("hostname", &self.hostname)
         })?;
+        if let (VmEvent::Desktop(change), Some(a)) = (event, self.assignment.as_mut()) {
+            let changed = a.desktop.apply(change, &mut a.crd_command, now)?;
+            if changed {
+                self.touch(now);
+            }
+            return Ok(changed);
+        }
         if to == self.state {
             return Ok(false);
         }
@@ -417,9 +431,9 @@ impl VmRecord {
                 self.in_use = false;
             }
             VmEvent::Recovered => self.last_error = None,
-            // What the agent said before the reboot no longer describes the VM: only a
-            // report from the rebooted agent makes it ready (or failed) again.
-            VmEvent::Reboot => self.agent_status = None,
+            // What the agent said before the reboot (or reset) no longer describes the VM:
+            // only a report from the rebooted (reset) agent makes it ready (or failed) again.
+            VmEvent::Reboot | VmEvent::Reset => self.agent_status = None,
             _ => {}
         }
         if !to.is_owned() {

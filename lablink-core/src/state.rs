@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use chrono::{DateTime, Utc};
 
+use crate::desktop::{DesktopChange, DesktopSession};
 use crate::secret::Pin;
 use crate::{CrdCommand, Email, Error, ErrorKind, InstanceId};
 
@@ -69,6 +70,9 @@ pub enum VmState {
         /// The phase to return to.
         resume: Phase,
     },
+    /// Its participant's assignment ended; its agent is resetting it (`[allocator] reuse =
+    /// "reset"`). Free again once the agent reports running; failed if the reset fails.
+    Resetting,
     /// Being rebooted; returns to `resume` when the agent is back.
     Rebooting {
         /// The phase to return to.
@@ -84,11 +88,12 @@ pub enum VmState {
 
 impl VmState {
     /// Every state kind, each live one with the `resume` phase `Available` (for tables/tests).
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 10] = [
         "requested",
         "booting",
         "available",
         "assigned",
+        "resetting",
         "unhealthy",
         "rebooting",
         "failed",
@@ -103,6 +108,7 @@ impl VmState {
             Self::Booting => "booting",
             Self::Available => "available",
             Self::Assigned => "assigned",
+            Self::Resetting => "resetting",
             Self::Unhealthy { .. } => "unhealthy",
             Self::Rebooting { .. } => "rebooting",
             Self::Failed => "failed",
@@ -130,6 +136,7 @@ impl VmState {
             "booting" => Self::Booting,
             "available" => Self::Available,
             "assigned" => Self::Assigned,
+            "resetting" => Self::Resetting,
             "unhealthy" => Self::Unhealthy {
                 resume: need_resume()?,
             },
@@ -146,7 +153,8 @@ impl VmState {
     /// The live phase this state is in or will return to.
     pub fn phase(self) -> Option<Phase> {
         match self {
-            Self::Booting => Some(Phase::Booting),
+            // Like a booting VM, a resetting one becomes free once its agent says it runs.
+            Self::Booting | Self::Resetting => Some(Phase::Booting),
             Self::Available => Some(Phase::Available),
             Self::Assigned => Some(Phase::Assigned),
             Self::Unhealthy { resume } | Self::Rebooting { resume } => Some(resume),
@@ -184,12 +192,27 @@ impl fmt::Display for VmState {
 pub struct Assignment {
     /// Who holds the VM.
     pub email: Email,
-    /// The participant's Chrome Remote Desktop command (a credential).
-    pub crd_command: CrdCommand,
+    /// The participant's Chrome Remote Desktop command (a credential); `None` for a
+    /// browser desktop.
+    pub crd_command: Option<CrdCommand>,
     /// The PIN generated for this assignment.
     pub pin: Pin,
     /// When the VM was assigned.
     pub assigned_at: DateTime<Utc>,
+    /// How far starting the participant's desktop got.
+    pub desktop: DesktopSession,
+}
+
+impl Assignment {
+    /// A text that changes whenever the assignment does: another assignment, a new
+    /// attempt, stage or tunnel.
+    pub fn version(&self) -> String {
+        format!(
+            "{}.{}",
+            self.assigned_at.timestamp_micros(),
+            self.desktop.version()
+        )
+    }
 }
 
 impl fmt::Debug for Assignment {
@@ -199,6 +222,7 @@ impl fmt::Debug for Assignment {
             .field("crd_command", &self.crd_command)
             .field("pin", &self.pin)
             .field("assigned_at", &self.assigned_at)
+            .field("desktop", &self.desktop)
             .finish()
     }
 }
@@ -241,6 +265,10 @@ pub enum VmEvent {
     Claim(Assignment),
     /// The participant's assignment ends; the VM is free again.
     Release,
+    /// The participant's assignment ends; the VM's agent resets it before it is free again.
+    Reset,
+    /// A change to the current assignment's desktop; the state stays.
+    Desktop(DesktopChange),
     /// Heartbeat lease expired, GPU unhealthy or agent error.
     MarkUnhealthy {
         /// Why (never a secret).
@@ -268,6 +296,8 @@ impl VmEvent {
             Self::InstanceLost { .. } => "instance lost",
             Self::Claim(_) => "claim",
             Self::Release => "release",
+            Self::Reset => "reset",
+            Self::Desktop(_) => "desktop",
             Self::MarkUnhealthy { .. } => "mark unhealthy",
             Self::Recovered => "recovered",
             Self::Reboot => "reboot",
@@ -318,15 +348,16 @@ pub fn transition(from: &VmState, event: &VmEvent) -> Result<VmState, InvalidTra
         (S::Terminated, _) => None,
         (S::Requested, E::Provisioned { .. }) => Some(S::Booting),
         (S::Requested, E::ProvisionFailed { .. }) => Some(S::Failed),
-        (S::Booting, E::AgentReady) => Some(S::Available),
+        (S::Booting | S::Resetting, E::AgentReady) => Some(S::Available),
         (S::Available | S::Assigned, E::AgentReady) => Some(from),
         (S::Rebooting { resume }, E::AgentReady) => Some(match resume {
             Phase::Booting => S::Available,
             other => other.state(),
         }),
-        (S::Booting, E::BootTimedOut) => Some(S::Failed),
+        (S::Booting | S::Resetting, E::BootTimedOut) => Some(S::Failed),
         (
             S::Booting
+            | S::Resetting
             | S::Unhealthy {
                 resume: Phase::Booting,
             }
@@ -336,11 +367,35 @@ pub fn transition(from: &VmState, event: &VmEvent) -> Result<VmState, InvalidTra
             E::SetupFailed { .. },
         ) => Some(S::Failed),
         (
-            S::Booting | S::Available | S::Assigned | S::Unhealthy { .. } | S::Rebooting { .. },
+            S::Booting
+            | S::Available
+            | S::Assigned
+            | S::Resetting
+            | S::Unhealthy { .. }
+            | S::Rebooting { .. },
             E::InstanceLost { .. },
         ) => Some(S::Failed),
         (S::Available, E::Claim(_)) => Some(S::Assigned),
         (S::Assigned, E::Release) => Some(S::Available),
+        (S::Assigned, E::Reset) => Some(S::Resetting),
+        // A paused VM is reset like a booting one: free only once its agent runs again.
+        (
+            S::Unhealthy {
+                resume: Phase::Assigned,
+            },
+            E::Reset,
+        ) => Some(S::Unhealthy {
+            resume: Phase::Booting,
+        }),
+        (
+            S::Rebooting {
+                resume: Phase::Assigned,
+            },
+            E::Reset,
+        ) => Some(S::Rebooting {
+            resume: Phase::Booting,
+        }),
+        (_, E::Desktop(_)) if from.is_owned() => Some(from),
         (
             S::Unhealthy {
                 resume: Phase::Assigned,
@@ -357,13 +412,15 @@ pub fn transition(from: &VmState, event: &VmEvent) -> Result<VmState, InvalidTra
         ) => Some(S::Rebooting {
             resume: Phase::Available,
         }),
-        (S::Booting | S::Available | S::Assigned, E::MarkUnhealthy { .. }) => Some(S::Unhealthy {
-            resume: from.phase().expect("live states have a phase"),
-        }),
+        (S::Booting | S::Available | S::Assigned | S::Resetting, E::MarkUnhealthy { .. }) => {
+            Some(S::Unhealthy {
+                resume: from.phase().expect("live states have a phase"),
+            })
+        }
         (S::Rebooting { resume }, E::MarkUnhealthy { .. }) => Some(S::Unhealthy { resume }),
         (S::Unhealthy { .. }, E::MarkUnhealthy { .. }) => Some(from),
         (S::Unhealthy { resume }, E::Recovered) => Some(resume.state()),
-        (S::Booting | S::Available | S::Assigned, E::Reboot) => Some(S::Rebooting {
+        (S::Booting | S::Available | S::Assigned | S::Resetting, E::Reboot) => Some(S::Rebooting {
             resume: from.phase().expect("live states have a phase"),
         }),
         (S::Unhealthy { resume }, E::Reboot) => Some(S::Rebooting { resume }),
@@ -390,6 +447,7 @@ mod tests {
             VmState::Booting,
             VmState::Available,
             VmState::Assigned,
+            VmState::Resetting,
             VmState::Failed,
             VmState::Terminating,
             VmState::Terminated,

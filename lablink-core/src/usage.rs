@@ -56,7 +56,7 @@ impl UsageKind {
     /// The kind of a VM in `state`, in use or not; `None` once it is gone.
     pub fn of(state: &VmState, in_use: bool) -> Option<UsageKind> {
         Some(match state {
-            VmState::Requested | VmState::Booting => UsageKind::Starting,
+            VmState::Requested | VmState::Booting | VmState::Resetting => UsageKind::Starting,
             VmState::Available => UsageKind::Free,
             VmState::Assigned if in_use => UsageKind::InUse,
             VmState::Assigned => UsageKind::Idle,
@@ -270,9 +270,10 @@ mod tests {
         vm.apply(&VmEvent::AgentReady, at(300)).unwrap();
         let assignment = Assignment {
             email: "ada@example.org".parse::<Email>().unwrap(),
-            crd_command: "/opt/google/chrome-remote-desktop/start-host --code=\"4/a1\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=$(hostname)".parse().unwrap(),
+            crd_command: Some("/opt/google/chrome-remote-desktop/start-host --code=\"4/a1\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=$(hostname)".parse().unwrap()),
             pin: "123456".parse().unwrap(),
             assigned_at: at(900),
+            desktop: crate::DesktopSession::new(at(900)),
         };
         vm.apply(&VmEvent::Claim(assignment), at(900)).unwrap();
         let in_use = crate::Telemetry {

@@ -62,7 +62,7 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Request(who) => {
                 let request = VmRequest {
                     email: email(&format!("p{who}")),
-                    crd_command: command(&format!("c{who}")),
+                    crd_command: Some(command(&format!("c{who}"))),
                 };
                 let result = lablink.request_vm(&request).await;
                 match (model.owned_by(who), result) {

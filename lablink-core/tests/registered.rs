@@ -92,7 +92,7 @@ async fn a_mixed_pool_uses_both_launches_cloud_vms_only_and_flags_a_silent_regis
         let granted = lablink
             .request_vm(&VmRequest {
                 email: email(who),
-                crd_command: command(who),
+                crd_command: Some(command(who)),
             })
             .await
             .unwrap();

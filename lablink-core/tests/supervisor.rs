@@ -12,8 +12,8 @@ use lablink_core::testing::fleet::{Fault, Fleet, Workshop};
 use lablink_core::testing::store::{command, email};
 use lablink_core::{
     Allocator, AllocatorConfig, AllocatorExt, BeforeDestroy, FakeProvisioner, Hostname, LabLink,
-    LabLinkBuilder, MemoryVmStore, SupervisorConfig, Telemetry, TokioClock, VmFilter, VmRecord,
-    VmRequest, VmState,
+    LabLinkBuilder, MemoryVmStore, Reuse, SupervisorConfig, Telemetry, TokioClock, VmFilter,
+    VmRecord, VmRequest, VmState,
 };
 
 const SEC: Duration = Duration::from_secs(1);
@@ -51,7 +51,7 @@ fn builder(supervisor: SupervisorConfig, fake: &FakeProvisioner) -> LabLinkBuild
 fn request(who: &str) -> VmRequest {
     VmRequest {
         email: email(who),
-        crd_command: command(who),
+        crd_command: Some(command(who)),
     }
 }
 
@@ -515,6 +515,38 @@ async fn idle_release_is_off_by_default_and_warns_before_releasing() {
         "not released"
     );
     assert_eq!(state(&lablink, &busy).await, VmState::Assigned);
+    assert_eq!(supervisor.status().counters.idle_released, 1);
+    supervisor.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_release_resets_in_place_when_vms_are_reused_by_resetting() {
+    let fake = FakeProvisioner::new();
+    let mut c = config();
+    c.idle_release.enabled = true;
+    c.idle_release.after = 1800 * SEC;
+    let hook = Arc::new(Hook::default());
+    let lablink = LabLink::builder()
+        .with_clock(Arc::new(TokioClock::new()))
+        .with_provisioner(Arc::new(fake.clone()))
+        .with_config(AllocatorConfig {
+            supervisor: c,
+            reuse: Reuse::Reset,
+            ..Default::default()
+        })
+        .with_before_destroy(hook.clone())
+        .build()
+        .unwrap();
+    let _fleet = Fleet::start(&lablink, BOOT, HEARTBEAT);
+    ready(&lablink, 1).await;
+    let supervisor = lablink.start_supervisor().unwrap();
+    let idle = lablink.request_vm(&request("ada")).await.unwrap().hostname;
+    wait(1900 * SEC).await;
+    let vm = lablink.vm(&idle).await.unwrap();
+    assert_eq!(vm.state, VmState::Resetting, "not reset in place");
+    assert!(vm.assignment.is_none());
+    let calls = hook.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1, "collected once before the reset: {calls:?}");
     assert_eq!(supervisor.status().counters.idle_released, 1);
     supervisor.stop().await;
 }

@@ -547,7 +547,7 @@ async fn a_record_whose_machine_vanished_becomes_failed_and_frees_its_owner() {
     }
     let request = lablink_core::VmRequest {
         email: lablink_core::testing::store::email("ada"),
-        crd_command: lablink_core::testing::store::command("ada"),
+        crd_command: Some(lablink_core::testing::store::command("ada")),
     };
     let granted = lablink.request_vm(&request).await.unwrap();
     // Someone deletes the participant's machine in the cloud console.

@@ -54,7 +54,7 @@ fn replicas(c: SupervisorConfig, clock: TokioClock) -> (LabLink, LabLink) {
 fn request(who: &str) -> VmRequest {
     VmRequest {
         email: email(who),
-        crd_command: command(who),
+        crd_command: Some(command(who)),
     }
 }
 

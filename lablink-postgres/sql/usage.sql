@@ -8,7 +8,7 @@ WITH live AS (
     FROM lablink_vms
 ), all_vms AS (
     SELECT instance_type,
-        usage_starting + CASE WHEN state IN ('requested', 'booting') THEN since ELSE 0 END AS starting,
+        usage_starting + CASE WHEN state IN ('requested', 'booting', 'resetting') THEN since ELSE 0 END AS starting,
         usage_free + CASE WHEN state = 'available' THEN since ELSE 0 END AS free,
         usage_in_use + CASE WHEN state = 'assigned' AND in_use THEN since ELSE 0 END AS in_use,
         usage_idle + CASE WHEN state = 'assigned' AND NOT in_use THEN since ELSE 0 END AS idle,

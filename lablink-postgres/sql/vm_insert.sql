@@ -8,7 +8,7 @@ INSERT INTO lablink_vms (
     last_error, token_digest, generation, created_at, updated_at, state_changed_at,
     machine_identity, allow_reboot,
     instance_type, usage_starting, usage_free, usage_in_use, usage_idle, usage_other,
-    usage_since, history
+    usage_since, history, desktop
 ) VALUES (
     $1, $2, $3, $4, $5,
     $6, $7, $8, $9,
@@ -19,7 +19,7 @@ INSERT INTO lablink_vms (
     $24, $25, $26, $27, $28, $29,
     $30, $31,
     $32, $33, $34, $35, $36, $37,
-    $38, $39
+    $38, $39, $40
 )
 ON CONFLICT (hostname) DO NOTHING
 RETURNING hostname

@@ -12,5 +12,5 @@ UPDATE lablink_vms SET
     updated_at = $28, state_changed_at = $29,
     machine_identity = $30, allow_reboot = $31,
     instance_type = $32, usage_starting = $33, usage_free = $34, usage_in_use = $35,
-    usage_idle = $36, usage_other = $37, usage_since = $38, history = $39
+    usage_idle = $36, usage_other = $37, usage_since = $38, history = $39, desktop = $41
 WHERE hostname = $1 AND generation = $40

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use lablink_core::{Email, Error, ErrorKind, Result, VmState};
+use lablink_core::{CrdCommand, Email, Error, ErrorKind, Result, VmState};
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::{oneshot, Notify};
@@ -275,16 +275,16 @@ impl Claims {
     ) -> Result<Vec<(Option<i64>, ClaimRow)>, PgError> {
         let first = groups.iter().map(|g| &g[0]);
         let emails: Vec<&str> = first.clone().map(|p| p.request.email.as_str()).collect();
-        let commands: Vec<&str> = first
+        let commands: Vec<Option<&str>> = first
             .clone()
-            .map(|p| p.request.crd_command.expose())
+            .map(|p| p.request.crd_command.as_ref().map(CrdCommand::expose))
             .collect();
         let pins: Vec<&str> = first.clone().map(|p| p.request.pin.expose()).collect();
         let times: Vec<DateTime<Utc>> = first.map(|p| micros(p.now)).collect();
         let rows = sqlx::query_file!(
             "sql/vm_claim_batch.sql",
             &emails[..] as &[&str],
-            &commands[..] as &[&str],
+            &commands[..] as &[Option<&str>],
             &pins[..] as &[&str],
             &times[..],
         )
@@ -412,7 +412,7 @@ impl Claims {
     ) -> Result<Option<ClaimRow>, PgError> {
         let conn = held.get(&self.pool).await?;
         let email = request.email.as_str();
-        let command = request.crd_command.expose();
+        let command = request.crd_command.as_ref().map(CrdCommand::expose);
         let pin = request.pin.expose();
         let now = micros(now);
         // Two statements, two row types (one per `query_file!`), the same conversion.

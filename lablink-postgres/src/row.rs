@@ -9,8 +9,8 @@
 
 use chrono::{DateTime, Utc};
 use lablink_core::{
-    AgentStatus, Assignment, CrdCommand, GpuHealth, Operation, OperationKind, OperationStatus,
-    Phase, StartupTimings, VmRecord, VmState,
+    AgentStatus, Assignment, CrdCommand, DesktopSession, GpuHealth, Operation, OperationKind,
+    OperationStatus, Phase, StartupTimings, VmRecord, VmState,
 };
 use uuid::Uuid;
 
@@ -94,6 +94,7 @@ macro_rules! vm_row {
             usage_other: $r.usage_other.into_opt(),
             usage_since: $r.usage_since.into_opt(),
             history: $r.history.into_opt(),
+            desktop: $r.desktop.into_opt(),
         }
     }};
 }
@@ -141,6 +142,7 @@ pub(crate) struct VmRow {
     pub usage_other: Option<f64>,
     pub usage_since: Option<DateTime<Utc>>,
     pub history: Option<serde_json::Value>,
+    pub desktop: Option<serde_json::Value>,
 }
 
 /// The values bound to `$1..$39` of `sql/vm_insert.sql` and `sql/vm_update.sql` (every
@@ -182,6 +184,7 @@ pub(crate) struct VmArgs<'a> {
     pub usage: Seconds,
     pub usage_since: DateTime<Utc>,
     pub history: serde_json::Value,
+    pub desktop: Option<serde_json::Value>,
 }
 
 impl<'a> VmArgs<'a> {
@@ -196,7 +199,9 @@ impl<'a> VmArgs<'a> {
             state: r.state.as_str(),
             resume: r.state.resume().map(Phase::as_str),
             email: a.map(|a| a.email.as_str()),
-            crd_command: a.map(|a| a.crd_command.expose()),
+            crd_command: a
+                .and_then(|a| a.crd_command.as_ref())
+                .map(CrdCommand::expose),
             pin: a.map(|a| a.pin.expose()),
             assigned_at: a.map(|a| a.assigned_at),
             gpu_health: r.gpu_health.as_str(),
@@ -225,6 +230,10 @@ impl<'a> VmArgs<'a> {
             usage: r.usage.seconds,
             usage_since: r.usage.since,
             history: serde_json::to_value(&r.history).map_err(|e| corrupt("history", e))?,
+            desktop: a
+                .map(|a| serde_json::to_value(&a.desktop))
+                .transpose()
+                .map_err(|e| corrupt("desktop", e))?,
         })
     }
 }
@@ -287,13 +296,22 @@ impl VmRow {
         let state = state(self.state, self.resume)?;
         let assignment = match parse("email", self.email)? {
             None => None,
-            Some(email) => Some(Assignment {
-                email,
-                crd_command: required("crd_command", self.crd_command).and_then(|c| {
-                    CrdCommand::from_stored(&c).map_err(|e| corrupt("crd_command", e))
-                })?,
-                pin: required("pin", parse("pin", self.pin)?)?,
-                assigned_at: required("assigned_at", self.assigned_at)?,
+            Some(email) => Some({
+                let assigned_at = required("assigned_at", self.assigned_at)?;
+                Assignment {
+                    email,
+                    crd_command: self
+                        .crd_command
+                        .map(|c| CrdCommand::from_stored(&c).map_err(|e| corrupt("crd_command", e)))
+                        .transpose()?,
+                    pin: required("pin", parse("pin", self.pin)?)?,
+                    assigned_at,
+                    desktop: match self.desktop {
+                        // Nothing happened to the assignment's desktop yet.
+                        None => DesktopSession::new(assigned_at),
+                        Some(v) => serde_json::from_value(v).map_err(|e| corrupt("desktop", e))?,
+                    },
+                }
             }),
         };
         let token_digest = self

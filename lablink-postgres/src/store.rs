@@ -188,6 +188,7 @@ async fn write_record(
         a.usage_since,
         a.history,
         from_generation,
+        a.desktop,
     )
     .execute(conn)
     .await?;
@@ -251,6 +252,7 @@ async fn insert_record(conn: &mut PgConnection, record: &VmRecord) -> Result<boo
         a.usage.other,
         a.usage_since,
         a.history,
+        a.desktop,
     )
     .fetch_optional(conn)
     .await?;
@@ -384,7 +386,7 @@ impl VmStore for PgVmStore {
             counts.total += n;
             match state {
                 VmState::Requested => counts.requested += n,
-                VmState::Booting => counts.booting += n,
+                VmState::Booting | VmState::Resetting => counts.booting += n,
                 VmState::Available => counts.available += n,
                 VmState::Assigned => {}
                 VmState::Unhealthy { .. } => counts.unhealthy += n,

@@ -284,9 +284,10 @@ async fn a_refused_row_keeps_its_command_and_pin_out_of_the_error(pool: PgPool) 
     // Available with an assignment: the assignment-only-when-owned CHECK refuses it.
     refused.assignment = Some(Assignment {
         email: "ada@example.org".parse().unwrap(),
-        crd_command: command.parse().unwrap(),
+        crd_command: Some(command.parse().unwrap()),
         pin: "987654".parse().unwrap(),
         assigned_at: Utc::now(),
+        desktop: lablink_core::DesktopSession::new(Utc::now()),
     });
     let err = store.insert(&[refused]).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");

@@ -11,6 +11,7 @@ use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use futures::stream::{self, StreamExt};
 use lablink_core::testing::store::{claim_request, host};
 use lablink_core::{
+    DesktopSession,
     AgentStatus, AgentToken, Assignment, ErrorKind, GpuHealth, MemoryVmStore, Phase,
     StartupTimings, VmEvent, VmFilter, VmRecord, VmState, VmStore,
 };
@@ -79,6 +80,7 @@ async fn claim_writes_what_the_state_machine_computes(pool: PgPool) {
                 crd_command: request.crd_command.clone(),
                 pin: request.pin.clone(),
                 assigned_at: cut,
+                desktop: DesktopSession::new(cut),
             }),
             cut,
         )
@@ -107,7 +109,7 @@ async fn claim_writes_what_the_state_machine_computes(pool: PgPool) {
     // Asking again: the same VM, unchanged, not newly assigned (another CRD command and PIN
     // do not replace the first).
     let mut again = claim_request("ada");
-    again.crd_command = lablink_core::testing::store::command("other");
+    again.crd_command = Some(lablink_core::testing::store::command("other"));
     again.pin = "999999".parse().unwrap();
     let second = store.claim(&again, t(120)).await.unwrap();
     assert!(!second.newly_assigned);
@@ -126,9 +128,10 @@ async fn claim_takes_only_assignable_vms(pool: PgPool) {
     let mut owned = in_state("vm-b", VmState::Assigned);
     owned.assignment = Some(Assignment {
         email: "owner@example.org".parse().unwrap(),
-        crd_command: lablink_core::testing::store::command("owner"),
+        crd_command: Some(lablink_core::testing::store::command("owner")),
         pin: "111111".parse().unwrap(),
         assigned_at: t(1),
+        desktop: DesktopSession::new(t(1)),
     });
     let others = vec![
         sick_gpu,
@@ -393,6 +396,7 @@ async fn a_rush_of_claims_matches_the_state_machine(pool: PgPool) {
                             crd_command: request.crd_command.clone(),
                             pin: request.pin.clone(),
                             assigned_at: cut,
+                            desktop: DesktopSession::new(cut),
                         }),
                         cut,
                     )
@@ -417,7 +421,7 @@ async fn claim_plan(pool: &PgPool, email: &str) -> String {
     let lines: Vec<String> =
         sqlx::query_scalar(&format!("EXPLAIN {}", include_str!("../sql/vm_claim.sql")))
             .bind(request.email.as_str())
-            .bind(request.crd_command.expose())
+            .bind(request.crd_command.as_ref().map(|c| c.expose()))
             .bind(request.pin.expose())
             .bind(Utc::now())
             .fetch_all(pool)

@@ -57,12 +57,17 @@ pub struct ReadyBody {
 }
 
 /// Query of the long-polls (the assignment and the tasks).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 pub struct WaitQuery {
     /// Longest to hold the request, in seconds (capped by the server's maximum; default 30).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<f64>,
+    /// Assignment wait only: the `version` of the assignment the agent has; the request is
+    /// held while the assignment is still that one (answering it, changed or not, when the
+    /// hold ends) and answered 204 once there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seen: Option<String>,
 }
 
 /// The VM's assignment, for the agent. `Debug` shows neither the command, the code nor the PIN.
@@ -80,6 +85,57 @@ pub struct AssignmentBody {
     pub pin: String,
     /// When it was assigned; identifies this assignment.
     pub assigned_at: DateTime<Utc>,
+    /// `crd` (start Chrome Remote Desktop with `code`) or `browser` (serve the VNC desktop
+    /// through tunnels; `command` and `code` are empty).
+    #[serde(default = "crd")]
+    pub mode: String,
+    /// The attempt: 1, then one more for each fresh command the participant gave after a
+    /// failed start (report the outcome with it).
+    #[serde(default = "first")]
+    pub attempt: u32,
+    /// Changes whenever there is something new to act on (a new attempt or tunnel); give
+    /// it back as `seen` to wait for the next change.
+    #[serde(default)]
+    pub version: String,
+    /// The newest tunnel a browser asked for (browser mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<TunnelBody>,
+}
+
+fn crd() -> String {
+    "crd".into()
+}
+
+fn first() -> u32 {
+    1
+}
+
+/// A tunnel to open: dial `url` (a WebSocket URL, or a path on the allocator's URL) with
+/// the VM token, and relay it to the VNC server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TunnelBody {
+    /// The session's id.
+    pub id: String,
+    /// Where to dial.
+    pub url: String,
+}
+
+/// How starting the participant's desktop went, for one attempt. Never a code or a PIN.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DesktopReportBody {
+    /// The assignment's attempt this is about.
+    pub attempt: u32,
+    /// `received`, `ready` or `failed`.
+    pub stage: String,
+    /// When failed: `code_rejected`, `invalid_command`, `host_failed`, `timed_out` or
+    /// `desktop_unavailable`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    /// The desktop program's exit status, when it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
 }
 
 impl std::fmt::Debug for AssignmentBody {
@@ -209,6 +265,9 @@ pub struct TelemetryBody {
     /// Log lines.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub logs: Vec<LogBody>,
+    /// How starting the participant's desktop went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desktop: Option<DesktopReportBody>,
 }
 
 /// Work the allocator asks of an agent (the answer of `tasks`).
@@ -221,6 +280,12 @@ pub struct TasksBody {
     /// status `rebooting`, then reboot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reboot: bool,
+    /// Reset the machine for the next participant (its participant's assignment ended and
+    /// the allocator reuses VMs by resetting them): report the status `initializing`, end the
+    /// desktop user's session, remove the remote-desktop registration, restore the home
+    /// directory, then report `running` (or `error` when it failed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
     /// Warnings to show the participant on the desktop, each once: show it, then
     /// acknowledge it (`POST warnings/{id}/ack`) so it is not sent again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -57,7 +57,7 @@ async fn launch_grow_and_destroy_by_name_keep_state_outputs_and_store_in_agreeme
     let granted = lablink
         .request_vm(&VmRequest {
             email: "ada@lab.org".parse().unwrap(),
-            crd_command: "start-host --code=abc".parse().unwrap(),
+            crd_command: Some("start-host --code=abc".parse().unwrap()),
         })
         .await
         .unwrap();

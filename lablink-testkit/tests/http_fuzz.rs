@@ -87,6 +87,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/audit"),
     ("GET", "/healthz"),
     ("GET", "/metrics"),
+    ("GET", "/api/participant/status"),
+    ("POST", "/api/participant/command"),
+    ("POST", "/api/participant/release"),
 ];
 
 /// How long an event stream's first event is waited for.

@@ -163,7 +163,7 @@ async fn hostile_commands_are_refused_or_reach_the_vm_as_exactly_the_validated_c
                     )
                     .await;
                     assert_eq!(st, StatusCode::OK, "{startup}");
-                    let stored = s.record(&h).await.assignment.unwrap().crd_command;
+                    let stored = s.record(&h).await.assignment.unwrap().crd_command.unwrap();
                     delivered.push((
                         command.clone(),
                         stored.code().to_owned(),
@@ -413,7 +413,7 @@ async fn a_repeat_for_someone_elses_email_reveals_neither_vm_nor_pin() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(again, first);
     let record = s.record(hostname).await;
-    assert_eq!(record.assignment.unwrap().crd_command.code(), "4/ada");
+    assert_eq!(record.assignment.unwrap().crd_command.unwrap().code(), "4/ada");
 }
 
 /// A client whose requests come from `addr` (any 127.x.y.z reaches the server).

@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use lablink_core::registration::Registered;
 use lablink_core::secret::RegistrationSecret;
 use lablink_core::{
-    AgentToken, Allocator, Assignment, AuditEntry, AuditQuery, BeforeDestroy, DestroyTarget, Email,
+    AgentToken, Allocator, Assignment, AuditEntry, AuditQuery, BeforeDestroy, DesktopChange,
+    DestroyTarget, Email,
     Error, Granted, Hostname, LaunchOptions, MachineRegistration, Operation, RegistrationToken,
     RegistrationTokenOptions, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs,
     VmRecord, VmRequest, VmState,
@@ -178,6 +179,23 @@ impl<A: Allocator + ?Sized> Allocator for CollectingAllocator<A> {
         timeout: Duration,
     ) -> Result<Option<Assignment>> {
         self.inner.wait_for_assignment(hostname, timeout).await
+    }
+
+    async fn watch_assignment(
+        &self,
+        hostname: &Hostname,
+        seen: &str,
+        timeout: Duration,
+    ) -> Result<Option<Assignment>> {
+        self.inner.watch_assignment(hostname, seen, timeout).await
+    }
+
+    async fn change_desktop(
+        &self,
+        hostname: &Hostname,
+        change: &DesktopChange,
+    ) -> Result<VmRecord> {
+        self.inner.change_desktop(hostname, change).await
     }
 
     async fn authenticate_agent(&self, token: &AgentToken) -> Result<Hostname> {

@@ -27,7 +27,8 @@ mod server;
 pub use backends::{ArtifactStoreConfig, CollectConfig, ProvisionerConfig};
 use load::{overlay, read_file, section};
 pub use server::{
-    AdminConfig, AgentsConfig, DatabaseConfig, LogConfig, ParticipantsConfig, ServerConfig,
+    AdminConfig, AgentsConfig, DatabaseConfig, DesktopConfig, LogConfig, ParticipantsConfig,
+    ServerConfig,
 };
 
 /// Prefix of the environment variables read.
@@ -57,6 +58,8 @@ pub struct Config {
     pub participants: ParticipantsConfig,
     /// Hourly prices by instance type, for the estimated cost.
     pub cost: lablink_core::Prices,
+    /// The participant's desktop: Chrome Remote Desktop or the browser desktop.
+    pub desktop: DesktopConfig,
 }
 
 impl Config {
@@ -138,6 +141,7 @@ impl Config {
             "collect",
             "participants",
             "cost",
+            "desktop",
         ];
         if let Some(map) = tree.as_object() {
             for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
@@ -167,7 +171,11 @@ impl Config {
             },
             participants: section(&tree, "participants", &mut problems),
             cost: section(&tree, "cost", &mut problems),
+            desktop: section(&tree, "desktop", &mut problems),
         };
+        // `[desktop] mode` is the allocator's (it decides what a claim needs).
+        let mut config = config;
+        config.allocator.desktop_mode = config.desktop.mode;
         problems.extend(config.host_problems());
         if problems.is_empty() {
             Ok(config)
@@ -205,6 +213,7 @@ impl Config {
             problems.extend(tls.problems());
         }
         problems.extend(self.provisioner.host_problems());
+        problems.extend(self.desktop.problems());
         problems
     }
 
@@ -271,6 +280,9 @@ impl Config {
         }
         options.access_code = some(&self.participants.access_code);
         options.prices = self.cost.clone();
+        options.desktop.mode = self.desktop.mode;
+        options.desktop.novnc_dir = self.desktop.novnc_dir.clone();
+        options.desktop.relay_url = self.desktop.relay_url.clone();
         options.participant_limit = crate::http::RateLimit {
             burst: self.participants.requests_burst,
             per_minute: self.participants.requests_per_minute,

@@ -320,6 +320,46 @@ impl fmt::Debug for DatabaseConfig {
     }
 }
 
+/// The participant's desktop (`[desktop]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DesktopConfig {
+    /// `crd` (Chrome Remote Desktop, the default) or `browser` (noVNC served by the
+    /// allocator, bridged to the VM's VNC server through a tunnel its agent opens).
+    pub mode: lablink_core::DesktopMode,
+    /// Browser mode: the installed `@novnc/novnc` package (`npm ci --prefix desktop` puts it
+    /// in `desktop/node_modules/@novnc/novnc`; the release tarball carries it in `novnc/`).
+    pub novnc_dir: Option<std::path::PathBuf>,
+    /// Browser mode: the URL agents dial to reach this replica (`https://replica-1.example.org`),
+    /// when replicas sit behind one address. Unset: agents dial their allocator URL.
+    pub relay_url: Option<String>,
+}
+
+impl DesktopConfig {
+    pub(super) fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(url) = &self.relay_url {
+            let scheme_ok = ["http://", "https://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s) && url.len() > s.len());
+            if !scheme_ok {
+                problems.push(format!(
+                    "[desktop] relay_url {url:?} must be an http(s):// or ws(s):// URL"
+                ));
+            }
+        }
+        if let Some(dir) = &self.novnc_dir {
+            if !dir.join("core/rfb.js").is_file() {
+                problems.push(format!(
+                    "[desktop] novnc_dir {} holds no core/rfb.js (install noVNC: npm ci --prefix desktop)",
+                    dir.display()
+                ));
+            }
+        }
+        problems
+    }
+}
+
 /// Log output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

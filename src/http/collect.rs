@@ -50,9 +50,11 @@ pub async fn tasks(
             tracing::warn!(hostname = %hostname, error = e.message(), "warnings for the agent could not be read");
             Vec::new()
         });
-    if state.allocator().vm(&hostname).await?.reboot_requested() {
+    let vm = state.allocator().vm(&hostname).await?;
+    if vm.reboot_requested() || vm.reset_requested() {
         return Ok(Json(TasksBody {
-            reboot: true,
+            reboot: vm.reboot_requested(),
+            reset: vm.reset_requested(),
             warnings,
             ..TasksBody::default()
         })
@@ -73,10 +75,34 @@ pub async fn tasks(
     } else {
         Duration::ZERO
     };
-    let task = state
-        .collector()
-        .wait_task(hostname.as_str(), hold, state.shutting_down())
-        .await?;
+    // The end of the assignment ends the hold too: the agent asks again at once and finds
+    // the reset waiting.
+    let ended = async {
+        let Some(a) = &vm.assignment else {
+            return std::future::pending().await;
+        };
+        let mut seen = a.version();
+        loop {
+            match state
+                .allocator()
+                .watch_assignment(&hostname, &seen, hold)
+                .await
+            {
+                Ok(Some(now)) if now.assigned_at == a.assigned_at => {
+                    if now.version() == seen {
+                        // The hold ended; so does the task wait.
+                        return std::future::pending().await;
+                    }
+                    seen = now.version();
+                }
+                _ => return,
+            }
+        }
+    };
+    let task = tokio::select! {
+        task = state.collector().wait_task(hostname.as_str(), hold, state.shutting_down()) => task?,
+        () = ended => None,
+    };
     Ok(match (task, warnings.is_empty()) {
         (None, true) => StatusCode::NO_CONTENT.into_response(),
         (collection, _) => Json(TasksBody {

@@ -86,7 +86,10 @@ pub async fn vm_startup(
     match outcome {
         Some(assignment) => Ok(Json(json!({
             "status": "success",
-            "command": assignment.crd_command.start_host_command(&hostname),
+            // A browser desktop has no command (such a VM needs lablink-agent).
+            "command": assignment
+                .crd_command
+                .map_or_else(String::new, |c| c.start_host_command(&hostname)),
             "pin": assignment.pin.expose(),
         }))
         .into_response()),

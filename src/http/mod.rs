@@ -32,6 +32,7 @@ mod client;
 mod collect;
 mod compat;
 mod compat_admin;
+mod desktop;
 mod error;
 mod export;
 mod extract;
@@ -39,6 +40,7 @@ mod live;
 mod metrics;
 mod middleware;
 mod options;
+mod participant;
 mod public;
 mod registration;
 mod roster;
@@ -65,6 +67,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use admin_auth::hash_password;
+pub use desktop::{DesktopOptions, Relay};
 pub use client::RateLimit;
 pub use error::{status_for, ApiError, ApiResult};
 pub use live::MAX_LIVE_VIEWS;
@@ -100,6 +103,8 @@ struct Inner {
     participants: client::RateLimiter,
     /// Failed machine registrations per client address.
     registrations: client::RateLimiter,
+    /// The browser desktop's relay: browsers waiting for their VM's tunnel, live sessions.
+    desktop: desktop::Relay,
 }
 
 impl HttpState {
@@ -153,6 +158,7 @@ impl HttpState {
                 templates: templates::Templates::new(),
                 shutdown: watch::channel(false).0,
                 live: Arc::default(),
+                desktop: desktop::Relay::new(&options.desktop),
                 options,
             }),
         }
@@ -176,6 +182,11 @@ impl HttpState {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The browser desktop's relay (what it moved, its live sessions).
+    pub fn desktop_relay(&self) -> &Relay {
+        &self.inner.desktop
     }
 
     /// The client's address: the peer, or what a trusted proxy says it forwarded for.
@@ -293,6 +304,7 @@ impl HttpState {
             .merge(roster::routes())
             .merge(settings::routes())
             .merge(warnings::routes())
+            .merge(participant::routes())
             .merge(registration::routes())
             .merge(audit_log::routes())
             .merge(v1::routes())
@@ -302,7 +314,10 @@ impl HttpState {
                 self.clone(),
                 middleware::timeout,
             ));
+        // The desktop's WebSockets bound their own waits (for the VM's tunnel) and then live
+        // as long as the session, so neither the request timeout nor the body read applies.
         held.merge(quick)
+            .merge(desktop::routes())
             .fallback(error::not_found_fallback)
             .method_not_allowed_fallback(error::method_not_allowed_fallback)
             .layer(axum::middleware::from_fn_with_state(

@@ -66,6 +66,8 @@ pub struct HttpOptions {
     /// Hourly prices by instance type, for the estimated cost in the admin UI, `/metrics`
     /// and exports.
     pub prices: lablink_core::Prices,
+    /// The browser desktop: where noVNC is installed, the URL agents dial for tunnels.
+    pub desktop: super::DesktopOptions,
 }
 
 impl fmt::Debug for HttpOptions {
@@ -92,6 +94,7 @@ impl fmt::Debug for HttpOptions {
             .field("metrics_token", &self.metrics_token.as_ref().map(|_| "***"))
             .field("cookie_key", &self.cookie_key)
             .field("prices", &self.prices)
+            .field("desktop", &self.desktop)
             .finish()
     }
 }
@@ -127,6 +130,7 @@ impl HttpOptions {
             metrics_token: None,
             cookie_key: CookieKey::generate(),
             prices: lablink_core::Prices::default(),
+            desktop: super::DesktopOptions::default(),
         }
     }
 

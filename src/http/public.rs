@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use lablink_core::secret::Pin;
 use lablink_core::Allocator as _;
 use lablink_core::{
-    CrdCommand, Email, ErrorKind, Granted, Hostname, VmFilter, VmRecord, VmRequest,
+    CrdCommand, DesktopMode, Email, ErrorKind, Granted, Hostname, VmFilter, VmRecord, VmRequest,
 };
 use serde_json::json;
 
@@ -43,6 +43,7 @@ async fn index(State(state): State<HttpState>, headers: HeaderMap) -> Response {
         json!({
             "free": free,
             "access_code": state.options().access_code.is_some(),
+            "browser": state.options().desktop.mode == DesktopMode::Browser,
             // A browser that got a VM sees its warnings here too.
             "participant": cookie_value(&headers, PARTICIPANT_COOKIE).is_some(),
         }),
@@ -57,11 +58,16 @@ async fn unassigned_count(
 }
 
 /// A participant request, checked: 400 with a message saying what is wrong.
-pub fn parse_request(form: &FormOrJson) -> Result<VmRequest, ApiError> {
-    let (Some(email), Some(command)) = (form.text("email"), form.text("crd_command")) else {
-        return Err(ApiError::bad_request(
-            "Please give both your email and the Chrome Remote Desktop command.",
-        ));
+/// A browser desktop takes only the email; a `crd_command` sent anyway is ignored.
+pub fn parse_request(form: &FormOrJson, mode: DesktopMode) -> Result<VmRequest, ApiError> {
+    let browser = mode == DesktopMode::Browser;
+    let (email, command) = (form.text("email"), form.text("crd_command"));
+    let Some(email) = email.filter(|_| browser || command.is_some()) else {
+        return Err(ApiError::bad_request(if browser {
+            "Please give your email."
+        } else {
+            "Please give both your email and the Chrome Remote Desktop command."
+        }));
     };
     // Plain ASCII only at the door (stored records from earlier versions may hold other
     // emails): a look-alike letter from another alphabet would make a second participant who
@@ -74,13 +80,24 @@ pub fn parse_request(form: &FormOrJson) -> Result<VmRequest, ApiError> {
     let email: Email = email.parse().map_err(|e: lablink_core::Error| {
         ApiError::bad_request(format!("Invalid email: {}", e.message()))
     })?;
-    let crd_command: CrdCommand = command.parse().map_err(|e: lablink_core::Error| {
+    if browser {
+        return Ok(VmRequest {
+            email,
+            crd_command: None,
+        });
+    }
+    let crd_command = command.map(crd_command).transpose()?;
+    Ok(VmRequest { email, crd_command })
+}
+
+/// A pasted Chrome Remote Desktop command, checked (400 saying what to do otherwise).
+pub fn crd_command(pasted: &str) -> Result<CrdCommand, ApiError> {
+    pasted.parse().map_err(|e: lablink_core::Error| {
         ApiError::bad_request(format!(
             "Invalid Chrome Remote Desktop command: {}. Copy the whole Debian Linux command again, exactly as shown.",
             e.message()
         ))
-    })?;
-    Ok(VmRequest { email, crd_command })
+    })
 }
 
 /// The name of the cookie by which a participant's browser shows it is the one that got the
@@ -179,7 +196,8 @@ pub async fn take_vm(
             return Err(counted(ClaimOutcome::Refused, ApiError::forbidden(message)));
         }
     }
-    let request = parse_request(form).map_err(|e| counted(ClaimOutcome::Rejected, e))?;
+    let request = parse_request(form, state.options().desktop.mode)
+        .map_err(|e| counted(ClaimOutcome::Rejected, e))?;
     let granted = claim(state, &request, started).await?;
     let key = &state.options().cookie_key;
     let now = chrono::Utc::now().timestamp();
@@ -275,11 +293,7 @@ async fn request_vm(State(state): State<HttpState>, req: Request) -> Response {
             .into_response(),
         (Ok(Taken { granted, cookie }), false) => {
             let (title, message, outcome) = if granted.newly_assigned {
-                (
-                    "Your VM is ready",
-                    "You got a VM. It is connecting to Chrome Remote Desktop now.",
-                    "assigned",
-                )
+                ("Your VM", "You got a VM.", "assigned")
             } else {
                 (
                     "You already have a VM",
@@ -293,6 +307,7 @@ async fn request_vm(State(state): State<HttpState>, req: Request) -> Response {
                 json!({
                     "title": title, "message": message, "kind": "success", "outcome": outcome,
                     "hostname": granted.hostname, "pin": granted.pin.expose(),
+                    "browser": state.options().desktop.mode == DesktopMode::Browser,
                 }),
             );
             ([(header::SET_COOKIE, cookie)], page).into_response()

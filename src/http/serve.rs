@@ -5,7 +5,8 @@
 //! builder with upgrade support, which costs about 3.4 KiB more per connection holding a
 //! request than hyper's own HTTP/1 connection (measured with 10,000 held requests; see
 //! BENCHMARKS.md, W2). The allocator holds one connection per waiting VM, so that difference
-//! is paid ten thousand times. Nothing here needs HTTP/2 or upgrades.
+//! is paid ten thousand times. Nothing here needs HTTP/2; HTTP/1 upgrades are on for the
+//! browser desktop's WebSockets (hyper's own `with_upgrades`, not the auto builder).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -130,7 +131,8 @@ async fn connection<S>(
         // Above the router's own limit (`middleware::MAX_HEADERS`), so that a request with too many
         // headers gets the router's JSON 431 rather than hyper's empty one.
         .max_headers(2 * super::middleware::MAX_HEADERS)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => {}

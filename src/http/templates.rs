@@ -42,6 +42,7 @@ impl Templates {
             "settings.html",
             "machines.html",
             "audit.html",
+            "desktop.html",
         ) {
             env.add_template(name, source)
                 .unwrap_or_else(|e| panic!("template {name} does not compile: {e}"));

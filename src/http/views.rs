@@ -77,6 +77,26 @@ pub struct VmView {
     /// Where it comes from: `registered` (a machine that joined by registering) or
     /// `launched` (created by the provisioner).
     pub origin: &'static str,
+    /// How far starting the participant's desktop got (assigned VMs only).
+    pub desktop: Option<DesktopView>,
+}
+
+/// Where starting an assigned VM's desktop stands.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct DesktopView {
+    /// `crd` or `browser`.
+    pub mode: &'static str,
+    /// 1, then one more for each fresh command the participant gave after a failure.
+    pub attempt: u32,
+    /// `assigned`, `received`, `ready` or `failed`.
+    pub stage: &'static str,
+    /// Why it failed: `code_rejected`, `invalid_command`, `host_failed`, `timed_out` or
+    /// `desktop_unavailable`.
+    pub failure: Option<&'static str>,
+    /// The desktop program's exit status, when the agent said.
+    pub exit_status: Option<i32>,
+    /// When the stage last changed.
+    pub at: DateTime<Utc>,
 }
 
 impl From<&VmRecord> for VmView {
@@ -91,6 +111,18 @@ impl From<&VmRecord> for VmView {
             status: status_text(r).to_owned(),
             assigned_to: r.assignment.as_ref().map(|a| a.email.to_string()),
             assigned_at: r.assignment.as_ref().map(|a| a.assigned_at),
+            desktop: r.assignment.as_ref().map(|a| DesktopView {
+                mode: if a.crd_command.is_some() {
+                    "crd"
+                } else {
+                    "browser"
+                },
+                attempt: a.desktop.attempt,
+                stage: a.desktop.stage.as_str(),
+                failure: a.desktop.failure.map(|f| f.as_str()),
+                exit_status: a.desktop.exit_status,
+                at: a.desktop.at,
+            }),
             instance_id: r.instance_id.as_ref().map(ToString::to_string),
             address: r.address.clone(),
             instance_type: r.instance_type.clone(),

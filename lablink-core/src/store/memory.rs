@@ -14,6 +14,7 @@ use crate::registration::{self, MachineRegistration, Registered, RegistrationTok
 use crate::secret::TokenDigest;
 use crate::store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock};
 use crate::usage::FleetUsage;
+use crate::desktop::DesktopSession;
 use crate::{
     Assignment, Email, Error, ErrorKind, Hostname, LogStream, Operation, Result, Telemetry,
     VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmStore,
@@ -291,6 +292,7 @@ impl VmStore for MemoryVmStore {
             crd_command: request.crd_command.clone(),
             pin: request.pin.clone(),
             assigned_at: now,
+            desktop: DesktopSession::new(now),
         });
         let record = inner.update(&hostname, |r| r.apply(&event, now))?;
         Ok(Claimed {

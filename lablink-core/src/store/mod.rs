@@ -57,8 +57,8 @@ impl VmFilter {
 pub struct ClaimRequest {
     /// Who asks.
     pub email: Email,
-    /// Their Chrome Remote Desktop command.
-    pub crd_command: CrdCommand,
+    /// Their Chrome Remote Desktop command (`None` for a browser desktop).
+    pub crd_command: Option<CrdCommand>,
     /// The PIN to record if a new VM is assigned (ignored when the email already has one).
     pub pin: Pin,
 }
@@ -80,7 +80,7 @@ pub struct VmCounts {
     pub total: usize,
     /// `Requested`.
     pub requested: usize,
-    /// `Booting`.
+    /// `Booting`, or `Resetting` (on its way to free again).
     pub booting: usize,
     /// `Available` (includes ones whose GPU is unhealthy; see `assignable`).
     pub available: usize,
@@ -104,7 +104,7 @@ impl VmCounts {
         self.total += 1;
         match r.state {
             VmState::Requested => self.requested += 1,
-            VmState::Booting => self.booting += 1,
+            VmState::Booting | VmState::Resetting => self.booting += 1,
             VmState::Available => self.available += 1,
             VmState::Assigned => {}
             VmState::Unhealthy { .. } => self.unhealthy += 1,

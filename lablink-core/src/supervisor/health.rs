@@ -125,6 +125,10 @@ impl Supervising {
                 VmState::Booting if age >= span_of(ladder.boot_timeout) => {
                     Some(format!("still booting after {} s", age.num_seconds()))
                 }
+                // An agent that cannot reset (an older client) never reports back.
+                VmState::Resetting if age >= span_of(ladder.boot_timeout) => {
+                    Some(format!("still resetting after {} s", age.num_seconds()))
+                }
                 VmState::Rebooting { .. } if age >= span_of(ladder.reboot_timeout) => {
                     Some(format!("reboot unfinished after {} s", age.num_seconds()))
                 }
@@ -158,7 +162,9 @@ impl Supervising {
                 });
                 continue;
             }
-            let action = if rung.reboots < ladder.max_reboots
+            // A reboot would bring a stuck reset back as it is: replace it.
+            let action = if record.state != VmState::Resetting
+                && rung.reboots < ladder.max_reboots
                 && can_reboot
                 && record.instance_id.is_some()
             {
@@ -248,6 +254,7 @@ impl Supervising {
                     && matches!(
                         r.state,
                         VmState::Booting
+                            | VmState::Resetting
                             | VmState::Unhealthy { .. }
                             | VmState::Rebooting { .. }
                             | VmState::Failed

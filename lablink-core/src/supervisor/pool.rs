@@ -9,7 +9,10 @@ use super::{span_of, Memory, Supervising, SupervisorConfig};
 use crate::settings::ScheduleSettings;
 use crate::supervision::Shared;
 use crate::supervisor::{FlagKind, IdleReleaseConfig, VmFlag};
-use crate::{AgentStatus, Email, Hostname, LaunchOptions, Phase, VmRecord, VmState, WarningKind};
+use crate::{
+    AgentStatus, Email, Hostname, LaunchOptions, Phase, Reuse, VmEvent, VmRecord, VmState,
+    WarningKind,
+};
 
 /// A VM that is free or will be: it counts toward K. A registered machine counts only
 /// while free (nothing replaces one that is stuck).
@@ -18,7 +21,7 @@ fn is_free_or_coming(r: &VmRecord) -> bool {
         return r.is_assignable();
     }
     match r.state {
-        VmState::Requested | VmState::Booting => true,
+        VmState::Requested | VmState::Booting | VmState::Resetting => true,
         VmState::Available => r.is_assignable(),
         VmState::Rebooting { resume } => resume != Phase::Assigned,
         _ => false,
@@ -248,9 +251,9 @@ impl Supervising {
             if record.state != VmState::Assigned || record.in_use {
                 continue;
             }
-            // A registered machine is not destroyed, and releasing it would hand the next
-            // participant this one's desktop and files: the admin decides.
-            if record.is_registered() {
+            // A registered machine is not destroyed, and releasing it without a reset would
+            // hand the next participant this one's desktop and files: the admin decides.
+            if record.is_registered() && self.lablink.config().reuse != Reuse::Reset {
                 flags.push(VmFlag {
                     hostname: record.hostname.clone(),
                     kind: FlagKind::Registered,
@@ -287,21 +290,42 @@ impl Supervising {
                     continue;
                 }
                 let email = assignment.email.clone();
-                let result = self
-                    .lablink
-                    .destroy_where(std::slice::from_ref(&record.hostname), |r| {
-                        r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
-                    })
-                    .await;
+                let still_idle = |r: &VmRecord| {
+                    r.state == VmState::Assigned && !r.in_use && r.owner() == Some(&email)
+                };
+                // Reset in place when VMs are reused so; destroyed otherwise.
+                let result = if self.lablink.config().reuse == Reuse::Reset {
+                    self.lablink
+                        .apply_if(&record.hostname, |r| {
+                            still_idle(r).then_some(VmEvent::Reset)
+                        })
+                        .await
+                        .map(|r| {
+                            if r.state == VmState::Resetting {
+                                vec![r.hostname]
+                            } else {
+                                Vec::new()
+                            }
+                        })
+                } else {
+                    self.lablink
+                        .destroy_where(std::slice::from_ref(&record.hostname), still_idle)
+                        .await
+                };
                 match result {
                     Ok(taken) if !taken.is_empty() => {
                         shared.status().counters.idle_released += 1;
                         shared.event(
                             now,
                             format!(
-                                "{}: not in use for {} s; released (destroyed)",
+                                "{}: not in use for {} s; released ({})",
                                 record.hostname,
-                                idle.num_seconds()
+                                idle.num_seconds(),
+                                if self.lablink.config().reuse == Reuse::Reset {
+                                    "reset for the next participant"
+                                } else {
+                                    "destroyed"
+                                }
                             ),
                         );
                     }

@@ -203,7 +203,7 @@ impl Workshop {
                 let who = format!("participant-{i:04}");
                 let request = VmRequest {
                     email: email(&who),
-                    crd_command: command(&who),
+                    crd_command: Some(command(&who)),
                 };
                 match lablink.request_vm(&request).await {
                     Ok(_) => waits[i] = Some(t - arrival(i)),

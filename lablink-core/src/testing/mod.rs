@@ -24,6 +24,7 @@
 
 pub mod artifact;
 pub mod audit;
+pub mod desktop;
 pub mod fleet;
 pub mod notifier;
 pub mod provisioner;
@@ -93,6 +94,11 @@ macro_rules! vm_store_conformance {
         );
         $crate::__conformance_tests!(usage [$attr] $setup ($($arg: $ty),*) ($($arg),*);
             usage_accumulates_by_kind_and_outlives_the_vm,
+        );
+        $crate::__conformance_tests!(desktop [$attr] $setup ($($arg: $ty),*) ($($arg),*);
+            desktop_sessions_are_kept_with_their_assignment,
+            a_browser_assignment_has_no_command,
+            a_reset_vm_is_free_only_once_its_agent_runs,
         );
     };
 }

@@ -38,7 +38,7 @@ pub fn command(code: &str) -> CrdCommand {
 pub fn claim_request(who: &str) -> ClaimRequest {
     ClaimRequest {
         email: email(who),
-        crd_command: command(who),
+        crd_command: Some(command(who)),
         pin: "123456".parse().expect("valid pin"),
     }
 }
@@ -72,9 +72,10 @@ pub async fn seed_available(store: &dyn VmStore, n: usize) -> Vec<Hostname> {
 fn assignment(who: &str) -> Assignment {
     Assignment {
         email: email(who),
-        crd_command: command(who),
+        crd_command: Some(command(who)),
         pin: "654321".parse().unwrap(),
         assigned_at: t0(),
+        desktop: crate::DesktopSession::new(t0()),
     }
 }
 
@@ -269,7 +270,11 @@ pub async fn claim_takes_only_assignable_vms(store: &dyn VmStore) {
     assert_eq!(claimed.record.state, VmState::Assigned);
     let a = claimed.record.assignment.as_ref().expect("assignment");
     assert_eq!(a.email, email("ada"));
-    assert_eq!(a.crd_command, command("ada"), "command not stored exactly");
+    assert_eq!(
+        a.crd_command,
+        Some(command("ada")),
+        "command not stored exactly"
+    );
     assert_eq!(a.pin.expose(), "123456", "pin not stored exactly");
     assert_eq!(store.get(&hosts[2]).await.unwrap(), claimed.record);
     let err = store.claim(&claim_request("bob"), t0()).await.unwrap_err();

@@ -35,9 +35,10 @@ pub fn pin() -> impl Strategy<Value = Pin> {
 pub fn assignment() -> impl Strategy<Value = Assignment> {
     (email(), crd_command(), pin()).prop_map(|(email, crd_command, pin)| Assignment {
         email,
-        crd_command,
+        crd_command: Some(crd_command),
         pin,
         assigned_at: super::store::t0(),
+        desktop: crate::DesktopSession::new(super::store::t0()),
     })
 }
 

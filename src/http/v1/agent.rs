@@ -8,8 +8,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use lablink_core::Allocator as _;
-use lablink_core::{AgentStatus, GpuHealth, Hostname, LogAppend, LogStream, Telemetry};
-use lablink_protocol::{AssignmentBody, HeartbeatBody, ReadyBody, TelemetryBody, WaitQuery};
+use lablink_core::{
+    AgentStatus, Assignment, DesktopChange, DesktopReport, DesktopStage, GpuHealth, Hostname,
+    LogAppend, LogStream, Telemetry,
+};
+use lablink_protocol::{
+    AssignmentBody, DesktopReportBody, HeartbeatBody, ReadyBody, TelemetryBody, TunnelBody,
+    WaitQuery,
+};
 
 use super::ErrorBody;
 use crate::http::agent_auth::Agent;
@@ -83,22 +89,40 @@ pub async fn wait_assignment(
     }
     .min(state.options().max_wait);
     let _waiter = state.metrics().waiter();
+    let allocator = state.allocator();
     let outcome = tokio::select! {
-        outcome = state.allocator().wait_for_assignment(&hostname, timeout) => outcome?,
+        outcome = async {
+            match &query.seen {
+                Some(seen) => allocator.watch_assignment(&hostname, seen, timeout).await,
+                None => allocator.wait_for_assignment(&hostname, timeout).await,
+            }
+        } => outcome?,
         () = state.shutting_down() => None,
     };
     state.metrics().wait_ended(outcome.as_ref());
     Ok(match outcome {
-        Some(a) => Json(AssignmentBody {
-            hostname: hostname.to_string(),
-            command: a.crd_command.start_host_command(&hostname),
-            code: a.crd_command.code().to_owned(),
-            pin: a.pin.expose().to_owned(),
-            assigned_at: a.assigned_at,
-        })
-        .into_response(),
+        Some(a) => Json(assignment_body(&hostname, &a)).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     })
+}
+
+/// What the agent gets of an assignment.
+fn assignment_body(hostname: &Hostname, a: &Assignment) -> AssignmentBody {
+    let command = a.crd_command.as_ref();
+    AssignmentBody {
+        hostname: hostname.to_string(),
+        command: command.map_or_else(String::new, |c| c.start_host_command(hostname)),
+        code: command.map_or_else(String::new, |c| c.code().to_owned()),
+        pin: a.pin.expose().to_owned(),
+        assigned_at: a.assigned_at,
+        mode: if command.is_some() { "crd" } else { "browser" }.to_owned(),
+        attempt: a.desktop.attempt,
+        version: a.version(),
+        tunnel: a.desktop.tunnel.as_ref().map(|t| TunnelBody {
+            id: t.id.to_string(),
+            url: t.url.clone(),
+        }),
+    }
 }
 
 /// A heartbeat carrying the boot id.
@@ -167,6 +191,7 @@ pub async fn telemetry(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let timings = body.timings.map(Into::into);
+    let desktop = body.desktop.map(desktop_report).transpose()?;
     let telemetry = Telemetry {
         gpu_health,
         in_use: body.in_use,
@@ -176,5 +201,39 @@ pub async fn telemetry(
         logs,
         ..Default::default()
     };
-    report(&state, &hostname, telemetry).await
+    let view = report(&state, &hostname, telemetry).await?;
+    match desktop {
+        None => Ok(view),
+        Some(report) => {
+            let change = DesktopChange::Report(report);
+            match state.allocator().change_desktop(&hostname, &change).await {
+                Ok(record) => Ok(Json(VmView::from(&record))),
+                // The assignment ended meanwhile: nothing to report on.
+                Err(e) if e.is_not_found() => Ok(view),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
+}
+
+/// A desktop report as the agent sent it, checked (400 naming what is wrong).
+fn desktop_report(body: DesktopReportBody) -> ApiResult<DesktopReport> {
+    let bad = |e: lablink_core::Error| ApiError::bad_request(format!("desktop: {}", e.message()));
+    let stage: DesktopStage = body.stage.parse().map_err(bad)?;
+    if stage == DesktopStage::Assigned {
+        return Err(ApiError::bad_request(
+            "desktop.stage must be received, ready or failed",
+        ));
+    }
+    Ok(DesktopReport {
+        attempt: body.attempt,
+        stage,
+        failure: body
+            .failure
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(bad)?,
+        exit_status: body.exit_status,
+    })
 }

@@ -35,6 +35,8 @@ pub use agent::wait_assignment;
         settings::get_settings, settings::put_settings,
         crate::http::warnings::participant_warnings, crate::http::warnings::acknowledge,
         crate::http::export::usage, crate::http::export::export,
+        crate::http::participant::status, crate::http::participant::new_command,
+        crate::http::participant::release,
     ),
     modifiers(&Security),
     tags(
