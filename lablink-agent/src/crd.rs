@@ -143,6 +143,8 @@ impl HostInvocation {
                 config.crd_user.as_deref(),
             ))
             .env_remove("DISPLAY")
+            // The host runs on as the desktop user: it must not inherit the VM's token.
+            .env_remove("API_TOKEN")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -266,7 +266,10 @@ pub async fn prepare(
             c
         }
     };
+    // The server runs for the whole session, as the desktop user: it must not hold the VM's
+    // token (its environment is readable by that user).
     command
+        .env_remove("API_TOKEN")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

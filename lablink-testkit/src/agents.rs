@@ -384,10 +384,13 @@ impl Rig {
 }
 
 /// The pid and `API_TOKEN` of the running agent process of `hostname` that talks to
-/// `allocator_url` (read from `/proc/<pid>/environ`).
+/// `allocator_url` (read from `/proc/<pid>/environ`). Only a process running the
+/// [`agent_program`] counts: the agent's children (a VNC server it started, which may
+/// outlive a killed agent) inherit its environment.
 pub fn agent_process(hostname: &str, allocator_url: &str) -> Option<(u32, String)> {
     let want_vm = format!("VM_NAME={hostname}");
     let want_url = format!("ALLOCATOR_URL={allocator_url}");
+    let program = std::fs::canonicalize(agent_program()).ok()?;
     for entry in std::fs::read_dir("/proc").ok()? {
         let entry = entry.ok()?;
         let Some(pid) = entry
@@ -404,7 +407,12 @@ pub fn agent_process(hostname: &str, allocator_url: &str) -> Option<(u32, String
             .split(|b| *b == 0)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .collect();
-        if vars.contains(&want_vm) && vars.contains(&want_url) {
+        let runs_agent = std::fs::read_link(entry.path().join("exe")).is_ok_and(|exe| {
+            // A program rebuilt while it runs shows as "<path> (deleted)".
+            let exe = exe.to_string_lossy();
+            Path::new(exe.trim_end_matches(" (deleted)")) == program
+        });
+        if runs_agent && vars.contains(&want_vm) && vars.contains(&want_url) {
             let token = vars
                 .iter()
                 .find_map(|v| v.strip_prefix("API_TOKEN="))

@@ -265,6 +265,7 @@ for arg in "$@"; do
 done
 cat > /dev/null
 echo "$code" >> "$RECORD_DIR/$VM_NAME.codes"
+[ -n "$API_TOKEN" ] && echo "start-host saw the VM's token" >> "$RECORD_DIR/$VM_NAME.leaks"
 case "$code" in
   4/0AbFirst*)
     while [ ! -e "$RECORD_DIR/finish-first" ]; do sleep 0.05; done
@@ -326,6 +327,11 @@ exit 0"#,
     // start-host ran once per attempt, with each attempt's code, in order.
     let codes = work.read(&format!("{hostname}.codes")).unwrap();
     assert_eq!(codes.lines().collect::<Vec<_>>(), [FIRST, SECOND]);
+    assert_eq!(
+        work.read(&format!("{hostname}.leaks")),
+        None,
+        "start-host (which leaves the host running as the desktop user) got the VM's token"
+    );
 
     // The admin's log of the VM tells each attempt, without the codes or the PIN.
     let log = wait_until("the agent's log of attempt 2", PATIENCE, || async {

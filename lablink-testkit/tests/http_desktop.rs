@@ -1,32 +1,42 @@
-//! The browser desktop end to end, with real components: a real `Xvnc` (Debian's
-//! tigervnc-standalone-server) showing a known picture, a real `lablink-agent` process that
-//! sets its password and opens the tunnel, the allocator's relay, and headless Chromium
-//! running the noVNC page; an admin's view-only session spoken by an RFB client here.
+//! The browser desktop end to end, with real components: real `lablink-agent` processes in
+//! browser mode, each starting its own TigerVNC `Xvnc` (Debian's tigervnc-standalone-server)
+//! on a display of its own, painted a known colour with `xsetroot`; the allocator's relay;
+//! headless Chromium running the participant's pages and noVNC; and an admin's sessions
+//! spoken by an RFB client here, observed on the X server with `xdotool` and `xset`.
 //!
-//! Needs `Xvnc`, `xsetroot`, `xdotool`, `chromium`, `chromedriver` and noVNC in
+//! Needs `Xvnc`, `xsetroot`, `xset`, `xdotool`, `chromium`, `chromedriver` and noVNC in
 //! `desktop/node_modules` (`bash scripts/components.sh` installs them all); a missing one
 //! fails the test, naming it.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use base64::Engine as _;
 use futures::{SinkExt as _, StreamExt as _};
 use lablink::http::{HttpOptions, HttpState};
-use lablink::{Allocator, AllocatorExt as _, LabLink};
-use lablink_testkit::agents::Workdir;
-use lablink_testkit::{admin_options, ADMIN_PASSWORD, ADMIN_USER};
+use lablink::{
+    Allocator, AllocatorExt as _, DesktopMode, LabLink, LocalProcessProvisioner, ProvisionedVm,
+    Provisioner as _,
+};
+use lablink_testkit::{
+    admin_options, agent_process, agent_program, script, wait_until, Workdir, ADMIN_PASSWORD,
+    ADMIN_USER,
+};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::http::HeaderName;
 use tokio_tungstenite::tungstenite::Message;
 
-/// The display and port of the VMs' desktop (one Xvnc serves the test's VMs).
-const DISPLAY: u16 = 47;
-const VNC_PORT: u16 = 5900 + DISPLAY;
-/// The picture the desktop shows: the X root window in magenta.
-const COLOUR: &str = "#ff00ff";
+/// The colours the VMs' desktops show: the first VM's magenta, the second's cyan.
+const MAGENTA: [u8; 3] = [255, 0, 255];
+const CYAN: [u8; 3] = [0, 255, 255];
+
+/// How long a step may take before the test fails naming it (a bound, not an expectation).
+const PATIENCE: Duration = Duration::from_secs(30);
 
 fn find_binary(name: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
@@ -51,6 +61,51 @@ fn novnc_dir() -> PathBuf {
     dir
 }
 
+fn hex(colour: [u8; 3]) -> String {
+    format!("#{:02x}{:02x}{:02x}", colour[0], colour[1], colour[2])
+}
+
+/// An X display no one uses (no lock file, no socket, its VNC port 5900 + n free), away
+/// from the low numbers desktops and other tests take; never the same twice in this binary.
+fn free_display() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 400 + (std::process::id() % 100) as u16 * 20;
+    loop {
+        let n = base + NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 5000, "no free X display");
+        let used = std::path::Path::new(&format!("/tmp/.X{n}-lock")).exists()
+            || std::path::Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+            || std::net::TcpListener::bind(("127.0.0.1", 5900 + n)).is_err();
+        if !used {
+            return n;
+        }
+    }
+}
+
+/// Pids of the processes whose command line mentions `needle`.
+fn pids_mentioning(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
 /// A killed-on-drop child.
 struct Process(Child);
 
@@ -61,77 +116,124 @@ impl Drop for Process {
     }
 }
 
-/// A browser-mode allocator whose VMs are real agents sharing the test's Xvnc.
+/// One VM of a [`Desk`]: its agent's VNC server (display, port, password file) and the
+/// colour the test paints it.
+#[derive(Debug, Clone)]
+struct Vnc {
+    hostname: String,
+    display: u16,
+    port: u16,
+    password_file: PathBuf,
+    colour: [u8; 3],
+}
+
+/// A browser-mode allocator whose VMs are real agent processes, each with a VNC server of
+/// its own (`VNC_PORT` per VM: the agent program is a wrapper that sets it from a file).
 struct Desk {
     url: String,
     allocator: Arc<dyn Allocator>,
     state: HttpState,
-    _work: Workdir,
-    _xvnc: Process,
+    provisioner: LocalProcessProvisioner,
+    vncs: Vec<Vnc>,
+    work: Workdir,
+}
+
+impl Drop for Desk {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the agents said, to debug the failure.
+            if let Ok(entries) = std::fs::read_dir(self.work.path("agents")) {
+                for entry in entries.flatten() {
+                    let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("--- {} (last lines)", entry.path().display());
+                    for line in tail.into_iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
+            }
+        }
+        // The agents first (so none starts a VNC server again), then the VNC servers they
+        // started, which outlive a killed agent as they would on a VM.
+        for vnc in &self.vncs {
+            if let Some((pid, _)) = agent_process(&vnc.hostname, &self.url) {
+                signal(pid, "KILL");
+            }
+        }
+        for vnc in &self.vncs {
+            for pid in pids_mentioning(&vnc.password_file.display().to_string()) {
+                signal(pid, "TERM");
+            }
+        }
+    }
 }
 
 impl Desk {
-    async fn start(vms: usize) -> Self {
+    async fn start(colours: &[[u8; 3]]) -> Self {
         find_binary("Xvnc", "tigervnc-standalone-server");
-        let xsetroot = find_binary("xsetroot", "x11-xserver-utils");
+        find_binary("xsetroot", "x11-xserver-utils");
         let work = Workdir::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let url = format!("http://{addr}");
-        let password_file = work.path("vnc-passwd");
-        // The agent keeps a server already listening and rewrites its password file, as on
-        // an image that runs its own: start it here, so that the test controls the picture.
-        lablink_agent::vnc::write_password_file(&password_file, "00000000", None).unwrap();
-        let xvnc = Process(
-            Command::new("Xvnc")
-                .args([
-                    &format!(":{DISPLAY}"),
-                    "-localhost",
-                    "-rfbport",
-                    &VNC_PORT.to_string(),
-                    "-rfbauth",
-                    password_file.to_str().unwrap(),
-                    "-SecurityTypes",
-                    "VncAuth",
-                    "-geometry",
-                    "640x400",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("Xvnc starts"),
+        // The allocator names its VMs lablink-vm-1, -2, ...: each gets a display of its own.
+        let vncs: Vec<Vnc> = colours
+            .iter()
+            .enumerate()
+            .map(|(i, &colour)| {
+                let display = free_display();
+                let hostname = format!("lablink-vm-{}", i + 1);
+                let vnc = Vnc {
+                    password_file: work.path(&format!("vnc-{hostname}.passwd")),
+                    hostname,
+                    display,
+                    port: 5900 + display,
+                    colour,
+                };
+                std::fs::write(
+                    work.path(&format!("vnc-{}.env", vnc.hostname)),
+                    format!(
+                        "VNC_PORT={}\nLABLINK_VNC_PASSWORD_FILE={}\n",
+                        vnc.port,
+                        vnc.password_file.display()
+                    ),
+                )
+                .unwrap();
+                vnc
+            })
+            .collect();
+        let wrapper = work.path("vm-agent");
+        script(
+            &wrapper,
+            &format!(
+                r#"env="$RECORD_DIR/vnc-$VM_NAME.env"
+[ -f "$env" ] || {{ echo "the test gave $VM_NAME no VNC display" >&2; exit 1; }}
+. "$env"
+export VNC_PORT LABLINK_VNC_PASSWORD_FILE
+exec "{}""#,
+                agent_program().display()
+            ),
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !lablink_agent::vnc::listening(VNC_PORT).await {
-            assert!(
-                Instant::now() < deadline,
-                "Xvnc did not listen on {VNC_PORT}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut builder = LocalProcessProvisioner::builder(&wrapper, &url)
+            .log_dir(work.path("agents"))
+            .state_dir(work.path("state"));
+        for (k, v) in work.agent_env() {
+            builder = builder.env(k, v);
         }
-        let status = Command::new(xsetroot)
-            .args(["-display", &format!(":{DISPLAY}"), "-solid", COLOUR])
-            .status()
-            .unwrap();
-        assert!(status.success(), "xsetroot failed");
-        let provisioner = work.provisioner(
-            &url,
-            &[
-                ("LABLINK_DESKTOP", "browser"),
-                ("VNC_PORT", &VNC_PORT.to_string()),
-                ("LABLINK_VNC_PASSWORD_FILE", password_file.to_str().unwrap()),
-            ],
-        );
-        let mut config = lablink::AllocatorConfig::default();
-        config.desktop_mode = lablink::DesktopMode::Browser;
+        let provisioner = builder.env("LABLINK_DESKTOP", "browser").build();
+        let config = lablink::AllocatorConfig {
+            desktop_mode: DesktopMode::Browser,
+            ..Default::default()
+        };
         let lablink = LabLink::builder()
             .with_config(config)
-            .with_provisioner(Arc::new(provisioner))
+            .with_provisioner(Arc::new(provisioner.clone()))
             .build()
             .unwrap();
         let allocator: Arc<dyn Allocator> = Arc::new(lablink);
         let mut options: HttpOptions = admin_options();
+        options.desktop.mode = DesktopMode::Browser;
         options.desktop.novnc_dir = Some(novnc_dir());
         let state = HttpState::new(allocator.clone(), options);
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
@@ -142,39 +244,79 @@ impl Desk {
                 .await
                 .unwrap()
         });
-        let op = allocator
-            .launch_and_wait(vms, Duration::from_secs(60))
-            .await
-            .unwrap();
-        assert_eq!(op.hostnames.len(), vms);
         let desk = Self {
             url,
             allocator,
             state,
-            _work: work,
-            _xvnc: xvnc,
+            provisioner,
+            vncs,
+            work,
         };
-        desk.wait_available(vms).await;
+        let op = desk
+            .allocator
+            .launch_and_wait(colours.len(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut launched: Vec<String> = op.hostnames.iter().map(ToString::to_string).collect();
+        launched.sort();
+        let expected: Vec<String> = desk.vncs.iter().map(|v| v.hostname.clone()).collect();
+        assert_eq!(
+            launched, expected,
+            "the VMs' names, which pick their displays"
+        );
+        wait_until(
+            "the VMs to be assignable",
+            Duration::from_secs(60),
+            || async {
+                let counts = desk.allocator.counts().await.unwrap();
+                (counts.assignable >= colours.len()).then_some(())
+            },
+        )
+        .await;
         desk
     }
 
-    async fn wait_available(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let counts = self.allocator.counts().await.unwrap();
-            if counts.assignable >= n {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "VMs never became available: {counts:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+    fn vnc(&self, hostname: &str) -> &Vnc {
+        self.vncs
+            .iter()
+            .find(|v| v.hostname == hostname)
+            .unwrap_or_else(|| panic!("no VM {hostname}"))
     }
 
-    /// A participant's claim through the API: `(hostname, pin, cookie)`.
-    async fn claim(&self, email: &str) -> (String, String, String) {
+    /// Waits until the VNC server `hostname`'s agent started listens, and paints its root
+    /// window the VM's colour.
+    async fn paint(&self, hostname: &str) -> Vnc {
+        let vnc = self.vnc(hostname).clone();
+        let xsetroot = find_binary("xsetroot", "x11-xserver-utils");
+        wait_until(
+            &format!("the agent of {hostname} to start Xvnc on port {}", vnc.port),
+            PATIENCE,
+            || async move { lablink_agent::vnc::listening(vnc.port).await.then_some(()) },
+        )
+        .await;
+        wait_until(
+            &format!("xsetroot to paint display :{}", vnc.display),
+            PATIENCE,
+            || {
+                let ok = Command::new(&xsetroot)
+                    .args([
+                        "-display",
+                        &format!(":{}", vnc.display),
+                        "-solid",
+                        &hex(vnc.colour),
+                    ])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                async move { ok.then_some(()) }
+            },
+        )
+        .await;
+        vnc
+    }
+
+    /// A participant's claim through the API: `(hostname, pin)`.
+    async fn claim(&self, email: &str) -> (String, String) {
         let r = reqwest::Client::new()
             .post(format!("{}/api/v1/requests", self.url))
             .json(&json!({"email": email}))
@@ -182,42 +324,95 @@ impl Desk {
             .await
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "claim for {email}");
-        let cookie = r
-            .headers()
-            .get_all(reqwest::header::SET_COOKIE)
-            .iter()
-            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
-            .find(|c| c.starts_with("lablink_participant="))
-            .expect("a participant cookie");
         let body: Value = r.json().await.unwrap();
         (
             body["hostname"].as_str().unwrap().to_owned(),
             body["pin"].as_str().unwrap().to_owned(),
-            cookie,
         )
     }
 
     fn ws_url(&self, path: &str) -> String {
         format!("{}{path}", self.url.replacen("http://", "ws://", 1))
     }
+
+    /// The tunnel requests the allocator holds, VM by VM.
+    async fn tunnels(&self) -> Vec<Option<uuid::Uuid>> {
+        let mut out = Vec::new();
+        for vnc in &self.vncs {
+            let record = self
+                .allocator
+                .vm(&vnc.hostname.parse().unwrap())
+                .await
+                .unwrap();
+            out.push(
+                record
+                    .assignment
+                    .and_then(|a| a.desktop.tunnel)
+                    .map(|t| t.id),
+            );
+        }
+        out
+    }
+
+    /// `(sessions relayed, bytes to VMs, client messages dropped)`.
+    fn relayed(&self) -> (u64, u64, u64) {
+        let (sessions, _, to_vms, dropped) = self.state.desktop_relay().counts();
+        (sessions, to_vms, dropped)
+    }
 }
 
-/// An RFB client over the relay's WebSocket: handshake with VNC authentication.
+/// The HTTP status a WebSocket handshake was refused with (panics if it was accepted).
+async fn refused(url: &str, headers: &[(&str, String)]) -> StatusCode {
+    match ws_connect(url, headers).await {
+        Ok(_) => panic!("{url} accepted a WebSocket with {headers:?}"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status(),
+        Err(e) => panic!("{url}: not an HTTP refusal: {e}"),
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(
+    url: &str,
+    headers: &[(&str, String)],
+) -> Result<Socket, tokio_tungstenite::tungstenite::Error> {
+    let mut request = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// A picture the VM sent: RGB pixels.
+struct Frame {
+    pixels: Vec<[u8; 3]>,
+}
+
+impl Frame {
+    /// The share of pixels of `colour` (a pointer the server draws in is a few others).
+    fn share_of(&self, colour: [u8; 3]) -> f64 {
+        let n = self.pixels.iter().filter(|p| **p == colour).count();
+        n as f64 / self.pixels.len().max(1) as f64
+    }
+}
+
+/// An RFB client over the relay's WebSocket (VNC authentication, raw encoding, 32-bit
+/// little-endian true colour).
 struct Rfb {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: Socket,
     buf: Vec<u8>,
     size: (u16, u16),
 }
 
 impl Rfb {
     async fn connect(url: &str, headers: &[(&str, String)], password: &str) -> Self {
-        let mut request = url.into_client_request().unwrap();
-        for (k, v) in headers {
-            request.headers_mut().insert(*k, v.parse().unwrap());
-        }
-        let (ws, _) = tokio_tungstenite::connect_async(request)
+        let ws = ws_connect(url, headers)
             .await
             .unwrap_or_else(|e| panic!("WebSocket {url}: {e}"));
         let mut rfb = Self {
@@ -226,9 +421,10 @@ impl Rfb {
             size: (0, 0),
         };
         let version = rfb.read(12).await;
-        assert_eq!(&version[..4], b"RFB ");
+        assert_eq!(&version[..8], b"RFB 003.", "{version:?}");
         rfb.send(b"RFB 003.008\n").await;
         let n = rfb.read(1).await[0] as usize;
+        assert!(n > 0, "the VNC server refused the connection");
         assert!(rfb.read(n).await.contains(&2), "VNC authentication offered");
         rfb.send(&[2]).await;
         let challenge: [u8; 16] = rfb.read(16).await.try_into().unwrap();
@@ -237,7 +433,7 @@ impl Rfb {
         ))
         .await;
         assert_eq!(rfb.read(4).await, [0, 0, 0, 0], "VNC authentication failed");
-        rfb.send(&[1]).await;
+        rfb.send(&[1]).await; // ClientInit: shared
         let init = rfb.read(24).await;
         rfb.size = (
             u16::from_be_bytes([init[0], init[1]]),
@@ -245,6 +441,12 @@ impl Rfb {
         );
         let name_len = u32::from_be_bytes(init[20..24].try_into().unwrap()) as usize;
         rfb.read(name_len).await;
+        // SetPixelFormat: 32 bpp, depth 24, little-endian, true colour, 8 bits a channel.
+        rfb.send(&[
+            0, 0, 0, 0, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+        ])
+        .await;
+        rfb.send(&[2, 0, 0, 1, 0, 0, 0, 0]).await; // SetEncodings: raw only
         rfb
     }
 
@@ -257,35 +459,76 @@ impl Rfb {
 
     async fn read(&mut self, n: usize) -> Vec<u8> {
         while self.buf.len() < n {
-            match tokio::time::timeout(Duration::from_secs(20), self.ws.next()).await {
+            match tokio::time::timeout(PATIENCE, self.ws.next()).await {
                 Ok(Some(Ok(Message::Binary(b)))) => self.buf.extend_from_slice(&b),
-                Ok(Some(Ok(_))) => {}
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
                 other => panic!("the RFB stream ended: {other:?}"),
             }
         }
         self.buf.drain(..n).collect()
     }
 
-    /// Asks for the whole screen (raw encoding) and reads the first update's header.
-    async fn first_update(&mut self) -> Instant {
-        self.send(&[2, 0, 0, 1, 0, 0, 0, 0]).await; // SetEncodings: raw
+    /// Asks for the whole screen and reads the answer. The VM's server handles a client's
+    /// messages in order, so whatever was sent before has been handled once this returns.
+    async fn frame(&mut self) -> Frame {
         let (w, h) = self.size;
         let mut request = vec![3, 0, 0, 0, 0, 0];
         request.extend_from_slice(&w.to_be_bytes());
         request.extend_from_slice(&h.to_be_bytes());
         self.send(&request).await;
-        let header = self.read(4).await;
-        assert_eq!(header[0], 0, "a FramebufferUpdate");
-        Instant::now()
+        let mut pixels = vec![[0u8; 3]; usize::from(w) * usize::from(h)];
+        loop {
+            match self.read(1).await[0] {
+                0 => break,
+                1 => {
+                    let head = self.read(5).await;
+                    let n = u16::from_be_bytes([head[3], head[4]]) as usize;
+                    self.read(6 * n).await;
+                }
+                2 => {}
+                3 => {
+                    let head = self.read(7).await;
+                    let n = u32::from_be_bytes(head[3..7].try_into().unwrap()) as usize;
+                    self.read(n).await;
+                }
+                other => panic!("unexpected server message {other}"),
+            }
+        }
+        let head = self.read(3).await;
+        let rects = u16::from_be_bytes([head[1], head[2]]);
+        for _ in 0..rects {
+            let r = self.read(12).await;
+            let field = |i: usize| usize::from(u16::from_be_bytes([r[i], r[i + 1]]));
+            let (x, y, rw, rh) = (field(0), field(2), field(4), field(6));
+            let encoding = i32::from_be_bytes(r[8..12].try_into().unwrap());
+            assert_eq!(encoding, 0, "only raw was asked for");
+            let data = self.read(rw * rh * 4).await;
+            for row in 0..rh {
+                for col in 0..rw {
+                    let p = &data[(row * rw + col) * 4..];
+                    pixels[(y + row) * usize::from(w) + x + col] = [p[2], p[1], p[0]];
+                }
+            }
+        }
+        Frame { pixels }
+    }
+
+    /// A pointer event (no button) at `(x, y)`, a Caps Lock press and release.
+    async fn input(&mut self, x: u16, y: u16) {
+        let mut pointer = vec![5, 0];
+        pointer.extend_from_slice(&x.to_be_bytes());
+        pointer.extend_from_slice(&y.to_be_bytes());
+        self.send(&pointer).await;
+        self.send(&[4, 1, 0, 0, 0, 0, 0xff, 0xe5]).await;
+        self.send(&[4, 0, 0, 0, 0, 0, 0xff, 0xe5]).await;
     }
 }
 
-/// The X pointer's position on the test's display (`xdotool getmouselocation`).
-fn pointer() -> (i32, i32) {
-    let xdotool = find_binary("xdotool", "xdotool");
-    let out = Command::new(xdotool)
+/// The X pointer's position on `display` (`xdotool getmouselocation`).
+fn pointer(display: u16) -> (u16, u16) {
+    let out = Command::new(find_binary("xdotool", "xdotool"))
         .arg("getmouselocation")
-        .env("DISPLAY", format!(":{DISPLAY}"))
+        .env("DISPLAY", format!(":{display}"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -298,134 +541,137 @@ fn pointer() -> (i32, i32) {
     (field("x:"), field("y:"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn desktop_sockets_refuse_browsers_without_the_vm_and_agents_of_other_vms() {
-    let desk = Desk::start(1).await;
-    // No cookie: 401 before any VM is asked for a tunnel.
-    let r = reqwest::Client::new()
-        .get(format!("{}/desktop/websockify", desk.url))
-        .header("connection", "upgrade")
-        .header("upgrade", "websocket")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
+/// Whether Caps Lock is on on `display` (`xset q`).
+fn caps_lock(display: u16) -> bool {
+    let out = Command::new(find_binary("xset", "x11-xserver-utils"))
+        .args(["-display", &format!(":{display}"), "q"])
+        .output()
         .unwrap();
-    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-    let body: Value = r.json().await.unwrap();
-    assert!(body["error"].is_string(), "{body}");
-    // The page sends a browser without a VM to `/`.
-    let page = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
-        .get(format!("{}/desktop", desk.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), StatusCode::SEE_OTHER);
-    assert_eq!(
-        desk.state.desktop_relay().counts().0,
-        0,
-        "no session was relayed"
-    );
-    // An agent for an id no browser waits for: 404 (after its short grace).
-    let (pid_token, hostname) = {
-        let vms = desk.allocator.vms(&Default::default()).await.unwrap();
-        let h = vms[0].hostname.to_string();
-        (
-            lablink_testkit::agents::agent_process(&h, &desk.url)
-                .expect("the agent runs")
-                .1,
-            h,
-        )
-    };
-    let mut request = desk
-        .ws_url(&format!(
-            "/api/v1/vms/{hostname}/tunnel/{}",
-            uuid::Uuid::new_v4().simple()
-        ))
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {pid_token}").parse().unwrap(),
-    );
-    let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
-    assert!(refused.to_string().contains("404"), "{refused}");
-    // Another VM's path with this token: 403.
-    let mut request = desk
-        .ws_url(&format!(
-            "/api/v1/vms/other-vm/tunnel/{}",
-            uuid::Uuid::new_v4().simple()
-        ))
-        .into_client_request()
-        .unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {pid_token}").parse().unwrap(),
-    );
-    let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
-    assert!(refused.to_string().contains("403"), "{refused}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let state = text
+        .split("Caps Lock:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("xset said {text:?}"));
+    state == "on"
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admin_view_only_session_gets_frames_but_its_input_never_reaches_the_vm() {
-    let desk = Desk::start(1).await;
-    let (hostname, pin, _cookie) = desk.claim("viewer@example.org").await;
-    let password: String = pin.chars().take(8).collect();
-    let basic = format!(
-        "Basic {}",
-        base64::Engine::encode(
-            &base64::engine::general_purpose::STANDARD,
-            format!("{ADMIN_USER}:{ADMIN_PASSWORD}")
-        )
-    );
-    let auth = [("authorization", basic)];
-    let start = pointer();
-    let view = desk.ws_url(&format!("/admin/vms/{hostname}/desktop/websockify"));
-    let mut rfb = Rfb::connect(&view, &auth, &password).await;
-    rfb.first_update().await;
-    // Move the pointer and type: a view-only session drops both.
-    let target = (start.0 + 37).rem_euclid(600) as u16;
-    let mut pointer_event = vec![5, 0];
-    pointer_event.extend_from_slice(&target.to_be_bytes());
-    pointer_event.extend_from_slice(&91u16.to_be_bytes());
-    rfb.send(&pointer_event).await;
-    rfb.send(&[4, 1, 0, 0, 0, 0, 0, 0x61]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        pointer(),
-        start,
-        "the view-only pointer event reached the VM"
-    );
+/// The local addresses something listens on at TCP `port` (from `/proc/net/tcp{,6}`).
+fn listening_addresses(port: u16) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(&"0A")) = (fields.get(1), fields.get(3)) else {
+                continue;
+            };
+            let (addr, p) = local.split_once(':').unwrap();
+            if u16::from_str_radix(p, 16).unwrap() != port {
+                continue;
+            }
+            // The kernel prints each 32-bit word in host (little-endian) byte order.
+            let bytes: Vec<u8> = (0..addr.len() / 8)
+                .flat_map(|w| {
+                    u32::from_str_radix(&addr[w * 8..w * 8 + 8], 16)
+                        .unwrap()
+                        .to_le_bytes()
+                })
+                .collect();
+            out.push(if v6 {
+                std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).unwrap())
+            } else {
+                std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).unwrap())
+            });
+        }
+    }
+    out
+}
+
+/// The VNC server on `port` accepts connections on loopback only. On one machine this
+/// proves what the VM's network sees: nothing listens on its other addresses, so only a
+/// process on the VM itself (the agent, whose tunnel the allocator reaches) gets in.
+async fn assert_loopback_only(port: u16) {
+    let addresses = listening_addresses(port);
+    assert!(!addresses.is_empty(), "nothing listens on {port}");
     assert!(
-        desk.state.desktop_relay().counts().3 >= 2,
-        "dropped by the relay"
+        addresses.iter().all(|a| a.is_loopback()),
+        "the VNC server listens beyond loopback: {addresses:?}"
     );
-    // With control the same event moves it: the check above can fail.
-    let control = desk.ws_url(&format!(
-        "/admin/vms/{hostname}/desktop/websockify?control=1"
-    ));
-    let mut rfb = Rfb::connect(&control, &auth, &password).await;
-    rfb.first_update().await;
-    rfb.send(&pointer_event).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pointer() != (i32::from(target), 91) {
+    // And a connection to this machine's other addresses is refused.
+    let others = Command::new("hostname").arg("-I").output();
+    let others = others
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for addr in others
+        .split_whitespace()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+    {
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect((addr, port)),
+        )
+        .await;
         assert!(
-            Instant::now() < deadline,
-            "control did not move the pointer"
+            matches!(r, Ok(Err(_))),
+            "the VNC port answered on {addr}: {r:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
-/// chromedriver with a headless Chromium, killed on drop.
+/// The VNC server the agent started for `vnc` runs without the VM's token in its
+/// environment (it runs as the desktop user, who can read it).
+fn assert_vnc_server_lacks_token(vnc: &Vnc) {
+    let pids = pids_mentioning(&vnc.password_file.display().to_string());
+    assert_eq!(
+        pids.len(),
+        1,
+        "one VNC server for {}: {pids:?}",
+        vnc.hostname
+    );
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(
+        environ.contains(&format!("VM_NAME={}", vnc.hostname)),
+        "the agent started it"
+    );
+    assert!(
+        !environ.split('\0').any(|v| v.starts_with("API_TOKEN=")),
+        "the VNC server of {} holds the VM's token",
+        vnc.hostname
+    );
+}
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// chromedriver with a headless Chromium (as in `http_browser.rs`), quit and killed on drop.
 struct Browser {
     _driver: Process,
+    root: String,
     base: String,
     http: reqwest::Client,
     _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Quit Chromium (chromedriver's own exit would leave it running).
+        let session = self.base.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    reqwest::Client::new().delete(session).send(),
+                )
+                .await;
+            });
+        })
+        .join();
+    }
 }
 
 impl Browser {
@@ -447,18 +693,20 @@ impl Browser {
         );
         let http = reqwest::Client::new();
         let root = format!("http://127.0.0.1:{port}");
-        for _ in 0..100 {
-            if http.get(format!("{root}/status")).send().await.is_ok() {
-                break;
+        wait_until("chromedriver to be ready", PATIENCE, || {
+            let request = http.get(format!("{root}/status")).send();
+            async move {
+                let status: Value = request.await.ok()?.json().await.ok()?;
+                (status["value"]["ready"] == true).then_some(())
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await;
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": chromium,
             "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.path().display()),
-                     "--window-size=1024,768"],
+                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                     format!("--user-data-dir={}", profile.path().display()), "--window-size=1024,768"],
         }}}});
         let created: Value = http
             .post(format!("{root}/session"))
@@ -474,125 +722,527 @@ impl Browser {
             .unwrap_or_else(|| panic!("no WebDriver session: {created}"));
         Self {
             base: format!("{root}/session/{session}"),
+            root,
             http,
             _driver: driver,
             _profile: profile,
         }
     }
 
-    async fn call(&self, path: &str, body: Value) -> Value {
-        let v: Value = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(v["value"]["error"].is_null(), "WebDriver {path}: {v}");
+    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let v: Value = request.send().await.unwrap().json().await.unwrap();
+        assert!(
+            v["value"]["error"].is_null(),
+            "WebDriver {path} ({}): {v}",
+            self.root
+        );
         v["value"].clone()
     }
 
+    async fn post(&self, path: &str, body: Value) -> Value {
+        self.request(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
     async fn script(&self, script: &str) -> Value {
-        self.call("/execute/sync", json!({"script": script, "args": []}))
+        self.post("/execute/sync", json!({"script": script, "args": []}))
             .await
     }
 
     async fn go(&self, url: &str) {
-        self.call("/url", json!({"url": url})).await;
+        self.post("/url", json!({"url": url})).await;
     }
 
-    /// Sets the participant cookie (on the allocator's origin).
-    async fn cookie(&self, url: &str, cookie: &str) {
-        self.go(&format!("{url}/healthz")).await;
-        let (name, value) = cookie.split_once('=').unwrap();
-        self.call(
-            "/cookie",
-            json!({"cookie": {"name": name, "value": value, "path": "/"}}),
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .post("/element", json!({"using": "css selector", "value": css}))
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
+    }
+
+    /// Polls `script` until it returns something other than `null`/`false`.
+    async fn wait_for(&self, what: &str, script: &str) -> Value {
+        wait_until(what, PATIENCE, || async {
+            let v = self.script(script).await;
+            (!v.is_null() && v != json!(false)).then_some(v)
+        })
+        .await
+    }
+
+    /// The participant's way in: the email on `/` (browser mode: no CRD command field),
+    /// then the result page. Returns the hostname the page shows.
+    async fn request_vm(&self, url: &str, email: &str) -> String {
+        self.go(&format!("{url}/")).await;
+        self.wait_for(
+            "the request form",
+            "return !!document.querySelector('#email')",
         )
         .await;
+        assert_eq!(
+            self.script("return !!document.querySelector('#crd_command')")
+                .await,
+            json!(false),
+            "a browser-mode form asks for no Chrome Remote Desktop command"
+        );
+        let email_field = self.find("#email").await;
+        self.post(
+            &format!("/element/{email_field}/value"),
+            json!({"text": email}),
+        )
+        .await;
+        let button = self.find("form button[type=submit]").await;
+        self.post(&format!("/element/{button}/click"), json!({}))
+            .await;
+        let hostname = self
+            .wait_for(
+                "the result page",
+                "const h = document.querySelector('#hostname'); return h && h.textContent",
+            )
+            .await;
+        assert_eq!(
+            self.script("return document.querySelector('#outcome').dataset.outcome")
+                .await,
+            json!("assigned")
+        );
+        assert_eq!(
+            self.script("return !!document.querySelector('#pin')").await,
+            json!(false),
+            "the browser desktop's page shows no PIN"
+        );
+        // Every stage the status box shows from now on.
+        self.script(
+            "const box = document.getElementById('desktop-status');
+             window.stages = [box.dataset.stage];
+             new MutationObserver(() => {
+               const s = box.dataset.stage;
+               if (window.stages[window.stages.length - 1] !== s) { window.stages.push(s); }
+             }).observe(box, {attributes: true, attributeFilter: ['data-stage']});
+             return null",
+        )
+        .await;
+        hostname.as_str().unwrap().to_owned()
     }
 
-    /// Waits until the noVNC canvas shows `COLOUR` in its middle; panics naming `what`.
-    async fn wait_for_colour(&self, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(45);
-        loop {
-            let pixel = self
-                .script(
-                    "const c = document.querySelector('#screen canvas');
-                     if (!c || !window.lablinkDesktop || !window.lablinkDesktop.connected) return null;
-                     const d = c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data;
-                     return [d[0], d[1], d[2]];",
-                )
-                .await;
-            if pixel == json!([255, 0, 255]) {
-                return;
+    /// Waits until the result page's status box shows `stage`; returns its text.
+    async fn wait_for_stage(&self, stage: &str) -> String {
+        let v = self
+            .wait_for(
+                &format!("the status {stage}"),
+                &format!(
+                    "const box = document.getElementById('desktop-status');
+                     return box.dataset.stage === '{stage}' && box.textContent"
+                ),
+            )
+            .await;
+        v.as_str().unwrap().to_owned()
+    }
+
+    /// Clicks the result page's "Open your desktop" and switches to the window it opens.
+    async fn open_desktop(&self) -> (String, String) {
+        let result_window = self.get("/window").await.as_str().unwrap().to_owned();
+        let before = self.get("/window/handles").await;
+        let link = self.find("#desktop-link a").await;
+        self.post(&format!("/element/{link}/click"), json!({}))
+            .await;
+        let desktop_window = wait_until("the desktop window", PATIENCE, || async {
+            let handles = self.get("/window/handles").await;
+            handles
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| !before.as_array().unwrap().contains(h))
+                .map(|h| h.as_str().unwrap().to_owned())
+        })
+        .await;
+        self.window(&desktop_window).await;
+        (result_window, desktop_window)
+    }
+
+    async fn window(&self, handle: &str) {
+        self.post("/window", json!({"handle": handle})).await;
+    }
+
+    /// The noVNC page's counters: `(connects, disconnects, connected)`.
+    async fn desktop_state(&self) -> (u64, u64, bool) {
+        let v = self
+            .script("const s = window.lablinkDesktop; return s ? [s.connects, s.disconnects, s.connected] : [0, 0, false]")
+            .await;
+        (
+            v[0].as_u64().unwrap(),
+            v[1].as_u64().unwrap(),
+            v[2].as_bool().unwrap(),
+        )
+    }
+
+    /// Waits until noVNC is connected and its canvas shows `colour` in its middle, then
+    /// checks a WebDriver screenshot of the canvas (what Chromium displays), decoded by
+    /// Chromium's own PNG decoder: nearly all of it is `colour`.
+    async fn wait_for_colour(&self, what: &str, colour: [u8; 3]) {
+        let mut last = Value::Null;
+        let seen = tokio::time::timeout(PATIENCE, async {
+            loop {
+                last = self
+                    .script(
+                        "const c = document.querySelector('#screen canvas');
+                         const s = window.lablinkDesktop;
+                         if (!c || !s || !s.connected || !c.width) return null;
+                         const d = c.getContext('2d').getImageData(Math.floor(c.width / 2), Math.floor(c.height / 2), 1, 1).data;
+                         return [d[0], d[1], d[2]];",
+                    )
+                    .await;
+                if last == json!(colour) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the canvas shows {pixel}"
-            );
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        })
+        .await;
+        assert!(
+            seen.is_ok(),
+            "{what}: the canvas never showed {colour:?}; last {last}"
+        );
+        let canvas = self.find("#screen canvas").await;
+        let png = self.get(&format!("/element/{canvas}/screenshot")).await;
+        let decoded = self
+            .post(
+                "/execute/async",
+                json!({"script": "
+                    const [png, want, done] = arguments;
+                    const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
+                    createImageBitmap(new Blob([bytes], {type: 'image/png'})).then(bmp => {
+                      const c = new OffscreenCanvas(bmp.width, bmp.height);
+                      const g = c.getContext('2d');
+                      g.drawImage(bmp, 0, 0);
+                      const d = g.getImageData(0, 0, bmp.width, bmp.height).data;
+                      let same = 0;
+                      for (let i = 0; i < d.length; i += 4) {
+                        if (d[i] === want[0] && d[i + 1] === want[1] && d[i + 2] === want[2]) { same += 1; }
+                      }
+                      done([bmp.width, bmp.height, same]);
+                    }, e => done(String(e)));",
+                    "args": [png, colour]}),
+            )
+            .await;
+        let (w, h, same) = (
+            decoded[0].as_u64().unwrap_or_else(|| panic!("{decoded}")),
+            decoded[1].as_u64().unwrap(),
+            decoded[2].as_u64().unwrap(),
+        );
+        assert!(w > 100 && h > 100, "{what}: a {w}x{h} canvas");
+        assert!(
+            same as f64 >= 0.95 * (w * h) as f64,
+            "{what}: only {same} of {w}x{h} screenshot pixels are {colour:?}"
+        );
+    }
+
+    /// The participant cookie this browser holds.
+    async fn participant_cookie(&self) -> String {
+        let c = self.get("/cookie/lablink_participant").await;
+        format!("lablink_participant={}", c["value"].as_str().unwrap())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_sees_the_vm_desktop_in_the_browser_across_reloads_and_tunnel_drops() {
-    let desk = Desk::start(2).await;
-    let (hostname, _pin, cookie) = desk.claim("ada@example.org").await;
-    let browser = Browser::start().await;
-    browser.cookie(&desk.url, &cookie).await;
-    browser.go(&format!("{}/desktop", desk.url)).await;
-    browser.wait_for_colour("the first connection").await;
-    let title = browser.script("return document.title").await;
+async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_tunnel_drops() {
+    let desk = Desk::start(&[MAGENTA, CYAN]).await;
+
+    // Ada asks on `/`; her page shows the status as it moves on.
+    let ada = Browser::start().await;
+    let hostname = ada.request_vm(&desk.url, "ada@example.org").await;
+    let vnc = desk.paint(&hostname).await;
+    let received = ada.wait_for_stage("received").await;
+    assert!(received.contains("open your desktop"), "{received}");
+    // Her VM's VNC server takes connections on loopback only.
+    assert_loopback_only(vnc.port).await;
+    assert_vnc_server_lacks_token(&vnc);
+
+    // She opens her desktop: noVNC, the relay, the agent's tunnel, Xvnc.
+    let (result_window, desktop_window) = ada.open_desktop().await;
+    ada.wait_for_colour("the first connection", vnc.colour)
+        .await;
+    let title = ada.script("return document.title").await;
     assert!(title.as_str().unwrap().contains(&hostname), "{title}");
-    // The participant's first frame marks the desktop ready.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let record = desk.allocator.vm(&hostname.parse().unwrap()).await.unwrap();
-        let stage = record.assignment.unwrap().desktop.stage;
-        if stage == lablink::DesktopStage::Ready {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the desktop never became ready: {stage:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // A reload: the same desktop.
-    browser.go(&format!("{}/desktop", desk.url)).await;
-    browser.wait_for_colour("after a reload").await;
-    // The agent's tunnel drops (its process is killed; it is started again by nobody, so
-    // restart it as the provisioner would): the page reconnects by itself.
-    let connects = browser
-        .script("return window.lablinkDesktop.connects")
-        .await;
-    let (pid, _) = lablink_testkit::agents::agent_process(&hostname, &desk.url).unwrap();
-    let _ = Command::new("kill")
-        .arg("-STOP")
-        .arg(pid.to_string())
-        .status();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = Command::new("kill")
-        .arg("-CONT")
-        .arg(pid.to_string())
-        .status();
-    let _ = browser
-        .script("window.lablinkDesktop.connected = false; return null")
-        .await;
-    browser.wait_for_colour("after the tunnel dropped").await;
-    let again = browser
-        .script("return window.lablinkDesktop.connects")
-        .await;
-    assert!(
-        again.as_u64() >= connects.as_u64(),
-        "{connects} then {again}"
+    assert_eq!(
+        ada.script("return document.getElementById('status').textContent")
+            .await,
+        json!("Connected")
     );
-    // A second participant gets the other VM.
-    let (other, _, _) = desk.claim("grace@example.org").await;
+    // Its first frame made the desktop ready, and her result page says so.
+    ada.window(&result_window).await;
+    assert_eq!(ada.wait_for_stage("ready").await, "Your desktop is ready.");
+    let stages = ada.script("return window.stages").await;
+    let stages: Vec<&str> = stages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(
+        stages.ends_with(&["received", "ready"]),
+        "the stages the page showed: {stages:?}"
+    );
+    let assigned_at = desk
+        .allocator
+        .vm(&hostname.parse().unwrap())
+        .await
+        .unwrap()
+        .assignment
+        .unwrap()
+        .assigned_at;
+
+    // A reload: a new connection to the same desktop.
+    ada.window(&desktop_window).await;
+    let (sessions, _, _) = desk.relayed();
+    ada.post("/refresh", json!({})).await;
+    ada.wait_for_colour("after a reload", vnc.colour).await;
+    assert!(ada
+        .script("return document.title")
+        .await
+        .as_str()
+        .unwrap()
+        .contains(&hostname));
+    assert!(desk.relayed().0 > sessions, "the reload was relayed anew");
+
+    // The agent dies (SIGKILL: its tunnel's connection drops with it), and the page sees
+    // the connection drop.
+    let (connects, disconnects, _) = ada.desktop_state().await;
+    let (pid, _) = agent_process(&hostname, &desk.url).expect("the agent runs");
+    signal(pid, "KILL");
+    wait_until("the page to see the tunnel drop", PATIENCE, || async {
+        let (_, now, _) = ada.desktop_state().await;
+        (now > disconnects).then_some(())
+    })
+    .await;
+    // The VM comes back as a rebooted one would: the same token and state, a new process.
+    let record = desk.allocator.vm(&hostname.parse().unwrap()).await.unwrap();
+    desk.provisioner
+        .reboot(&ProvisionedVm {
+            hostname: record.hostname.clone(),
+            instance_id: record.instance_id.clone().unwrap(),
+            address: None,
+            instance_type: None,
+        })
+        .await
+        .unwrap();
+    wait_until("the agent to run again", PATIENCE, || async {
+        agent_process(&hostname, &desk.url).filter(|(new_pid, _)| *new_pid != pid)
+    })
+    .await;
+    // The page reconnects by itself through the new agent's tunnel.
+    ada.wait_for_colour("after the tunnel dropped", vnc.colour)
+        .await;
+    let (again, _, connected) = ada.desktop_state().await;
+    assert!(connected && again > connects, "{connects} then {again}");
+    // Without a new VM request: the same assignment, the only one.
+    let record = desk.allocator.vm(&hostname.parse().unwrap()).await.unwrap();
+    let assignment = record.assignment.expect("still assigned");
+    assert_eq!(assignment.assigned_at, assigned_at, "the same assignment");
+    assert_eq!(assignment.email.as_str(), "ada@example.org");
+    assert_eq!(desk.allocator.counts().await.unwrap().assigned, 1);
+    ada.window(&result_window).await;
+    ada.wait_for_stage("ready").await;
+
+    // Grace, in another browser, gets the other VM and sees its desktop.
+    let grace = Browser::start().await;
+    let other = grace.request_vm(&desk.url, "grace@example.org").await;
     assert_ne!(other, hostname);
+    let other_vnc = desk.paint(&other).await;
+    grace.wait_for_stage("received").await;
+    grace.open_desktop().await;
+    grace
+        .wait_for_colour("the second participant's desktop", other_vnc.colour)
+        .await;
+
+    // The participant socket reaches the caller's VM only.
+    let socket = desk.ws_url("/desktop/websockify");
+    let ada_cookie = ada.participant_cookie().await;
+    let grace_cookie = grace.participant_cookie().await;
+    let before = (desk.relayed().0, desk.tunnels().await);
+    // No cookie: the page sends the browser to `/`, the socket is refused before any VM is
+    // asked for a tunnel.
+    let page = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/desktop", desk.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::SEE_OTHER);
+    assert_eq!(page.headers()[reqwest::header::LOCATION], "/");
+    assert_eq!(refused(&socket, &[]).await, StatusCode::UNAUTHORIZED);
+    // Grace's signed cookie with Ada's email in it: refused.
+    let (_, signature) = grace_cookie
+        .trim_start_matches("lablink_participant=")
+        .split_once('.')
+        .unwrap();
+    let forged = format!(
+        "lablink_participant={}.{signature}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("ada@example.org")
+    );
+    assert_eq!(
+        refused(&socket, &[("cookie", forged)]).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // Ada's own cookie from another site's page: refused.
+    assert_eq!(
+        refused(
+            &socket,
+            &[
+                ("cookie", ada_cookie.clone()),
+                ("origin", "http://evil.example.com".into())
+            ]
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    // A participant cookie on the admin's socket of the other VM: refused (sent to the
+    // admin's sign-in page).
+    let admin_socket = refused(
+        &desk.ws_url(&format!("/admin/vms/{other}/desktop/websockify?control=1")),
+        &[("cookie", ada_cookie.clone())],
+    )
+    .await;
+    assert!(
+        [StatusCode::UNAUTHORIZED, StatusCode::SEE_OTHER].contains(&admin_socket),
+        "{admin_socket}"
+    );
+    assert_eq!(
+        (desk.relayed().0, desk.tunnels().await),
+        before,
+        "a refused socket relays nothing and asks no VM for a tunnel"
+    );
+    // Ada's cookie, even naming Grace's VM, reaches Ada's VM.
+    let page = reqwest::Client::new()
+        .get(format!("{}/desktop", desk.url))
+        .header("cookie", &ada_cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let password = page
+        .split("data-password=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no password on the desktop page: {page}"))
+        .to_owned();
+    let mut rfb = Rfb::connect(
+        &desk.ws_url(&format!("/desktop/websockify?hostname={other}")),
+        &[("cookie", ada_cookie)],
+        &password,
+    )
+    .await;
+    assert!(rfb.frame().await.share_of(vnc.colour) > 0.99, "Ada's VM");
+
+    // The agent side: Ada's VM's token for an id no browser waits for, and for Grace's VM.
+    let (_, token) = agent_process(&hostname, &desk.url).unwrap();
+    let bearer = [("authorization", format!("Bearer {token}"))];
+    let id = uuid::Uuid::new_v4().simple();
+    assert_eq!(
+        refused(
+            &desk.ws_url(&format!("/api/v1/vms/{hostname}/tunnel/{id}")),
+            &bearer
+        )
+        .await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        refused(
+            &desk.ws_url(&format!("/api/v1/vms/{other}/tunnel/{id}")),
+            &bearer
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_view_only_session_gets_frames_but_its_input_never_reaches_the_vm() {
+    find_binary("xdotool", "xdotool");
+    find_binary("xset", "x11-xserver-utils");
+    let desk = Desk::start(&[MAGENTA]).await;
+    let (hostname, pin) = desk.claim("viewer@example.org").await;
+    let vnc = desk.paint(&hostname).await;
+    let password = lablink_agent::vnc::password_of_pin(&pin);
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN_USER}:{ADMIN_PASSWORD}"))
+    );
+    let auth = [("authorization", basic.clone())];
+    // The admin's page is view-only unless asked otherwise.
+    let page = reqwest::Client::new()
+        .get(format!("{}/admin/vms/{hostname}/desktop", desk.url))
+        .header("authorization", &basic)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("(view only)") && page.contains(r#"data-view-only="true""#),
+        "{page}"
+    );
+
+    // View-only: frames arrive...
+    let start = pointer(vnc.display);
+    assert!(!caps_lock(vnc.display), "Caps Lock starts off");
+    let target = ((start.0 + 37) % 600, (start.1 + 23) % 400);
+    let view = desk.ws_url(&format!("/admin/vms/{hostname}/desktop/websockify"));
+    let mut rfb = Rfb::connect(&view, &auth, &password).await;
+    assert!(
+        rfb.frame().await.share_of(vnc.colour) > 0.99,
+        "the view shows the VM"
+    );
+    // ... but a pointer move and a Caps Lock press do not reach the VM. The next frame is
+    // the barrier: the VM's server answered it, so it handled whatever came before.
+    let (_, to_vms, dropped) = desk.relayed();
+    rfb.input(target.0, target.1).await;
+    rfb.frame().await;
+    let (_, to_vms_after, dropped_after) = desk.relayed();
+    assert_eq!(
+        dropped_after - dropped,
+        3,
+        "the relay dropped the three events"
+    );
+    assert_eq!(
+        to_vms_after - to_vms,
+        10,
+        "only the frame request reached the VM"
+    );
+    assert_eq!(pointer(vnc.display), start, "the pointer did not move");
+    assert!(!caps_lock(vnc.display), "Caps Lock stayed off");
+
+    // With control the same events arrive: the checks above can fail.
+    let control = desk.ws_url(&format!(
+        "/admin/vms/{hostname}/desktop/websockify?control=1"
+    ));
+    let mut rfb = Rfb::connect(&control, &auth, &password).await;
+    assert!(rfb.frame().await.share_of(vnc.colour) > 0.99);
+    let (_, to_vms, dropped) = desk.relayed();
+    rfb.input(target.0, target.1).await;
+    rfb.frame().await;
+    let (_, to_vms_after, dropped_after) = desk.relayed();
+    assert_eq!(dropped_after, dropped, "control drops nothing");
+    assert_eq!(to_vms_after - to_vms, 6 + 8 + 8 + 10);
+    wait_until("the pointer to move", PATIENCE, || async {
+        (pointer(vnc.display) == target).then_some(())
+    })
+    .await;
+    wait_until("Caps Lock to go on", PATIENCE, || async {
+        caps_lock(vnc.display).then_some(())
+    })
+    .await;
 }

@@ -416,8 +416,9 @@ impl Metrics {
         &self,
         supervision: Option<&SupervisorStatus>,
         fleet: Option<scrape::Fleet>,
+        desktop: &scrape::Desktop,
     ) -> Result<String, std::fmt::Error> {
-        let scraped = scrape::registry(supervision, fleet);
+        let scraped = scrape::registry(supervision, fleet, desktop);
         let mut out = String::with_capacity(16 * 1024);
         prometheus_text::encode(&mut out, &self.registry)?;
         prometheus_text::encode(&mut out, &scraped)?;
@@ -536,6 +537,15 @@ pub async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> ApiR
     } else {
         None
     };
+    let relay = state.desktop_relay();
+    let (sessions, to_browsers, to_vms, dropped) = relay.counts();
+    let desktop = scrape::Desktop {
+        sessions,
+        to_browsers,
+        to_vms,
+        dropped,
+        live: relay.live(),
+    };
     let body = state
         .inner
         .metrics
@@ -546,6 +556,7 @@ pub async fn metrics(State(state): State<HttpState>, headers: HeaderMap) -> ApiR
                 usage,
                 prices: &state.options().prices,
             }),
+            &desktop,
         )
         .map_err(|_| {
             ApiError::new(

@@ -58,7 +58,9 @@ pub struct StatusView {
     pub message: String,
     /// Whether the page should ask for a fresh command.
     pub needs_command: bool,
-    /// Where to go once ready.
+    /// Where the desktop opens: Chrome Remote Desktop once ready; the browser desktop
+    /// (`/desktop`) as soon as the VM has the session, since its first frame there is what
+    /// makes it ready.
     pub link: Option<&'static str>,
 }
 
@@ -80,7 +82,9 @@ impl StatusView {
             (DesktopStage::Assigned, _) => {
                 "Your VM is assigned; waiting for it to pick up your session…".to_owned()
             }
-            (DesktopStage::Received, _) if browser => "Your VM is starting your desktop…".into(),
+            (DesktopStage::Received, _) if browser => {
+                "Your VM has your session: open your desktop.".into()
+            }
             (DesktopStage::Received, _) => {
                 "Your VM got your command and is starting Chrome Remote Desktop…".into()
             }
@@ -100,7 +104,7 @@ impl StatusView {
             needs_command: !browser && d.stage == DesktopStage::Failed,
             link: match (d.stage, browser) {
                 (DesktopStage::Ready, false) => Some(CRD_ACCESS),
-                (DesktopStage::Ready, true) => Some("/desktop"),
+                (DesktopStage::Received | DesktopStage::Ready, true) => Some("/desktop"),
                 _ => None,
             },
         }

@@ -34,7 +34,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use lablink_core::Allocator as _;
-use lablink_core::{DesktopChange, DesktopMode, DesktopReport, DesktopStage, Hostname, TunnelRequest, VmRecord};
+use lablink_core::{
+    DesktopChange, DesktopMode, DesktopReport, DesktopStage, Hostname, TunnelRequest, VmRecord,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -548,15 +550,22 @@ mod tests {
 
     #[test]
     fn the_page_template_compiles_and_escapes() {
-        let html = page_template()
-            .get_template("desktop.html")
-            .unwrap()
-            .render(minijinja::context! {
-                hostname => "vm-1", socket => "/desktop/websockify",
-                password => "12\"<34", view_only => true, novnc => true,
-            })
-            .unwrap();
+        let render = |view_only: bool| {
+            super::super::templates::Templates::new()
+                .render(
+                    "desktop.html",
+                    minijinja::context! {
+                        hostname => "vm-1", socket => "/desktop/websockify",
+                        password => "12\"<34", view_only => view_only, novnc => true,
+                    },
+                )
+                .unwrap()
+        };
+        let html = render(true);
         assert!(html.contains("/desktop.js"));
         assert!(!html.contains("12\"<34"), "attribute values are escaped");
+        // The script compares with the text `true` (minijinja writes booleans `True`).
+        assert!(html.contains(r#"data-view-only="true""#), "{html}");
+        assert!(render(false).contains(r#"data-view-only="false""#));
     }
 }

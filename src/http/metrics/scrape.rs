@@ -40,10 +40,73 @@ pub(super) struct Fleet<'a> {
     pub prices: &'a Prices,
 }
 
+/// What this replica's browser-desktop relay moved (counted since it started).
+pub(super) struct Desktop {
+    /// Sessions that reached the relaying stage.
+    pub sessions: u64,
+    /// Bytes from VMs to browsers.
+    pub to_browsers: u64,
+    /// Bytes from browsers to VMs.
+    pub to_vms: u64,
+    /// Client messages view-only sessions dropped.
+    pub dropped: u64,
+    /// Sessions waiting for their tunnel or relaying now.
+    pub live: usize,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+fn register_desktop(r: &mut Registry, d: &Desktop) {
+    let counter = |value: u64| {
+        let c = Counter::<u64, AtomicU64>::default();
+        c.inc_by(value);
+        c
+    };
+    r.register(
+        "lablink_desktop_sessions",
+        "Browser-desktop sessions this replica relayed (participants' and admins')",
+        counter(d.sessions),
+    );
+    let bytes = Family::<DirectionLabels, Counter<u64, AtomicU64>>::default();
+    bytes
+        .get_or_create(&DirectionLabels {
+            direction: "to_browser",
+        })
+        .inc_by(d.to_browsers);
+    bytes
+        .get_or_create(&DirectionLabels { direction: "to_vm" })
+        .inc_by(d.to_vms);
+    r.register(
+        "lablink_desktop_relayed_bytes",
+        "Bytes this replica relayed between browsers and VMs' desktops, by direction",
+        bytes,
+    );
+    r.register(
+        "lablink_desktop_input_dropped",
+        "Keyboard, pointer and clipboard messages view-only admin sessions dropped",
+        counter(d.dropped),
+    );
+    gauge(
+        r,
+        "lablink_desktop_sessions_live",
+        "Browser-desktop sessions on this replica now (waiting for their tunnel or relaying)",
+        i64::try_from(d.live).unwrap_or(i64::MAX),
+    );
+}
+
 /// The series read at scrape time: `lablink_fleet_exporter`, the fleet's gauges when this
-/// replica exports them (`fleet` holds the VMs then), and this replica's supervisor.
-pub(super) fn registry(supervision: Option<&SupervisorStatus>, fleet: Option<Fleet>) -> Registry {
+/// replica exports them (`fleet` holds the VMs then), this replica's supervisor and its
+/// browser-desktop relay.
+pub(super) fn registry(
+    supervision: Option<&SupervisorStatus>,
+    fleet: Option<Fleet>,
+    desktop: &Desktop,
+) -> Registry {
     let mut r = Registry::default();
+    register_desktop(&mut r, desktop);
     gauge(
         &mut r,
         "lablink_fleet_exporter",
