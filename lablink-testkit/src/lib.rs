@@ -11,7 +11,8 @@
 //! - The shared helpers: the admin account ([`ADMIN_USER`], [`ADMIN_PASSWORD`],
 //!   [`admin_hash`]), a participant's CRD command ([`crd_command`]), JSON answers
 //!   ([`json_of`], [`expect_error`]), polling ([`wait_until`]), a throwaway PostgreSQL
-//!   database ([`TestDatabase`]) and captured logs ([`captured_logs`]).
+//!   database ([`TestDatabase`]), captured logs ([`captured_logs`]) and a participant's
+//!   status stream ([`StatusEvents`]).
 //!
 //! The tests that need both the allocator and the agent live in this crate's `tests/`, so
 //! neither `lablink` nor `lablink-agent` dev-depends on the other.
@@ -26,10 +27,12 @@ use serde_json::Value;
 
 mod agents;
 mod database;
+mod events;
 mod server;
 
 pub use agents::{agent_process, agent_program, install_executable, script, Rig, Workdir};
 pub use database::TestDatabase;
+pub use events::StatusEvents;
 pub use server::{browser, TestServer, TokenProvisioner};
 
 /// The admin's user name on every test server.

@@ -13,10 +13,11 @@ use std::time::Duration;
 use lablink::collect::{CollectSettings, Collector};
 use lablink::{AllocatorConfig, LabLink, LocalDirArtifactStore, Reuse};
 use lablink_testkit::{
-    crd_command, free_addr, script, wait_until, Rig, Workdir, ADMIN_PASSWORD, ADMIN_USER,
+    crd_command, free_addr, script, wait_until, Rig, StatusEvents, Workdir, ADMIN_PASSWORD,
+    ADMIN_USER,
 };
 use reqwest::header::ACCEPT;
-use reqwest::{Client, Response, StatusCode};
+use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -62,73 +63,8 @@ impl Participant {
         )
     }
 
-    async fn status_stream(&self, rig: &Rig) -> Events {
-        let response = self
-            .client
-            .get(rig.url("/api/participant/status"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        Events {
-            response,
-            buffer: String::new(),
-            raw: String::new(),
-        }
-    }
-}
-
-/// The participant's server-sent status events, read one by one.
-struct Events {
-    response: Response,
-    buffer: String,
-    /// Everything the stream said.
-    raw: String,
-}
-
-impl Events {
-    /// The next `status` event's data.
-    async fn next_status(&mut self) -> Value {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let frame: String = self.buffer.drain(..end + 2).collect();
-                let mut name = String::from("message");
-                let mut data = String::new();
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                match name.as_str() {
-                    "status" => return serde_json::from_str(&data).unwrap(),
-                    "released" => panic!("the stream said released: {data}"),
-                    _ => continue,
-                }
-            }
-            let chunk = tokio::time::timeout(PATIENCE, self.response.chunk())
-                .await
-                .expect("no status event in time")
-                .unwrap()
-                .expect("the status stream ended");
-            let text = String::from_utf8_lossy(&chunk);
-            self.raw.push_str(&text);
-            self.buffer.push_str(&text);
-        }
-    }
-
-    /// Status events up to (and with) the first in `stage`.
-    async fn until(&mut self, stage: &str) -> Vec<Value> {
-        let mut seen = Vec::new();
-        loop {
-            let status = self.next_status().await;
-            let done = status["stage"] == stage;
-            seen.push(status);
-            if done {
-                return seen;
-            }
-        }
+    async fn status_stream(&self, rig: &Rig) -> StatusEvents {
+        StatusEvents::open(&self.client, &rig.url("")).await
     }
 }
 

@@ -4,68 +4,10 @@
 //! nothing, the participant releases the VM, and only the browser that got the VM gets any
 //! of it. No answer holds the code or the PIN.
 
-use std::time::Duration;
-
-use lablink_testkit::{crd_command, expect_error, json_of, TestServer};
+use lablink_testkit::{crd_command, expect_error, json_of, StatusEvents, TestServer};
 use reqwest::header::ACCEPT;
 use reqwest::{Response, StatusCode};
 use serde_json::{json, Value};
-
-/// A server-sent event stream, read event by event.
-struct Events {
-    response: Response,
-    buffer: String,
-}
-
-impl Events {
-    async fn open(server: &TestServer) -> Self {
-        let response = server
-            .browser
-            .get(server.url("/api/participant/status"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        Self {
-            response,
-            buffer: String::new(),
-        }
-    }
-
-    /// The next event's name and data (comments and keep-alives skipped).
-    async fn next(&mut self) -> (String, String) {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let frame: String = self.buffer.drain(..end + 2).collect();
-                let mut name = String::from("message");
-                let mut data = String::new();
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().to_owned();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-                if !data.is_empty() {
-                    return (name, data);
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(Duration::from_secs(30), self.response.chunk())
-                .await
-                .expect("no event within 30 s")
-                .unwrap()
-                .expect("the stream ended");
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
-        }
-    }
-
-    async fn status(&mut self) -> Value {
-        let (name, data) = self.next().await;
-        assert_eq!(name, "status", "{data}");
-        serde_json::from_str(&data).unwrap()
-    }
-}
 
 async fn report(server: &TestServer, h: &str, desktop: Value) {
     let r = server
@@ -98,7 +40,7 @@ async fn the_status_follows_the_agent_and_a_fresh_command_after_a_failure_is_a_n
     let (status, granted) = json_of(server.request_vm("ada@lab.org", "4/first-code").await).await;
     assert_eq!(status, StatusCode::OK, "{granted}");
     let pin = granted["pin"].as_str().unwrap().to_owned();
-    let mut events = Events::open(&server).await;
+    let mut events = StatusEvents::open(&server.browser, &server.url("")).await;
     let s = events.status().await;
     assert_eq!(
         (s["stage"].as_str(), s["attempt"].as_u64()),
@@ -246,6 +188,6 @@ async fn the_status_follows_the_agent_and_a_fresh_command_after_a_failure_is_a_n
         "the assignment is in the VM's history"
     );
     for secret in ["4/first-code", "4/second-code", pin.as_str()] {
-        assert!(!events.buffer.contains(secret) && !body.to_string().contains(secret));
+        assert!(!events.raw.contains(secret) && !body.to_string().contains(secret));
     }
 }

@@ -395,15 +395,36 @@ async fn participant_socket(
 ) -> ApiResult<Response> {
     browser_mode(&state)?;
     let record = participant_vm(&state, &headers).await?;
-    same_origin(&headers)?;
-    let upgrade = upgrade.map_err(not_websocket)?;
-    let reached = reach_vm(&state, &record.hostname).await?;
-    Ok(relay_session(
+    connect(
         state,
+        &headers,
         upgrade,
         record.hostname,
         Access::Control,
         true,
+    )
+    .await
+}
+
+/// Checks the socket's origin and upgrade, has the VM's agent open its tunnel, and relays
+/// the session (`participant`: a participant's, whose first frame marks the desktop ready).
+async fn connect(
+    state: HttpState,
+    headers: &HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    hostname: Hostname,
+    access: Access,
+    participant: bool,
+) -> ApiResult<Response> {
+    same_origin(headers)?;
+    let upgrade = upgrade.map_err(not_websocket)?;
+    let reached = reach_vm(&state, &hostname).await?;
+    Ok(relay_session(
+        state,
+        upgrade,
+        hostname,
+        access,
+        participant,
         reached,
     ))
 }
@@ -468,19 +489,16 @@ async fn admin_socket(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     browser_mode(&state)?;
-    let access = query.access();
     let record = assigned_vm(&state, &name).await?;
-    same_origin(&headers)?;
-    let upgrade = upgrade.map_err(not_websocket)?;
-    let reached = reach_vm(&state, &record.hostname).await?;
-    Ok(relay_session(
+    connect(
         state,
+        &headers,
         upgrade,
         record.hostname,
-        access,
+        query.access(),
         false,
-        reached,
-    ))
+    )
+    .await
 }
 
 /// `GET /api/v1/vms/{hostname}/tunnel/{id}`: the agent's side of session `id` (its VM
