@@ -11,8 +11,8 @@ use crate::audit::{AuditEntry, AuditQuery};
 use crate::registration::{MachineRegistration, Registered, RegistrationToken};
 use crate::secret::{Pin, RegistrationSecret};
 use crate::{
-    AgentToken, Assignment, CrdCommand, DesktopChange, Email, Error, ErrorKind, Hostname, Operation, Result,
-    SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
+    AgentToken, Assignment, CrdCommand, DesktopChange, Email, Error, ErrorKind, Hostname,
+    Operation, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs, VmRecord,
 };
 
 /// A participant asking for a VM.

@@ -11,9 +11,8 @@ use chrono::{DateTime, SubsecRound, TimeZone, Utc};
 use futures::stream::{self, StreamExt};
 use lablink_core::testing::store::{claim_request, host};
 use lablink_core::{
-    DesktopSession,
-    AgentStatus, AgentToken, Assignment, ErrorKind, GpuHealth, MemoryVmStore, Phase,
-    StartupTimings, VmEvent, VmFilter, VmRecord, VmState, VmStore,
+    AgentStatus, AgentToken, Assignment, DesktopSession, ErrorKind, GpuHealth, MemoryVmStore,
+    Phase, StartupTimings, VmEvent, VmFilter, VmRecord, VmState, VmStore,
 };
 use lablink_postgres::PgVmStore;
 use sqlx::PgPool;

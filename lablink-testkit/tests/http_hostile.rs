@@ -413,7 +413,10 @@ async fn a_repeat_for_someone_elses_email_reveals_neither_vm_nor_pin() {
     assert_eq!(st, StatusCode::OK);
     assert_eq!(again, first);
     let record = s.record(hostname).await;
-    assert_eq!(record.assignment.unwrap().crd_command.unwrap().code(), "4/ada");
+    assert_eq!(
+        record.assignment.unwrap().crd_command.unwrap().code(),
+        "4/ada"
+    );
 }
 
 /// A client whose requests come from `addr` (any 127.x.y.z reaches the server).

@@ -11,10 +11,9 @@ use lablink_core::registration::Registered;
 use lablink_core::secret::RegistrationSecret;
 use lablink_core::{
     AgentToken, Allocator, Assignment, AuditEntry, AuditQuery, BeforeDestroy, DesktopChange,
-    DestroyTarget, Email,
-    Error, Granted, Hostname, LaunchOptions, MachineRegistration, Operation, RegistrationToken,
-    RegistrationTokenOptions, Result, SupervisorStatus, Telemetry, VmCounts, VmFilter, VmLogs,
-    VmRecord, VmRequest, VmState,
+    DestroyTarget, Email, Error, Granted, Hostname, LaunchOptions, MachineRegistration, Operation,
+    RegistrationToken, RegistrationTokenOptions, Result, SupervisorStatus, Telemetry, VmCounts,
+    VmFilter, VmLogs, VmRecord, VmRequest, VmState,
 };
 use uuid::Uuid;
 

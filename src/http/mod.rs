@@ -67,8 +67,8 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 
 pub use admin_auth::hash_password;
-pub use desktop::{DesktopOptions, Relay};
 pub use client::RateLimit;
+pub use desktop::{DesktopOptions, Relay};
 pub use error::{status_for, ApiError, ApiResult};
 pub use live::MAX_LIVE_VIEWS;
 pub use metrics::Metrics;

@@ -9,12 +9,12 @@ use uuid::Uuid;
 
 use crate::archive::RemovedVm;
 use crate::audit::{AuditEntry, AuditQuery, BoundedAuditLog};
+use crate::desktop::DesktopSession;
 use crate::logs::BoundedLog;
 use crate::registration::{self, MachineRegistration, Registered, RegistrationToken};
 use crate::secret::TokenDigest;
 use crate::store::{ClaimRequest, Claimed, LeaderLease, ProvisioningLock};
 use crate::usage::FleetUsage;
-use crate::desktop::DesktopSession;
 use crate::{
     Assignment, Email, Error, ErrorKind, Hostname, LogStream, Operation, Result, Telemetry,
     VmCounts, VmEvent, VmFilter, VmLogs, VmRecord, VmStore,
