@@ -1166,6 +1166,40 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
         .await,
         StatusCode::FORBIDDEN
     );
+
+    // A third participant while both VMs are taken: the page says it waits for a VM and asks
+    // again by itself; once Grace is done (she releases hers), the waiting page gets it.
+    let lin = Browser::start().await;
+    lin.go(&format!("{}/", desk.url)).await;
+    let email_field = lin.find("#email").await;
+    lin.post(
+        &format!("/element/{email_field}/value"),
+        json!({"text": "lin@example.org"}),
+    )
+    .await;
+    let button = lin.find("form button[type=submit]").await;
+    lin.post(&format!("/element/{button}/click"), json!({})).await;
+    lin.wait_for(
+        "the page to say it waits for a VM",
+        "const s = document.getElementById('request-status');
+         return !!s && !s.hidden && s.textContent.startsWith('Waiting for a VM')",
+    )
+    .await;
+    let done = reqwest::Client::new()
+        .post(format!("{}/api/participant/release", desk.url))
+        .header("cookie", &grace_cookie)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), StatusCode::OK);
+    let got = lin
+        .wait_for(
+            "the waiting page to get the released VM",
+            "const h = document.querySelector('#hostname'); return h && h.textContent",
+        )
+        .await;
+    assert_eq!(got, json!(other.as_str()), "Lin got Grace's released VM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

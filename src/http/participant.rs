@@ -9,13 +9,17 @@
 //! - `POST /api/participant/release`: the participant is done; the VM is released (and reset
 //!   or replaced, as `[allocator] reuse` says).
 //!
-//! No answer holds a code or a PIN.
+//! - `GET /vm`: the page of this browser's VM (the one the request's answer shows), to come
+//!   back to; a browser without a VM goes to `/`.
+//!
+//! No answer but `/vm` (the PIN, to the browser that got it) holds a code or a PIN.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,6 +39,7 @@ use super::HttpState;
 /// The participant status routes.
 pub fn routes() -> Router<HttpState> {
     Router::new()
+        .route("/vm", get(my_vm))
         .route("/api/participant/status", get(status))
         .route("/api/participant/command", post(new_command))
         .route("/api/participant/release", post(release))
@@ -109,6 +114,27 @@ impl StatusView {
             },
         }
     }
+}
+
+/// `GET /vm`: this browser's VM, as the answer to its request showed it.
+async fn my_vm(State(state): State<HttpState>, headers: HeaderMap) -> Response {
+    let record = match participant_vm(&state, &headers).await {
+        Ok(record) => record,
+        Err(e) if e.status() == StatusCode::UNAUTHORIZED => return Redirect::to("/").into_response(),
+        Err(e) => return e.into_response(),
+    };
+    let Some(a) = record.assignment.as_ref() else {
+        return Redirect::to("/").into_response();
+    };
+    state.inner.templates.page(
+        StatusCode::OK,
+        "result.html",
+        serde_json::json!({
+            "title": "Your VM", "message": "This is your VM.", "kind": "success",
+            "outcome": "assigned", "hostname": record.hostname, "pin": a.pin.expose(),
+            "browser": a.crd_command.is_none(),
+        }),
+    )
 }
 
 /// How long one wait for a change is held before the stream looks again.
