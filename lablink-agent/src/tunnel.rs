@@ -19,7 +19,7 @@ use crate::config::ApiToken;
 /// How long dialing the allocator may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the VNC server per message.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
 
 /// Why a tunnel did not open. Never holds the token.
 #[derive(Debug, thiserror::Error)]
@@ -103,11 +103,22 @@ pub async fn relay(url: &Url, token: Option<&ApiToken>, vnc_port: u16) -> Result
     let up = async {
         let mut buf = vec![0u8; CHUNK];
         loop {
-            match from_vnc.read(&mut buf).await {
+            // What the VNC server has at hand goes out together: the socket is flushed only
+            // when the next read would wait.
+            let read = match from_vnc.try_read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if to_allocator.flush().await.is_err() {
+                        break;
+                    }
+                    from_vnc.read(&mut buf).await
+                }
+                read => read,
+            };
+            match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     let message = Message::Binary(buf[..n].to_vec().into());
-                    if to_allocator.send(message).await.is_err() {
+                    if to_allocator.feed(message).await.is_err() {
                         break;
                     }
                 }

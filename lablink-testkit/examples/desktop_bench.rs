@@ -1,7 +1,7 @@
 //! Measures the browser desktop (a benchmark, not a test): the time from 200 participants
 //! pressing "get a VM" at once to the first framebuffer update each one's RFB client gets
 //! through the allocator's relay, and the relay's throughput against a direct loopback
-//! connection to the same VNC server.
+//! connection to the same VNC server. Results: BENCHMARKS.md, "Browser desktop".
 //!
 //! ```text
 //! cargo run --release -p lablink-testkit --example desktop_bench
@@ -10,26 +10,34 @@
 //! The setup, all on this machine:
 //! - one real TigerVNC `Xvnc` (Debian's `tigervnc-standalone-server`), 1280x800, painted with
 //!   `xsetroot`, VNC authentication with one password. It stands in for the 200 VMs' VNC
-//!   servers: every VM's tunnel ends at it (so the per-assignment PIN passwords cannot be
-//!   used; every client answers the challenge with the one password);
+//!   servers: every VM's tunnel ends at it, so the per-assignment PIN passwords cannot be
+//!   used (every client answers the challenge with the one password; the relay passes the
+//!   same handshake either way), and its per-address blacklist is turned off (all tunnels
+//!   come from 127.0.0.1);
 //! - the allocator in-process in browser mode (`[desktop] mode = "browser"`) on the fake
-//!   provisioner, on 127.0.0.1, with 200 VMs reported running;
+//!   provisioner, listening on 127.0.0.1 as `lablink serve` does, with 200 VMs running;
 //! - one in-process "agent" per VM: the agent's own [`AllocatorClient`] long-polling its
 //!   assignment with `seen`, and for each new tunnel id the agent's own
-//!   [`tunnel::relay`] to the Xvnc port with the VM's token;
+//!   [`tunnel::relay`] to the VNC port, with the VM's token. During the burst that port is
+//!   a [`Gate`] in front of Xvnc, standing in for the VMs' own listeners (Xvnc's backlog of
+//!   5 cannot take 200 connections in a second; `DESKTOP_BENCH_NO_GATE=1` shows what
+//!   happens without it);
 //! - 200 participants, each with a cookie-keeping client: `POST /api/request_vm`, then the
 //!   WebSocket `/desktop/websockify` with the participant cookie and a same-site `Origin`,
-//!   then RFB 3.8 (VNC authentication, shared ClientInit, SetEncodings raw, one full
-//!   non-incremental FramebufferUpdateRequest). A participant's time runs from submitting
-//!   the request to the header of the first FramebufferUpdate; each then reads the whole
-//!   frame and keeps its session open until all 200 are done.
+//!   then RFB 3.8 (VNC authentication, shared ClientInit, SetEncodings raw, or ZRLE with
+//!   `DESKTOP_BENCH_ENCODING=zrle`, one full non-incremental FramebufferUpdateRequest). A
+//!   participant's time runs from submitting the request to the header of the first
+//!   FramebufferUpdate; each then reads the whole frame and keeps its session open until
+//!   all 200 are done;
+//! - then one session reads whole raw frames for 5 s through the relay (its tunnel straight
+//!   to Xvnc) and the same client reads them from Xvnc's port directly, twice each.
 //!
 //! Every step is bounded; Xvnc is killed when the benchmark ends (or fails, or is
 //! interrupted).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +45,7 @@ use futures::{SinkExt as _, StreamExt as _};
 use lablink::{DesktopMode, DesktopStage, LabLink};
 use lablink_agent::client::AllocatorClient;
 use lablink_agent::{tunnel, AgentConfig};
-use lablink_testkit::TestServer;
+use lablink_testkit::{admin_options, TestServer, TokenProvisioner};
 use reqwest::cookie::CookieStore as _;
 use reqwest::Url;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -63,6 +71,9 @@ const STEP: Duration = Duration::from_secs(20);
 const PARTICIPANT_DEADLINE: Duration = Duration::from_secs(60);
 /// Longest the whole benchmark may take.
 const OVERALL: Duration = Duration::from_secs(170);
+/// RFB encodings: raw, and ZRLE (zlib-compressed tiles, which noVNC also speaks).
+const RAW: i32 = 0;
+const ZRLE: i32 = 16;
 /// The agents' long-poll hold.
 const HOLD: Duration = Duration::from_secs(30);
 
@@ -104,6 +115,18 @@ struct Xvnc {
 
 impl Drop for Xvnc {
     fn drop(&mut self) {
+        // SIGTERM first, so that Xvnc removes its display's lock file and socket.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -126,6 +149,10 @@ impl Xvnc {
             .arg(&password_file)
             .args(["-SecurityTypes", "VncAuth", "-geometry"])
             .arg(format!("{WIDTH}x{HEIGHT}"))
+            // TigerVNC counts each connection not authenticated yet against its address and
+            // refuses the address from the 5th on (BlacklistThreshold): every tunnel comes
+            // from 127.0.0.1 here, where each VM's server sees only its own agent's.
+            .args(["-BlacklistThreshold", "1000000"])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -319,7 +346,17 @@ impl Rfb {
 
     /// SetEncodings: raw only.
     async fn raw_only(&mut self) -> Result<(), Failure> {
-        self.send(&[2, 0, 0, 1, 0, 0, 0, 0]).await
+        self.encodings(&[RAW]).await
+    }
+
+    /// SetEncodings: `encodings`, preferred first.
+    async fn encodings(&mut self, encodings: &[i32]) -> Result<(), Failure> {
+        let mut message = vec![2, 0];
+        message.extend_from_slice(&(encodings.len() as u16).to_be_bytes());
+        for e in encodings {
+            message.extend_from_slice(&e.to_be_bytes());
+        }
+        self.send(&message).await
     }
 
     /// A non-incremental FramebufferUpdateRequest for the whole screen.
@@ -359,7 +396,12 @@ impl Rfb {
             let w = u16::from_be_bytes([head[4], head[5]]) as usize;
             let h = u16::from_be_bytes([head[6], head[7]]) as usize;
             match i32::from_be_bytes(head[8..12].try_into().unwrap()) {
-                0 => self.skip(w * h * self.bytes_per_pixel).await?,
+                RAW => self.skip(w * h * self.bytes_per_pixel).await?,
+                ZRLE => {
+                    let len = self.take(4).await?;
+                    self.skip(u32::from_be_bytes(len.try_into().unwrap()) as usize)
+                        .await?;
+                }
                 -224 => break, // LastRect
                 -223 => {}     // DesktopSize
                 other => return Err(format!("unexpected encoding {other}")),
@@ -421,11 +463,15 @@ struct Times {
     whole_frame: Duration,
 }
 
+/// One of the [`Times`].
+type Stage = fn(&Times) -> Duration;
+
 /// A participant: requests a VM, opens its desktop, reads the first frame; keeps the
 /// session open until `release`. Sends its times (and cookie) to `done`.
 async fn participant(
     i: usize,
     base: String,
+    first_frame_encodings: &'static [i32],
     start: Arc<Barrier>,
     done: mpsc::Sender<Result<(Times, String), Failure>>,
     mut release: watch::Receiver<bool>,
@@ -462,13 +508,20 @@ async fn participant(
             .to_owned();
         let mut rfb = open_desktop(&base, &cookie).await?;
         let opened = t0.elapsed();
-        rfb.handshake(PASSWORD).await?;
+        rfb.handshake(PASSWORD)
+            .await
+            .map_err(|e| format!("in the VNC handshake: {e}"))?;
         let initialised = t0.elapsed();
-        rfb.raw_only().await?;
+        rfb.encodings(first_frame_encodings).await?;
         rfb.request_full().await?;
-        let rects = rfb.update_header().await?;
+        let rects = rfb
+            .update_header()
+            .await
+            .map_err(|e| format!("waiting for the first update: {e}"))?;
         let first_update = t0.elapsed();
-        rfb.update_body(rects).await?;
+        rfb.update_body(rects)
+            .await
+            .map_err(|e| format!("reading the first frame: {e}"))?;
         let whole_frame = t0.elapsed();
         let times = Times {
             claimed,
@@ -497,18 +550,77 @@ async fn participant(
     }
 }
 
+/// What the 200 participants at once got.
+struct Burst {
+    times: Vec<Times>,
+    failures: Vec<Failure>,
+    /// The cookie of a participant with a VM.
+    cookie: Option<String>,
+    /// From the start to the last participant's whole first frame.
+    wall: Duration,
+    /// Ends the participants' sessions (they stay open until then).
+    release: watch::Sender<bool>,
+    participants: tokio::task::JoinSet<()>,
+}
+
+impl Burst {
+    /// [`PARTICIPANTS`] participants starting at one instant, until each has its whole
+    /// first frame (or failed).
+    async fn run(base: &str, first_frame_encodings: &'static [i32]) -> Self {
+        let start = Arc::new(Barrier::new(PARTICIPANTS + 1));
+        let (done_tx, mut done_rx) = mpsc::channel(PARTICIPANTS);
+        let (release, release_rx) = watch::channel(false);
+        let mut participants = tokio::task::JoinSet::new();
+        for i in 0..PARTICIPANTS {
+            participants.spawn(participant(
+                i,
+                base.to_owned(),
+                first_frame_encodings,
+                start.clone(),
+                done_tx.clone(),
+                release_rx.clone(),
+            ));
+        }
+        drop(done_tx);
+        start.wait().await;
+        let t0 = Instant::now();
+        let (mut times, mut failures, mut cookie) = (Vec::new(), Vec::new(), None);
+        let deadline = tokio::time::Instant::now() + PARTICIPANT_DEADLINE + Duration::from_secs(5);
+        while times.len() + failures.len() < PARTICIPANTS {
+            match tokio::time::timeout_at(deadline, done_rx.recv()).await {
+                Ok(Some(Ok((t, c)))) => {
+                    times.push(t);
+                    cookie.get_or_insert(c);
+                }
+                Ok(Some(Err(e))) => failures.push(e),
+                Ok(None) => break,
+                Err(_) => {
+                    failures.push("some participants never finished".into());
+                    break;
+                }
+            }
+        }
+        Self {
+            times,
+            failures,
+            cookie,
+            wall: t0.elapsed(),
+            release,
+            participants,
+        }
+    }
+}
+
 /// A VM's agent, in-process: the agent's client long-polls the assignment with `seen` and
-/// each new tunnel id opens a tunnel to the shared Xvnc, as `lablink-agent` does.
+/// each new tunnel id opens a tunnel ([`tunnel::relay`]) to the VNC port `vnc_port` holds
+/// at that moment, as `lablink-agent` does.
 async fn agent(
-    base: Url,
-    hostname: String,
-    token: String,
-    vnc_port: u16,
+    config: AgentConfig,
+    client: AllocatorClient,
+    vnc_port: Arc<AtomicU16>,
     tunnels: Arc<AtomicU64>,
     failures: Arc<AtomicU64>,
 ) {
-    let config = AgentConfig::new(base, hostname.parse().expect("a hostname"), Some(token));
-    let client = AllocatorClient::new(&config);
     let mut seen: Option<String> = None;
     let mut last_tunnel: Option<String> = None;
     loop {
@@ -519,10 +631,11 @@ async fn agent(
                     let token = config.api_token.clone();
                     let (tunnels, failures) = (tunnels.clone(), failures.clone());
                     let url = tunnel::resolve(&config.allocator_url, &t.url);
+                    let port = vnc_port.load(Ordering::Relaxed);
                     tokio::spawn(async move {
                         tunnels.fetch_add(1, Ordering::Relaxed);
                         let opened = match url {
-                            Ok(url) => tunnel::relay(&url, token.as_ref(), vnc_port).await,
+                            Ok(url) => tunnel::relay(&url, token.as_ref(), port).await,
                             Err(e) => Err(e),
                         };
                         if let Err(e) = opened {
@@ -535,10 +648,89 @@ async fn agent(
             }
             Ok(None) => seen = None,
             Err(e) => {
-                eprintln!("{hostname}: the assignment poll failed: {e}");
+                eprintln!("{}: the assignment poll failed: {e}", config.vm_name);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
+    }
+}
+
+/// Connections the gate lets wait for Xvnc's accept at once: fewer than its listen backlog
+/// (5), so that none overflows it.
+const GATE_CONNECTS: usize = 4;
+
+/// Stands in for the VMs' own VNC listeners during the burst. Xvnc listens with a backlog
+/// of 5 and accepts in its one thread: 200 agents connecting to it within a second overflow
+/// it, and a connection whose final ACK the kernel dropped looks open to the agent while
+/// Xvnc accepts it only once the agent gives up (the session hangs until the browser does).
+/// On a VM each server gets one connection, its own agent's. The gate accepts the agents'
+/// connections at once (backlog 4096) and connects each to Xvnc with at most
+/// [`GATE_CONNECTS`] waiting for its greeting, then copies both ways.
+struct Gate {
+    port: u16,
+    /// How long each connection waited for Xvnc's greeting.
+    waits: Arc<std::sync::Mutex<Vec<Duration>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gate {
+    async fn start(xvnc_port: u16) -> Self {
+        let listener =
+            lablink::server::bind("127.0.0.1:0".parse().unwrap()).expect("the gate listens");
+        let port = listener.local_addr().unwrap().port();
+        let waits = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connecting = Arc::new(tokio::sync::Semaphore::new(GATE_CONNECTS));
+        let task = tokio::spawn({
+            let waits = waits.clone();
+            async move {
+                let mut sessions = tokio::task::JoinSet::new();
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    while sessions.try_join_next().is_some() {}
+                    sessions.spawn(gate_session(
+                        inbound,
+                        xvnc_port,
+                        connecting.clone(),
+                        waits.clone(),
+                    ));
+                }
+            }
+        });
+        Self { port, waits, task }
+    }
+}
+
+async fn gate_session(
+    mut inbound: TcpStream,
+    xvnc_port: u16,
+    connecting: Arc<tokio::sync::Semaphore>,
+    waits: Arc<std::sync::Mutex<Vec<Duration>>>,
+) {
+    let started = Instant::now();
+    let upstream = async {
+        let _permit = connecting.acquire().await.ok()?;
+        let mut upstream = TcpStream::connect(("127.0.0.1", xvnc_port)).await.ok()?;
+        let mut greeting = [0u8; 12];
+        upstream.read_exact(&mut greeting).await.ok()?;
+        Some((upstream, greeting))
+    };
+    let Ok(Some((mut upstream, greeting))) = tokio::time::timeout(STEP, upstream).await else {
+        eprintln!("the gate could not reach Xvnc within 20 s");
+        return;
+    };
+    waits.lock().unwrap().push(started.elapsed());
+    let _ = inbound.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    if inbound.write_all(&greeting).await.is_ok() {
+        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut upstream).await;
     }
 }
 
@@ -613,190 +805,21 @@ async fn relayed(base: &str, cookie: &str) -> Result<Rfb, Failure> {
     Ok(rfb)
 }
 
-/// The benchmark; whether every participant got its first frame.
-async fn run() -> bool {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "desktop_bench: {PARTICIPANTS} participants, {WIDTH}x{HEIGHT}; {cores} cores, load average {}",
-        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
-    );
-    let xvnc = Xvnc::start().await;
-    println!(
-        "Xvnc :{} on 127.0.0.1:{} (VncAuth, one password), painted {COLOUR}",
-        xvnc.display, xvnc.port
-    );
-
-    let mut config = lablink::AllocatorConfig::default();
-    config.desktop_mode = DesktopMode::Browser;
-    let server = TestServer::start_with(LabLink::builder().with_config(config), |options| {
-        options.desktop.mode = DesktopMode::Browser;
-    })
-    .await;
-    let started = Instant::now();
-    let hostnames = server.launch_ready(PARTICIPANTS).await;
-    assert_eq!(hostnames.len(), PARTICIPANTS, "VMs launched");
-    println!(
-        "{} VMs launched and running in {:.1} s",
-        hostnames.len(),
-        started.elapsed().as_secs_f64()
-    );
-
-    // The VMs' agents.
-    let base_url: Url = server.base.parse().unwrap();
-    let tunnels = Arc::new(AtomicU64::new(0));
-    let tunnel_failures = Arc::new(AtomicU64::new(0));
-    let mut agents = tokio::task::JoinSet::new();
-    for h in &hostnames {
-        agents.spawn(agent(
-            base_url.clone(),
-            h.clone(),
-            server.token(h),
-            xvnc.port,
-            tunnels.clone(),
-            tunnel_failures.clone(),
-        ));
-    }
-    // Let every agent's first poll arrive (they would be waiting long before a workshop).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-
-    // 200 participants at once.
-    let start = Arc::new(Barrier::new(PARTICIPANTS + 1));
-    let (done_tx, mut done_rx) = mpsc::channel(PARTICIPANTS);
-    let (release_tx, release_rx) = watch::channel(false);
-    let mut participants = tokio::task::JoinSet::new();
-    for i in 0..PARTICIPANTS {
-        participants.spawn(participant(
-            i,
-            server.base.clone(),
-            start.clone(),
-            done_tx.clone(),
-            release_rx.clone(),
-        ));
-    }
-    drop(done_tx);
-    let overflows_before = listen_overflows();
-    start.wait().await;
-    let t0 = Instant::now();
-    let mut times = Vec::new();
-    let mut failures = Vec::new();
-    let mut cookie = None;
-    let deadline = tokio::time::Instant::now() + PARTICIPANT_DEADLINE + Duration::from_secs(5);
-    while times.len() + failures.len() < PARTICIPANTS {
-        match tokio::time::timeout_at(deadline, done_rx.recv()).await {
-            Ok(Some(Ok((t, c)))) => {
-                times.push(t);
-                cookie.get_or_insert(c);
-            }
-            Ok(Some(Err(e))) => failures.push(e),
-            Ok(None) => break,
-            Err(_) => {
-                failures.push("some participants never finished".into());
-                break;
-            }
-        }
-    }
-    let wall = t0.elapsed();
-    let overflows_after = listen_overflows();
-    let (sessions, to_browsers, to_vms, _) = server.state.desktop_relay().counts();
-    let live = server.state.desktop_relay().live();
-    // The relay marks each participant's desktop ready at its first frame.
-    let mut ready = 0;
-    let ready_deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < ready_deadline {
-        let vms = server.allocator.vms(&Default::default()).await.unwrap();
-        ready = vms
-            .iter()
-            .filter(|v| {
-                v.assignment
-                    .as_ref()
-                    .is_some_and(|a| a.desktop.stage == DesktopStage::Ready)
-            })
-            .count();
-        if ready >= times.len() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let _ = release_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while participants.join_next().await.is_some() {}
-    })
-    .await;
-    participants.abort_all();
-
-    println!();
-    println!(
-        "Time to first frame, {PARTICIPANTS} participants at once (from submitting request_vm):"
-    );
-    println!(
-        "  succeeded {} / {PARTICIPANTS}, failed {}; all done {:.2} s after the start",
-        times.len(),
-        failures.len(),
-        wall.as_secs_f64()
-    );
-    for f in failures.iter().take(10) {
-        println!("  failure: {f}");
-    }
-    println!(
-        "  {}",
-        summary(
-            "first FramebufferUpdate header",
-            times.iter().map(|t| t.first_update)
-        )
-    );
-    println!(
-        "  {}",
-        summary("  request_vm answered", times.iter().map(|t| t.claimed))
-    );
-    println!(
-        "  {}",
-        summary(
-            "  WebSocket open (tunnel in)",
-            times.iter().map(|t| t.opened)
-        )
-    );
-    println!(
-        "  {}",
-        summary(
-            "  ServerInit read (auth done)",
-            times.iter().map(|t| t.initialised)
-        )
-    );
-    println!(
-        "  {}",
-        summary(
-            "whole first frame (4 MB raw)",
-            times.iter().map(|t| t.whole_frame)
-        )
-    );
-    println!(
-        "  relay: {sessions} sessions ({live} live before release), {:.1} MB to browsers, {:.1} kB to VMs; \
-         {} tunnels opened, {} failed; {ready} desktops marked ready",
-        to_browsers as f64 / 1e6,
-        to_vms as f64 / 1e3,
-        tunnels.load(Ordering::Relaxed),
-        tunnel_failures.load(Ordering::Relaxed),
-    );
-    println!(
-        "  TCP listen overflows/drops on this host during the burst: {} / {} (Xvnc listens with a backlog of 5)",
-        overflows_after.0 - overflows_before.0,
-        overflows_after.1 - overflows_before.1
-    );
-
-    // Throughput: one session reading whole raw frames, relayed and direct, in ABBA order.
+/// One session reading whole raw frames, through the relay (as the participant whose cookie
+/// is `cookie`) and from Xvnc's port directly, in ABBA order: prints the rates and ratio.
+async fn throughput(base: &str, cookie: &str, xvnc_port: u16) {
     println!();
     println!(
         "Throughput: one session reading full non-incremental raw frames, {} s per run:",
         THROUGHPUT_WINDOW.as_secs()
     );
-    let cookie = cookie.expect("at least one participant got a VM");
-    let mut totals = [(0u64, 0f64, 0u64); 2]; // [relay, direct]
+    // (bytes, seconds, frames) of [relay, direct].
+    let mut totals = [(0u64, 0f64, 0u64); 2];
     for (round, via_relay) in [false, true, true, false].into_iter().enumerate() {
         let rfb = if via_relay {
-            relayed(&server.base, &cookie).await
+            relayed(base, cookie).await
         } else {
-            direct(xvnc.port).await
+            direct(xvnc_port).await
         };
         let measured = match rfb {
             Ok(mut rfb) => {
@@ -823,40 +846,232 @@ async fn run() -> bool {
             Err(e) => println!("  run {}: {name} FAILED: {e}", round + 1),
         }
     }
-    let rate = |(bytes, secs, _): (u64, f64, u64)| {
-        if secs > 0.0 {
-            bytes as f64 / secs / 1e6
-        } else {
-            0.0
-        }
-    };
-    let (relay_rate, direct_rate) = (rate(totals[0]), rate(totals[1]));
-    let frame_rate = |(_, secs, frames): (u64, f64, u64)| {
-        if secs > 0.0 {
-            frames as f64 / secs
-        } else {
-            0.0
-        }
-    };
+    let per_second = |n: f64, secs: f64| if secs > 0.0 { n / secs } else { 0.0 };
+    let [relay, direct] = totals.map(|(bytes, secs, frames)| {
+        (
+            per_second(bytes as f64 / 1e6, secs),
+            per_second(frames as f64, secs),
+        )
+    });
     println!(
-        "  relay {relay_rate:.1} MB/s ({:.1} frames/s), direct loopback {direct_rate:.1} MB/s ({:.1} frames/s): relay/direct = {:.2}",
-        frame_rate(totals[0]),
-        frame_rate(totals[1]),
-        if direct_rate > 0.0 {
-            relay_rate / direct_rate
+        "  relay {:.1} MB/s ({:.1} frames/s), direct loopback {:.1} MB/s ({:.1} frames/s): \
+         relay/direct = {:.2}",
+        relay.0,
+        relay.1,
+        direct.0,
+        direct.1,
+        per_second(relay.0, direct.0)
+    );
+}
+
+/// The allocator in browser mode on the fake provisioner, as [`TestServer`] starts it but
+/// listening as `lablink serve` does ([`lablink::server::bind`]: a backlog of 4096, where
+/// tokio's default of 128 would drop part of a room's simultaneous connections for a
+/// one-second retry).
+async fn start_server() -> TestServer {
+    let provisioner = TokenProvisioner::default();
+    let config = lablink::AllocatorConfig {
+        desktop_mode: DesktopMode::Browser,
+        ..Default::default()
+    };
+    let allocator: Arc<dyn lablink::Allocator> = Arc::new(
+        LabLink::builder()
+            .with_config(config)
+            .with_provisioner(Arc::new(provisioner.clone()))
+            .build()
+            .expect("the allocator builds"),
+    );
+    let mut options = admin_options();
+    options.desktop.mode = DesktopMode::Browser;
+    let state = lablink::http::HttpState::new(allocator.clone(), options);
+    let listener =
+        lablink::server::bind("127.0.0.1:0".parse().unwrap()).expect("the server listens");
+    let addr = listener.local_addr().unwrap();
+    let serving = state.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    TestServer {
+        base: format!("http://{addr}"),
+        state,
+        allocator,
+        provisioner,
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap(),
+        browser: lablink_testkit::browser(),
+    }
+}
+
+/// The benchmark; whether every participant got its first frame.
+async fn run() -> bool {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "desktop_bench: {PARTICIPANTS} participants, {WIDTH}x{HEIGHT}; {cores} cores, load average {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    let first_frame_encodings: &'static [i32] =
+        match std::env::var("DESKTOP_BENCH_ENCODING").as_deref() {
+            Ok("zrle") => &[ZRLE, RAW],
+            Ok("raw") | Err(_) => &[RAW],
+            Ok(other) => panic!("DESKTOP_BENCH_ENCODING is raw or zrle, not {other:?}"),
+        };
+    println!(
+        "first frames in {} (DESKTOP_BENCH_ENCODING=raw|zrle)",
+        if first_frame_encodings[0] == ZRLE {
+            "ZRLE"
         } else {
-            0.0
+            "raw encoding"
         }
     );
+    let xvnc = Xvnc::start().await;
+    println!(
+        "Xvnc :{} on 127.0.0.1:{} (VncAuth, one password), painted {COLOUR}",
+        xvnc.display, xvnc.port
+    );
+
+    let server = start_server().await;
+    let started = Instant::now();
+    let hostnames = server.launch_ready(PARTICIPANTS).await;
+    assert_eq!(hostnames.len(), PARTICIPANTS, "VMs launched");
+    println!(
+        "{} VMs launched and running in {:.1} s",
+        hostnames.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // The VMs' agents: their clients built first (each loads the TLS roots), then their
+    // first polls made, as they would be long before a workshop starts.
+    let gate = if std::env::var_os("DESKTOP_BENCH_NO_GATE").is_some() {
+        println!("no gate: the agents connect to Xvnc directly (DESKTOP_BENCH_NO_GATE)");
+        None
+    } else {
+        Some(Gate::start(xvnc.port).await)
+    };
+    let vnc_port = Arc::new(AtomicU16::new(gate.as_ref().map_or(xvnc.port, |g| g.port)));
+    let base_url: Url = server.base.parse().unwrap();
+    let tunnels = Arc::new(AtomicU64::new(0));
+    let tunnel_failures = Arc::new(AtomicU64::new(0));
+    let mut agents = tokio::task::JoinSet::new();
+    for h in &hostnames {
+        let config = AgentConfig::new(
+            base_url.clone(),
+            h.parse().expect("a hostname"),
+            Some(server.token(h)),
+        );
+        let client = AllocatorClient::new(&config);
+        agents.spawn(agent(
+            config,
+            client,
+            vnc_port.clone(),
+            tunnels.clone(),
+            tunnel_failures.clone(),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let overflows_before = listen_overflows();
+    let burst = Burst::run(&server.base, first_frame_encodings).await;
+    let overflows_after = listen_overflows();
+    let Burst {
+        times,
+        failures,
+        cookie,
+        wall,
+        release,
+        mut participants,
+    } = burst;
+    let (sessions, to_browsers, to_vms, _) = server.state.desktop_relay().counts();
+    let live = server.state.desktop_relay().live();
+    // The relay marks each participant's desktop ready at its first frame.
+    let mut ready = 0;
+    let ready_deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < ready_deadline {
+        let vms = server.allocator.vms(&Default::default()).await.unwrap();
+        ready = vms
+            .iter()
+            .filter(|v| {
+                v.assignment
+                    .as_ref()
+                    .is_some_and(|a| a.desktop.stage == DesktopStage::Ready)
+            })
+            .count();
+        if ready >= times.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gate_waits = gate.as_ref().map(|g| g.waits.lock().unwrap().clone());
+    // The throughput session's tunnel goes to Xvnc directly, as the direct client does.
+    vnc_port.store(xvnc.port, Ordering::Relaxed);
+    let _ = release.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while participants.join_next().await.is_some() {}
+    })
+    .await;
+    participants.abort_all();
+
+    println!();
+    println!(
+        "Time to first frame, {PARTICIPANTS} participants at once (from submitting request_vm):"
+    );
+    println!(
+        "  succeeded {} / {PARTICIPANTS}, failed {}; all done {:.2} s after the start",
+        times.len(),
+        failures.len(),
+        wall.as_secs_f64()
+    );
+    for f in failures.iter().take(10) {
+        println!("  failure: {f}");
+    }
+    let stages: [(&str, Stage); 5] = [
+        ("first FramebufferUpdate header", |t| t.first_update),
+        ("  request_vm answered", |t| t.claimed),
+        ("  WebSocket open (tunnel in)", |t| t.opened),
+        ("  ServerInit read (auth done)", |t| t.initialised),
+        ("whole first frame", |t| t.whole_frame),
+    ];
+    for (name, stage) in stages {
+        println!("  {}", summary(name, times.iter().map(stage)));
+    }
+    println!(
+        "  relay: {sessions} sessions ({live} live before release), {:.1} MB to browsers, {:.1} kB to VMs; \
+         {} tunnels opened, {} failed; {ready} desktops marked ready",
+        to_browsers as f64 / 1e6,
+        to_vms as f64 / 1e3,
+        tunnels.load(Ordering::Relaxed),
+        tunnel_failures.load(Ordering::Relaxed),
+    );
+    if let Some(waits) = gate_waits {
+        println!(
+            "  {}",
+            summary("gate: wait for Xvnc's greeting", waits.into_iter())
+        );
+    }
+    println!(
+        "  TCP listen overflows/drops on this host during the burst: {} / {} (Xvnc listens with a backlog of 5)",
+        overflows_after.0 - overflows_before.0,
+        overflows_after.1 - overflows_before.1
+    );
+
+    throughput(
+        &server.base,
+        &cookie.expect("a participant got a VM"),
+        xvnc.port,
+    )
+    .await;
     agents.abort_all();
     if !failures.is_empty() {
         let log = xvnc.log();
+        let _ = std::fs::write(std::env::temp_dir().join("desktop_bench-Xvnc.log"), &log);
         let tail: Vec<&str> = log.lines().rev().take(20).collect();
         println!("\nXvnc's log, last lines:");
         for line in tail.iter().rev() {
             println!("  {line}");
         }
     }
+    drop(gate);
     drop(xvnc);
     failures.is_empty()
 }

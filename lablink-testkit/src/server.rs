@@ -117,7 +117,8 @@ impl TestServer {
         let mut options = admin_options();
         tune(&mut options);
         let state = HttpState::new(allocator.clone(), options);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // As `lablink serve` binds (a backlog of 4096): a burst of connects is not dropped.
+        let listener = lablink::server::bind(([127, 0, 0, 1], 0).into()).unwrap();
         let addr = listener.local_addr().unwrap();
         let serving = state.clone();
         let root = tls.as_ref().map(|(_, root)| root.clone());

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
 use lablink_core::Hostname;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
@@ -172,7 +172,21 @@ pub async fn pump(
     let down = async {
         let mut first_frame = Some(first_frame);
         let mut watching = true;
-        while let Some(Ok(message)) = from_agent.next().await {
+        // Messages that arrive back to back are written together: the browser's socket is
+        // flushed only when the agent has nothing more at hand.
+        loop {
+            let next = match from_agent.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    if to_browser.flush().await.is_err() {
+                        break;
+                    }
+                    from_agent.next().await
+                }
+            };
+            let Some(Ok(message)) = next else {
+                break;
+            };
             let Message::Binary(bytes) = message else {
                 if matches!(message, Message::Close(_)) {
                     break;
@@ -201,7 +215,7 @@ pub async fn pump(
             counters
                 .to_browsers
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            if to_browser.send(Message::Binary(bytes)).await.is_err() {
+            if to_browser.feed(Message::Binary(bytes)).await.is_err() {
                 break;
             }
         }
