@@ -1178,7 +1178,8 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
     )
     .await;
     let button = lin.find("form button[type=submit]").await;
-    lin.post(&format!("/element/{button}/click"), json!({})).await;
+    lin.post(&format!("/element/{button}/click"), json!({}))
+        .await;
     lin.wait_for(
         "the page to say it waits for a VM",
         "const s = document.getElementById('request-status');

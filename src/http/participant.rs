@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Redirect, Response};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream};
@@ -120,7 +120,9 @@ impl StatusView {
 async fn my_vm(State(state): State<HttpState>, headers: HeaderMap) -> Response {
     let record = match participant_vm(&state, &headers).await {
         Ok(record) => record,
-        Err(e) if e.status() == StatusCode::UNAUTHORIZED => return Redirect::to("/").into_response(),
+        Err(e) if e.status() == StatusCode::UNAUTHORIZED => {
+            return Redirect::to("/").into_response()
+        }
         Err(e) => return e.into_response(),
     };
     let Some(a) = record.assignment.as_ref() else {
