@@ -7,9 +7,9 @@ use std::fmt::Debug;
 use chrono::{DateTime, TimeZone, Utc};
 use lablink_core::StartupTimings;
 use lablink_protocol::{
-    AssignmentBody, CollectedFile, CollectionState, CollectionStatus, CollectionTask, ErrorBody,
-    HeartbeatBody, LogBody, Manifest, ReadyBody, SkippedFile, TasksBody, TelemetryBody,
-    TimingsBody, WaitQuery, WarningTask,
+    AssignmentBody, CollectedFile, CollectionState, CollectionStatus, CollectionTask,
+    DesktopReportBody, ErrorBody, HeartbeatBody, LogBody, Manifest, ReadyBody, SkippedFile,
+    TasksBody, TelemetryBody, TimingsBody, TunnelBody, WaitQuery, WarningTask,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -54,11 +54,44 @@ fn the_assignment_travels_unchanged_and_never_prints_its_secrets() {
         code: "4/0Ab".into(),
         pin: "123456".into(),
         assigned_at: at(10, 20, 30, 987_000),
+        mode: "crd".into(),
+        attempt: 2,
+        version: "1767349230987000.2-assigned".into(),
+        tunnel: None,
     };
     round_trip(
         &sent,
-        r#"{"hostname":"vm-1","command":"DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0Ab\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=vm-1","code":"4/0Ab","pin":"123456","assigned_at":"2026-01-02T10:20:30.987Z"}"#,
+        r#"{"hostname":"vm-1","command":"DISPLAY= /opt/google/chrome-remote-desktop/start-host --code=\"4/0Ab\" --redirect-url=\"https://remotedesktop.google.com/_/oauthredirect\" --name=vm-1","code":"4/0Ab","pin":"123456","assigned_at":"2026-01-02T10:20:30.987Z","mode":"crd","attempt":2,"version":"1767349230987000.2-assigned"}"#,
     );
+    // An allocator from before attempts and the browser desktop: its assignment is the
+    // first attempt of a Chrome Remote Desktop session, with no version to wait on.
+    let old: AssignmentBody = parse(serde_json::json!({
+        "hostname": "vm-1", "command": "x", "code": "4/0Ab", "pin": "123456",
+        "assigned_at": "2026-01-02T10:20:30.987Z",
+    }));
+    assert_eq!(
+        (
+            old.mode.as_str(),
+            old.attempt,
+            old.version.as_str(),
+            old.tunnel
+        ),
+        ("crd", 1, "", None)
+    );
+    // A browser desktop's, with the tunnel a browser asked for.
+    let browser = AssignmentBody {
+        command: String::new(),
+        code: String::new(),
+        mode: "browser".into(),
+        tunnel: Some(TunnelBody {
+            id: "7d5c".into(),
+            url: "/api/v1/vms/vm-1/tunnel/7d5c".into(),
+        }),
+        ..sent.clone()
+    };
+    let wire = serde_json::to_value(&browser).unwrap();
+    assert_eq!(wire["tunnel"]["url"], "/api/v1/vms/vm-1/tunnel/7d5c");
+    assert_eq!(parse::<AssignmentBody>(wire), browser);
     let shown = format!("{sent:?}");
     assert!(
         !shown.contains("4/0Ab") && !shown.contains("123456") && !shown.contains("start-host"),
@@ -91,6 +124,7 @@ fn telemetry_with_timings_and_logs_travels_unchanged() {
                 lines: vec!["a".into(), "b".into()],
             },
         ],
+        desktop: None,
     };
     round_trip(
         &sent,
@@ -176,8 +210,29 @@ fn ready_heartbeat_and_the_wait_query_travel_unchanged() {
     round_trip(
         &WaitQuery {
             timeout: Some(29.5),
+            seen: None,
         },
         r#"{"timeout":29.5}"#,
+    );
+    round_trip(
+        &WaitQuery {
+            timeout: Some(30.0),
+            seen: Some("1767349230987000.1-failed".into()),
+        },
+        r#"{"timeout":30.0,"seen":"1767349230987000.1-failed"}"#,
+    );
+    // How starting the desktop went, as the agent reports it.
+    round_trip(
+        &TelemetryBody {
+            desktop: Some(DesktopReportBody {
+                attempt: 1,
+                stage: "failed".into(),
+                failure: Some("code_rejected".into()),
+                exit_status: Some(1),
+            }),
+            ..Default::default()
+        },
+        r#"{"desktop":{"attempt":1,"stage":"failed","failure":"code_rejected","exit_status":1}}"#,
     );
     round_trip(&WaitQuery::default(), "{}");
 }
