@@ -13,6 +13,9 @@
 //!   ([`json_of`], [`expect_error`]), polling ([`wait_until`]), a throwaway PostgreSQL
 //!   database ([`TestDatabase`]), captured logs ([`captured_logs`]) and a participant's
 //!   status stream ([`StatusEvents`]).
+//! - [`Chromium`]: a headless Chromium driven through chromedriver's WebDriver API, for the
+//!   tests that run the pages in a real browser ([`find_binary`] finds a program on `PATH`
+//!   or fails naming its Debian package).
 //!
 //! The tests that need both the allocator and the agent live in this crate's `tests/`, so
 //! neither `lablink` nor `lablink-agent` dev-depends on the other.
@@ -26,11 +29,13 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 mod agents;
+mod chromium;
 mod database;
 mod events;
 mod server;
 
 pub use agents::{agent_process, agent_program, install_executable, script, Rig, Workdir};
+pub use chromium::{find_binary, Chromium};
 pub use database::TestDatabase;
 pub use events::StatusEvents;
 pub use server::{browser, TestServer, TokenProvisioner};

@@ -7,151 +7,24 @@
 //! test fails, naming them, when they are missing.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
 use lablink::{FakeProvisioner, LabLink};
-use lablink_testkit::{TestServer, ADMIN_PASSWORD, ADMIN_USER};
+use lablink_testkit::{Chromium, TestServer, ADMIN_PASSWORD, ADMIN_USER};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-fn find_binary(names: &[&str]) -> PathBuf {
-    for name in names {
-        for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-            let path = PathBuf::from(dir).join(name);
-            if path.is_file() {
-                return path;
-            }
-        }
-    }
-    panic!(
-        "the browser test needs {} on PATH (Debian: apt-get install -y chromium chromium-driver)",
-        names.join(" or ")
-    );
-}
-
-/// chromedriver, killed on drop.
-struct Driver {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
-    session: String,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Driver {
-    async fn start() -> Self {
-        let chromium = find_binary(&["chromium", "chromium-browser", "google-chrome"]);
-        let chromedriver = find_binary(&["chromedriver"]);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(chromedriver)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        let mut ready = false;
-        for _ in 0..100 {
-            if let Ok(r) = http.get(format!("{base}/status")).send().await {
-                if r.json::<Value>()
-                    .await
-                    .map(|v| v["value"]["ready"] == true)
-                    .unwrap_or(false)
-                {
-                    ready = true;
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(ready, "chromedriver did not become ready");
-        let profile = tempfile::tempdir().unwrap();
-        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                     format!("--user-data-dir={}", profile.path().display()), "--window-size=1280,900"],
-        }}}});
-        let mut driver = Self {
-            child,
-            base,
-            http,
-            session: String::new(),
-            _profile: profile,
-        };
-        let created = driver.call(reqwest::Method::POST, "/session", caps).await;
-        driver.session = created["sessionId"]
-            .as_str()
-            .expect("a WebDriver session")
-            .to_owned();
-        driver
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
-        let url = if path == "/session" {
-            format!("{}{path}", self.base)
-        } else {
-            format!("{}/session/{}{path}", self.base, self.session)
-        };
-        let mut req = self.http.request(method.clone(), url);
-        if method != reqwest::Method::GET {
-            req = req.json(&body);
-        }
-        let response: Value = req.send().await.unwrap().json().await.unwrap();
-        assert!(
-            response["value"]["error"].is_null(),
-            "WebDriver {path}: {response}"
-        );
-        response["value"].clone()
-    }
-
-    async fn go(&self, url: &str) {
-        self.call(reqwest::Method::POST, "/url", json!({"url": url}))
-            .await;
-    }
-
-    async fn find(&self, css: &str) -> String {
-        let v = self
-            .call(
-                reqwest::Method::POST,
-                "/element",
-                json!({"using": "css selector", "value": css}),
-            )
-            .await;
-        v[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_owned()
-    }
-
-    async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{id}/click"),
-            json!({}),
-        )
-        .await;
-    }
-
+/// What these tests do with the admin pages beyond plain WebDriver.
+trait AdminPages {
     /// Clicks a control that submits a form and waits until the browser has loaded the
     /// answer: a page that already matches what comes next must not pass for it.
+    async fn click_and_load(&self, css: &str);
+    /// Saves a screenshot of the window as `docs/screenshots/{name}.png`.
+    async fn save_screenshot(&self, name: &str);
+}
+
+impl AdminPages for Chromium {
     async fn click_and_load(&self, css: &str) {
         self.script("window.lablinkOldPage = true").await;
         self.click(css).await;
@@ -162,65 +35,9 @@ impl Driver {
         .await;
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
-        let id = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{id}/clear"),
-            json!({}),
-        )
-        .await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{id}/value"),
-            json!({"text": text}),
-        )
-        .await;
-    }
-
-    async fn script(&self, script: &str) -> Value {
-        self.call(
-            reqwest::Method::POST,
-            "/execute/sync",
-            json!({"script": script, "args": []}),
-        )
-        .await
-    }
-
-    async fn async_script(&self, script: &str) -> Value {
-        self.call(
-            reqwest::Method::POST,
-            "/execute/async",
-            json!({"script": script, "args": []}),
-        )
-        .await
-    }
-
-    async fn url(&self) -> String {
-        self.call(reqwest::Method::GET, "/url", json!({}))
-            .await
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    /// Polls `script` until it returns true; fails after 20 s.
-    async fn wait_for(&self, what: &str, script: &str) {
-        for _ in 0..200 {
-            if self.script(script).await == json!(true) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("the page never showed: {what}");
-    }
-
-    async fn screenshot(&self, name: &str) {
-        let png = self
-            .call(reqwest::Method::GET, "/screenshot", json!({}))
-            .await;
+    async fn save_screenshot(&self, name: &str) {
         let bytes = base64::engine::general_purpose::STANDARD
-            .decode(png.as_str().unwrap())
+            .decode(self.screenshot().await)
             .unwrap();
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
         std::fs::create_dir_all(&dir).unwrap();
@@ -230,7 +47,7 @@ impl Driver {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() {
-    let driver = Driver::start().await;
+    let driver = Chromium::start().await;
     let fake = FakeProvisioner::new().with_latency(Duration::from_millis(1500));
     let s = TestServer::start_full(LabLink::builder(), fake, |o| {
         o.admin_refresh = Duration::from_millis(300)
@@ -245,7 +62,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
             "return !!document.querySelector('#crd_command')",
         )
         .await;
-    driver.screenshot("participant").await;
+    driver.save_screenshot("participant").await;
 
     // Sign in.
     driver.go(&s.url("/admin")).await;
@@ -255,7 +72,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
     );
     driver.type_into("#username", ADMIN_USER).await;
     driver.type_into("#password", ADMIN_PASSWORD).await;
-    driver.screenshot("sign-in").await;
+    driver.save_screenshot("sign-in").await;
     driver.click("#sign-in").await;
     driver
         .wait_for(
@@ -355,10 +172,10 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         json!(true),
         "the table changed without a reload"
     );
-    driver.screenshot("admin-vms").await;
+    driver.save_screenshot("admin-vms").await;
 
     // Without the CSRF token the browser's own session cannot launch.
-    let status = driver.async_script("const done = arguments[0]; fetch('/admin/launch', {method: 'POST', headers: {'Accept': 'application/json'}, body: new URLSearchParams({num_vms: '1'})}).then(r => done(r.status));").await;
+    let status = driver.async_script("const done = arguments[0]; fetch('/admin/launch', {method: 'POST', headers: {'Accept': 'application/json'}, body: new URLSearchParams({num_vms: '1'})}).then(r => done(r.status));", json!([])).await;
     assert_eq!(status, json!(403));
     // Without the session nothing happens either.
     let r = s
@@ -407,7 +224,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         first.id, again.id,
         "the row's Collect started a new collection"
     );
-    let got = driver.async_script("const done = arguments[0]; fetch(document.querySelector('#download').href).then(r => done([r.status, r.headers.get('content-type'), r.headers.get('content-disposition')]));").await;
+    let got = driver.async_script("const done = arguments[0]; fetch(document.querySelector('#download').href).then(r => done([r.status, r.headers.get('content-type'), r.headers.get('content-disposition')]));", json!([])).await;
     assert_eq!(got[0], json!(200), "{got}");
     assert_eq!(got[1], json!("application/zip"), "{got}");
     assert!(got[2].as_str().unwrap().contains("lablink_data_"), "{got}");
@@ -426,7 +243,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
         .script("return document.querySelector('#log-cloud-init').textContent")
         .await;
     assert_eq!(log, json!("lablink-vm-1: cloud-init done"));
-    driver.screenshot("vm-logs").await;
+    driver.save_screenshot("vm-logs").await;
 
     // Destroy one VM, with confirmation.
     driver.click("#destroy").await;
@@ -436,7 +253,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
             "return !!document.querySelector('#confirm-destroy')",
         )
         .await;
-    driver.screenshot("confirm-destroy").await;
+    driver.save_screenshot("confirm-destroy").await;
     driver.click_and_load("#confirm-destroy").await;
     driver
         .wait_for("the dashboard", "return location.pathname === '/admin'")
@@ -460,7 +277,7 @@ async fn admin_signs_in_launches_watches_live_updates_reads_logs_and_destroys() 
 async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
     use std::sync::Arc;
 
-    let driver = Driver::start().await;
+    let driver = Chromium::start().await;
     // One PostgreSQL, a pool per replica: the session key is the one kept in the database.
     let db = lablink_testkit::TestDatabase::create().await;
     let replica = |pool: sqlx::PgPool| async move {
@@ -559,9 +376,7 @@ async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
         .await;
 
     // Sign out on B. The browser drops the cookie; a copy of it is refused by A as well.
-    let cookie = driver
-        .call(reqwest::Method::GET, "/cookie/lablink_admin", json!({}))
-        .await;
+    let cookie = driver.cookie("lablink_admin").await;
     driver.go(&b.url("/admin")).await;
     driver
         .wait_for(
@@ -588,9 +403,7 @@ async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
             &at(&a, "/admin/login", ""),
         )
         .await;
-    let kept = driver
-        .call(reqwest::Method::GET, "/cookie/lablink_admin", json!({}))
-        .await;
+    let kept = driver.cookie("lablink_admin").await;
     assert_eq!(
         kept["value"], cookie["value"],
         "the browser sent the old cookie, and A refused it"
@@ -610,7 +423,7 @@ async fn one_sign_in_on_replica_a_serves_the_admin_on_replica_b_too() {
 /// and the destruction schedule, sees the usage and cost panel, and downloads the export.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_changes_the_pool_and_schedule_sees_the_cost_and_downloads_the_export() {
-    let driver = Driver::start().await;
+    let driver = Chromium::start().await;
     let s = TestServer::start_with(LabLink::builder(), |o| {
         o.admin_refresh = Duration::from_millis(300);
         o.prices = lablink::Prices {
@@ -642,7 +455,7 @@ async fn admin_changes_the_pool_and_schedule_sees_the_cost_and_downloads_the_exp
         json!(6),
         "hours by kind and their total"
     );
-    driver.screenshot("usage-and-cost").await;
+    driver.save_screenshot("usage-and-cost").await;
 
     // The export downloads as CSV, one row per VM, with the columns documented.
     let got = driver
@@ -650,6 +463,7 @@ async fn admin_changes_the_pool_and_schedule_sees_the_cost_and_downloads_the_exp
             "const done = arguments[0]; fetch(document.querySelector('#export-csv').href)
                .then(r => r.text().then(t => done([r.status, r.headers.get('content-type'),
                  r.headers.get('content-disposition'), t])));",
+            json!([]),
         )
         .await;
     assert_eq!(got[0], json!(200), "{got}");
@@ -685,7 +499,7 @@ async fn admin_changes_the_pool_and_schedule_sees_the_cost_and_downloads_the_exp
         .script("return document.querySelector('#notice')?.className ?? ''")
         .await;
     assert!(notice.as_str().unwrap().contains("success"), "{notice}");
-    driver.screenshot("settings").await;
+    driver.save_screenshot("settings").await;
     let saved: Value = s
         .admin(reqwest::Method::GET, "/api/v1/settings")
         .send()

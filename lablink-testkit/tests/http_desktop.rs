@@ -9,7 +9,7 @@
 //! fails the test, naming it.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +22,8 @@ use lablink::{
     Provisioner as _,
 };
 use lablink_testkit::{
-    admin_options, agent_process, agent_program, script, wait_until, Workdir, ADMIN_PASSWORD,
-    ADMIN_USER,
+    admin_options, agent_process, agent_program, find_binary, script, wait_until, Chromium,
+    Workdir, ADMIN_PASSWORD, ADMIN_USER,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -37,18 +37,6 @@ const CYAN: [u8; 3] = [0, 255, 255];
 
 /// How long a step may take before the test fails naming it (a bound, not an expectation).
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn find_binary(name: &str, package: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!("the desktop test needs {name} on PATH (Debian: apt-get install -y {package}; or bash scripts/components.sh)")
-        })
-}
 
 fn novnc_dir() -> PathBuf {
     let dir =
@@ -106,16 +94,6 @@ fn signal(pid: u32, signal: &str) {
         .status();
 }
 
-/// A killed-on-drop child.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One VM of a [`Desk`]: its agent's VNC server (display, port, password file) and the
 /// colour the test paints it.
 #[derive(Debug, Clone)]
@@ -170,8 +148,8 @@ impl Drop for Desk {
 
 impl Desk {
     async fn start(colours: &[[u8; 3]]) -> Self {
-        find_binary("Xvnc", "tigervnc-standalone-server");
-        find_binary("xsetroot", "x11-xserver-utils");
+        find_binary(&["Xvnc"], "tigervnc-standalone-server");
+        find_binary(&["xsetroot"], "x11-xserver-utils");
         let work = Workdir::new();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -287,7 +265,7 @@ exec "{}""#,
     /// window the VM's colour.
     async fn paint(&self, hostname: &str) -> Vnc {
         let vnc = self.vnc(hostname).clone();
-        let xsetroot = find_binary("xsetroot", "x11-xserver-utils");
+        let xsetroot = find_binary(&["xsetroot"], "x11-xserver-utils");
         wait_until(
             &format!("the agent of {hostname} to start Xvnc on port {}", vnc.port),
             PATIENCE,
@@ -526,7 +504,7 @@ impl Rfb {
 
 /// The X pointer's position on `display` (`xdotool getmouselocation`).
 fn pointer(display: u16) -> (u16, u16) {
-    let out = Command::new(find_binary("xdotool", "xdotool"))
+    let out = Command::new(find_binary(&["xdotool"], "xdotool"))
         .arg("getmouselocation")
         .env("DISPLAY", format!(":{display}"))
         .output()
@@ -543,7 +521,7 @@ fn pointer(display: u16) -> (u16, u16) {
 
 /// Whether Caps Lock is on on `display` (`xset q`).
 fn caps_lock(display: u16) -> bool {
-    let out = Command::new(find_binary("xset", "x11-xserver-utils"))
+    let out = Command::new(find_binary(&["xset"], "x11-xserver-utils"))
         .args(["-display", &format!(":{display}"), "q"])
         .output()
         .unwrap();
@@ -642,145 +620,32 @@ fn assert_vnc_server_lacks_token(vnc: &Vnc) {
     );
 }
 
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-/// chromedriver with a headless Chromium (as in `http_browser.rs`), quit and killed on drop.
-struct Browser {
-    _driver: Process,
-    root: String,
-    base: String,
-    http: reqwest::Client,
-    _profile: tempfile::TempDir,
+/// A participant's browser: chromedriver with a headless Chromium in a 1024×768 window,
+/// quit and killed on drop.
+async fn participant_browser() -> Chromium {
+    Chromium::start_with_window_size(1024, 768).await
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        // Quit Chromium (chromedriver's own exit would leave it running).
-        let session = self.base.clone();
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async {
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    reqwest::Client::new().delete(session).send(),
-                )
-                .await;
-            });
-        })
-        .join();
-    }
-}
-
-impl Browser {
-    async fn start() -> Self {
-        let chromium = find_binary("chromium", "chromium");
-        let chromedriver = find_binary("chromedriver", "chromium-driver");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let driver = Process(
-            Command::new(chromedriver)
-                .arg(format!("--port={port}"))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let http = reqwest::Client::new();
-        let root = format!("http://127.0.0.1:{port}");
-        wait_until("chromedriver to be ready", PATIENCE, || {
-            let request = http.get(format!("{root}/status")).send();
-            async move {
-                let status: Value = request.await.ok()?.json().await.ok()?;
-                (status["value"]["ready"] == true).then_some(())
-            }
-        })
-        .await;
-        let profile = tempfile::tempdir().unwrap();
-        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
-            "binary": chromium,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                     format!("--user-data-dir={}", profile.path().display()), "--window-size=1024,768"],
-        }}}});
-        let created: Value = http
-            .post(format!("{root}/session"))
-            .json(&caps)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let session = created["value"]["sessionId"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no WebDriver session: {created}"));
-        Self {
-            base: format!("{root}/session/{session}"),
-            root,
-            http,
-            _driver: driver,
-            _profile: profile,
-        }
-    }
-
-    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let v: Value = request.send().await.unwrap().json().await.unwrap();
-        assert!(
-            v["value"]["error"].is_null(),
-            "WebDriver {path} ({}): {v}",
-            self.root
-        );
-        v["value"].clone()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> Value {
-        self.request(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn get(&self, path: &str) -> Value {
-        self.request(reqwest::Method::GET, path, None).await
-    }
-
-    async fn script(&self, script: &str) -> Value {
-        self.post("/execute/sync", json!({"script": script, "args": []}))
-            .await
-    }
-
-    async fn go(&self, url: &str) {
-        self.post("/url", json!({"url": url})).await;
-    }
-
-    async fn find(&self, css: &str) -> String {
-        let v = self
-            .post("/element", json!({"using": "css selector", "value": css}))
-            .await;
-        v[ELEMENT]
-            .as_str()
-            .unwrap_or_else(|| panic!("no element {css}: {v}"))
-            .to_owned()
-    }
-
-    /// Polls `script` until it returns something other than `null`/`false`.
-    async fn wait_for(&self, what: &str, script: &str) -> Value {
-        wait_until(what, PATIENCE, || async {
-            let v = self.script(script).await;
-            (!v.is_null() && v != json!(false)).then_some(v)
-        })
-        .await
-    }
-
+/// What these tests do with the participant's pages beyond plain WebDriver.
+trait ParticipantPages {
     /// The participant's way in: the email on `/` (browser mode: no CRD command field),
     /// then the result page. Returns the hostname the page shows.
+    async fn request_vm(&self, url: &str, email: &str) -> String;
+    /// Waits until the result page's status box shows `stage`; returns its text.
+    async fn wait_for_stage(&self, stage: &str) -> String;
+    /// Clicks the result page's "Open your desktop" and switches to the window it opens.
+    async fn open_desktop(&self) -> (String, String);
+    /// The noVNC page's counters: `(connects, disconnects, connected)`.
+    async fn desktop_state(&self) -> (u64, u64, bool);
+    /// Waits until noVNC is connected and its canvas shows `colour` in its middle, then
+    /// checks a WebDriver screenshot of the canvas (what Chromium displays), decoded by
+    /// Chromium's own PNG decoder: nearly all of it is `colour`.
+    async fn wait_for_colour(&self, what: &str, colour: [u8; 3]);
+    /// The participant cookie this browser holds.
+    async fn participant_cookie(&self) -> String;
+}
+
+impl ParticipantPages for Chromium {
     async fn request_vm(&self, url: &str, email: &str) -> String {
         self.go(&format!("{url}/")).await;
         self.wait_for(
@@ -794,15 +659,8 @@ impl Browser {
             json!(false),
             "a browser-mode form asks for no Chrome Remote Desktop command"
         );
-        let email_field = self.find("#email").await;
-        self.post(
-            &format!("/element/{email_field}/value"),
-            json!({"text": email}),
-        )
-        .await;
-        let button = self.find("form button[type=submit]").await;
-        self.post(&format!("/element/{button}/click"), json!({}))
-            .await;
+        self.send_keys("#email", email).await;
+        self.click("form button[type=submit]").await;
         let hostname = self
             .wait_for(
                 "the result page",
@@ -833,7 +691,6 @@ impl Browser {
         hostname.as_str().unwrap().to_owned()
     }
 
-    /// Waits until the result page's status box shows `stage`; returns its text.
     async fn wait_for_stage(&self, stage: &str) -> String {
         let v = self
             .wait_for(
@@ -847,32 +704,21 @@ impl Browser {
         v.as_str().unwrap().to_owned()
     }
 
-    /// Clicks the result page's "Open your desktop" and switches to the window it opens.
     async fn open_desktop(&self) -> (String, String) {
-        let result_window = self.get("/window").await.as_str().unwrap().to_owned();
-        let before = self.get("/window/handles").await;
-        let link = self.find("#desktop-link a").await;
-        self.post(&format!("/element/{link}/click"), json!({}))
-            .await;
+        let result_window = self.window().await;
+        let before = self.windows().await;
+        self.click("#desktop-link a").await;
         let desktop_window = wait_until("the desktop window", PATIENCE, || async {
-            let handles = self.get("/window/handles").await;
-            handles
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|h| !before.as_array().unwrap().contains(h))
-                .map(|h| h.as_str().unwrap().to_owned())
+            self.windows()
+                .await
+                .into_iter()
+                .find(|h| !before.contains(h))
         })
         .await;
-        self.window(&desktop_window).await;
+        self.switch_to_window(&desktop_window).await;
         (result_window, desktop_window)
     }
 
-    async fn window(&self, handle: &str) {
-        self.post("/window", json!({"handle": handle})).await;
-    }
-
-    /// The noVNC page's counters: `(connects, disconnects, connected)`.
     async fn desktop_state(&self) -> (u64, u64, bool) {
         let v = self
             .script("const s = window.lablinkDesktop; return s ? [s.connects, s.disconnects, s.connected] : [0, 0, false]")
@@ -884,9 +730,6 @@ impl Browser {
         )
     }
 
-    /// Waits until noVNC is connected and its canvas shows `colour` in its middle, then
-    /// checks a WebDriver screenshot of the canvas (what Chromium displays), decoded by
-    /// Chromium's own PNG decoder: nearly all of it is `colour`.
     async fn wait_for_colour(&self, what: &str, colour: [u8; 3]) {
         let mut last = Value::Null;
         let seen = tokio::time::timeout(PATIENCE, async {
@@ -911,12 +754,10 @@ impl Browser {
             seen.is_ok(),
             "{what}: the canvas never showed {colour:?}; last {last}"
         );
-        let canvas = self.find("#screen canvas").await;
-        let png = self.get(&format!("/element/{canvas}/screenshot")).await;
+        let png = self.element_screenshot("#screen canvas").await;
         let decoded = self
-            .post(
-                "/execute/async",
-                json!({"script": "
+            .async_script(
+                "
                     const [png, want, done] = arguments;
                     const bytes = Uint8Array.from(atob(png), c => c.charCodeAt(0));
                     createImageBitmap(new Blob([bytes], {type: 'image/png'})).then(bmp => {
@@ -930,7 +771,7 @@ impl Browser {
                       }
                       done([bmp.width, bmp.height, same]);
                     }, e => done(String(e)));",
-                    "args": [png, colour]}),
+                json!([png, colour]),
             )
             .await;
         let (w, h, same) = (
@@ -945,9 +786,8 @@ impl Browser {
         );
     }
 
-    /// The participant cookie this browser holds.
     async fn participant_cookie(&self) -> String {
-        let c = self.get("/cookie/lablink_participant").await;
+        let c = self.cookie("lablink_participant").await;
         format!("lablink_participant={}", c["value"].as_str().unwrap())
     }
 }
@@ -957,7 +797,7 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
     let desk = Desk::start(&[MAGENTA, CYAN]).await;
 
     // Ada asks on `/`; her page shows the status as it moves on.
-    let ada = Browser::start().await;
+    let ada = participant_browser().await;
     let hostname = ada.request_vm(&desk.url, "ada@example.org").await;
     let vnc = desk.paint(&hostname).await;
     let received = ada.wait_for_stage("received").await;
@@ -978,7 +818,7 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
         json!("Connected")
     );
     // Its first frame made the desktop ready, and her result page says so.
-    ada.window(&result_window).await;
+    ada.switch_to_window(&result_window).await;
     assert_eq!(ada.wait_for_stage("ready").await, "Your desktop is ready.");
     let stages = ada.script("return window.stages").await;
     let stages: Vec<&str> = stages
@@ -1001,9 +841,9 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
         .assigned_at;
 
     // A reload: a new connection to the same desktop.
-    ada.window(&desktop_window).await;
+    ada.switch_to_window(&desktop_window).await;
     let (sessions, _, _) = desk.relayed();
-    ada.post("/refresh", json!({})).await;
+    ada.refresh().await;
     ada.wait_for_colour("after a reload", vnc.colour).await;
     assert!(ada
         .script("return document.title")
@@ -1049,11 +889,11 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
     assert_eq!(assignment.assigned_at, assigned_at, "the same assignment");
     assert_eq!(assignment.email.as_str(), "ada@example.org");
     assert_eq!(desk.allocator.counts().await.unwrap().assigned, 1);
-    ada.window(&result_window).await;
+    ada.switch_to_window(&result_window).await;
     ada.wait_for_stage("ready").await;
 
     // Grace, in another browser, gets the other VM and sees its desktop.
-    let grace = Browser::start().await;
+    let grace = participant_browser().await;
     let other = grace.request_vm(&desk.url, "grace@example.org").await;
     assert_ne!(other, hostname);
     let other_vnc = desk.paint(&other).await;
@@ -1169,17 +1009,10 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
 
     // A third participant while both VMs are taken: the page says it waits for a VM and asks
     // again by itself; once Grace is done (she releases hers), the waiting page gets it.
-    let lin = Browser::start().await;
+    let lin = participant_browser().await;
     lin.go(&format!("{}/", desk.url)).await;
-    let email_field = lin.find("#email").await;
-    lin.post(
-        &format!("/element/{email_field}/value"),
-        json!({"text": "lin@example.org"}),
-    )
-    .await;
-    let button = lin.find("form button[type=submit]").await;
-    lin.post(&format!("/element/{button}/click"), json!({}))
-        .await;
+    lin.send_keys("#email", "lin@example.org").await;
+    lin.click("form button[type=submit]").await;
     lin.wait_for(
         "the page to say it waits for a VM",
         "const s = document.getElementById('request-status');
@@ -1205,8 +1038,8 @@ async fn a_participant_sees_their_vm_desktop_in_the_browser_across_reloads_and_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_view_only_session_gets_frames_but_its_input_never_reaches_the_vm() {
-    find_binary("xdotool", "xdotool");
-    find_binary("xset", "x11-xserver-utils");
+    find_binary(&["xdotool"], "xdotool");
+    find_binary(&["xset"], "x11-xserver-utils");
     let desk = Desk::start(&[MAGENTA]).await;
     let (hostname, pin) = desk.claim("viewer@example.org").await;
     let vnc = desk.paint(&hostname).await;
