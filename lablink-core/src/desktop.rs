@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::record::wire_enum;
+use crate::wire::wire_enum;
 use crate::{CrdCommand, Error, Result};
 
 wire_enum!(

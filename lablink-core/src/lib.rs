@@ -33,6 +33,7 @@ mod supervision;
 pub mod supervisor;
 pub mod usage;
 pub mod warning;
+mod wire;
 
 #[cfg(feature = "testing")]
 pub mod testing;

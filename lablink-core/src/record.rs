@@ -11,43 +11,7 @@ use crate::state::{transition, Assignment, VmEvent, VmState};
 use crate::usage::Usage;
 use crate::{Email, Error, Hostname, InstanceId, LogAppend, Result};
 
-macro_rules! wire_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $wire:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-        pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $wire)] $variant),+
-        }
-
-        impl $name {
-            /// The value as it appears on the wire and in stores.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$variant => $wire),+ }
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = Error;
-            fn from_str(s: &str) -> Result<Self> {
-                match s {
-                    $($wire => Ok(Self::$variant),)+
-                    other => Err(Error::invalid_input(format!(
-                        concat!("unknown ", stringify!($name), " {:?}; expected one of: {}"),
-                        other,
-                        [$($wire),+].join(", ")
-                    ))),
-                }
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-pub(crate) use wire_enum;
+use crate::wire::wire_enum;
 
 wire_enum!(
     /// GPU health as the agent reports it (`Default`: `Unknown`).

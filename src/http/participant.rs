@@ -8,7 +8,6 @@
 //!   start (an expired or used code); the same VM's agent tries again with it.
 //! - `POST /api/participant/release`: the participant is done; the VM is released (and reset
 //!   or replaced, as `[allocator] reuse` says).
-//!
 //! - `GET /vm`: the page of this browser's VM (the one the request's answer shows), to come
 //!   back to; a browser without a VM goes to `/`.
 //!
