@@ -218,10 +218,14 @@ impl LocalDirArtifactStore {
         written
     }
 
+    /// Appends every blob under the directory `dir` (whose key prefix is `rel`) to `out`.
+    /// An entry deleted by a concurrent `delete` between reading the directory and looking at
+    /// the entry is skipped, not an error: the listing is of the blobs present throughout.
     fn list_blocking(dir: &Path, rel: &str, out: &mut Vec<ArtifactInfo>) -> std::io::Result<()> {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if gone(&e) => return Ok(()),
             Err(e) => return Err(e),
         };
         for entry in entries {
@@ -237,14 +241,22 @@ impl LocalDirArtifactStore {
             } else {
                 format!("{rel}/{name}")
             };
-            let kind = entry.file_type()?;
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(e) if gone(&e) => continue,
+                Err(e) => return Err(e),
+            };
             if kind.is_dir() {
                 Self::list_blocking(&entry.path(), &key, out)?;
             } else if kind.is_file() {
-                out.push(ArtifactInfo {
-                    key,
-                    size: entry.metadata()?.len(),
-                });
+                match entry.metadata() {
+                    Ok(meta) => out.push(ArtifactInfo {
+                        key,
+                        size: meta.len(),
+                    }),
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())
@@ -302,8 +314,18 @@ impl ArtifactStore for LocalDirArtifactStore {
         let dir = self.dir.clone();
         let prefix = prefix.to_owned();
         blocking(move || {
+            // Only the directory named by the prefix's complete segments is walked. A prefix
+            // whose segments no key can have (`..`, empty, temporary) matches nothing.
+            let (rel, _) = prefix.rsplit_once('/').unwrap_or(("", ""));
+            if !rel.is_empty()
+                && (validate_artifact_key(rel).is_err()
+                    || rel.split('/').any(|s| s.starts_with(TEMP_PREFIX)))
+            {
+                return Ok(Vec::new());
+            }
             let mut all = Vec::new();
-            Self::list_blocking(&dir, "", &mut all).map_err(|e| io_error(e, "list", &prefix))?;
+            Self::list_blocking(&dir.join(rel), rel, &mut all)
+                .map_err(|e| io_error(e, "list", &prefix))?;
             all.retain(|a| a.key.starts_with(&prefix));
             all.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(all)

@@ -41,6 +41,27 @@ async fn a_local_put_leaves_no_temporary_files_and_keys_stay_inside_the_director
     assert!(!dir.path().join("outside").exists());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_list_succeeds_while_blobs_under_its_prefix_are_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirArtifactStore::new(dir.path());
+    store.put("churn/kept", vec![1]).await.unwrap();
+    let churn = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..300 {
+                store.put(&format!("churn/{i}"), vec![2; 8]).await.unwrap();
+                store.delete(&format!("churn/{i}")).await.unwrap();
+            }
+        })
+    };
+    while !churn.is_finished() {
+        let listed = store.list("churn/").await.unwrap();
+        assert!(listed.iter().any(|a| a.key == "churn/kept"));
+    }
+    churn.await.unwrap();
+}
+
 #[tokio::test]
 async fn clones_of_the_memory_store_share_blobs() {
     let a = MemoryArtifactStore::default();

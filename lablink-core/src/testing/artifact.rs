@@ -58,6 +58,10 @@ pub async fn list_gives_the_keys_under_a_prefix_in_order_with_sizes(store: &dyn 
     let under_b = store.list(&format!("{p}b/")).await.unwrap();
     assert_eq!(under_b.len(), 2);
     assert!(store.list(&format!("{p}zzz")).await.unwrap().is_empty());
+    // Prefixes that no valid key can start with match nothing, and never reach outside.
+    for odd in [format!("{p}b//"), format!("{p}../"), "../".to_owned()] {
+        assert!(store.list(&odd).await.unwrap().is_empty(), "{odd}");
+    }
 }
 
 /// Empty, `..`, absolute and control-character keys are `InvalidInput`, never stored.
