@@ -400,12 +400,21 @@ impl Admin {
     }
 }
 
+/// The admin is identified once per request: a handler that takes both `Admin` and
+/// [`AdminForm`] reads the session (or checks the Basic password) once, and the second
+/// extractor finds the first one's answer in the request's extensions.
 impl FromRequestParts<HttpState> for Admin {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &HttpState) -> Result<Self, Response> {
+        if let Some(admin) = parts.extensions.get::<Admin>() {
+            return Ok(admin.clone());
+        }
         match Self::identify(parts, state).await {
-            Ok(Some(admin)) => Ok(admin),
+            Ok(Some(admin)) => {
+                parts.extensions.insert(admin.clone());
+                Ok(admin)
+            }
             Ok(None) => Err(refuse(
                 parts,
                 ApiError::unauthorized("admin sign-in required"),
@@ -466,5 +475,45 @@ impl FromRequest<HttpState> for AdminForm {
             wants_json: json,
             caller,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use lablink_core::{FakeProvisioner, LabLink, MemoryNotifier, MemoryVmStore};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_identifies_its_admin_once() {
+        let lablink = LabLink::builder()
+            .with_store(Arc::new(MemoryVmStore::new()))
+            .with_notifier(Arc::new(MemoryNotifier::new()))
+            .with_provisioner(Arc::new(FakeProvisioner::new()))
+            .build()
+            .unwrap();
+        let options = HttpOptions::with_admin_password("admin", "s3cret-pass").unwrap();
+        let state = HttpState::new(Arc::new(lablink), options);
+        let basic = base64::engine::general_purpose::STANDARD.encode("admin:s3cret-pass");
+        let request = Request::builder()
+            .uri("/admin/roster")
+            .header(header::AUTHORIZATION, format!("Basic {basic}"))
+            .body(Body::empty())
+            .unwrap();
+        let (mut parts, _) = request.into_parts();
+        let first = Admin::from_request_parts(&mut parts, &state).await.unwrap();
+        assert!(matches!(first, Admin::Basic));
+        assert!(matches!(
+            parts.extensions.get::<Admin>(),
+            Some(Admin::Basic)
+        ));
+        // The second extractor of the request (AdminForm after Admin) takes the first one's
+        // answer instead of checking the password again.
+        parts.headers.remove(header::AUTHORIZATION);
+        let second = Admin::from_request_parts(&mut parts, &state).await.unwrap();
+        assert!(matches!(second, Admin::Basic));
     }
 }
