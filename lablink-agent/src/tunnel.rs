@@ -18,6 +18,9 @@ use crate::config::ApiToken;
 
 /// How long dialing the allocator may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the VNC server may take to greet (an RFB server speaks first) before the tunnel
+/// is given up: a server that accepts and then hangs must not hold the browser forever.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the VNC server per message.
 const CHUNK: usize = 256 * 1024;
 
@@ -73,12 +76,22 @@ pub fn resolve(allocator: &Url, url: &str) -> Result<Url, TunnelError> {
 /// `token`, and relays until either side ends. `Ok` once the session ended normally.
 pub async fn relay(url: &Url, token: Option<&ApiToken>, vnc_port: u16) -> Result<(), TunnelError> {
     // The VNC server first: when it is down, the browser hears so (no tunnel) at once.
+    let vnc_error = |source| TunnelError::Vnc {
+        port: vnc_port,
+        source,
+    };
     let vnc = TcpStream::connect(("127.0.0.1", vnc_port))
         .await
-        .map_err(|source| TunnelError::Vnc {
-            port: vnc_port,
-            source,
-        })?;
+        .map_err(vnc_error)?;
+    tokio::time::timeout(GREETING_TIMEOUT, vnc.readable())
+        .await
+        .map_err(|_| {
+            vnc_error(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "it accepted the connection but sent no greeting within 10 s",
+            ))
+        })?
+        .map_err(vnc_error)?;
     let _ = vnc.set_nodelay(true);
     let mut request = url
         .as_str()
@@ -229,6 +242,20 @@ mod tests {
         assert_eq!(auth.unwrap(), "Bearer s3cret");
         assert_eq!(&greeting[..], b"RFB 003.008\n");
         assert_eq!(&echo[..], b"HELLO");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vnc_server_that_never_greets_is_given_up_before_dialing() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move { silent.accept().await.unwrap() });
+        let url = Url::parse("ws://127.0.0.1:9/never").unwrap();
+        let e = relay(&url, None, port).await.unwrap_err();
+        assert!(
+            matches!(&e, TunnelError::Vnc { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+            "{e}"
+        );
+        drop(held);
     }
 
     #[tokio::test]
