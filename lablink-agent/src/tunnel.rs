@@ -86,9 +86,10 @@ pub async fn relay(url: &Url, token: Option<&ApiToken>, vnc_port: u16) -> Result
     tokio::time::timeout(GREETING_TIMEOUT, vnc.readable())
         .await
         .map_err(|_| {
+            let waited = GREETING_TIMEOUT.as_secs();
             vnc_error(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "it accepted the connection but sent no greeting within 10 s",
+                format!("it accepted the connection but sent no greeting within {waited} s"),
             ))
         })?
         .map_err(vnc_error)?;

@@ -311,21 +311,24 @@ impl ArtifactStore for LocalDirArtifactStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ArtifactInfo>> {
-        let dir = self.dir.clone();
+        // Only the directory named by the prefix's complete segments is walked. A prefix
+        // whose segments no key can have (`..`, empty, temporary) matches nothing.
+        let rel = prefix
+            .rsplit_once('/')
+            .map_or("", |(rel, _)| rel)
+            .to_owned();
+        let dir = if rel.is_empty() {
+            self.dir.clone()
+        } else {
+            match self.path(&rel) {
+                Ok(dir) => dir,
+                Err(_) => return Ok(Vec::new()),
+            }
+        };
         let prefix = prefix.to_owned();
         blocking(move || {
-            // Only the directory named by the prefix's complete segments is walked. A prefix
-            // whose segments no key can have (`..`, empty, temporary) matches nothing.
-            let (rel, _) = prefix.rsplit_once('/').unwrap_or(("", ""));
-            if !rel.is_empty()
-                && (validate_artifact_key(rel).is_err()
-                    || rel.split('/').any(|s| s.starts_with(TEMP_PREFIX)))
-            {
-                return Ok(Vec::new());
-            }
             let mut all = Vec::new();
-            Self::list_blocking(&dir.join(rel), rel, &mut all)
-                .map_err(|e| io_error(e, "list", &prefix))?;
+            Self::list_blocking(&dir, &rel, &mut all).map_err(|e| io_error(e, "list", &prefix))?;
             all.retain(|a| a.key.starts_with(&prefix));
             all.sort_by(|a, b| a.key.cmp(&b.key));
             Ok(all)
